@@ -1,0 +1,155 @@
+"""The `tunelab` command: one typer app; each verb is a thin call into the library.
+
+Exit codes: 0 done; 2 bad input (one line naming file, line and field, no traceback unless
+--debug); 1 an internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunelab.errors import InputError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Fine-tune pre-trained language models on your own data.")
+data_app = typer.Typer(no_args_is_help=True, help="Check data files before training.")
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for every error.")):
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("tunelab").setLevel(logging.INFO)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run a verb; turn InputError into exit 2 and anything unexpected into exit 1."""
+    try:
+        return fn(*args, **kwargs)
+    except InputError as e:
+        if _state["debug"]:
+            traceback.print_exc()
+        typer.echo(f"error: {e.one_line()}", err=True)
+        raise typer.Exit(2)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if _state["debug"]:
+            traceback.print_exc()
+        typer.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback; please report it)", err=True)
+        raise typer.Exit(1)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _print_before_after(summary: dict) -> None:
+    before, final = summary.get("before") or {}, summary.get("final") or {}
+    if not final:
+        return
+    typer.echo(f"{'metric':<12} {'before':>10} {'after':>10}")
+    for key in ("loss", "accuracy", "macro_f1"):
+        if key in final:
+            typer.echo(f"{key:<12} {_fmt(before.get('eval_' + key, '-')):>10} {_fmt(final[key]):>10}")
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set optim.lr=1e-4 (repeatable)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run dir (default runs/<config>-<time>)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest intact checkpoint in the run dir) or a checkpoint folder."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or step lines."),
+):
+    """Fine-tune a model; writes config.yaml, metrics.jsonl, checkpoints/, final/, summary.json, report.html."""
+
+    def go():
+        from tunelab.config import load_config
+        from tunelab.run import run_training
+
+        cfg = load_config(config, set_)
+        summary = run_training(cfg, output_dir, config_path=config, resume=resume, show_progress=not no_progress)
+        status, run_dir = summary["status"], summary["run_dir"]
+        if status == "interrupted":
+            typer.echo(f"stopped at step {summary['steps']}; checkpoint saved. Resume with:\n"
+                       f"  tunelab train {config} --output-dir {run_dir} --resume auto", err=True)
+            raise typer.Exit(130)
+        if status == "diverged":
+            typer.echo(f"training diverged: {summary['skipped_steps']} steps had NaN/Inf loss or gradients "
+                       "(lr too high? try a lower optim.lr or precision fp32); last good checkpoint kept in "
+                       f"{run_dir}/checkpoints", err=True)
+            raise typer.Exit(1)
+        _print_before_after(summary)
+        typer.echo(f"{status} in {summary['wall_seconds']:.0f}s: {summary['samples_per_second']:.1f} samples/s, "
+                   f"peak memory {summary['peak_memory_mb']:.0f} MB; model in {run_dir}/final, report {run_dir}/report.html")
+
+    _guard(go)
+
+
+@app.command("eval")
+def eval_(
+    model_dir: Path = typer.Argument(..., help="A saved classifier folder (e.g. RUN/final)."),
+    data: Path = typer.Option(..., "--data", help="Labelled file (csv/tsv/jsonl/json/parquet)."),
+    text_column: str = typer.Option("text", help="Column holding the text."),
+    label_column: str = typer.Option("label", help="Column holding the label."),
+    batch_size: int = typer.Option(64, min=1),
+    max_length: int = typer.Option(128, min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Classification metrics (loss, accuracy, macro-F1, per class, confusion matrix) of a saved model."""
+
+    def go():
+        from tunelab.evaluate.saved_model import evaluate_saved_classifier
+
+        metrics = evaluate_saved_classifier(model_dir, data, text_column=text_column, label_column=label_column,
+                                            batch_size=batch_size, max_length=max_length)
+        if as_json:
+            typer.echo(json.dumps(metrics))
+            return
+        typer.echo(f"rows {metrics['rows']}  loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}  "
+                   f"macro-F1 {metrics['macro_f1']:.4f}")
+        for name, m in metrics["per_class"].items():
+            typer.echo(f"  {name:<16} precision {m['precision']:.3f}  recall {m['recall']:.3f}  support {m['support']}")
+
+    _guard(go)
+
+
+@data_app.command("check")
+def data_check(
+    file: Path = typer.Argument(..., help="Data file to validate."),
+    text_column: str = typer.Option("text"),
+    label_column: str = typer.Option("label"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Validate a classification file: every row readable, text and label present; label counts."""
+
+    def go():
+        from tunelab.data.classification import label_counts, load_examples
+
+        ex, names = load_examples(file, text_column=text_column, label_column=label_column)
+        lengths = sorted(len(t) for t in ex.texts)
+        report = {"file": str(file), "rows": len(ex), "labels": label_counts(ex, names),
+                  "duplicate_texts": len(ex.texts) - len(set(ex.texts)),
+                  "chars_median": lengths[len(lengths) // 2], "chars_max": lengths[-1]}
+        typer.echo(json.dumps(report) if as_json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+
+    _guard(go)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Typed configuration: pydantic models for the YAML, loaded with exact error locations.
+
+Each section maps one to one onto the arguments of the function it configures. Unknown keys are
+errors; cross-field rules are checked at load time and the message says the fix. Errors name the
+YAML file, the line of the offending key and its dotted path, so `tunelab train` can print one
+line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunelab.errors import InputError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "minilm",
+        description="Embedded name (minilm, smollm2-135m-instruct), a local HF folder, or a hub id.",
+    )
+    max_length: int = Field(128, gt=0, le=1_000_000)
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class DataConfig(Section):
+    train: str
+    eval: str | None = None
+    eval_split: float = Field(0.1, ge=0.0, lt=1.0, description="Share of train held out when no eval file is given.")
+    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet"] = "auto"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    labels: list[str] | None = Field(None, description="Allowed label names, in id order; inferred when absent.")
+    max_rows: int | None = Field(None, gt=0)
+
+
+class OptimConfig(Section):
+    lr: float = Field(2e-5, gt=0, le=10)
+    weight_decay: float = Field(0.01, ge=0, le=10)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    head_lr: float | None = Field(None, gt=0, le=10, description="lr of the newly initialised head; default lr x head_lr_multiplier.")
+    head_lr_multiplier: float = Field(1.0, gt=0, le=10_000)
+    layer_lr_decay: float = Field(1.0, gt=0, le=1, description="ULMFiT-style factor per block below the top; 1 = off.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "linear", "cosine", "wsd"] = "cosine"
+    warmup_ratio: float | None = Field(0.06, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    decay_ratio: float = Field(0.1, gt=0, le=1, description="WSD: share of the steps spent in the final decay.")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "ScheduleConfig":
+        if {"warmup_steps", "warmup_ratio"} <= self.model_fields_set and None not in (self.warmup_steps, self.warmup_ratio):
+            raise ValueError("set schedule.warmup_steps or schedule.warmup_ratio, not both")
+        return self
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0, le=10_000)
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(16, gt=0, le=65_536)
+    grad_accum: int = Field(1, gt=0, le=65_536)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="Optimizer steps between evaluations; default once per epoch.")
+    eval_before: bool = Field(True, description="Evaluate the untouched model first, for a before/after comparison.")
+    eval_batch_size: int | None = Field(None, gt=0)
+
+
+class CheckpointConfig(Section):
+    save_every: int | None = Field(None, gt=0, description="Optimizer steps between checkpoints; default at every evaluation.")
+    keep_last: int = Field(1, ge=1, le=1000)
+    metric: str | None = Field(None, description="Eval metric that picks the best checkpoint; default per task.")
+    mode: Literal["max", "min"] | None = None
+    min_delta: float = Field(0.001, ge=0)
+    final: Literal["best", "last"] = "best"
+
+
+class EarlyStoppingConfig(Section):
+    enabled: bool = True
+    patience: int = Field(3, gt=0, le=1_000_000)
+
+
+class Config(Section):
+    task: Literal["classification"] = "classification"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    versions: dict[str, str] | None = Field(None, description="Written into the run dir by tunelab; ignored on load.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Config":
+        if self.data.eval is None and self.data.eval_split == 0 and self.early_stopping.enabled:
+            raise ValueError(
+                "early stopping needs evaluation: set data.eval, or data.eval_split > 0, "
+                "or early_stopping.enabled: false"
+            )
+        return self
+
+
+# ---------------------------------------------------------------- loading with locations
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that also records the line of every mapping key, by dotted path."""
+
+
+def _key_lines(node: yaml.Node, prefix: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (key_node.value,)
+            out[path] = key_node.start_mark.line + 1
+            _key_lines(value_node, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (i,)] = item.start_mark.line + 1
+            _key_lines(item, prefix + (i,), out)
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    """A `--set` value is read as YAML, so `1e-4`, `true`, `[a, b]` and `null` mean what they say."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides to the raw mapping (before validation, so types are checked)."""
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"--set expects key=value, got '{item}'", field=item)
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise InputError(f"--set {key}: '{p}' is not a section", field=key)
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _yaml_number_fix(raw: Any) -> Any:
+    """PyYAML reads `2e-5` (no dot) as a string; accept it as a float like every other YAML 1.2 reader."""
+    if isinstance(raw, dict):
+        return {k: _yaml_number_fix(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_yaml_number_fix(v) for v in raw]
+    if isinstance(raw, str):
+        s = raw.strip()
+        if s and s[0] in "0123456789+-." and ("e" in s.lower()):
+            try:
+                return float(s)
+            except ValueError:
+                return raw
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config file; relative data paths resolve against the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("config file not found", file=path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"config is not UTF-8 text (byte {e.start})", file=path) from None
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+        raw = yaml.load(text, Loader=_LineLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise InputError(f"invalid YAML: {problem}", file=path, line=line) from None
+    if raw is None:
+        raise InputError("config file is empty", file=path)
+    if not isinstance(raw, dict):
+        raise InputError("config must be a mapping of sections (task, model, data, ...)", file=path, line=1)
+    lines = _key_lines(node) if node is not None else {}
+    raw = apply_overrides(_yaml_number_fix(raw), overrides or [])
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or None
+        line = None
+        for n in range(len(loc), 0, -1):  # the deepest key that exists in the file
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `tunelab train --help` lists the sections)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+        raise InputError(msg, file=path, line=line, field=field) from None
+    return _resolve_paths(cfg, path.parent)
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def resolve(p: str | None) -> str | None:
+        if p is None:
+            return None
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    cfg.data.train = resolve(cfg.data.train)
+    cfg.data.eval = resolve(cfg.data.eval)
+    local = (base / cfg.model.name).expanduser()
+    if cfg.model.name.startswith((".", "/", "~")) or local.is_dir():
+        cfg.model.name = str(local.resolve()) if not Path(cfg.model.name).is_absolute() else cfg.model.name
+    return cfg
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("tunelab", "torch", "transformers", "safetensors", "pydantic", "numpy", "peft", "tokenizers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """Write the fully resolved config (every default spelled out) plus library versions."""
+    data = json.loads(cfg.model_dump_json())
+    data["versions"] = library_versions()
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

@@ -1,0 +1,193 @@
+"""Classification examples: validate records, map labels to ids, split off an eval share.
+
+Plain records in, plain lists out. Every rule that a row can break has its own message naming the
+file, line and field.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.data.readers import Record, read_records
+from tunelab.errors import InputError
+
+
+@dataclass
+class Examples:
+    """Texts (and optional second texts) with integer labels; `source` keeps file:line per row."""
+
+    texts: list[str]
+    labels: list[int]
+    pairs: list[str] | None = None
+    source: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: list[int]) -> "Examples":
+        return Examples(
+            [self.texts[i] for i in idx],
+            [self.labels[i] for i in idx],
+            [self.pairs[i] for i in idx] if self.pairs is not None else None,
+            [self.source[i] for i in idx] if self.source else [],
+        )
+
+
+def _text(rec: Record, path: Path, column: str) -> str:
+    if column not in rec.fields:
+        cols = ", ".join(sorted(rec.fields)) or "none"
+        raise InputError(f"missing column (columns present: {cols}); set data.text_column", file=path, field=column, **rec.where())
+    value = rec.fields[column]
+    if value is None:
+        raise InputError("text is null", file=path, field=column, **rec.where())
+    if not isinstance(value, str):
+        raise InputError(f"text must be a string, got {type(value).__name__} {value!r:.40}", file=path, field=column, **rec.where())
+    if not value.strip():
+        raise InputError("text is empty", file=path, field=column, **rec.where())
+    return value
+
+
+def _raw_label(rec: Record, path: Path, column: str) -> str | int:
+    """A label as written: a name (str) or an id (int). Int-like strings from CSV become ints."""
+    if column not in rec.fields:
+        cols = ", ".join(sorted(rec.fields)) or "none"
+        raise InputError(f"missing column (columns present: {cols}); set data.label_column", file=path, field=column, **rec.where())
+    value = rec.fields[column]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InputError("label is empty", file=path, field=column, **rec.where())
+    if isinstance(value, bool):
+        raise InputError(f"label is a boolean ({value}); use 0/1 or label names", file=path, field=column, **rec.where())
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise InputError(f"label {value!r} is not a whole number or a name", file=path, field=column, **rec.where())
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        s = value.strip()
+        if s.lstrip("-").isdigit():
+            return int(s)
+        return s
+    raise InputError(f"label must be a name or an integer, got {type(value).__name__}", file=path, field=column, **rec.where())
+
+
+def label_names_from(values: list[str | int], declared: list[str] | None) -> list[str]:
+    """The label vocabulary in id order: declared, or sorted ints, or sorted names."""
+    if declared:
+        if len(set(declared)) != len(declared):
+            raise InputError("data.labels holds a name twice", field="data.labels")
+        return list(declared)
+    kinds = {type(v) for v in values}
+    if kinds == {int}:
+        return [str(v) for v in sorted(set(values))]
+    if kinds == {str}:
+        return sorted(set(values))
+    raise InputError("labels mix names and numbers; use one kind, or list them in data.labels", field="data.labels")
+
+
+def to_id(value: str | int, names: list[str], declared: bool) -> int | None:
+    """Map a raw label onto an id by name; a bare integer is an id only for a declared vocabulary."""
+    key = str(value)
+    if key in names:
+        return names.index(key)
+    if isinstance(value, int) and declared and 0 <= value < len(names):
+        return value
+    return None
+
+
+def load_examples(
+    path: str | Path,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    fmt: str = "auto",
+    label_names: list[str] | None = None,
+    declared: bool = False,
+    max_rows: int | None = None,
+) -> tuple[Examples, list[str]]:
+    """Read and validate a labelled file. With `label_names`, labels must be in it (eval files).
+
+    Returns the examples and the label names in id order.
+    """
+    path = Path(path)
+    records = read_records(path, fmt)
+    if max_rows is not None:
+        records = records[:max_rows]
+    texts, pairs, raw, source = [], [] if text_pair_column else None, [], []
+    for rec in records:
+        texts.append(_text(rec, path, text_column))
+        if pairs is not None:
+            pairs.append(_text(rec, path, text_pair_column))
+        raw.append(_raw_label(rec, path, label_column))
+        source.append(f"{path.name}:{rec.line}" if rec.line is not None else f"{path.name}#{rec.index}")
+    fixed_vocab = label_names is not None
+    names = label_names if fixed_vocab else label_names_from(raw, None)
+    labels = []
+    for rec, value in zip(records, raw):
+        idx = to_id(value, names, declared)
+        if idx is None:
+            why = f"label {value!r} is not one of {names}"
+            if fixed_vocab and not declared:
+                why = f"label {value!r} does not occur in the training data {names}"
+            raise InputError(why, file=path, field=label_column, **rec.where())
+        labels.append(idx)
+    return Examples(texts, labels, pairs, source), names
+
+
+def load_train_eval(data_cfg, seed: int) -> tuple[Examples, Examples | None, list[str]]:
+    """Training and evaluation examples per the data config (eval file, or a stratified split)."""
+    declared = data_cfg.labels is not None
+    common = dict(
+        text_column=data_cfg.text_column,
+        label_column=data_cfg.label_column,
+        text_pair_column=data_cfg.text_pair_column,
+        fmt=data_cfg.format,
+        declared=declared,
+    )
+    train, names = load_examples(data_cfg.train, label_names=data_cfg.labels, max_rows=data_cfg.max_rows, **common)
+    present = sorted(set(train.labels))
+    if len(present) < 2:
+        raise InputError(
+            f"only one label ({names[present[0]]!r}) in the training data; classification needs at least two",
+            file=data_cfg.train,
+            field=data_cfg.label_column,
+        )
+    if data_cfg.eval:
+        evaluation, _ = load_examples(data_cfg.eval, label_names=names, **common)
+        return train, evaluation, names
+    if data_cfg.eval_split == 0:
+        return train, None, names
+    train_idx, eval_idx = stratified_split(train.labels, data_cfg.eval_split, seed)
+    if not eval_idx:
+        return train, None, names
+    return train.subset(train_idx), train.subset(eval_idx), names
+
+
+def stratified_split(labels: list[int], share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Hold out `share` of each class (at least one row of any class with 2+ rows)."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    train_idx, eval_idx = [], []
+    for y in sorted(by_class):
+        idx = by_class[y]
+        rng.shuffle(idx)
+        n_eval = round(len(idx) * share)
+        if n_eval == 0 and len(idx) >= 2 and share > 0:
+            n_eval = 1
+        eval_idx += idx[:n_eval]
+        train_idx += idx[n_eval:]
+    return sorted(train_idx), sorted(eval_idx)
+
+
+def label_counts(ex: Examples, names: list[str]) -> dict[str, int]:
+    counts = {n: 0 for n in names}
+    for y in ex.labels:
+        counts[names[y]] += 1
+    return counts
+

@@ -1,0 +1,205 @@
+"""Read data files into plain records, each with the line (or index) it came from.
+
+We read CSV/TSV/JSONL/JSON with the standard library rather than `datasets` or pandas because the
+point of this stage is the location of every problem: a bad byte, a broken JSON line or a short
+CSV row is reported as `file:line`, which neither of those libraries can tell us. Parquet has no
+lines, so its records are located by row number.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import InputError
+
+FORMATS_BY_SUFFIX = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+MAX_FIELD_CHARS = 10_000_000
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of a data file: its fields, and where it is (line for text formats, else index)."""
+
+    fields: dict[str, Any]
+    index: int
+    line: int | None
+
+    def where(self) -> dict:
+        """Keyword arguments for InputError that locate this record."""
+        if self.line is not None:
+            return {"line": self.line}
+        return {"where": f"record {self.index}"}
+
+
+def detect_format(path: Path, declared: str = "auto") -> str:
+    if declared != "auto":
+        return declared
+    fmt = FORMATS_BY_SUFFIX.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(
+            f"cannot tell the format from the suffix '{path.suffix}'; "
+            f"use one of {sorted(FORMATS_BY_SUFFIX)} or set data.format",
+            file=path,
+        )
+    return fmt
+
+
+def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
+    """Read every record of a data file; raise InputError at the first thing that is not data."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("data file not found", file=path)
+    if path.is_dir():
+        raise InputError("expected a data file, found a folder", file=path)
+    fmt = detect_format(path, fmt)
+    if fmt == "parquet":
+        records = _read_parquet(path)
+    else:
+        text = _read_text(path)
+        if fmt == "jsonl":
+            records = _read_jsonl(path, text)
+        elif fmt == "json":
+            records = _read_json(path, text)
+        else:
+            records = _read_delimited(path, text, "\t" if fmt == "tsv" else ",")
+    if not records:
+        raise InputError("no records in the file (it holds only a header or blank lines)", file=path)
+    return records
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise InputError("file is empty", file=path)
+    if b"\x00" in raw[:8192]:
+        raise InputError("looks like a binary file (NUL bytes), not text data", file=path, line=raw[:8192].count(b"\n", 0, raw.index(b"\x00")) + 1)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8", file=path, line=line) from None
+    return text.removeprefix("\ufeff")
+
+
+def _read_jsonl(path: Path, text: str) -> list[Record]:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", file=path, line=lineno) from None
+        if not isinstance(obj, dict):
+            raise InputError(f"each line must be a JSON object, got {type(obj).__name__}", file=path, line=lineno)
+        records.append(Record(obj, len(records), lineno))
+    return records
+
+
+def _read_json(path: Path, text: str) -> list[Record]:
+    """A JSON array of objects, decoded element by element so each record keeps its line."""
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, 0)
+    if pos >= len(text) or text[pos] != "[":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"invalid JSON ({e.msg})", file=path, line=e.lineno) from None
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            return [Record(r, i, None) for i, r in enumerate(_objects(path, obj["data"]))]
+        raise InputError("a .json data file must hold a list of objects (or use .jsonl)", file=path, line=1)
+    records = []
+    pos = _skip_ws(text, pos + 1)
+    while pos < len(text) and text[pos] != "]":
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise InputError(f"invalid JSON ({e.msg})", file=path, line=e.lineno) from None
+        if not isinstance(obj, dict):
+            raise InputError(f"record {len(records)} is {type(obj).__name__}, expected an object", file=path, line=line)
+        records.append(Record(obj, len(records), line))
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+        elif pos < len(text) and text[pos] != "]":
+            raise InputError("invalid JSON (expected ',' or ']')", file=path, line=text.count("\n", 0, pos) + 1)
+    if pos >= len(text):
+        raise InputError("invalid JSON (the list is not closed: file truncated?)", file=path, line=text.count("\n") + 1)
+    if text[pos + 1 :].strip():
+        raise InputError("invalid JSON (extra data after the list)", file=path, line=text.count("\n", 0, pos) + 1)
+    return records
+
+
+def _objects(path: Path, items: list) -> list[dict]:
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InputError(f"expected an object, got {type(item).__name__}", file=path, where=f"record {i}")
+    return items
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _read_delimited(path: Path, text: str, delimiter: str) -> list[Record]:
+    csv.field_size_limit(MAX_FIELD_CHARS)
+    lines = text.splitlines(keepends=True)
+    # TSV files (SST-2 among them) use no quoting: a lone `"` inside a sentence is a character.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InputError("file is empty", file=path) from None
+    except csv.Error as e:
+        raise InputError(f"unreadable header ({e})", file=path, line=1) from None
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header):
+        dup = next(h for h in header if header.count(h) > 1)
+        raise InputError(f"column '{dup}' appears twice in the header", file=path, line=1, field=dup)
+    records = []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise InputError(f"malformed row ({e})", file=path, line=reader.line_num) from None
+        lineno = reader.line_num
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != len(header):
+            raise InputError(
+                f"row has {len(row)} fields, the header has {len(header)} "
+                f"(a stray {'tab' if delimiter == chr(9) else 'comma'} or a missing quote?)",
+                file=path,
+                line=lineno,
+            )
+        records.append(Record(dict(zip(header, row)), len(records), lineno))
+    return records
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise InputError(f"not a readable Parquet file ({type(e).__name__}: {e})", file=path) from None
+    rows = table.to_pylist()
+    return [Record(r, i, None) for i, r in enumerate(rows)]

@@ -1,0 +1,26 @@
+"""Evaluate any saved sequence-classification folder on a labelled file (`tunelab eval`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.data.classification import load_examples
+from tunelab.evaluate.classification import classification_metrics, predict
+from tunelab.models.load import load_saved_classifier
+from tunelab.tasks.classification import encode, make_batches
+from contextlib import nullcontext
+
+
+def evaluate_saved_classifier(model_dir: str | Path, data: str | Path, *, text_column="text", label_column="label",
+                              batch_size: int = 64, max_length: int = 128) -> dict:
+    model, tok = load_saved_classifier(model_dir)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    ex, _ = load_examples(data, text_column=text_column, label_column=label_column, label_names=names, declared=True)
+    max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
+    feats, _ = encode(ex, tok, max_length)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    loss_sum, preds, ys = predict(model, make_batches(feats, ex.labels, pad_id, batch_size), autocast=nullcontext)
+    metrics = classification_metrics(preds, ys, names)
+    metrics["loss"] = loss_sum / len(ys)
+    metrics["rows"] = len(ys)
+    return metrics

@@ -1,0 +1,119 @@
+"""Load a tokenizer and a sequence-classification model from a resolved source, safely.
+
+Safety rules: safetensors only (a `.bin`/`.pt` checkpoint is refused unless the folder has no
+safetensors, and then loaded by transformers with `weights_only`); `trust_remote_code` only when
+the config says so; hub access only for hub ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tunelab.errors import InputError
+from tunelab.models.registry import ModelSource
+
+log = logging.getLogger("tunelab")
+
+
+def quiet_transformers() -> None:
+    """transformers prints load reports and progress bars; tunelab reports what matters itself."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _check_weights(source: ModelSource) -> None:
+    if source.is_hub or source.gguf_file:
+        return
+    folder = Path(source.path)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        log.warning(
+            "%s holds only pickle weights (%s): loading them with weights_only=True. "
+            "Convert to safetensors to be safe.", folder, ", ".join(pickles)
+        )
+        return
+    raise InputError("model folder has no weights (*.safetensors)", file=folder, field="model.name")
+
+
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the tokenizer: {_first_line(e)}", file=source.path, field="model.name") from None
+    return tok
+
+
+def load_classifier(
+    source: ModelSource,
+    label_names: list[str],
+    *,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """A sequence-classification model with a fresh head sized for `label_names`."""
+    from transformers import AutoModelForSequenceClassification
+
+    quiet_transformers()
+    _check_weights(source)
+    id2label = {i: n for i, n in enumerate(label_names)}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source.path,
+            gguf_file=source.gguf_file,
+            num_labels=len(label_names),
+            id2label=id2label,
+            label2id={n: i for i, n in id2label.items()},
+            ignore_mismatched_sizes=True,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            dtype="float32",
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"cannot load the model: {_first_line(e)}", file=source.path, field="model.name") from None
+    return model
+
+
+def load_saved_classifier(path: str | Path):
+    """A fine-tuned classifier folder (ours or any HF one) with its tokenizer, for evaluation."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    quiet_transformers()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError("not a model folder (no config.json)", file=path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype="float32")
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"cannot load the model: {_first_line(e)}", file=path) from None
+    return model, tok
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def count_params(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared tensors counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

@@ -1,0 +1,14 @@
+"""Tasks plug into the one loop what differs between them: data, loss, metrics, what is saved."""
+
+from tunelab.tasks.base import TaskRun, TrainSet
+
+
+def setup_task(cfg) -> TaskRun:
+    if cfg.task == "classification":
+        from tunelab.tasks.classification import setup_classification
+
+        return setup_classification(cfg)
+    raise ValueError(f"unknown task {cfg.task!r}")
+
+
+__all__ = ["TaskRun", "TrainSet", "setup_task"]

@@ -1,0 +1,100 @@
+"""Text classification: examples -> token ids -> padded batches; cross-entropy; accuracy & F1."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from tunelab.data.batching import epoch_batches, pad_batch
+from tunelab.data.classification import Examples, label_counts, load_train_eval
+from tunelab.evaluate.classification import classification_metrics, predict
+from tunelab.models.load import load_classifier, load_tokenizer
+from tunelab.models.registry import resolve_model
+from tunelab.tasks.base import TaskRun, TrainSet
+
+log = logging.getLogger("tunelab")
+
+
+def encode(examples: Examples, tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Token ids per example (no padding) and how many were cut at `max_length`."""
+    enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    features = [{k: enc[k][i] for k in keys} for i in range(len(examples))]
+    full = tokenizer(examples.texts, examples.pairs, truncation=False)["input_ids"]
+    truncated = sum(len(ids) > max_length for ids in full)
+    return features, truncated
+
+
+def make_batches(features: list[dict], labels: list[int], pad_id: int, batch_size: int):
+    """Padded batches in file order (for evaluation), grouped by length to pad little."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield pad_batch([features[i] for i in idx], pad_id, [labels[i] for i in idx])
+
+
+def classification_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the micro-batch and its number of examples."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum"), labels.numel()
+
+
+def evaluator(features, labels, names, pad_id, batch_size, autocast=nullcontext):
+    def evaluate(model) -> dict:
+        loss_sum, preds, ys = predict(model, make_batches(features, labels, pad_id, batch_size), autocast=autocast)
+        metrics = classification_metrics(preds, ys, names)
+        metrics["loss"] = loss_sum / max(1, len(ys))
+        return metrics
+
+    return evaluate
+
+
+def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
+    train_ex, eval_ex, names = load_train_eval(cfg.data, cfg.train.seed)
+    source = resolve_model(cfg.model.name)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    model = load_classifier(source, names, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_id
+    max_len = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", cfg.model.max_length))
+    train_feats, cut = encode(train_ex, tokenizer, max_len)
+    if cut:
+        log.warning("%d of %d training texts are longer than %d tokens and were truncated", cut, len(train_ex), max_len)
+    labels = train_ex.labels
+
+    def collate(idx: list[int]) -> dict:
+        return pad_batch([train_feats[i] for i in idx], pad_id, [labels[i] for i in idx])
+
+    evaluate = None
+    eval_info = {}
+    if eval_ex is not None:
+        eval_feats, _ = encode(eval_ex, tokenizer, max_len)
+        bs = cfg.train.eval_batch_size or cfg.train.batch_size * 2
+        evaluate = evaluator(eval_feats, eval_ex.labels, names, pad_id, bs, autocast)
+        eval_info = {"eval_rows": len(eval_ex), "eval_label_counts": label_counts(eval_ex, names)}
+
+    def save_final(model, out: Path) -> None:
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    return TaskRun(
+        model=model,
+        tokenizer=tokenizer,
+        train=TrainSet(lengths=[len(f["input_ids"]) for f in train_feats], collate=collate, count=len),
+        loss_fn=classification_loss,
+        evaluate=evaluate,
+        save_final=save_final,
+        metric=cfg.checkpoint.metric or "eval_accuracy",
+        mode=cfg.checkpoint.mode or "max",
+        info={"metric_names": ["eval_loss", "eval_accuracy", "eval_macro_f1"], "labels": names, "train_rows": len(train_ex), "train_label_counts": label_counts(train_ex, names),
+              "truncated_train_texts": cut, "model_source": source.path, **eval_info},
+    )
+
+
+__all__ = ["setup_classification", "classification_loss", "encode", "epoch_batches"]

@@ -1,0 +1,173 @@
+"""Checkpoints that are complete or absent, never half-written, and that resume exactly.
+
+Layout of `checkpoints/step-000120/`:
+    weights.safetensors   trainable parameters only (frozen ones come back from the base model)
+    optimizer.pt          optimizer state (tensors and numbers: loads with weights_only=True)
+    scheduler.pt          LambdaLR state
+    rng.pt                torch (and CUDA) generator states, Python `random` state
+    state.json            loop position (step, epoch, window in epoch), tracker, counters
+    manifest.json         sha256 and size of every file above; written last
+
+A checkpoint is written into `.tmp-step-000120/`, every file fsync'ed, then the folder is renamed:
+a kill at any moment leaves either the complete folder or a `.tmp-*` one that resume ignores and
+reports. Retention keeps the best and the last `keep_last`, and never deletes the checkpoint a
+resume would need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name; a tensor shared by two names is stored once."""
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            out[name] = p.detach().cpu().contiguous()
+    return out
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def save_checkpoint(root: Path, *, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    """Write a complete checkpoint atomically and return its folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        weights = trainable_state(model)
+        for name, t in weights.items():
+            if not torch.isfinite(t).all():
+                raise FloatingPointError(f"refusing to save a checkpoint: parameter {name} holds NaN/Inf")
+        save_file(weights, str(tmp / "weights.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            _fsync(f)
+            files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+        _fsync(tmp / MANIFEST)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else why not."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (save was interrupted)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return "unreadable manifest"
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"missing {name}"
+        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint, and a note for each one skipped (incomplete or corrupt)."""
+    skipped = [f"{p.name}: incomplete save" for p in sorted(root.glob(".tmp-*"))] if root.is_dir() else []
+    for path in reversed(list_checkpoints(root)):
+        problem = verify(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{path.name}: {problem}")
+    return None, skipped
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; return the loop state."""
+    weights = load_file(str(path / "weights.safetensors"))
+    missing = [k for k in weights if k not in dict(model.named_parameters())]
+    if missing:
+        raise ValueError(f"checkpoint {path} holds parameters the model lacks: {missing[:3]}")
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())
+
+
+def load_weights(path: Path, model) -> None:
+    model.load_state_dict(load_file(str(path / "weights.safetensors")), strict=False)
+
+
+def apply_retention(root: Path, *, keep_last: int, keep: set[str]) -> list[str]:
+    """Delete checkpoints other than the last `keep_last` intact ones and those named in `keep`."""
+    intact = [p for p in list_checkpoints(root) if (p / MANIFEST).is_file()]
+    protected = {p.name for p in intact[-keep_last:]} | keep
+    removed = []
+    for p in intact:
+        if p.name not in protected:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    for tmp in root.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    return removed

@@ -1,0 +1,148 @@
+"""The training loop: the one place to read how tunelab trains.
+
+forward -> loss -> backward (per micro-batch) -> clip -> step -> schedule -> log -> evaluate
+-> checkpoint -> early stop. Everything task-specific comes in through `TaskRun` (data, loss,
+metrics); everything about files comes in through `io` (log rows, save checkpoints, stop flag).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+
+from tunelab.data.batching import epoch_batches
+from tunelab.tasks.base import TaskRun
+from tunelab.train.early_stop import BestTracker
+
+
+@dataclass
+class LoopSettings:
+    batch_size: int
+    grad_accum: int
+    total_steps: int
+    max_grad_norm: float | None
+    seed: int
+    log_every: int
+    eval_every: int | None  # None: evaluate at each epoch end
+    save_every: int | None  # None: save at each evaluation
+    early_stopping: bool
+    base_lr: float = 0.0  # the configured optim.lr; the logged lr is its scheduled value
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run is stopped
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint so a resume continues exactly here."""
+
+    step: int = 0
+    epoch: int = 0
+    window: int = 0  # accumulation windows already consumed in this epoch
+    tokens: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    skipped_steps: int = 0
+    status: str = "running"  # completed | early_stopped | interrupted | diverged
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LoopIO(Protocol):
+    def log(self, row: dict) -> None: ...
+    def save(self, state: LoopState, tracker: BestTracker, is_best: bool) -> None: ...
+    def stop_requested(self) -> bool: ...
+
+
+def windows_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
+    return math.ceil(math.ceil(n_examples / batch_size) / grad_accum)
+
+
+def eval_row(metrics: dict, state: LoopState, epoch: float) -> dict:
+    row = {"step": state.step, "epoch": round(epoch, 4)}
+    row.update({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return row
+
+
+def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, state: LoopState,
+               tracker: BestTracker, io: LoopIO, autocast) -> LoopState:
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    started = time.monotonic() - state.train_seconds
+    bad_in_a_row, log_loss, log_units, log_norms = 0, 0.0, 0, []
+    while state.step < s.total_steps and state.status == "running":
+        batches = epoch_batches(task.train.lengths, s.batch_size, seed=s.seed, epoch=state.epoch)
+        windows = [batches[i : i + s.grad_accum] for i in range(0, len(batches), s.grad_accum)]
+        while state.window < len(windows) and state.step < s.total_steps:
+            # forward + backward over the micro-batches of one optimizer step; the summed loss is
+            # divided by the units (examples or supervised tokens) of the whole window
+            window = windows[state.window]
+            units = sum(task.train.count(idx) for idx in window)
+            window_loss = 0.0
+            for idx in window:
+                batch = task.train.collate(idx)
+                with autocast():
+                    loss_sum, _ = task.loss_fn(model, batch)
+                (loss_sum / units).backward()
+                window_loss += loss_sum.item()
+                state.tokens += int(batch["attention_mask"].sum())
+                state.samples += len(idx)
+            # clip (the pre-clip norm is what we log), step, schedule
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or float("inf")).item()
+            g0 = optimizer.param_groups[0]
+            lr = g0["lr"] * s.base_lr / g0["initial_lr"] if s.base_lr else g0["lr"]
+            if math.isfinite(grad_norm) and math.isfinite(window_loss):
+                optimizer.step()
+                bad_in_a_row = 0
+            else:
+                state.skipped_steps += 1
+                bad_in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+            state.window += 1
+            epoch = state.epoch + state.window / len(windows)
+            log_loss, log_units = log_loss + window_loss, log_units + units
+            log_norms.append(grad_norm)
+            if bad_in_a_row >= s.max_bad_steps:
+                state.status = "diverged"
+                io.log({"step": state.step, "event": "diverged", "skipped_steps": state.skipped_steps})
+                break
+            # log
+            state.train_seconds = time.monotonic() - started
+            if state.step % s.log_every == 0 or state.step == s.total_steps:
+                io.log({"step": state.step, "epoch": round(epoch, 4), "loss": log_loss / max(1, log_units),
+                        "lr": lr, "grad_norm": log_norms[-1], "grad_norm_max": max(log_norms),
+                        "tokens": state.tokens, "samples": state.samples,
+                        "elapsed": round(state.train_seconds, 3), "skipped_steps": state.skipped_steps})
+                log_loss, log_units, log_norms = 0.0, 0, []
+            # evaluate, track the best, early-stop
+            end_of_epoch = state.window == len(windows)
+            due_eval = (s.eval_every and state.step % s.eval_every == 0) or end_of_epoch or state.step == s.total_steps
+            is_best = False
+            if due_eval and task.evaluate is not None:
+                metrics = task.evaluate(model)
+                row = eval_row(metrics, state, epoch)
+                io.log(row)
+                is_best = tracker.update(row[tracker.metric], state.step)
+                if s.early_stopping and tracker.should_stop:
+                    state.status = "early_stopped"
+            # checkpoint
+            stop = io.stop_requested()
+            if stop and state.status == "running":
+                state.status = "interrupted"
+            if due_eval or (s.save_every and state.step % s.save_every == 0) or state.status != "running":
+                state.train_seconds = time.monotonic() - started
+                io.save(state, tracker, is_best)
+            if state.status != "running":
+                break
+        else:
+            state.epoch += 1
+            state.window = 0
+    if state.status == "running":
+        state.status = "completed"
+    state.train_seconds = time.monotonic() - started
+    return state

@@ -1,0 +1,106 @@
+"""Parameter groups (head lr, layer-wise lr decay, no decay on biases and norms) and AdamW.
+
+Layer-wise decay (ULMFiT / "How to Fine-Tune BERT", Sun et al. 2019): the head and whatever sits
+above the transformer blocks get the base lr, block i of n gets lr * decay**(n - i), the
+embeddings (everything below the blocks) get lr * decay**(n + 1). The block list is discovered
+from the model, so BERT-like (`encoder.layer`), Llama-like (`model.layers`) and GPT-2-like (`h`)
+layouts all work; an unknown layout is a clear error, never a silent flat lr.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from tunelab.errors import InputError
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer's list of blocks: the longest ModuleList of identical module types."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) != 1:
+                continue
+            if n_layers is not None and len(module) != n_layers:
+                continue
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise InputError(
+            f"cannot find the transformer blocks of {type(model).__name__} for layer-wise lr; "
+            "set optim.layer_lr_decay: 1.0",
+            field="optim.layer_lr_decay",
+        )
+    return best
+
+
+def head_prefixes(model: nn.Module) -> list[str]:
+    """Top-level children that are not the pre-trained base model: the new task head."""
+    base = getattr(model, "base_model_prefix", "")
+    return [n + "." for n, _ in model.named_children() if n != base]
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    head_lr: float | None = None,
+    layer_lr_decay: float = 1.0,
+) -> list[dict]:
+    """AdamW groups with a readable `name`; only parameters that require grad are included."""
+    heads = head_prefixes(model)
+    depth_of: dict[str, int] = {}
+    n_blocks = 0
+    if layer_lr_decay != 1.0:
+        block_name, blocks = find_blocks(model)
+        n_blocks = len(blocks)
+        pattern = re.compile(re.escape(block_name) + r"\.(\d+)\.")
+        seen_block = False
+        for name, _ in model.named_parameters():
+            m = pattern.match(name)
+            if m:
+                seen_block = True
+                depth_of[name] = int(m.group(1)) + 1  # block i -> depth i+1
+            elif any(name.startswith(h) for h in heads) or seen_block:
+                depth_of[name] = n_blocks + 1  # head, and what comes after the blocks
+            else:
+                depth_of[name] = 0  # embeddings
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = any(name.startswith(h) for h in heads)
+        decay = weight_decay if p.ndim >= 2 else 0.0
+        if is_head:
+            group_lr, label = (head_lr or lr), "head"
+        elif layer_lr_decay != 1.0:
+            depth = depth_of[name]
+            group_lr = lr * layer_lr_decay ** (n_blocks + 1 - depth)
+            label = "embeddings" if depth == 0 else ("top" if depth == n_blocks + 1 else f"block_{depth - 1}")
+        else:
+            group_lr, label = lr, "body"
+        key = (label, decay)
+        g = groups.setdefault(key, {"params": [], "lr": group_lr, "weight_decay": decay,
+                                     "name": f"{label}{'' if decay else '.no_decay'}", "n_params": 0})
+        g["params"].append(p)
+        g["n_params"] += p.numel()
+    return list(groups.values())
+
+
+def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    clean = [{k: v for k, v in g.items() if k != "n_params"} for g in groups]
+    return torch.optim.AdamW(clean, betas=tuple(betas), eps=eps, foreach=True)
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """What the run dir records: each group's name, base lr, weight decay and size."""
+    return [
+        {"name": g.get("name", str(i)), "lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
+         "n_params": sum(p.numel() for p in g["params"])}
+        for i, g in enumerate(optimizer.param_groups)
+    ]
