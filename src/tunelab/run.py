@@ -149,6 +149,8 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
 
     # ---- the run dir exists from here on
     out.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        _trim_metrics(out / "metrics.jsonl", ckpt.load_state(resume_from)["loop"]["step"])
     progress = Progress(total_steps, enabled=show_progress)
     io = RunDir(out, model, optimizer, scheduler, cfg.checkpoint.keep_last, progress, should_stop)
     before = None
@@ -157,7 +159,6 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
         state = LoopState(**{**saved["loop"], "status": "running"})
         tracker.load_state_dict(saved["tracker"])
         io.best_checkpoint = saved.get("best_checkpoint")
-        _trim_metrics(out / "metrics.jsonl", state.step)
         before = next((r for r in read_metrics(out / "metrics.jsonl") if r.get("before_training")), None)
         progress.message(f"resumed from {resume_from} at step {state.step}/{total_steps}")
     else:

@@ -152,6 +152,11 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return load_state(path)
+
+
+def load_state(path: Path) -> dict:
+    """The loop state stored in a checkpoint (position, tracker), without touching any model."""
     return json.loads((path / "state.json").read_text())
 
 

@@ -45,6 +45,10 @@ class LoopState:
     samples: int = 0
     train_seconds: float = 0.0
     skipped_steps: int = 0
+    # loss and grad-norm sums since the last logged row (saved too, so a resumed log is identical)
+    pending_loss: float = 0.0
+    pending_units: int = 0
+    pending_norm_max: float = 0.0
     status: str = "running"  # completed | early_stopped | interrupted | diverged
 
     def to_dict(self) -> dict:
@@ -72,7 +76,7 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     started = time.monotonic() - state.train_seconds
-    bad_in_a_row, log_loss, log_units, log_norms = 0, 0.0, 0, []
+    bad_in_a_row = 0
     while state.step < s.total_steps and state.status == "running":
         batches = epoch_batches(task.train.lengths, s.batch_size, seed=s.seed, epoch=state.epoch)
         windows = [batches[i : i + s.grad_accum] for i in range(0, len(batches), s.grad_accum)]
@@ -105,8 +109,9 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
             state.step += 1
             state.window += 1
             epoch = state.epoch + state.window / len(windows)
-            log_loss, log_units = log_loss + window_loss, log_units + units
-            log_norms.append(grad_norm)
+            state.pending_loss += window_loss
+            state.pending_units += units
+            state.pending_norm_max = max(state.pending_norm_max, grad_norm)
             if bad_in_a_row >= s.max_bad_steps:
                 state.status = "diverged"
                 io.log({"step": state.step, "event": "diverged", "skipped_steps": state.skipped_steps})
@@ -114,11 +119,12 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
             # log
             state.train_seconds = time.monotonic() - started
             if state.step % s.log_every == 0 or state.step == s.total_steps:
-                io.log({"step": state.step, "epoch": round(epoch, 4), "loss": log_loss / max(1, log_units),
-                        "lr": lr, "grad_norm": log_norms[-1], "grad_norm_max": max(log_norms),
+                io.log({"step": state.step, "epoch": round(epoch, 4),
+                        "loss": state.pending_loss / max(1, state.pending_units),
+                        "lr": lr, "grad_norm": grad_norm, "grad_norm_max": state.pending_norm_max,
                         "tokens": state.tokens, "samples": state.samples,
                         "elapsed": round(state.train_seconds, 3), "skipped_steps": state.skipped_steps})
-                log_loss, log_units, log_norms = 0.0, 0, []
+                state.pending_loss, state.pending_units, state.pending_norm_max = 0.0, 0, 0.0
             # evaluate, track the best, early-stop
             end_of_epoch = state.window == len(windows)
             due_eval = (s.eval_every and state.step % s.eval_every == 0) or end_of_epoch or state.step == s.total_steps

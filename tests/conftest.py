@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny models built at test time (well under a second), paths to shared data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+WORDS = (
+    "the a movie film was great fun terrible boring awful lovely good bad not very really i loved hated it "
+    "plot acting music story ending actors and but so too this that".split()
+)
+
+
+def tiny_bert_folder(path: Path, num_labels: int = 2) -> Path:
+    """A 2-layer BERT (hidden 32) with a WordPiece tokenizer trained here; saved as an HF folder."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tk.train_from_iterator([" ".join(WORDS)] * 3, trainer)
+    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tk.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
+    model = BertForSequenceClassification(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    """Learnable toy rows: positive words -> 'pos', negative words -> 'neg'."""
+    import random
+
+    rng = random.Random(seed)
+    pos, neg = ["great", "fun", "lovely", "good", "loved"], ["terrible", "boring", "awful", "bad", "hated"]
+    filler = ["the", "movie", "film", "was", "really", "very", "plot", "acting", "music", "story"]
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(filler, 3) + [rng.choice(pos if label == "pos" else neg)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def toy_classification(tmp_path, tiny_bert) -> dict:
+    """A config dict (tiny BERT, 64 train / 16 eval rows) and the folder it lives in."""
+    write_jsonl(tmp_path / "train.jsonl", sentiment_rows(64, seed=1))
+    write_jsonl(tmp_path / "eval.jsonl", sentiment_rows(16, seed=2))
+    cfg = {
+        "task": "classification",
+        "model": {"name": str(tiny_bert), "max_length": 32},
+        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl")},
+        "optim": {"lr": 1e-3},
+        "train": {"epochs": 2, "batch_size": 8, "log_every": 2, "seed": 3},
+        "early_stopping": {"enabled": False},
+    }
+    return {"dir": tmp_path, "config": cfg}
+
+
+def needs_shared():
+    return pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason="../shared/datasets is not present")

@@ -1,0 +1,97 @@
+"""Checkpoints: atomic, verified by checksum, retention that keeps best + last, NaN never saved."""
+
+import json
+
+import pytest
+import torch
+
+from tunelab.train import checkpoint as ckpt
+
+
+def setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad = False  # frozen: must not be stored
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def save(root, step, model, opt, sched):
+    return ckpt.save_checkpoint(root, step=step, model=model, optimizer=opt, scheduler=sched, state={"loop": {"step": step}})
+
+
+def test_round_trip_restores_weights_optimizer_scheduler_rng(tmp_path):
+    model, opt, sched = setup()
+    path = save(tmp_path, 7, model, opt, sched)
+    assert ckpt.verify(path) is None
+    from safetensors.torch import load_file
+
+    assert "0.weight" not in load_file(str(path / "weights.safetensors"))
+    expected_next = torch.rand(3)
+    m2, o2, s2 = setup()
+    with torch.no_grad():
+        for p in m2.parameters():
+            p.add_(1.0)
+    state = ckpt.load_checkpoint(path, model=m2, optimizer=o2, scheduler=s2)
+    assert state == {"loop": {"step": 7}}
+    for (n, a), b in zip(model.state_dict().items(), m2.state_dict().values()):
+        if n != "0.weight":
+            assert torch.equal(a, b), n
+    assert o2.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+    assert s2.last_epoch == sched.last_epoch
+    assert torch.equal(torch.rand(3), expected_next)  # RNG restored to the moment of saving
+
+
+def test_corruption_is_detected_and_resume_falls_back(tmp_path):
+    model, opt, sched = setup()
+    save(tmp_path, 1, model, opt, sched)
+    p2 = save(tmp_path, 2, model, opt, sched)
+    raw = bytearray((p2 / "optimizer.pt").read_bytes())
+    raw[-10] ^= 0xFF
+    (p2 / "optimizer.pt").write_bytes(bytes(raw))
+    (tmp_path / ".tmp-step-000003").mkdir()
+    path, skipped = ckpt.find_resumable(tmp_path)
+    assert path.name == "step-000001"
+    assert any("step-000002" in s and "checksum" in s for s in skipped)
+    assert any("incomplete" in s for s in skipped)
+
+
+def test_failed_save_keeps_previous_and_leaves_no_temp(tmp_path, monkeypatch):
+    model, opt, sched = setup()
+    good = save(tmp_path, 1, model, opt, sched)
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        if str(f).endswith("scheduler.pt"):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        save(tmp_path, 2, model, opt, sched)
+    assert ckpt.verify(good) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000001"]
+
+
+def test_nan_weights_are_never_saved(tmp_path):
+    model, opt, sched = setup()
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        save(tmp_path, 1, model, opt, sched)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_retention_keeps_best_and_last(tmp_path):
+    model, opt, sched = setup()
+    for step in (1, 2, 3, 4, 5):
+        save(tmp_path, step, model, opt, sched)
+    removed = ckpt.apply_retention(tmp_path, keep_last=2, keep={"step-000002"})
+    assert sorted(removed) == ["step-000001", "step-000003"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000002", "step-000004", "step-000005"]
+    manifest = json.loads((tmp_path / "step-000005" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
