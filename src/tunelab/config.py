@@ -36,12 +36,18 @@ class DataConfig(Section):
     train: str
     eval: str | None = None
     eval_split: float = Field(0.1, ge=0.0, lt=1.0, description="Share of train held out when no eval file is given.")
-    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet"] = "auto"
+    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet",
+                    "openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt"] = Field(
+        "auto", description="File format (classification) or record format (chat, causal_lm); auto detects it.")
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
     labels: list[str] | None = Field(None, description="Allowed label names, in id order; inferred when absent.")
     max_rows: int | None = Field(None, gt=0)
+    overflow: Literal["truncate", "drop"] = Field(
+        "truncate", description="chat/causal_lm: what to do with an example longer than model.max_length.")
+    packing: bool | None = Field(
+        None, description="chat/causal_lm: pack several examples into one row (default true); not for classification.")
 
 
 class OptimConfig(Section):
@@ -104,7 +110,7 @@ class EarlyStoppingConfig(Section):
 
 
 class Config(Section):
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "causal_lm", "chat"] = "classification"
     model: ModelConfig = ModelConfig()
     data: DataConfig
     optim: OptimConfig = OptimConfig()
@@ -116,6 +122,19 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
+        lm_formats = {"openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt"}
+        if self.task == "classification":
+            if self.data.packing:
+                raise ValueError("data.packing applies to chat and causal_lm only: remove it for classification")
+            if self.data.format in lm_formats:
+                raise ValueError(f"data.format '{self.data.format}' is a chat/causal_lm format; "
+                                 "for classification use auto, csv, tsv, jsonl, json or parquet")
+        else:
+            if self.data.format in {"csv", "tsv", "jsonl", "json", "parquet"}:
+                raise ValueError(f"data.format '{self.data.format}' is a file type; for {self.task} give the "
+                                 "record format (auto, openai, sharegpt, alpaca, prompt_completion, text, txt)")
+            if self.data.packing is None:
+                self.data.packing = True
         if self.data.eval is None and self.data.eval_split == 0 and self.early_stopping.enabled:
             raise ValueError(
                 "early stopping needs evaluation: set data.eval, or data.eval_split > 0, "
