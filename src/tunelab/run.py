@@ -23,6 +23,7 @@ import torch
 
 from tunelab.config import Config, dump_config
 from tunelab.errors import InputError
+from tunelab.models.adapt import apply_method
 from tunelab.models.load import count_params
 from tunelab.monitor.metrics_log import MetricsLog, read_metrics
 from tunelab.monitor.progress import Progress
@@ -90,6 +91,8 @@ def _seed_everything(seed: int) -> None:
 
 def _prepare_run_dir(out: Path, resume: str | None) -> Path | None:
     """Check the output dir against the resume request; return the checkpoint to resume from."""
+    if out.exists() and not out.is_dir():
+        raise InputError("the output dir is a file; choose another --output-dir", file=out)
     if resume is None:
         if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
             raise InputError("output dir already holds a run; pass --resume auto to continue it, or choose another --output-dir", file=out)
@@ -129,7 +132,8 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     _seed_everything(cfg.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = setup_task(cfg)
-    model = task.model.to(device)
+    model = apply_method(task.model, cfg).to(device)
+    task.model = model
     trainable, total = count_params(model)
     precision = resolve_precision(cfg.train.precision, device, total)
     autocast = autocast_factory(precision, device)

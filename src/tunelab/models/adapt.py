@@ -1,0 +1,67 @@
+"""Adapt a loaded model to the fine-tuning method: full, freeze, feature extraction, LoRA/QLoRA.
+
+One entry point, `apply_method`, so the recipe reads the same for every method. Frozen parameters
+get `requires_grad = False`; the optimizer is built afterwards from trainable parameters only, so
+they get no gradient and no optimizer state (the memory really drops).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tunelab.errors import InputError
+from tunelab.train.optim import find_blocks, head_prefixes
+
+
+def embedding_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that sit before the first transformer block (token/position embeddings, their norm)."""
+    block_name, _ = find_blocks(model)
+    out = []
+    for name, p in model.named_parameters():
+        if name.startswith(block_name + "."):
+            break
+        if not any(name.startswith(h) for h in head_prefixes(model)):
+            out.append(p)
+    return out
+
+
+def freeze(model: nn.Module, *, embeddings: bool = False, blocks: int = 0, all_but_head: bool = False) -> None:
+    """Freeze embeddings, the first `blocks` blocks, or everything but the task head."""
+    heads = head_prefixes(model)
+    if all_but_head:
+        if not heads:
+            raise InputError(f"{type(model).__name__} has no separate head to keep trainable", field="freeze.all_but_head")
+        for name, p in model.named_parameters():
+            p.requires_grad = any(name.startswith(h) for h in heads)
+        return
+    if blocks:
+        _, block_list = find_blocks(model)
+        if blocks > len(block_list):
+            raise InputError(f"the model has {len(block_list)} blocks; cannot freeze {blocks}", field="freeze.blocks")
+        for block in list(block_list)[:blocks]:
+            for p in block.parameters():
+                p.requires_grad = False
+    if embeddings:
+        for p in embedding_params(model):
+            p.requires_grad = False
+
+
+def apply_method(model: nn.Module, cfg) -> nn.Module:
+    """Return the model ready for its method (may wrap it, e.g. in a peft model)."""
+    method = cfg.method
+    if method == "full":
+        return model
+    if method == "freeze":
+        f = cfg.freeze
+        if not (f.embeddings or f.blocks or f.all_but_head):
+            raise InputError("method 'freeze' needs freeze.embeddings, freeze.blocks or freeze.all_but_head", field="freeze")
+        freeze(model, embeddings=f.embeddings, blocks=f.blocks, all_but_head=f.all_but_head)
+        return model
+    if method == "feature_extraction":
+        freeze(model, all_but_head=True)
+        return model
+    if method in ("lora", "qlora"):
+        from tunelab.models.lora import apply_lora
+
+        return apply_lora(model, cfg)
+    raise InputError(f"unknown method {method!r}", field="method")
