@@ -19,7 +19,17 @@ from tunelab.errors import InputError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and inf are never meant: `lr: .nan` or `eps: .inf` must stop at load time, not mid-run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class RuleError(ValueError):
+    """A broken cross-field rule; `field` (dotted, relative to the model that checks the rule) names
+    the key to change, so the error points at that key's line."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class ModelConfig(Section):
@@ -33,7 +43,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str
+    train: str = Field(min_length=1)
     eval: str | None = None
     eval_split: float = Field(0.1, ge=0.0, lt=1.0, description="Share of train held out when no eval file is given.")
     format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet",
@@ -42,8 +52,15 @@ class DataConfig(Section):
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
-    labels: list[str] | None = Field(None, description="Allowed label names, in id order; inferred when absent.")
+    labels: list[str] | None = Field(None, min_length=2, description="Allowed label names, in id order; inferred when absent.")
     max_rows: int | None = Field(None, gt=0)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_once(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"a label name appears twice: {sorted({n for n in v if v.count(n) > 1})}")
+        return v
     overflow: Literal["truncate", "drop"] = Field(
         "truncate", description="chat/causal_lm: what to do with an example longer than model.max_length.")
     packing: bool | None = Field(
@@ -109,6 +126,59 @@ class EarlyStoppingConfig(Section):
     patience: int = Field(3, gt=0, le=1_000_000)
 
 
+class FreezeConfig(Section):
+    """method: freeze — which pre-trained parts get no gradient and no optimizer state."""
+
+    embeddings: bool = False
+    blocks: int = Field(0, ge=0, le=10_000, description="Freeze the first N transformer blocks.")
+    all_but_head: bool = Field(False, description="Train only the new head (the backbone still runs in train mode).")
+
+
+class FeatureExtractionConfig(Section):
+    """method: feature_extraction — frozen backbone in inference mode, a new head on pooled features."""
+
+    pooling: Literal["cls", "mean"] = "mean"
+    cache_features: bool = Field(True, description="Run the backbone once; later epochs cost only the head.")
+
+
+class UnfreezeConfig(Section):
+    """Gradual unfreezing (ULMFiT): start with the head, unfreeze one more block from the top every N units."""
+
+    every: int | None = Field(None, gt=0)
+    unit: Literal["epochs", "steps"] = "epochs"
+
+
+class LoraConfig(Section):
+    """method: lora / qlora (through peft)."""
+
+    r: int = Field(8, gt=0, le=4096)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["auto", "all-linear"] = "auto"
+    rslora: bool = False
+    dora: bool = False
+
+
+class RegularizationConfig(Section):
+    """Guards against catastrophic forgetting; all off by default."""
+
+    l2sp: float = Field(0.0, ge=0, description="Weight of the L2-SP penalty sum((w - w0)^2) toward the pre-trained weights.")
+    ewc: float = Field(0.0, ge=0, description="Weight of the EWC penalty sum(F * (w - w0)^2), diagonal Fisher F.")
+    ewc_data: str | None = Field(None, description="Reference data for the Fisher; default the training data.")
+    ewc_batches: int = Field(16, gt=0, le=100_000)
+    mixout: float = Field(0.0, ge=0, lt=1, description="Mixout probability p: swap fine-tuned weights for pre-trained ones, rescaled.")
+    replay_data: str | None = Field(None, description="General/replay data mixed into each epoch (same task format).")
+    replay_ratio: float = Field(0.0, ge=0, lt=1, description="Share of each epoch's examples drawn from replay_data.")
+
+
+class ProbeConfig(Section):
+    """Forgetting probe: a reference data set evaluated before and after fine-tuning."""
+
+    data: str | None = None
+    max_rows: int = Field(512, gt=0)
+    warn_loss_increase: float = Field(0.25, ge=0, description="Flag a relative loss increase above this share.")
+
+
 class Config(Section):
     task: Literal["classification", "causal_lm", "chat"] = "classification"
     model: ModelConfig = ModelConfig()
@@ -118,6 +188,13 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    method: Literal["full", "freeze", "feature_extraction", "lora", "qlora"] = "full"
+    freeze: FreezeConfig = FreezeConfig()
+    feature_extraction: FeatureExtractionConfig = FeatureExtractionConfig()
+    unfreeze: UnfreezeConfig = UnfreezeConfig()
+    lora: LoraConfig = LoraConfig()
+    regularization: RegularizationConfig = RegularizationConfig()
+    probe: ProbeConfig = ProbeConfig()
     versions: dict[str, str] | None = Field(None, description="Written into the run dir by tunelab; ignored on load.")
 
     @model_validator(mode="after")
@@ -125,18 +202,19 @@ class Config(Section):
         lm_formats = {"openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt"}
         if self.task == "classification":
             if self.data.packing:
-                raise ValueError("data.packing applies to chat and causal_lm only: remove it for classification")
+                raise RuleError("data.packing", "data.packing applies to chat and causal_lm only: remove it for classification")
             if self.data.format in lm_formats:
-                raise ValueError(f"data.format '{self.data.format}' is a chat/causal_lm format; "
+                raise RuleError("data.format", f"data.format '{self.data.format}' is a chat/causal_lm format; "
                                  "for classification use auto, csv, tsv, jsonl, json or parquet")
         else:
             if self.data.format in {"csv", "tsv", "jsonl", "json", "parquet"}:
-                raise ValueError(f"data.format '{self.data.format}' is a file type; for {self.task} give the "
+                raise RuleError("data.format", f"data.format '{self.data.format}' is a file type; for {self.task} give the "
                                  "record format (auto, openai, sharegpt, alpaca, prompt_completion, text, txt)")
             if self.data.packing is None:
                 self.data.packing = True
         if self.data.eval is None and self.data.eval_split == 0 and self.early_stopping.enabled:
-            raise ValueError(
+            raise RuleError(
+                "early_stopping.enabled",
                 "early stopping needs evaluation: set data.eval, or data.eval_split > 0, "
                 "or early_stopping.enabled: false"
             )
@@ -155,6 +233,9 @@ def _key_lines(node: yaml.Node, prefix: tuple = (), out: dict | None = None) -> 
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             path = prefix + (key_node.value,)
+            if path in out:  # PyYAML would silently keep the last one
+                raise InputError(f"key appears twice (first on line {out[path]}); keep one",
+                                 line=key_node.start_mark.line + 1, field=".".join(map(str, path)))
             out[path] = key_node.start_mark.line + 1
             _key_lines(value_node, path, out)
     elif isinstance(node, yaml.SequenceNode):
@@ -175,17 +256,17 @@ def _parse_value(text: str) -> Any:
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b=c` overrides to the raw mapping (before validation, so types are checked)."""
     for item in overrides:
-        if "=" not in item:
-            raise InputError(f"--set expects key=value, got '{item}'", field=item)
-        key, value = item.split("=", 1)
+        key, eq, value = item.partition("=")
         parts = key.strip().split(".")
+        if not eq or not all(parts):
+            raise InputError(f"expects key=value, got '{item}'", where="--set", field=key.strip() or None)
         node = raw
         for p in parts[:-1]:
             child = node.get(p)
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise InputError(f"--set {key}: '{p}' is not a section", field=key)
+                raise InputError(f"'{p}' is not a section (it holds a value)", where="--set", field=key.strip())
             node = child
         node[parts[-1]] = _parse_value(value)
     return raw
@@ -210,12 +291,16 @@ def _yaml_number_fix(raw: Any) -> Any:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a config file; relative data paths resolve against the file."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError("expected a config file, found a folder", file=path)
     if not path.is_file():
         raise InputError("config file not found", file=path)
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"config is not UTF-8 text (byte {e.start})", file=path) from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"config is not UTF-8 text (byte 0x{data[e.start]:02x}); re-save it as UTF-8", file=path, line=line) from None
     try:
         node = yaml.compose(text, Loader=_LineLoader)
         raw = yaml.load(text, Loader=_LineLoader)
@@ -228,28 +313,51 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise InputError("config file is empty", file=path)
     if not isinstance(raw, dict):
         raise InputError("config must be a mapping of sections (task, model, data, ...)", file=path, line=1)
-    lines = _key_lines(node) if node is not None else {}
-    raw = apply_overrides(_yaml_number_fix(raw), overrides or [])
+    overrides = overrides or []
+    try:
+        lines = _key_lines(node) if node is not None else {}
+        raw = apply_overrides(_yaml_number_fix(raw), overrides)
+    except InputError as e:
+        raise InputError(e.message, file=path, line=e.line, where=e.where, field=e.field) from None
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(err["loc"])
-        field = ".".join(str(p) for p in loc) or None
-        line = None
-        for n in range(len(loc), 0, -1):  # the deepest key that exists in the file
-            if loc[:n] in lines:
-                line = lines[loc[:n]]
-                break
-        msg = err["msg"]
+        rule = (err.get("ctx") or {}).get("error")
+        if isinstance(rule, RuleError):
+            loc += tuple(rule.field.split("."))
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `tunelab train --help` lists the sections)"
         elif err["type"] == "missing":
-            msg = "required key is missing"
+            msg = f"item {loc[-1]} is missing" if loc and isinstance(loc[-1], int) else "required key is missing"
         elif "input" in err and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r})"
-        raise InputError(msg, file=path, line=line, field=field) from None
+        field = ".".join(str(p) for p in loc) or None
+        raise InputError(msg, field=field, **locate_key(path, loc, overrides, lines)) from None
     return _resolve_paths(cfg, path.parent)
+
+
+def locate_key(path: str | Path, key: str | tuple, overrides: list[str] = (), lines: dict | None = None) -> dict:
+    """Where a config key was given, as InputError keywords: `--set` when an override set it (or a
+    section above or below it), else the line of the deepest part of it that the file holds."""
+    loc = tuple(str(p) for p in (key.split(".") if isinstance(key, str) else key))
+    for item in overrides:
+        set_path = tuple(item.partition("=")[0].strip().split("."))
+        n = min(len(set_path), len(loc))
+        if n and set_path[:n] == loc[:n]:
+            return {"file": path, "where": "--set"}
+    if lines is None:
+        try:
+            lines = _key_lines(yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=_LineLoader))
+        except (OSError, ValueError, yaml.YAMLError, InputError):
+            lines = {}
+    lines = {tuple(str(p) for p in k): v for k, v in lines.items()}
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return {"file": path, "line": lines[loc[:n]]}
+    return {"file": path}
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
