@@ -59,7 +59,7 @@ def _print_before_after(summary: dict) -> None:
     if not final:
         return
     typer.echo(f"{'metric':<12} {'before':>10} {'after':>10}")
-    for key in ("loss", "accuracy", "macro_f1"):
+    for key in ("loss", "accuracy", "macro_f1", "perplexity", "token_accuracy"):
         if key in final:
             typer.echo(f"{key:<12} {_fmt(before.get('eval_' + key, '-')):>10} {_fmt(final[key]):>10}")
 
@@ -143,6 +143,61 @@ def data_check(
                   "duplicate_texts": len(ex.texts) - len(set(ex.texts)),
                   "chars_median": lengths[len(lengths) // 2], "chars_max": lengths[-1]}
         typer.echo(json.dumps(report) if as_json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+
+    _guard(go)
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help="A causal-LM folder (e.g. RUN/final)."),
+    prompt: str = typer.Option(..., "--prompt", help="The user's message."),
+    system: Optional[str] = typer.Option(None, "--system", help="An optional system message."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """One assistant reply, rendered with the model's saved chat template; stops at the end of the turn."""
+
+    def go():
+        from tunelab.evaluate.generate import generate_reply
+        from tunelab.models.load import load_saved_causal_lm
+
+        model, tok = load_saved_causal_lm(model_dir)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        out = generate_reply(model, tok, messages, max_new_tokens=max_new_tokens, temperature=temperature)
+        typer.echo(json.dumps(out) if as_json else out["reply"])
+
+    _guard(go)
+
+
+@app.command()
+def chat(
+    model_dir: Path = typer.Argument(..., help="A causal-LM folder (e.g. RUN/final)."),
+    system: Optional[str] = typer.Option(None, "--system", help="An optional system message."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+):
+    """A terminal chat: one line per user turn, history kept; /exit or end of input quits."""
+
+    def go():
+        from tunelab.evaluate.generate import generate_reply
+        from tunelab.models.load import load_saved_causal_lm
+
+        model, tok = load_saved_causal_lm(model_dir)
+        history = [{"role": "system", "content": system}] if system else []
+        interactive = sys.stdin.isatty()
+        while True:
+            if interactive:
+                typer.echo("you> ", nl=False)
+            line = sys.stdin.readline()
+            if not line or line.strip() == "/exit":
+                return
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line.rstrip("\n")})
+            out = generate_reply(model, tok, history, max_new_tokens=max_new_tokens, temperature=temperature)
+            history.append({"role": "assistant", "content": out["reply"]})
+            typer.echo(f"assistant> {out['reply']}")
 
     _guard(go)
 

@@ -47,7 +47,7 @@ def converted_folder(gguf_path: str | Path) -> Path:
     return cache_root() / "gguf" / _file_key(Path(gguf_path))
 
 
-def _end_of_turn_id(tokenizer) -> int | None:
+def end_of_turn_id(tokenizer) -> int | None:
     """The token a chat template closes each turn with (`<|im_end|>` for ChatML), if it has one."""
     template = tokenizer.chat_template or ""
     for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
@@ -76,7 +76,7 @@ def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
         raise RuntimeError(f"GGUF tensors do not fit the architecture: missing {missing}, unexpected {unexpected}")
     if tied:
         model.tie_weights()
-    eot = _end_of_turn_id(tokenizer)
+    eot = end_of_turn_id(tokenizer)
     eos = eot if eot is not None else tokenizer.eos_token_id
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos,

@@ -117,3 +117,32 @@ def count_params(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
+
+
+def load_causal_lm(source: ModelSource, *, trust_remote_code: bool = False, revision: str | None = None):
+    """A causal LM in fp32 from a plain source (GGUF sources go through models.gguf.plain_source first)."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    _check_weights(source)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                                    revision=revision, dtype="float32")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"cannot load the model: {_first_line(e)}", file=source.path, field="model.name") from None
+
+
+def load_saved_causal_lm(path: str | Path):
+    """A saved causal-LM folder (e.g. RUN/final) with its tokenizer, for generation and chat."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError("not a model folder (no config.json)", file=path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"cannot load the model: {_first_line(e)}", file=path) from None
+    return model, tok

@@ -8,6 +8,10 @@ def setup_task(cfg) -> TaskRun:
         from tunelab.tasks.classification import setup_classification
 
         return setup_classification(cfg)
+    if cfg.task in ("causal_lm", "chat"):
+        from tunelab.tasks.causal_lm import setup_causal_lm
+
+        return setup_causal_lm(cfg)
     raise ValueError(f"unknown task {cfg.task!r}")
 
 

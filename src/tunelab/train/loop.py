@@ -92,7 +92,8 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
                     loss_sum, _ = task.loss_fn(model, batch)
                 (loss_sum / units).backward()
                 window_loss += loss_sum.item()
-                state.tokens += int(batch["attention_mask"].sum())
+                # packed batches carry a 4-D mask, so they say their token count themselves
+                state.tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
                 state.samples += len(idx)
             # clip (the pre-clip norm is what we log), step, schedule
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or float("inf")).item()
