@@ -16,6 +16,7 @@ from tunelab.data.chat_template import (
     encode_conversation,
     encode_dataset,
     encode_text,
+    explain_mask,
 )
 from tunelab.errors import InputError
 
@@ -139,6 +140,12 @@ def test_encode_text_chunks_predict_every_token_once(tiny_chat_tokenizer):
     assert targets == ids[1:]  # each token after the first is a target exactly once
     assert chunks[0].input_ids[0] == ids[0]
     assert len(encode_text("Red.", tok, 16)) == 1
+
+
+def test_explain_mask_brackets_supervised_text(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    ex = encode_conversation([Message("user", "Name a color."), Message("assistant", "Red.")], tok, 64)
+    assert explain_mask(ex, tok) == "<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n[[Red.<|im_end|>]]\n"
 
 
 # ----------------------------------------------------------------------------- template checks

@@ -239,6 +239,22 @@ def _located(e: InputError, source: str) -> InputError:
     return InputError(e.message, where=source, field=e.field)
 
 
+def explain_mask(example: EncodedExample, tokenizer) -> str:
+    """The example's text with supervised stretches in [[ ]], for `data check` and for eyes."""
+    out, run, supervised = [], [], False
+    for tok, lab in zip(example.input_ids, example.labels):
+        if (lab != IGNORE_INDEX) != supervised and run:
+            text = tokenizer.decode(run)
+            out.append(f"[[{text}]]" if supervised else text)
+            run = []
+        supervised = lab != IGNORE_INDEX
+        run.append(tok)
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"[[{text}]]" if supervised else text)
+    return "".join(out)
+
+
 # ---------------------------------------------------------------------------------------- checks
 
 PROBE = [
