@@ -75,11 +75,18 @@ def train(
     """Fine-tune a model; writes config.yaml, metrics.jsonl, checkpoints/, final/, summary.json, report.html."""
 
     def go():
-        from tunelab.config import load_config
+        from tunelab.config import load_config, locate_key
+
+        cfg = load_config(config, set_)  # before importing torch: a bad config fails at once
         from tunelab.run import run_training
 
-        cfg = load_config(config, set_)
-        summary = run_training(cfg, output_dir, config_path=config, resume=resume, show_progress=not no_progress)
+        try:
+            summary = run_training(cfg, output_dir, config_path=config, resume=resume, show_progress=not no_progress)
+        except InputError as e:
+            if e.file is not None or not e.field:
+                raise
+            # a config value that only the library could judge (model.name, checkpoint.metric): point at its key
+            raise InputError(e.message, field=e.field, **locate_key(config, e.field, set_)) from None
         status, run_dir = summary["status"], summary["run_dir"]
         if status == "interrupted":
             typer.echo(f"stopped at step {summary['steps']}; checkpoint saved. Resume with:\n"

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab.data.readers import Record, read_records
+from tunelab.data.readers import MAX_FIELD_CHARS, Record, read_records
 from tunelab.errors import InputError
 
 
@@ -47,6 +47,9 @@ def _text(rec: Record, path: Path, column: str) -> str:
         raise InputError(f"text must be a string, got {type(value).__name__} {value!r:.40}", file=path, field=column, **rec.where())
     if not value.strip():
         raise InputError("text is empty", file=path, field=column, **rec.where())
+    if len(value) > MAX_FIELD_CHARS:  # the CSV reader refuses such a field too: a lost newline or quote
+        raise InputError(f"text has {len(value):,} characters, more than the limit of {MAX_FIELD_CHARS} "
+                         "(several records run together?)", file=path, field=column, **rec.where())
     return value
 
 
@@ -70,7 +73,13 @@ def _raw_label(rec: Record, path: Path, column: str) -> str | int:
         s = value.strip()
         if s.lstrip("-").isdigit():
             return int(s)
-        return s
+        try:  # "1.0" is the id 1; "0.5", "nan" and "inf" are a score or a lost value, not a class
+            number = float(s)
+        except ValueError:
+            return s
+        if math.isfinite(number) and number == int(number):
+            return int(number)
+        raise InputError(f"label {s!r} is not a whole number or a name", file=path, field=column, **rec.where())
     raise InputError(f"label must be a name or an integer, got {type(value).__name__}", file=path, field=column, **rec.where())
 
 
@@ -86,6 +95,17 @@ def label_names_from(values: list[str | int], declared: list[str] | None) -> lis
     if kinds == {str}:
         return sorted(set(values))
     raise InputError("labels mix names and numbers; use one kind, or list them in data.labels", field="data.labels")
+
+
+def _check_one_kind(raw: list[str | int], records: list[Record], path: Path, column: str) -> None:
+    """Labels are all names or all ids; point at the first label of the rarer kind."""
+    ints = sum(isinstance(v, int) for v in raw)
+    if 0 < ints < len(raw):
+        odd = int if ints <= len(raw) - ints else str
+        i = next(i for i, v in enumerate(raw) if isinstance(v, odd))
+        kind, others = ("a number", "names") if odd is int else ("a name", "numbers")
+        raise InputError(f"label {raw[i]!r} is {kind} but the other labels are {others}; use one kind, "
+                         "or list the names in data.labels", file=path, field=column, **records[i].where())
 
 
 def to_id(value: str | int, names: list[str], declared: bool) -> int | None:
@@ -125,6 +145,8 @@ def load_examples(
         raw.append(_raw_label(rec, path, label_column))
         source.append(f"{path.name}:{rec.line}" if rec.line is not None else f"{path.name}#{rec.index}")
     fixed_vocab = label_names is not None
+    if not fixed_vocab:
+        _check_one_kind(raw, records, path, label_column)
     names = label_names if fixed_vocab else label_names_from(raw, None)
     labels = []
     for rec, value in zip(records, raw):

@@ -9,6 +9,7 @@ lines, so its records are located by row number.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +80,23 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
     return records
 
 
+_UTF16_32_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                  (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at '\n' only: str.splitlines() also splits at U+2028, \x0c, \x1c... which JSON
+    strings and CSV fields may hold, and that would break records and shift every line number."""
+    return io.StringIO(text, newline="\n").readlines()
+
+
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     if not raw.strip():
         raise InputError("file is empty", file=path)
+    for bom, name in _UTF16_32_BOMS:  # Excel's "Unicode text" export: NUL bytes, but not binary
+        if raw.startswith(bom):
+            raise InputError(f"file is {name} text; re-save it as UTF-8", file=path)
     if b"\x00" in raw[:8192]:
         raise InputError("looks like a binary file (NUL bytes), not text data", file=path, line=raw[:8192].count(b"\n", 0, raw.index(b"\x00")) + 1)
     try:
@@ -95,13 +109,13 @@ def _read_text(path: Path) -> str:
 
 def _read_jsonl(path: Path, text: str) -> list[Record]:
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", file=path, line=lineno) from None
+            raise InputError(f"invalid JSON ({e.msg}, column {e.colno})", file=path, line=lineno) from None
         if not isinstance(obj, dict):
             raise InputError(f"each line must be a JSON object, got {type(obj).__name__}", file=path, line=lineno)
         records.append(Record(obj, len(records), lineno))
@@ -158,7 +172,7 @@ def _skip_ws(text: str, pos: int) -> int:
 
 def _read_delimited(path: Path, text: str, delimiter: str) -> list[Record]:
     csv.field_size_limit(MAX_FIELD_CHARS)
-    lines = text.splitlines(keepends=True)
+    lines = _lines(text)
     # TSV files (SST-2 among them) use no quoting: a lone `"` inside a sentence is a character.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=True)
@@ -174,13 +188,14 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> list[Record]:
         raise InputError(f"column '{dup}' appears twice in the header", file=path, line=1, field=dup)
     records = []
     while True:
+        lineno = reader.line_num + 1  # where the row starts; a quoted field may span lines
         try:
             row = next(reader)
         except StopIteration:
             break
         except csv.Error as e:
-            raise InputError(f"malformed row ({e})", file=path, line=reader.line_num) from None
-        lineno = reader.line_num
+            why = "a quote opened in this row is never closed" if "unexpected end of data" in str(e) else str(e)
+            raise InputError(f"malformed row ({why})", file=path, line=lineno) from None
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != len(header):

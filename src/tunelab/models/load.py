@@ -30,7 +30,7 @@ def _check_weights(source: ModelSource) -> None:
     if source.is_hub or source.gguf_file:
         return
     folder = Path(source.path)
-    if any(folder.glob("*.safetensors")):
+    if _check_safetensors(folder, field="model.name"):
         return
     pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickles:
@@ -42,10 +42,39 @@ def _check_weights(source: ModelSource) -> None:
     raise InputError("model folder has no weights (*.safetensors)", file=folder, field="model.name")
 
 
+def _check_safetensors(folder: Path, field: str | None = None) -> bool:
+    """Whether the folder holds safetensors weights; each one's header must read (a garbage or
+    truncated file otherwise fails deep inside transformers with an error of no known type)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        try:
+            with safe_open(f, framework="pt"):
+                pass
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(f"not a valid safetensors file ({_first_line(e)}); re-download or re-save the model",
+                             file=f, field=field) from None
+    return bool(files)
+
+
+# A local tokenizer needs one of these; without them transformers 5 quietly builds a tokenizer
+# that knows only its special tokens, so every word becomes [UNK] and training learns nothing.
+TOKENIZER_FILES = ("tokenizer.json", "vocab*", "merges.txt", "*.model", "*.spm", "*.tiktoken")
+
+
+def _check_tokenizer_files(folder: Path, field: str | None = None) -> None:
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise InputError("model folder has no tokenizer files (tokenizer.json, vocab.txt, ...); "
+                         "save the tokenizer next to the model", file=folder, field=field)
+
+
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
     quiet_transformers()
+    if not (source.is_hub or source.gguf_file or trust_remote_code):
+        _check_tokenizer_files(Path(source.path), field="model.name")
     try:
         tok = AutoTokenizer.from_pretrained(
             source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code, revision=revision
@@ -91,8 +120,14 @@ def load_saved_classifier(path: str | Path):
 
     quiet_transformers()
     path = Path(path)
+    if not path.exists():
+        raise InputError("model folder not found", file=path)
+    if not path.is_dir():
+        raise InputError("expected a model folder, found a file", file=path)
     if not (path / "config.json").is_file():
         raise InputError("not a model folder (no config.json)", file=path)
+    _check_safetensors(path)
+    _check_tokenizer_files(path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype="float32")
         tok = AutoTokenizer.from_pretrained(path)

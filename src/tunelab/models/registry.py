@@ -77,6 +77,8 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, str(path.resolve()))
     if HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return ModelSource(name, name, is_hub=True)
+    if name.startswith((".", "/", "~")) or "/" in name or "\\" in name:
+        raise InputError("model folder not found", field="model.name", file=path)
     raise InputError(
         f"model '{name}' is not an embedded name ({', '.join(EMBEDDED)}), not an existing folder, "
         "and not a hub id (org/name)",
