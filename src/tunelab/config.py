@@ -105,7 +105,8 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0, le=65_536)
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more time.")
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0, description="Optimizer steps between evaluations; default once per epoch.")
     eval_before: bool = Field(True, description="Evaluate the untouched model first, for a before/after comparison.")
@@ -157,6 +158,7 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["auto", "all-linear"] = "auto"
     rslora: bool = False
     dora: bool = False
+    merge: bool = Field(False, description="Also write final/merged/: the base with the adapter folded in (a plain HF model).")
 
 
 class RegularizationConfig(Section):

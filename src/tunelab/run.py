@@ -32,7 +32,9 @@ from tunelab.train import checkpoint as ckpt
 from tunelab.train.early_stop import BestTracker
 from tunelab.train.loop import LoopSettings, LoopState, eval_row, train_loop, windows_per_epoch
 from tunelab.train.optim import build_optimizer, describe_groups, param_groups
-from tunelab.train.precision import autocast_factory, resolve_precision
+from tunelab.train.precision import autocast_factory, grad_scaler, resolve_precision
+from tunelab.train.regularizers import apply_mixout, make_penalty, remove_mixout
+from tunelab.train.unfreeze import GradualUnfreezer
 from tunelab.train.schedules import build_scheduler
 
 log = logging.getLogger("tunelab")
@@ -82,6 +84,28 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def enable_gradient_checkpointing(model) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError(f"{type(model).__name__} does not support gradient checkpointing",
+                         field="train.gradient_checkpointing")
+    if hasattr(model, "activation_checkpointing_enable"):  # the 5.x name; gradient_* is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+
+
+def fisher_batches(task, cfg) -> list | None:
+    """Reference batches for EWC's Fisher: the training data (first batches of epoch 0's order)."""
+    if not cfg.regularization.ewc:
+        return None
+    from tunelab.data.batching import epoch_batches
+
+    order = epoch_batches(task.train.lengths, cfg.train.batch_size, seed=cfg.train.seed + 1, epoch=0)
+    return [task.train.collate(idx) for idx in order[: cfg.regularization.ewc_batches]]
 
 
 def _seed_everything(seed: int) -> None:
@@ -134,6 +158,17 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     task = setup_task(cfg)
     model = apply_method(task.model, cfg).to(device)
     task.model = model
+    if cfg.method in ("lora", "qlora"):  # final/ = PEFT adapter + how to rebuild the base (+ merged/ on request)
+        from tunelab.models.lora import adapter_saver
+
+        task.save_final = adapter_saver(task.save_final, cfg, task.info.get("labels"))
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    mixout_layers = apply_mixout(model, cfg.regularization.mixout) if cfg.regularization.mixout else 0
+    unfreezer = None
+    if cfg.unfreeze.every:
+        for p in model.parameters():  # every parameter joins the optimizer; the unfreezer sets requires_grad
+            p.requires_grad = True
     trainable, total = count_params(model)
     precision = resolve_precision(cfg.train.precision, device, total)
     autocast = autocast_factory(precision, device)
@@ -145,6 +180,12 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     groups = param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, head_lr=head_lr,
                           layer_lr_decay=cfg.optim.layer_lr_decay)
     optimizer = build_optimizer(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    if cfg.unfreeze.every:
+        unfreezer = GradualUnfreezer(model, cfg.unfreeze.every, cfg.unfreeze.unit)
+        unfreezer(0, 0)
+        trainable, _ = count_params(model)
+    penalty = make_penalty(model, l2sp=cfg.regularization.l2sp, ewc=cfg.regularization.ewc,
+                           fisher_batches=fisher_batches(task, cfg), loss_fn=task.loss_fn)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, name=cfg.schedule.name,
                                 warmup_ratio=cfg.schedule.warmup_ratio, warmup_steps=cfg.schedule.warmup_steps,
                                 min_lr_ratio=cfg.schedule.min_lr_ratio, decay_ratio=cfg.schedule.decay_ratio)
@@ -176,6 +217,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
         max_grad_norm=cfg.train.max_grad_norm, seed=cfg.train.seed, log_every=cfg.train.log_every,
         eval_every=cfg.train.eval_every, save_every=cfg.checkpoint.save_every,
         early_stopping=cfg.early_stopping.enabled and task.evaluate is not None, base_lr=cfg.optim.lr,
+        penalty=penalty, unfreeze=unfreezer, scaler=grad_scaler(precision, device),
     )
 
     # ---- train (Ctrl-C / SIGTERM: finish the step, save, exit with how to resume)
@@ -197,6 +239,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
         "epochs_done": round(state.epoch + (state.window / per_epoch if per_epoch else 0), 4),
         "precision": precision, "device": device.type,
         "trainable_params": trainable, "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 4) if total else 0.0,
         "tokens": state.tokens, "samples": state.samples, "train_seconds": round(state.train_seconds, 3),
         "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else 0.0,
         "samples_per_second": state.samples / state.train_seconds if state.train_seconds else 0.0,
@@ -211,6 +254,8 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
             summary["final_weights"] = io.best_checkpoint
         else:
             summary["final_weights"] = "last"
+        if mixout_layers:
+            remove_mixout(model)
         tmp_final = out / ".tmp-final"
         shutil.rmtree(tmp_final, ignore_errors=True)
         task.save_final(model.cpu() if device.type != "cpu" else model, tmp_final)

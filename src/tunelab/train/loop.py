@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -32,6 +32,9 @@ class LoopSettings:
     early_stopping: bool
     base_lr: float = 0.0  # the configured optim.lr; the logged lr is its scheduled value
     max_bad_steps: int = 5  # consecutive non-finite steps before the run is stopped
+    penalty: Callable | None = None  # regularizer added once per optimizer step (L2-SP, EWC)
+    unfreeze: Callable | None = None  # gradual unfreezing: called with (epoch, step); has .stages
+    scaler: object | None = None  # torch.amp.GradScaler for fp16
 
 
 @dataclass
@@ -73,7 +76,8 @@ def eval_row(metrics: dict, state: LoopState, epoch: float) -> dict:
 
 def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, state: LoopState,
                tracker: BestTracker, io: LoopIO, autocast) -> LoopState:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    scale = s.scaler.scale if s.scaler is not None else (lambda x: x)
     model.train()
     started = time.monotonic() - state.train_seconds
     bad_in_a_row = 0
@@ -84,22 +88,38 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
             # forward + backward over the micro-batches of one optimizer step; the summed loss is
             # divided by the units (examples or supervised tokens) of the whole window
             window = windows[state.window]
+            if s.unfreeze is not None:
+                s.unfreeze(state.epoch, state.step)
             units = sum(task.train.count(idx) for idx in window)
             window_loss = 0.0
             for idx in window:
                 batch = task.train.collate(idx)
                 with autocast():
                     loss_sum, _ = task.loss_fn(model, batch)
-                (loss_sum / units).backward()
+                scale(loss_sum / units).backward()
                 window_loss += loss_sum.item()
                 # packed batches carry a 4-D mask, so they say their token count themselves
                 state.tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
                 state.samples += len(idx)
+            penalty = 0.0
+            if s.penalty is not None:
+                reg = s.penalty(model)
+                scale(reg).backward()
+                penalty = reg.item()
             # clip (the pre-clip norm is what we log), step, schedule
+            if s.scaler is not None:
+                s.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or float("inf")).item()
             g0 = optimizer.param_groups[0]
             lr = g0["lr"] * s.base_lr / g0["initial_lr"] if s.base_lr else g0["lr"]
-            if math.isfinite(grad_norm) and math.isfinite(window_loss):
+            if s.scaler is not None:  # fp16: an overflow is the scaler's business, not divergence
+                old_scale = s.scaler.get_scale()
+                s.scaler.step(optimizer)
+                s.scaler.update()
+                if s.scaler.get_scale() < old_scale:
+                    state.skipped_steps += 1
+                bad_in_a_row = 0 if math.isfinite(window_loss) else bad_in_a_row + 1
+            elif math.isfinite(grad_norm) and math.isfinite(window_loss):
                 optimizer.step()
                 bad_in_a_row = 0
             else:
@@ -124,7 +144,9 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
                         "loss": state.pending_loss / max(1, state.pending_units),
                         "lr": lr, "grad_norm": grad_norm, "grad_norm_max": state.pending_norm_max,
                         "tokens": state.tokens, "samples": state.samples,
-                        "elapsed": round(state.train_seconds, 3), "skipped_steps": state.skipped_steps})
+                        "elapsed": round(state.train_seconds, 3), "skipped_steps": state.skipped_steps,
+                        **({"penalty": penalty} if s.penalty is not None else {}),
+                        **({"unfreeze_stage": s.unfreeze.stages} if s.unfreeze is not None else {})})
                 state.pending_loss, state.pending_units, state.pending_norm_max = 0.0, 0, 0.0
             # evaluate, track the best, early-stop
             end_of_epoch = state.window == len(windows)

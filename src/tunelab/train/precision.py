@@ -26,6 +26,14 @@ def resolve_precision(precision: str, device: torch.device, n_params: int) -> st
 
 def autocast_factory(precision: str, device: torch.device):
     """A zero-argument callable returning the context to run forwards in."""
-    if precision == "bf16":
-        return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return partial(torch.autocast, device_type=device.type, dtype=dtype)
     return nullcontext
+
+
+def grad_scaler(precision: str, device: torch.device):
+    """fp16 needs dynamic loss scaling (bf16 has fp32's range and does not)."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
