@@ -251,3 +251,24 @@ def test_mixed_precision_trains_with_fp32_master_weights(toy_classification, tmp
 
     losses = [json.loads(l)["loss"] for l in (tmp_path / precision / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert losses[-1] < losses[0]
+
+
+def test_feature_cache_matches_the_uncached_run(toy_classification, tmp_path):
+    """Cached head inputs give the same training as running the frozen backbone every step."""
+    from safetensors.torch import load_file
+
+    results = {}
+    for cache in (True, False):
+        raw = copy.deepcopy(toy_classification["config"])
+        raw["method"] = "feature_extraction"
+        raw["feature_extraction"] = {"cache_features": cache}
+        raw["checkpoint"] = {"final": "last"}
+        s = run_training(Config.model_validate(raw), tmp_path / str(cache), show_progress=False)
+        results[cache] = (s, load_file(str(tmp_path / str(cache) / "final/model.safetensors")))
+    (s_c, w_c), (s_u, w_u) = results[True], results[False]
+    assert s_c["data"]["feature_cache"]["train"] == [64, 32] and "feature_cache" not in s_u["data"]
+    assert torch.allclose(w_c["classifier.weight"], w_u["classifier.weight"], atol=1e-5)
+    base = load_file(str(toy_classification["config"]["model"]["name"]) + "/model.safetensors")
+    assert torch.equal(w_c["bert.encoder.layer.0.output.dense.weight"], base["bert.encoder.layer.0.output.dense.weight"])
+    assert s_c["final"]["accuracy"] == pytest.approx(s_u["final"]["accuracy"])
+    assert s_c["final"]["loss"] == pytest.approx(s_u["final"]["loss"], rel=1e-4)

@@ -138,7 +138,7 @@ class FreezeConfig(Section):
 class FeatureExtractionConfig(Section):
     """method: feature_extraction — frozen backbone in inference mode, a new head on pooled features."""
 
-    pooling: Literal["cls", "mean"] = "mean"
+    pooling: Literal["native"] = Field("native", description="The model's own pooled input to its head (BERT: pooler over [CLS]).")
     cache_features: bool = Field(True, description="Run the backbone once; later epochs cost only the head.")
 
 

@@ -158,6 +158,11 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     task = setup_task(cfg)
     model = apply_method(task.model, cfg).to(device)
     task.model = model
+    if cfg.method == "feature_extraction" and cfg.feature_extraction.cache_features and cfg.task == "classification":
+        from tunelab.tasks.feature_cache import cache_features
+
+        eval_batches = task.eval_batches() if task.eval_batches is not None else None
+        task = cache_features(task, model, eval_batches, cfg.train.eval_batch_size or 2 * cfg.train.batch_size)
     if cfg.method in ("lora", "qlora"):  # final/ = PEFT adapter + how to rebuild the base (+ merged/ on request)
         from tunelab.models.lora import adapter_saver
 

@@ -46,6 +46,14 @@ def freeze(model: nn.Module, *, embeddings: bool = False, blocks: int = 0, all_b
             p.requires_grad = False
 
 
+def inference_mode_backbone(model: nn.Module) -> None:
+    """A frozen backbone behaves as at inference even while the loop runs model.train(): no dropout
+    anywhere, so training on cached features and on live features is the same computation."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0  # attention modules read their dropout's p at call time too
+
+
 def apply_method(model: nn.Module, cfg) -> nn.Module:
     """Return the model ready for its method (may wrap it, e.g. in a peft model)."""
     method = cfg.method
@@ -59,6 +67,7 @@ def apply_method(model: nn.Module, cfg) -> nn.Module:
         return model
     if method == "feature_extraction":
         freeze(model, all_but_head=True)
+        inference_mode_backbone(model)
         return model
     if method in ("lora", "qlora"):
         from tunelab.models.lora import apply_lora

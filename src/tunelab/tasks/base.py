@@ -34,3 +34,4 @@ class TaskRun:
     metric: str
     mode: str
     info: dict = field(default_factory=dict)
+    eval_batches: Callable[[], Any] | None = None  # padded eval batches, for feature caching

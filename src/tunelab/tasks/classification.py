@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from tunelab.data.batching import epoch_batches, pad_batch
 from tunelab.data.classification import Examples, label_counts, load_train_eval
 from tunelab.evaluate.classification import classification_metrics, predict
 from tunelab.models.load import load_classifier, load_tokenizer
+from tunelab.models.lora import quantization_for
 from tunelab.models.registry import resolve_model
 from tunelab.tasks.base import TaskRun, TrainSet
 
@@ -58,7 +60,8 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
     train_ex, eval_ex, names = load_train_eval(cfg.data, cfg.train.seed)
     source = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    model = load_classifier(source, names, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    model = load_classifier(source, names, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                            quantization=quantization_for(cfg))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id
@@ -71,12 +74,13 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
     def collate(idx: list[int]) -> dict:
         return pad_batch([train_feats[i] for i in idx], pad_id, [labels[i] for i in idx])
 
-    evaluate = None
+    evaluate = eval_batches = None
     eval_info = {}
     if eval_ex is not None:
         eval_feats, _ = encode(eval_ex, tokenizer, max_len)
         bs = cfg.train.eval_batch_size or cfg.train.batch_size * 2
         evaluate = evaluator(eval_feats, eval_ex.labels, names, pad_id, bs, autocast)
+        eval_batches = partial(make_batches, eval_feats, eval_ex.labels, pad_id, bs)
         eval_info = {"eval_rows": len(eval_ex), "eval_label_counts": label_counts(eval_ex, names)}
 
     def save_final(model, out: Path) -> None:
@@ -92,6 +96,7 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
         save_final=save_final,
         metric=cfg.checkpoint.metric or "eval_accuracy",
         mode=cfg.checkpoint.mode or "max",
+        eval_batches=eval_batches,
         info={"metric_names": ["eval_loss", "eval_accuracy", "eval_macro_f1"], "labels": names, "train_rows": len(train_ex), "train_label_counts": label_counts(train_ex, names),
               "truncated_train_texts": cut, "model_source": source.path, **eval_info},
     )
