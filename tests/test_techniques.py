@@ -272,3 +272,34 @@ def test_feature_cache_matches_the_uncached_run(toy_classification, tmp_path):
     assert torch.equal(w_c["bert.encoder.layer.0.output.dense.weight"], base["bert.encoder.layer.0.output.dense.weight"])
     assert s_c["final"]["accuracy"] == pytest.approx(s_u["final"]["accuracy"])
     assert s_c["final"]["loss"] == pytest.approx(s_u["final"]["loss"], rel=1e-4)
+
+
+# ------------------------------------------------------------------ forgetting probe
+
+
+def test_probe_compare_by_hand():
+    from tunelab.evaluate.probe import compare
+
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    f = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), dim=-1)
+    r = compare({"embeddings": e, "lm_loss": 2.0}, {"embeddings": f, "lm_loss": 3.0}, warn_loss_increase=0.25)
+    assert r["embedding_cosine_mean"] == pytest.approx((2 ** -0.5 + 1) / 2)
+    assert r["embedding_cosine_min"] == pytest.approx(2 ** -0.5)
+    assert r["lm_loss_change"] == pytest.approx(0.5) and r["forgetting_flag"] and "rose 50%" in r["message"]
+    r = compare({"embeddings": e, "lm_loss": None}, {"embeddings": e, "lm_loss": None}, warn_loss_increase=0.25)
+    assert r["embedding_cosine_mean"] == pytest.approx(1.0) and not r["forgetting_flag"]
+
+
+def test_probe_in_a_run_sees_more_drift_at_a_higher_lr(toy_classification, tmp_path):
+    from conftest import write_jsonl, sentiment_rows
+
+    probe = write_jsonl(tmp_path / "probe.jsonl", sentiment_rows(20, seed=9))
+    cosines = {}
+    for lr in (1e-5, 3e-3):
+        raw = copy.deepcopy(toy_classification["config"])
+        raw["optim"]["lr"] = lr
+        raw["probe"] = {"data": str(probe)}
+        s = run_training(Config.model_validate(raw), tmp_path / str(lr), show_progress=False)
+        assert s["probe"]["rows"] == 20 and "lm_loss_change" not in s["probe"]
+        cosines[lr] = s["probe"]["embedding_cosine_mean"]
+    assert cosines[1e-5] > 0.99 and cosines[3e-3] < cosines[1e-5]

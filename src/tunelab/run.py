@@ -23,6 +23,7 @@ import torch
 
 from tunelab.config import Config, dump_config
 from tunelab.errors import InputError
+from tunelab.evaluate.probe import compare, probe_measures, read_probe_texts
 from tunelab.models.adapt import apply_method
 from tunelab.models.load import count_params
 from tunelab.monitor.metrics_log import MetricsLog, read_metrics
@@ -174,6 +175,10 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     if cfg.unfreeze.every:
         for p in model.parameters():  # every parameter joins the optimizer; the unfreezer sets requires_grad
             p.requires_grad = True
+    probe_texts = probe_before = None
+    if cfg.probe.data:
+        probe_texts = read_probe_texts(cfg.probe.data, cfg.data.text_column, cfg.probe.max_rows)
+        probe_before = probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length)
     trainable, total = count_params(model)
     precision = resolve_precision(cfg.train.precision, device, total)
     autocast = autocast_factory(precision, device)
@@ -269,6 +274,11 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
         model.to(device)
         if task.evaluate is not None:
             summary["final"] = task.evaluate(model)
+        if probe_texts is not None:
+            summary["probe"] = compare(probe_before, probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length),
+                                       cfg.probe.warn_loss_increase)
+            if summary["probe"]["forgetting_flag"]:
+                log.warning("forgetting probe: %s", summary["probe"]["message"])
     best_row = next((r for r in read_metrics(out / "metrics.jsonl")
                      if r.get("step") == tracker.best_step and tracker.metric in r and not r.get("before_training")), None)
     summary["best"]["metrics"] = best_row
