@@ -303,3 +303,27 @@ def test_probe_in_a_run_sees_more_drift_at_a_higher_lr(toy_classification, tmp_p
         assert s["probe"]["rows"] == 20 and "lm_loss_change" not in s["probe"]
         cosines[lr] = s["probe"]["embedding_cosine_mean"]
     assert cosines[1e-5] > 0.99 and cosines[3e-3] < cosines[1e-5]
+
+
+def test_replay_data_is_mixed_into_each_epoch(toy_classification, tmp_path):
+    from conftest import write_jsonl, sentiment_rows
+
+    replay = write_jsonl(tmp_path / "replay.jsonl", sentiment_rows(40, seed=11))
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["regularization"] = {"replay_data": str(replay), "replay_ratio": 0.2}
+    s = run_training(Config.model_validate(raw), tmp_path / "run", show_progress=False)
+    # 64 training rows + 16 replay rows per epoch = 80 = 10 batches of 8, for 2 epochs
+    assert s["samples"] == 160 and s["steps"] == 20
+
+
+def test_ewc_fisher_from_a_named_reference_file(toy_classification, tmp_path):
+    from conftest import write_jsonl, sentiment_rows
+    from tunelab.run import fisher_batches
+    from tunelab.tasks.classification import setup_classification
+
+    ref = write_jsonl(tmp_path / "ref.jsonl", sentiment_rows(12, seed=4))
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["regularization"] = {"ewc": 1.0, "ewc_data": str(ref), "ewc_batches": 5}
+    cfg = Config.model_validate(raw)
+    batches = fisher_batches(setup_classification(cfg), cfg)
+    assert [len(b["labels"]) for b in batches] == [8, 4]  # 12 rows in batches of 8: the named file, not train

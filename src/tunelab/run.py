@@ -100,9 +100,14 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def fisher_batches(task, cfg) -> list | None:
-    """Reference batches for EWC's Fisher: the training data (first batches of epoch 0's order)."""
+    """Reference batches for EWC's Fisher: the file the user named, else the training data."""
     if not cfg.regularization.ewc:
         return None
+    if cfg.regularization.ewc_data:
+        if task.reference_batches is None:
+            raise InputError(f"regularization.ewc_data is not supported for task {cfg.task} yet; "
+                             "leave it unset to estimate the Fisher on the training data", field="regularization.ewc_data")
+        return task.reference_batches(cfg.regularization.ewc_data, cfg.train.batch_size)[: cfg.regularization.ewc_batches]
     from tunelab.data.batching import epoch_batches
 
     order = epoch_batches(task.train.lengths, cfg.train.batch_size, seed=cfg.train.seed + 1, epoch=0)
@@ -184,7 +189,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     autocast = autocast_factory(precision, device)
     if task.evaluate is not None and task.metric not in task.info.get("metric_names", (task.metric,)):
         raise InputError(f"'{task.metric}' is not an eval metric of this task", field="checkpoint.metric")
-    per_epoch = windows_per_epoch(len(task.train.lengths), cfg.train.batch_size, cfg.train.grad_accum)
+    per_epoch = windows_per_epoch(task.train.examples_per_epoch(), cfg.train.batch_size, cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
     head_lr = cfg.optim.head_lr or cfg.optim.lr * cfg.optim.head_lr_multiplier
     groups = param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, head_lr=head_lr,

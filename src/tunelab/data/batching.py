@@ -24,14 +24,19 @@ def epoch_batches(
     shuffle: bool = True,
     group_by_length: bool = True,
     pool_batches: int = 50,
+    subset: list[int] | None = None,
 ) -> list[list[int]]:
-    """The batches (lists of example indices) of one epoch; deterministic in (seed, epoch)."""
-    n = len(lengths)
+    """The batches (lists of example indices) of one epoch; deterministic in (seed, epoch).
+
+    `subset`: the example indices that take part in this epoch (default all), e.g. the training
+    examples plus this epoch's share of replay examples.
+    """
+    members = list(range(len(lengths))) if subset is None else list(subset)
+    n = len(members)
     if not shuffle:
-        order = list(range(n))
-        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        return [members[i : i + batch_size] for i in range(0, n, batch_size)]
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
+    order = [members[i] for i in torch.randperm(n, generator=g).tolist()]
     if group_by_length:
         pool = batch_size * pool_batches
         grouped = []
@@ -61,3 +66,22 @@ def pad_batch(features: list[dict[str, list[int]]], pad_id: int, labels: list[in
     if labels is not None:
         out["labels"] = torch.tensor(labels, dtype=torch.long)
     return out
+
+
+def replay_schedule(n_train: int, n_replay: int, ratio: float, seed: int):
+    """Which examples take part in each epoch when replay data is mixed in at `ratio`.
+
+    Training examples are indices [0, n_train), replay examples [n_train, n_train + n_replay).
+    Each epoch uses every training example plus k = round(ratio / (1 - ratio) * n_train) replay
+    examples, so replay makes up `ratio` of the epoch; they are drawn without replacement and
+    cycle through the whole replay set across epochs. Deterministic in (seed, epoch).
+    """
+    k = round(ratio / (1 - ratio) * n_train) if n_replay else 0
+    perm = torch.randperm(n_replay, generator=torch.Generator().manual_seed(seed + 7)).tolist() if n_replay else []
+
+    def subset(epoch: int) -> list[int]:
+        start = epoch * k
+        picked = [perm[(start + j) % n_replay] for j in range(k)] if n_replay else []
+        return list(range(n_train)) + [n_train + i for i in picked]
+
+    return subset, n_train + k

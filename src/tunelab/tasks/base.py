@@ -21,6 +21,11 @@ class TrainSet:
     lengths: list[int]
     collate: Callable[[list[int]], dict[str, torch.Tensor]]
     count: Callable[[list[int]], int]
+    epoch_subset: Callable[[int], list[int]] | None = None  # examples of epoch e (replay mixing)
+    epoch_size: int | None = None  # examples per epoch when epoch_subset is set
+
+    def examples_per_epoch(self) -> int:
+        return self.epoch_size if self.epoch_size is not None else len(self.lengths)
 
 
 @dataclass
@@ -35,3 +40,5 @@ class TaskRun:
     mode: str
     info: dict = field(default_factory=dict)
     eval_batches: Callable[[], Any] | None = None  # padded eval batches, for feature caching
+    # (path, batch_size) -> training-style batches from another file of the same format (EWC's Fisher)
+    reference_batches: Callable[[str, int], list[dict]] | None = None

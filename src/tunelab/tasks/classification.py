@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from tunelab.data.batching import epoch_batches, pad_batch
-from tunelab.data.classification import Examples, label_counts, load_train_eval
+from tunelab.data.batching import epoch_batches, pad_batch, replay_schedule
+from tunelab.data.classification import Examples, label_counts, load_examples, load_train_eval
 from tunelab.evaluate.classification import classification_metrics, predict
 from tunelab.models.load import load_classifier, load_tokenizer
 from tunelab.models.lora import quantization_for
@@ -69,7 +69,19 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
     train_feats, cut = encode(train_ex, tokenizer, max_len)
     if cut:
         log.warning("%d of %d training texts are longer than %d tokens and were truncated", cut, len(train_ex), max_len)
-    labels = train_ex.labels
+    labels = list(train_ex.labels)
+    n_train = len(train_feats)
+    epoch_subset = epoch_size = None
+    if cfg.regularization.replay_data and cfg.regularization.replay_ratio > 0:
+        # replay examples share the label vocabulary; they follow the training examples by index
+        replay_ex, _ = load_examples(cfg.regularization.replay_data, text_column=cfg.data.text_column,
+                                     label_column=cfg.data.label_column, text_pair_column=cfg.data.text_pair_column,
+                                     label_names=names, declared=cfg.data.labels is not None)
+        replay_feats, _ = encode(replay_ex, tokenizer, max_len)
+        train_feats = train_feats + replay_feats
+        labels += replay_ex.labels
+        epoch_subset, epoch_size = replay_schedule(n_train, len(replay_feats), cfg.regularization.replay_ratio,
+                                                   cfg.train.seed)
 
     def collate(idx: list[int]) -> dict:
         return pad_batch([train_feats[i] for i in idx], pad_id, [labels[i] for i in idx])
@@ -83,6 +95,14 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
         eval_batches = partial(make_batches, eval_feats, eval_ex.labels, pad_id, bs)
         eval_info = {"eval_rows": len(eval_ex), "eval_label_counts": label_counts(eval_ex, names)}
 
+    def reference_batches(path: str, batch_size: int) -> list[dict]:
+        ref, _ = load_examples(path, text_column=cfg.data.text_column, label_column=cfg.data.label_column,
+                               text_pair_column=cfg.data.text_pair_column, label_names=names,
+                               declared=cfg.data.labels is not None)
+        feats, _ = encode(ref, tokenizer, max_len)
+        return [pad_batch(feats[i : i + batch_size], pad_id, ref.labels[i : i + batch_size])
+                for i in range(0, len(feats), batch_size)]
+
     def save_final(model, out: Path) -> None:
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
@@ -90,13 +110,15 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
     return TaskRun(
         model=model,
         tokenizer=tokenizer,
-        train=TrainSet(lengths=[len(f["input_ids"]) for f in train_feats], collate=collate, count=len),
+        train=TrainSet(lengths=[len(f["input_ids"]) for f in train_feats], collate=collate, count=len,
+                       epoch_subset=epoch_subset, epoch_size=epoch_size),
         loss_fn=classification_loss,
         evaluate=evaluate,
         save_final=save_final,
         metric=cfg.checkpoint.metric or "eval_accuracy",
         mode=cfg.checkpoint.mode or "max",
         eval_batches=eval_batches,
+        reference_batches=reference_batches,
         info={"metric_names": ["eval_loss", "eval_accuracy", "eval_macro_f1"], "labels": names, "train_rows": len(train_ex), "train_label_counts": label_counts(train_ex, names),
               "truncated_train_texts": cut, "model_source": source.path, **eval_info},
     )

@@ -82,7 +82,8 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
     started = time.monotonic() - state.train_seconds
     bad_in_a_row = 0
     while state.step < s.total_steps and state.status == "running":
-        batches = epoch_batches(task.train.lengths, s.batch_size, seed=s.seed, epoch=state.epoch)
+        subset = task.train.epoch_subset(state.epoch) if task.train.epoch_subset else None
+        batches = epoch_batches(task.train.lengths, s.batch_size, seed=s.seed, epoch=state.epoch, subset=subset)
         windows = [batches[i : i + s.grad_accum] for i in range(0, len(batches), s.grad_accum)]
         while state.window < len(windows) and state.step < s.total_steps:
             # forward + backward over the micro-batches of one optimizer step; the summed loss is
