@@ -209,6 +209,23 @@ def chat(
     _guard(go)
 
 
+@app.command()
+def merge(
+    run_or_adapter: Path = typer.Argument(..., help="A run dir (its final/ holds a LoRA adapter) or an adapter folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged model (new or empty)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Fold a LoRA/QLoRA adapter into its fp32 base: a plain Hugging Face model folder, no peft needed."""
+
+    def go():
+        from tunelab.models.lora import merge_adapter
+
+        out = merge_adapter(run_or_adapter, output)
+        typer.echo(json.dumps(out) if as_json else f"merged {out['adapter']} into {out['base_model']}: {out['merged']}")
+
+    _guard(go)
+
+
 def main() -> None:
     app()
 

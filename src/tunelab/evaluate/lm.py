@@ -25,7 +25,8 @@ def supervised_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     position_ids when packed (positions restart at 0 for each example).
     """
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+    body = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps the LM
+    hidden = body.base_model(**inputs, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])

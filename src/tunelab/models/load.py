@@ -8,6 +8,7 @@ the config says so; hub access only for hub ids.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -90,8 +91,13 @@ def load_classifier(
     *,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    quantization=None,
 ):
-    """A sequence-classification model with a fresh head sized for `label_names`."""
+    """A sequence-classification model with a fresh head sized for `label_names`.
+
+    `quantization`: a transformers quantization config (QLoRA's NF4: models.lora.nf4_config),
+    applied while loading; None loads fp32.
+    """
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
@@ -108,6 +114,7 @@ def load_classifier(
             trust_remote_code=trust_remote_code,
             revision=revision,
             dtype="float32",
+            quantization_config=quantization,
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(f"cannot load the model: {_first_line(e)}", file=source.path, field="model.name") from None
@@ -124,6 +131,10 @@ def load_saved_classifier(path: str | Path):
         raise InputError("model folder not found", file=path)
     if not path.is_dir():
         raise InputError("expected a model folder, found a file", file=path)
+    if (path / "adapter_config.json").is_file():  # a LoRA/QLoRA final/: rebuild the base, add the adapter
+        from tunelab.models.lora import load_for_inference
+
+        return load_for_inference(path)
     if not (path / "config.json").is_file():
         raise InputError("not a model folder (no config.json)", file=path)
     _check_safetensors(path)
@@ -142,27 +153,36 @@ def _first_line(e: Exception) -> str:
 
 
 def count_params(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts, shared tensors counted once."""
+    """(trainable, total) parameter counts, shared tensors counted once.
+
+    A packed 4-bit weight (QLoRA) counts the parameters it stands for, not its bytes; the frozen
+    original of a head that peft trains a copy of (`modules_to_save`) is not counted twice.
+    """
     seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
+    for name, p in model.named_parameters():
+        if p.data_ptr() in seen or ".original_module." in name:
             continue
         seen.add(p.data_ptr())
-        total += p.numel()
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        n = math.prod(shape) if shape is not None else p.numel()
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
 
 
-def load_causal_lm(source: ModelSource, *, trust_remote_code: bool = False, revision: str | None = None):
-    """A causal LM in fp32 from a plain source (GGUF sources go through models.gguf.plain_source first)."""
+def load_causal_lm(source: ModelSource, *, trust_remote_code: bool = False, revision: str | None = None,
+                   quantization=None):
+    """A causal LM in fp32 from a plain source (GGUF sources go through models.gguf.plain_source first);
+    `quantization` as for `load_classifier`."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     _check_weights(source)
     try:
         return AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code,
-                                                    revision=revision, dtype="float32")
+                                                    revision=revision, dtype="float32",
+                                                    quantization_config=quantization)
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(f"cannot load the model: {_first_line(e)}", file=source.path, field="model.name") from None
 
@@ -173,6 +193,10 @@ def load_saved_causal_lm(path: str | Path):
 
     quiet_transformers()
     path = Path(path)
+    if (path / "adapter_config.json").is_file():  # a LoRA/QLoRA final/: rebuild the base, add the adapter
+        from tunelab.models.lora import load_for_inference
+
+        return load_for_inference(path)
     if not (path / "config.json").is_file():
         raise InputError("not a model folder (no config.json)", file=path)
     try:

@@ -18,6 +18,7 @@ from tunelab.errors import InputError
 from tunelab.evaluate.lm import IGNORE, lm_metrics, supervised_loss
 from tunelab.models.gguf import end_of_turn_id, plain_source
 from tunelab.models.load import load_causal_lm, load_tokenizer
+from tunelab.models.lora import quantization_for
 from tunelab.models.registry import resolve_model
 from tunelab.tasks.base import TaskRun, TrainSet
 
@@ -122,7 +123,8 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
     """Model, tokenizer, encoded data and the loss/eval/save functions for task causal_lm or chat."""
     source = plain_source(resolve_model(cfg.model.name))
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                           quantization=quantization_for(cfg))
     max_len = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", cfg.model.max_length))
     if cfg.task == "chat" and not tokenizer.chat_template:
         raise InputError("the model's tokenizer has no chat template; use task: causal_lm, or a chat model",

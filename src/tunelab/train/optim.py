@@ -40,6 +40,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def head_prefixes(model: nn.Module) -> list[str]:
     """Top-level children that are not the pre-trained base model: the new task head."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):  # a peft model: look inside
+        return ["base_model.model." + h for h in head_prefixes(model.get_base_model())]
     base = getattr(model, "base_model_prefix", "")
     return [n + "." for n, _ in model.named_children() if n != base]
 

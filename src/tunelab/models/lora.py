@@ -1,0 +1,340 @@
+"""LoRA, DoRA and QLoRA through peft: targets, the adapter folder, reloading and merging.
+
+peft does the adapting; this module decides what tunelab must decide around it:
+
+- which linear modules get adapters (`lora.target_modules`: auto per architecture, all-linear, or
+  names checked against the model, so a typo is an input error that lists the real names);
+- that a freshly initialised classification head stays fully trainable and is saved with the
+  adapter (peft `modules_to_save`), and is never quantised (QLoRA skips it at load time);
+- what `final/` holds: the PEFT adapter (adapter_config.json + adapter_model.safetensors), the
+  tokenizer, and `tunelab_adapter.json`, which says how to rebuild the base (embedded name, local
+  path or hub id; task; label names; quantisation) so `load_adapter` and `merge_adapter` need
+  nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.errors import InputError
+
+log = logging.getLogger("tunelab")
+
+ADAPTER_INFO = "tunelab_adapter.json"
+# all attention and MLP projections of Llama-like models (Llama, Mistral, Qwen2, SmolLM2, ...)
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# the LoRA paper's choice for BERT-like encoders
+BERT_TARGETS = ["query", "value"]
+# heads that are created (or resized) by tunelab and must stay in full precision under QLoRA
+QLORA_SKIP_MODULES = ["classifier", "score", "lm_head"]
+
+
+def _quiet_bitsandbytes() -> None:
+    # bitsandbytes warns on import that an optional download-only CPU kernel is missing; its own
+    # CPU fallback works (measured), so the warning only alarms users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------- QLoRA: quantised base at load time
+
+
+def compute_dtype(device: torch.device | None = None) -> torch.dtype:
+    """bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    except (AttributeError, RuntimeError):
+        return torch.float32
+
+
+def nf4_config(skip_modules: list[str] | None = None):
+    """4-bit NF4 with double quantisation (QLoRA, Dettmers et al. 2023); heads stay unquantised."""
+    _quiet_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(),
+        llm_int8_skip_modules=list(skip_modules or QLORA_SKIP_MODULES),
+    )
+
+
+def quantization_for(cfg):
+    """The `quantization` argument of the model loaders for this config: NF4 for qlora, else None."""
+    return nf4_config() if cfg.method == "qlora" else None
+
+
+def keep_4bit_trainable(model: nn.Module) -> int:
+    """Switch off bitsandbytes' CPU inference repack of 4-bit weights; returns the layers touched.
+
+    In eval mode without grad, bitsandbytes (0.50, AVX512-BF16 CPUs) repacks each 4-bit weight in
+    place into a layout only its inference kernel reads: the next training forward then fails,
+    and the repack also fails outright for inputs narrower than the quantisation block (64).
+    Evaluation between training steps must leave the weights as training needs them.
+    """
+    n = 0
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def real_numel(p: torch.Tensor) -> int:
+    """Parameters a tensor stands for: a packed 4-bit weight counts its unpacked shape."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
+
+
+# ---------------------------------------------------------------- which modules get adapters
+
+
+def _linear_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)  # bitsandbytes' Linear4bit subclasses nn.Linear
+
+
+def head_modules(model: nn.Module, task: str) -> list[str]:
+    """Module names of the task head that LoRA must not adapt.
+
+    Classification: the children next to the pre-trained base (`classifier`, `score`), which are
+    new and train fully. Causal LM: the output projection (pre-trained, usually tied to the
+    embeddings), which stays frozen.
+    """
+    if task == "classification":
+        from tunelab.train.optim import head_prefixes
+
+        return [p.rstrip(".") for p in head_prefixes(model)
+                if any(True for _ in getattr(model, p.rstrip(".")).parameters())]
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if out is not None and m is out]
+
+
+def linear_modules(model: nn.Module, exclude: list[str]) -> dict[str, nn.Module]:
+    """Linear layers by full name, outside the excluded heads."""
+    types = _linear_types()
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, types) and not any(n == e or n.startswith(e + ".") for e in exclude)}
+
+
+def resolve_targets(model: nn.Module, target_modules, exclude: list[str]) -> list[str]:
+    """`lora.target_modules` -> module names peft matches (leaf names, or full names)."""
+    linear = linear_modules(model, exclude)
+    leaf = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    if target_modules == "all-linear":
+        return leaf
+    if target_modules == "auto":
+        if {"q_proj", "v_proj"} <= set(leaf):
+            return [t for t in LLAMA_TARGETS if t in leaf]
+        if set(BERT_TARGETS) <= set(leaf):
+            return list(BERT_TARGETS)
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as known
+
+        guess = known.get(getattr(getattr(model, "config", None), "model_type", None))
+        if guess and set(guess) <= set(leaf):
+            return list(guess)
+        log.info("lora: no default targets for %s; adapting all linear layers", type(model).__name__)
+        return leaf
+    unknown = [t for t in target_modules if t not in leaf and t not in linear]
+    if unknown:
+        raise InputError(f"{', '.join(map(repr, unknown))} is not a linear module of {type(model).__name__}; "
+                         f"its linear modules are: {', '.join(leaf)} (or use auto / all-linear)",
+                         field="lora.target_modules")
+    return list(target_modules)
+
+
+# ---------------------------------------------------------------- apply
+
+
+def apply_lora(model: nn.Module, cfg) -> nn.Module:
+    """Wrap `model` in a peft LoRA/DoRA model; only adapters (and a new head) stay trainable."""
+    _quiet_bitsandbytes()
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    lc = cfg.lora
+    heads = head_modules(model, cfg.task)
+    targets = resolve_targets(model, lc.target_modules, heads)
+    if getattr(model, "is_loaded_in_4bit", False):
+        # freezes the base and keeps norms/heads in fp32; gradient checkpointing is a separate choice
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_trainable(model)
+    elif cfg.method == "qlora":
+        raise InputError("method qlora needs a base loaded in 4-bit (the task setup did not quantise it)",
+                         field="method")
+    classification = cfg.task == "classification"
+    peft_cfg = LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
+        exclude_modules=heads or None, use_rslora=lc.rslora, use_dora=lc.dora, bias="none",
+        task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
+        modules_to_save=heads if classification else None,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+# ---------------------------------------------------------------- the adapter folder
+
+
+def base_reference(model_name: str) -> str:
+    """How `final/` names its base: the embedded name, an absolute local path, or the hub id."""
+    from tunelab.models.registry import EMBEDDED
+
+    if model_name in EMBEDDED:
+        return model_name
+    path = Path(model_name).expanduser()
+    return str(path.resolve()) if path.exists() else model_name
+
+
+def adapter_info(cfg, labels: list[str] | None) -> dict:
+    info = {
+        "format": "peft", "method": cfg.method, "task": cfg.task,
+        "base_model": base_reference(cfg.model.name),
+        "trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision,
+        "lora": json.loads(cfg.lora.model_dump_json()),
+        "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
+                         "skip_modules": QLORA_SKIP_MODULES} if cfg.method == "qlora" else None,
+    }
+    if labels is not None:
+        info["labels"] = list(labels)
+    return info
+
+
+def adapter_saver(save_final, cfg, labels: list[str] | None = None):
+    """Wrap a task's `save_final`: the adapter, the tokenizer, tunelab_adapter.json, and `merged/` on request."""
+
+    def save(model, out: Path) -> None:
+        save_final(model, out)  # PeftModel.save_pretrained writes the adapter only
+        gen = getattr(model, "generation_config", None)
+        if cfg.task != "classification" and gen is not None:
+            gen.save_pretrained(out)
+        (out / ADAPTER_INFO).write_text(json.dumps(adapter_info(cfg, labels), indent=1), encoding="utf-8")
+        if cfg.lora.merge:
+            merge_adapter(out, out / "merged")
+
+    return save
+
+
+def find_adapter(path: str | Path) -> Path:
+    """An adapter folder, given it or a run dir whose final/ holds one."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("not found", file=path)
+    for cand in (path, path / "final"):
+        if (cand / "adapter_config.json").is_file():
+            if not (cand / ADAPTER_INFO).is_file():
+                raise InputError(f"PEFT adapter without {ADAPTER_INFO} (not written by tunelab); "
+                                 "load it with peft's AutoPeftModel", file=cand)
+            return cand
+    raise InputError("not an adapter folder nor a run dir with an adapter in final/ (no adapter_config.json)", file=path)
+
+
+def read_adapter_info(adapter_dir: Path) -> dict:
+    return json.loads((Path(adapter_dir) / ADAPTER_INFO).read_text())
+
+
+def load_base(info: dict, *, quantized: bool = False):
+    """The base model an adapter was trained on, rebuilt from `tunelab_adapter.json` (fp32 or NF4)."""
+    from tunelab.models.load import load_causal_lm, load_classifier
+    from tunelab.models.registry import resolve_model
+
+    source = resolve_model(info["base_model"])
+    quant = nf4_config(info["quantization"]["skip_modules"]) if quantized and info.get("quantization") else None
+    common = {"trust_remote_code": info.get("trust_remote_code", False), "revision": info.get("revision"),
+              "quantization": quant}
+    if info["task"] == "classification":
+        model = load_classifier(source, info["labels"], **common)
+    else:
+        from tunelab.models.gguf import plain_source
+
+        model = load_causal_lm(plain_source(source), **common)
+    keep_4bit_trainable(model)  # the same kernels as in training: the same numbers as the run's eval
+    return model
+
+
+def load_adapter(path: str | Path, *, merge: bool = False, quantized: bool | None = None,
+                 adapter_name: str = "default"):
+    """(model, tokenizer, info) from an adapter folder or a run dir.
+
+    The base is rebuilt as it was trained (NF4 for a QLoRA adapter) unless `quantized` says
+    otherwise; `merge=True` folds the adapter into an fp32 base and returns a plain model.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from tunelab.models.load import quiet_transformers
+
+    adapter_dir = find_adapter(path)
+    info = read_adapter_info(adapter_dir)
+    if quantized is None:
+        quantized = bool(info.get("quantization")) and not merge
+    if merge and quantized:
+        raise ValueError("merge into a 4-bit base would re-quantise it; merge into the fp32 base instead")
+    quiet_transformers()
+    _quiet_bitsandbytes()
+    base = load_base(info, quantized=quantized)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if getattr(base.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    if (adapter_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        base.generation_config = GenerationConfig.from_pretrained(adapter_dir)
+    model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=adapter_name)
+    model.eval()
+    if merge:
+        model = model.merge_and_unload()
+    return model, tokenizer, info
+
+
+def add_adapter(model, path: str | Path, adapter_name: str) -> dict:
+    """Load a second adapter onto an already loaded base (no reload); `model.set_adapter(name)` switches."""
+    adapter_dir = find_adapter(path)
+    info = read_adapter_info(adapter_dir)
+    base = model.peft_config[model.active_adapter].base_model_name_or_path
+    other = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if base and other and Path(base).name != Path(other).name:
+        raise InputError(f"adapter was trained on {other}, the loaded base is {base}", file=adapter_dir)
+    model.load_adapter(str(adapter_dir), adapter_name=adapter_name)
+    return info
+
+
+def merge_adapter(path: str | Path, out: str | Path) -> dict:
+    """Write a plain HF model folder: the fp32 base with the adapter folded in, plus the tokenizer."""
+    adapter_dir = find_adapter(path)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError("output folder exists and is not empty; choose another", file=out)
+    model, tokenizer, info = load_adapter(adapter_dir, merge=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.replace(out)
+    n = sum(p.numel() for p in model.parameters())
+    return {"adapter": str(adapter_dir), "merged": str(out), "base_model": info["base_model"],
+            "task": info["task"], "method": info["method"], "params": n,
+            "from_quantized_training": bool(info.get("quantization"))}
+
+
+def load_for_inference(path: str | Path):
+    """(model, tokenizer) for eval/generate: a LoRA adapter merged into its fp32 base (a plain, fast
+    model); a QLoRA adapter on its 4-bit base, as it was trained and evaluated."""
+    info = read_adapter_info(find_adapter(path))
+    model, tokenizer, _ = load_adapter(path, merge=not info.get("quantization"))
+    return model, tokenizer
