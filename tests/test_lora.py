@@ -103,6 +103,16 @@ def test_unknown_target_module_is_an_input_error(tiny_bert):
     assert "'q_proj'" in e.value.message and "query" in e.value.message and "dense" in e.value.message
 
 
+@pytest.mark.parametrize("key,value", [("unfreeze", {"every": 1}), ("regularization", {"mixout": 0.1})])
+def test_methods_that_need_full_weights_are_refused(tiny_bert, key, value):
+    model = load_classifier(resolve_model(str(tiny_bert)), ["neg", "pos"])
+    cfg = lora_cfg()
+    setattr(cfg, key, type(getattr(cfg, key)).model_validate(value))
+    with pytest.raises(InputError) as e:
+        apply_lora(model, cfg)
+    assert e.value.field.startswith(key)
+
+
 # ---------------------------------------------------------------- a run: final/, checkpoints, merge, eval
 
 

@@ -163,6 +163,14 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     lc = cfg.lora
+    # these act on the base's own weights, which LoRA keeps frozen: say so instead of silently
+    # unfreezing the base (gradual unfreezing) or swapping weights under the adapters (Mixout)
+    if cfg.unfreeze.every:
+        raise InputError(f"gradual unfreezing trains base weights; it does not combine with method {cfg.method}",
+                         field="unfreeze.every")
+    if cfg.regularization.mixout:
+        raise InputError(f"Mixout acts on full weights; it does not combine with method {cfg.method}",
+                         field="regularization.mixout")
     heads = head_modules(model, cfg.task)
     targets = resolve_targets(model, lc.target_modules, heads)
     if getattr(model, "is_loaded_in_4bit", False):
