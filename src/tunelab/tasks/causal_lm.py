@@ -105,6 +105,12 @@ def _read_and_encode(path: str, cfg, tokenizer, max_length: int, task: str):
     if cfg.data.max_rows:
         data.conversations, data.texts = data.conversations[: cfg.data.max_rows], data.texts[: cfg.data.max_rows]
     examples, stats = encode_dataset(data, tokenizer, max_length, overflow=cfg.data.overflow)
+    if stats.get("dropped_overflow"):
+        log.warning("%s: %d examples longer than %d tokens were dropped (data.overflow: drop)",
+                    path, stats["dropped_overflow"], max_length)
+    if stats.get("truncated"):
+        log.warning("%s: %d examples longer than %d tokens were cut (data.overflow: truncate); "
+                    "raise model.max_length to keep them whole", path, stats["truncated"], max_length)
     if not examples:
         raise InputError(f"no example left after encoding ({stats})", file=path, field="data.train")
     if not any(n_supervised(e) for e in examples):
