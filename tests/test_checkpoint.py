@@ -95,3 +95,31 @@ def test_retention_keeps_best_and_last(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000002", "step-000004", "step-000005"]
     manifest = json.loads((tmp_path / "step-000005" / "manifest.json").read_text())
     assert set(manifest["files"]) == {"weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
+
+
+def test_disk_full_during_a_run_is_a_clear_failure_and_resumable(toy_classification, tmp_path, monkeypatch):
+    import copy
+
+    from tunelab.config import Config
+    from tunelab.errors import RunFailure
+    from tunelab.run import run_training
+
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["checkpoint"] = {"save_every": 4, "keep_last": 3}
+    real_save, calls = torch.save, {"n": 0}
+
+    def fills_up(obj, f, *a, **k):
+        if str(f).endswith("optimizer.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second checkpoint's save hits a full disk
+                raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    with pytest.raises(RunFailure, match=r"step-000008 \(No space left on device\); the previous checkpoint step-000004 is intact"):
+        run_training(Config.model_validate(raw), tmp_path / "run", show_progress=False)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000004"]
+    assert ckpt.verify(tmp_path / "run" / "checkpoints" / "step-000004") is None
+    monkeypatch.setattr(torch, "save", real_save)
+    s = run_training(Config.model_validate(raw), tmp_path / "run", resume="auto", show_progress=False)
+    assert s["status"] == "completed" and s["steps"] == 16

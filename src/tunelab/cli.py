@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from tunelab.errors import InputError
+from tunelab.errors import InputError, RunFailure
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Fine-tune pre-trained language models on your own data.")
@@ -41,6 +41,11 @@ def _guard(fn, *args, **kwargs):
             traceback.print_exc()
         typer.echo(f"error: {e.one_line()}", err=True)
         raise typer.Exit(2)
+    except RunFailure as e:
+        if _state["debug"]:
+            traceback.print_exc()
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
     except (typer.Exit, KeyboardInterrupt):
         raise
     except Exception as e:

@@ -214,6 +214,9 @@ class Config(Section):
                                  "record format (auto, openai, sharegpt, alpaca, prompt_completion, text, txt)")
             if self.data.packing is None:
                 self.data.packing = True
+        if self.unfreeze.every and self.method not in ("full",):
+            raise RuleError("unfreeze.every", f"gradual unfreezing decides what trains itself; it cannot be combined "
+                            f"with method '{self.method}' (use method: full, or remove unfreeze)")
         if self.data.eval is None and self.data.eval_split == 0 and self.early_stopping.enabled:
             raise RuleError(
                 "early_stopping.enabled",

@@ -44,5 +44,6 @@ class InputError(Exception):
         return (": ".join(parts) + ": " if parts else "") + text
 
 
-class StopTraining(Exception):
-    """Raised inside the loop to stop early with a reason that is not an error (e.g. NaN run)."""
+class RunFailure(Exception):
+    """A run that cannot go on for a reason outside our code and outside the config (disk full,
+    out of memory): one clear line saying what is safe and what to do; exit code 1."""

@@ -1,7 +1,7 @@
 """The training recipe: setup, train, save, in that order (torchtune-style, no trainer class).
 
-Everything that can fail on bad input (config, data, model) runs before the run dir is created,
-so a bad input never leaves a folder that looks like a run.
+`setup` does everything that can fail on bad input (config, data, model) before the run dir is
+created, so a bad input never leaves a folder that looks like a run.
 """
 
 from __future__ import annotations
@@ -11,80 +11,60 @@ import logging
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import threading
 import time
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tunelab.config import Config, dump_config
-from tunelab.errors import InputError
+from tunelab.errors import InputError, RunFailure
 from tunelab.evaluate.probe import compare, probe_measures, read_probe_texts
 from tunelab.models.adapt import apply_method
 from tunelab.models.load import count_params
-from tunelab.monitor.metrics_log import MetricsLog, read_metrics
+from tunelab.monitor.metrics_log import read_metrics
 from tunelab.monitor.progress import Progress
-from tunelab.tasks import setup_task
+from tunelab.run_dir import RunDir, default_output_dir, peak_memory_mb, prepare_run_dir, trim_metrics
+from tunelab.tasks import TaskRun, setup_task
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.early_stop import BestTracker
 from tunelab.train.loop import LoopSettings, LoopState, eval_row, train_loop, windows_per_epoch
 from tunelab.train.optim import build_optimizer, describe_groups, param_groups
 from tunelab.train.precision import autocast_factory, grad_scaler, resolve_precision
 from tunelab.train.regularizers import apply_mixout, make_penalty, remove_mixout
-from tunelab.train.unfreeze import GradualUnfreezer
 from tunelab.train.schedules import build_scheduler
+from tunelab.train.unfreeze import GradualUnfreezer
 
 log = logging.getLogger("tunelab")
 
-
-def default_output_dir(config_path: str | Path | None) -> Path:
-    stem = Path(config_path).stem if config_path else "run"
-    return Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-class RunDir:
-    """The loop's view of the run dir: where rows are logged and checkpoints saved."""
-
-    def __init__(self, root: Path, model, optimizer, scheduler, keep_last: int, progress: Progress,
-                 should_stop=None):
-        self.root = root
-        self.ckpt_root = root / "checkpoints"
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.keep_last = keep_last
-        self.progress = progress
-        self.metrics = MetricsLog(root / "metrics.jsonl")
-        self.best_checkpoint: str | None = None
-        self._stop = threading.Event()
-        self._should_stop = should_stop
-
-    def request_stop(self, *_):
-        self._stop.set()
-
-    def stop_requested(self) -> bool:
-        return self._stop.is_set() or bool(self._should_stop and self._should_stop())
-
-    def log(self, row: dict) -> None:
-        self.metrics.write(row)
-        self.progress.update(row.get("step", 0), row)
-
-    def save(self, state: LoopState, tracker: BestTracker, is_best: bool) -> None:
-        if is_best:
-            self.best_checkpoint = ckpt.checkpoint_name(state.step)
-        payload = {"loop": state.to_dict(), "tracker": tracker.state_dict(), "best_checkpoint": self.best_checkpoint}
-        ckpt.save_checkpoint(self.ckpt_root, step=state.step, model=self.model, optimizer=self.optimizer,
-                             scheduler=self.scheduler, state=payload)
-        keep = {self.best_checkpoint} if self.best_checkpoint else set()
-        ckpt.apply_retention(self.ckpt_root, keep_last=self.keep_last, keep=keep)
+OOM_FIXES = ("out of memory at micro-batch size {bs}: lower train.batch_size and raise train.grad_accum "
+             "(same effective batch), or set train.gradient_checkpointing: true, train.precision: bf16, "
+             "or method: lora / qlora")
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+@dataclass
+class Recipe:
+    """Everything `setup` builds; the loop and `save` read it."""
+
+    cfg: Config
+    task: TaskRun
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tracker: BestTracker
+    settings: LoopSettings
+    autocast: object
+    precision: str
+    device: torch.device
+    trainable: int
+    total: int
+    per_epoch: int
+    mixout_layers: int = 0
+    probe_texts: list[str] | None = None
+    probe_before: dict | None = None
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -114,54 +94,8 @@ def fisher_batches(task, cfg) -> list | None:
     return [task.train.collate(idx) for idx in order[: cfg.regularization.ewc_batches]]
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _prepare_run_dir(out: Path, resume: str | None) -> Path | None:
-    """Check the output dir against the resume request; return the checkpoint to resume from."""
-    if out.exists() and not out.is_dir():
-        raise InputError("the output dir is a file; choose another --output-dir", file=out)
-    if resume is None:
-        if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-            raise InputError("output dir already holds a run; pass --resume auto to continue it, or choose another --output-dir", file=out)
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        problem = ckpt.verify(path) if path.is_dir() else "not a folder"
-        if problem:
-            raise InputError(f"cannot resume from this checkpoint: {problem}", file=path)
-        return path
-    if (out / "summary.json").exists():
-        status = json.loads((out / "summary.json").read_text()).get("status")
-        if status in ("completed", "early_stopped"):
-            raise InputError(f"this run already finished ({status}); nothing to resume", file=out)
-    path, skipped = ckpt.find_resumable(out / "checkpoints")
-    for note in skipped:
-        log.warning("resume: skipping %s", note)
-    return path
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop rows that a killed run logged after the checkpoint we resume from."""
-    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_path=None, resume: str | None = None,
-                 show_progress: bool = True, should_stop=None) -> dict:
-    """Fine-tune per `cfg`; returns the summary (also written to summary.json)."""
-    wall_start = time.monotonic()
-    out = Path(output_dir) if output_dir else default_output_dir(config_path)
-    resume_from = _prepare_run_dir(out, resume)
-
-    # ---- setup: data, model, optimizer, schedule (all input errors surface here)
-    _seed_everything(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    task = setup_task(cfg)
+def _adapt(cfg: Config, task: TaskRun, device: torch.device) -> tuple[TaskRun, torch.nn.Module, int]:
+    """Apply the method and the model-side options; returns the task, the model, mixout layer count."""
     model = apply_method(task.model, cfg).to(device)
     task.model = model
     if cfg.method == "feature_extraction" and cfg.feature_extraction.cache_features and cfg.task == "classification":
@@ -176,118 +110,145 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     mixout_layers = apply_mixout(model, cfg.regularization.mixout) if cfg.regularization.mixout else 0
-    unfreezer = None
     if cfg.unfreeze.every:
         for p in model.parameters():  # every parameter joins the optimizer; the unfreezer sets requires_grad
             p.requires_grad = True
+    return task, model, mixout_layers
+
+
+def setup(cfg: Config) -> Recipe:
+    """Data, model, method, optimizer, schedule, loop settings. Writes nothing."""
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task, model, mixout_layers = _adapt(cfg, setup_task(cfg), device)
+    if task.evaluate is not None and task.metric not in task.info.get("metric_names", (task.metric,)):
+        raise InputError(f"'{task.metric}' is not an eval metric of this task", field="checkpoint.metric")
     probe_texts = probe_before = None
     if cfg.probe.data:
         probe_texts = read_probe_texts(cfg.probe.data, cfg.data.text_column, cfg.probe.max_rows)
         probe_before = probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length)
     trainable, total = count_params(model)
     precision = resolve_precision(cfg.train.precision, device, total)
-    autocast = autocast_factory(precision, device)
-    if task.evaluate is not None and task.metric not in task.info.get("metric_names", (task.metric,)):
-        raise InputError(f"'{task.metric}' is not an eval metric of this task", field="checkpoint.metric")
     per_epoch = windows_per_epoch(task.train.examples_per_epoch(), cfg.train.batch_size, cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
-    head_lr = cfg.optim.head_lr or cfg.optim.lr * cfg.optim.head_lr_multiplier
-    groups = param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, head_lr=head_lr,
-                          layer_lr_decay=cfg.optim.layer_lr_decay)
-    optimizer = build_optimizer(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
+
+    o, sch = cfg.optim, cfg.schedule
+    groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, head_lr=o.head_lr or o.lr * o.head_lr_multiplier,
+                          layer_lr_decay=o.layer_lr_decay)
+    optimizer = build_optimizer(groups, betas=o.betas, eps=o.eps)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, name=sch.name, warmup_ratio=sch.warmup_ratio,
+                                warmup_steps=sch.warmup_steps, min_lr_ratio=sch.min_lr_ratio, decay_ratio=sch.decay_ratio)
+    unfreezer = None
     if cfg.unfreeze.every:
         unfreezer = GradualUnfreezer(model, cfg.unfreeze.every, cfg.unfreeze.unit)
         unfreezer(0, 0)
         trainable, _ = count_params(model)
     penalty = make_penalty(model, l2sp=cfg.regularization.l2sp, ewc=cfg.regularization.ewc,
                            fisher_batches=fisher_batches(task, cfg), loss_fn=task.loss_fn)
-    scheduler = build_scheduler(optimizer, total_steps=total_steps, name=cfg.schedule.name,
-                                warmup_ratio=cfg.schedule.warmup_ratio, warmup_steps=cfg.schedule.warmup_steps,
-                                min_lr_ratio=cfg.schedule.min_lr_ratio, decay_ratio=cfg.schedule.decay_ratio)
-    tracker = BestTracker(task.metric, task.mode, cfg.checkpoint.min_delta, cfg.early_stopping.patience)
-    state = LoopState()
-
-    # ---- the run dir exists from here on
-    out.mkdir(parents=True, exist_ok=True)
-    if resume_from is not None:
-        _trim_metrics(out / "metrics.jsonl", ckpt.load_state(resume_from)["loop"]["step"])
-    progress = Progress(total_steps, enabled=show_progress)
-    io = RunDir(out, model, optimizer, scheduler, cfg.checkpoint.keep_last, progress, should_stop)
-    before = None
-    if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
-        state = LoopState(**{**saved["loop"], "status": "running"})
-        tracker.load_state_dict(saved["tracker"])
-        io.best_checkpoint = saved.get("best_checkpoint")
-        before = next((r for r in read_metrics(out / "metrics.jsonl") if r.get("before_training")), None)
-        progress.message(f"resumed from {resume_from} at step {state.step}/{total_steps}")
-    else:
-        dump_config(cfg, out / "config.yaml")
-        (out / "param_groups.json").write_text(json.dumps(describe_groups(optimizer), indent=1))
-        if cfg.train.eval_before and task.evaluate is not None:
-            before = {**eval_row(task.evaluate(model), state, 0.0), "before_training": True}
-            io.log(before)
+    t = cfg.train
     settings = LoopSettings(
-        batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, total_steps=total_steps,
-        max_grad_norm=cfg.train.max_grad_norm, seed=cfg.train.seed, log_every=cfg.train.log_every,
-        eval_every=cfg.train.eval_every, save_every=cfg.checkpoint.save_every,
-        early_stopping=cfg.early_stopping.enabled and task.evaluate is not None, base_lr=cfg.optim.lr,
+        batch_size=t.batch_size, grad_accum=t.grad_accum, total_steps=total_steps, max_grad_norm=t.max_grad_norm,
+        seed=t.seed, log_every=t.log_every, eval_every=t.eval_every, save_every=cfg.checkpoint.save_every,
+        early_stopping=cfg.early_stopping.enabled and task.evaluate is not None, base_lr=o.lr,
         penalty=penalty, unfreeze=unfreezer, scaler=grad_scaler(precision, device),
     )
+    return Recipe(cfg=cfg, task=task, model=model, optimizer=optimizer, scheduler=scheduler,
+                  tracker=BestTracker(task.metric, task.mode, cfg.checkpoint.min_delta, cfg.early_stopping.patience),
+                  settings=settings, autocast=autocast_factory(precision, device), precision=precision, device=device,
+                  trainable=trainable, total=total, per_epoch=per_epoch, mixout_layers=mixout_layers,
+                  probe_texts=probe_texts, probe_before=probe_before)
 
-    # ---- train (Ctrl-C / SIGTERM: finish the step, save, exit with how to resume)
+
+def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool, should_stop) -> tuple[RunDir, LoopState, dict | None]:
+    """Create or reopen the run dir; restore a checkpoint, or evaluate the untouched model."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        trim_metrics(out / "metrics.jsonl", ckpt.load_state(resume_from)["loop"]["step"])
+    progress = Progress(r.settings.total_steps, enabled=show_progress)
+    io = RunDir(out, r.model, r.optimizer, r.scheduler, r.cfg.checkpoint.keep_last, progress, should_stop)
+    state, before = LoopState(), None
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler)
+        state = LoopState(**{**saved["loop"], "status": "running"})
+        r.tracker.load_state_dict(saved["tracker"])
+        io.best_checkpoint = saved.get("best_checkpoint")
+        before = next((row for row in read_metrics(out / "metrics.jsonl") if row.get("before_training")), None)
+        log.info("resumed from %s at step %d/%d", resume_from, state.step, r.settings.total_steps)
+    else:
+        dump_config(r.cfg, out / "config.yaml")
+        (out / "param_groups.json").write_text(json.dumps(describe_groups(r.optimizer), indent=1))
+        if r.cfg.train.eval_before and r.task.evaluate is not None:
+            before = {**eval_row(r.task.evaluate(r.model), state, 0.0), "before_training": True}
+            io.log(before)
+    return io, state, before
+
+
+def train(r: Recipe, io: RunDir, state: LoopState) -> LoopState:
+    """The loop, with Ctrl-C / SIGTERM turned into "finish the step, save, stop"."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, io.request_stop)
     try:
-        state = train_loop(model, optimizer, scheduler, task, settings, state, tracker, io, autocast)
+        return train_loop(r.model, r.optimizer, r.scheduler, r.task, r.settings, state, r.tracker, io, r.autocast)
+    except torch.OutOfMemoryError:
+        raise RunFailure(OOM_FIXES.format(bs=r.settings.batch_size)) from None
+    except RuntimeError as e:
+        if "can't allocate memory" in str(e) or "out of memory" in str(e):  # the CPU allocator's words
+            raise RunFailure(OOM_FIXES.format(bs=r.settings.batch_size)) from None
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        progress.close()
+        io.progress.close()
         io.metrics.close()
 
-    # ---- save: final model (best or last weights), summary, report
+
+def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_start: float) -> dict:
+    """final/ (best or last weights), the final evaluation and probe, summary.json, report.html."""
+    out, task, model = io.root, r.task, r.model
+    secs = state.train_seconds
     summary = {
-        "status": state.status, "task": cfg.task, "steps": state.step, "total_steps": total_steps,
-        "epochs_done": round(state.epoch + (state.window / per_epoch if per_epoch else 0), 4),
-        "precision": precision, "device": device.type,
-        "trainable_params": trainable, "total_params": total,
-        "trainable_percent": round(100 * trainable / total, 4) if total else 0.0,
-        "tokens": state.tokens, "samples": state.samples, "train_seconds": round(state.train_seconds, 3),
-        "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else 0.0,
-        "samples_per_second": state.samples / state.train_seconds if state.train_seconds else 0.0,
+        "status": state.status, "task": r.cfg.task, "method": r.cfg.method, "steps": state.step,
+        "total_steps": r.settings.total_steps,
+        "epochs_done": round(state.epoch + (state.window / r.per_epoch if r.per_epoch else 0), 4),
+        "precision": r.precision, "device": r.device.type,
+        "trainable_params": r.trainable, "total_params": r.total,
+        "trainable_percent": round(100 * r.trainable / r.total, 4) if r.total else 0.0,
+        "tokens": state.tokens, "samples": state.samples, "train_seconds": round(secs, 3),
+        "tokens_per_second": state.tokens / secs if secs else 0.0,
+        "samples_per_second": state.samples / secs if secs else 0.0,
         "skipped_steps": state.skipped_steps,
-        "best": {"metric": tracker.metric, "value": tracker.best, "step": tracker.best_step,
+        "best": {"metric": r.tracker.metric, "value": r.tracker.best, "step": r.tracker.best_step,
                  "checkpoint": io.best_checkpoint},
         "before": before, "data": task.info,
     }
     if state.status in ("completed", "early_stopped"):
-        if cfg.checkpoint.final == "best" and io.best_checkpoint and (io.ckpt_root / io.best_checkpoint).is_dir():
+        if r.cfg.checkpoint.final == "best" and io.best_checkpoint and (io.ckpt_root / io.best_checkpoint).is_dir():
             ckpt.load_weights(io.ckpt_root / io.best_checkpoint, model)
             summary["final_weights"] = io.best_checkpoint
         else:
             summary["final_weights"] = "last"
-        if mixout_layers:
+        if r.mixout_layers:
             remove_mixout(model)
         tmp_final = out / ".tmp-final"
         shutil.rmtree(tmp_final, ignore_errors=True)
-        task.save_final(model.cpu() if device.type != "cpu" else model, tmp_final)
+        task.save_final(model.cpu() if r.device.type != "cpu" else model, tmp_final)
         shutil.rmtree(out / "final", ignore_errors=True)
         os.replace(tmp_final, out / "final")
-        model.to(device)
+        model.to(r.device)
         if task.evaluate is not None:
             summary["final"] = task.evaluate(model)
-        if probe_texts is not None:
-            summary["probe"] = compare(probe_before, probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length),
-                                       cfg.probe.warn_loss_increase)
+        if r.probe_texts is not None:
+            after = probe_measures(model, task.tokenizer, r.probe_texts, r.cfg.model.max_length)
+            summary["probe"] = compare(r.probe_before, after, r.cfg.probe.warn_loss_increase)
             if summary["probe"]["forgetting_flag"]:
                 log.warning("forgetting probe: %s", summary["probe"]["message"])
-    best_row = next((r for r in read_metrics(out / "metrics.jsonl")
-                     if r.get("step") == tracker.best_step and tracker.metric in r and not r.get("before_training")), None)
-    summary["best"]["metrics"] = best_row
-    summary["peak_memory_mb"] = round(_peak_memory_mb(device), 1)
+    summary["best"]["metrics"] = next(
+        (row for row in read_metrics(out / "metrics.jsonl")
+         if row.get("step") == r.tracker.best_step and r.tracker.metric in row and not row.get("before_training")), None)
+    summary["peak_memory_mb"] = round(peak_memory_mb(r.device), 1)
     summary["wall_seconds"] = round(time.monotonic() - wall_start, 3)
     summary["run_dir"] = str(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
@@ -298,3 +259,15 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     except Exception as e:  # a report must never cost the run
         log.warning("report.html not written: %s", e)
     return summary
+
+
+def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_path=None, resume: str | None = None,
+                 show_progress: bool = True, should_stop=None) -> dict:
+    """Fine-tune per `cfg`; returns the summary (also written to summary.json)."""
+    wall_start = time.monotonic()
+    out = Path(output_dir) if output_dir else default_output_dir(config_path)
+    resume_from = prepare_run_dir(out, resume)
+    recipe = setup(cfg)
+    io, state, before = open_run(recipe, out, resume_from, show_progress, should_stop)
+    state = train(recipe, io, state)
+    return save(recipe, io, state, before, wall_start)
