@@ -116,6 +116,14 @@ def _adapt(cfg: Config, task: TaskRun, device: torch.device) -> tuple[TaskRun, t
     return task, model, mixout_layers
 
 
+def _under(autocast, evaluate):
+    def evaluate_at_precision(model):
+        with autocast():
+            return evaluate(model)
+
+    return evaluate_at_precision
+
+
 def setup(cfg: Config) -> Recipe:
     """Data, model, method, optimizer, schedule, loop settings. Writes nothing."""
     random.seed(cfg.train.seed)
@@ -130,6 +138,9 @@ def setup(cfg: Config) -> Recipe:
         probe_before = probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length)
     trainable, total = count_params(model)
     precision = resolve_precision(cfg.train.precision, device, total)
+    autocast = autocast_factory(precision, device)
+    if task.evaluate is not None:  # evaluation runs at the training precision too
+        task.evaluate = _under(autocast, task.evaluate)
     per_epoch = windows_per_epoch(task.train.examples_per_epoch(), cfg.train.batch_size, cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
 
@@ -155,7 +166,7 @@ def setup(cfg: Config) -> Recipe:
     )
     return Recipe(cfg=cfg, task=task, model=model, optimizer=optimizer, scheduler=scheduler,
                   tracker=BestTracker(task.metric, task.mode, cfg.checkpoint.min_delta, cfg.early_stopping.patience),
-                  settings=settings, autocast=autocast_factory(precision, device), precision=precision, device=device,
+                  settings=settings, autocast=autocast, precision=precision, device=device,
                   trainable=trainable, total=total, per_epoch=per_epoch, mixout_layers=mixout_layers,
                   probe_texts=probe_texts, probe_before=probe_before)
 

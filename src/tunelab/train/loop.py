@@ -169,7 +169,7 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
                 io.save(state, tracker, is_best)
             if state.status != "running":
                 break
-        else:
+        if state.window >= len(windows):  # the epoch is complete (not just the step budget)
             state.epoch += 1
             state.window = 0
     if state.status == "running":
