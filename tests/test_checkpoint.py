@@ -123,3 +123,39 @@ def test_disk_full_during_a_run_is_a_clear_failure_and_resumable(toy_classificat
     monkeypatch.setattr(torch, "save", real_save)
     s = run_training(Config.model_validate(raw), tmp_path / "run", resume="auto", show_progress=False)
     assert s["status"] == "completed" and s["steps"] == 16
+
+
+def test_nan_loss_stops_cleanly_with_the_last_good_checkpoint(toy_classification, tmp_path, monkeypatch):
+    """From step 7 on the loss is NaN: steps are skipped and counted, the run stops after 5 in a row
+    with a diagnosis, and the checkpoint saved before the fault is intact and finite."""
+    import copy
+
+    from typer.testing import CliRunner
+    import yaml
+
+    import tunelab.tasks.classification as clf
+    from tunelab.cli import app
+
+    real_loss, calls = clf.classification_loss, {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, n = real_loss(model, batch)
+        return (loss * float("nan"), n) if calls["n"] > 6 else (loss, n)
+
+    monkeypatch.setattr(clf, "classification_loss", poisoned)
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["checkpoint"] = {"save_every": 3, "keep_last": 2}
+    raw["train"].update({"epochs": 4, "log_every": 1})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "run"), "--no-progress"])
+    assert res.exit_code == 1
+    assert "diverged" in res.stderr and "NaN/Inf" in res.stderr and "lower optim.lr" in res.stderr
+    summary = __import__("json").loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["skipped_steps"] == 5 and summary["steps"] == 11
+    assert not (tmp_path / "run" / "final").exists()
+    good, _ = ckpt.find_resumable(tmp_path / "run" / "checkpoints")
+    assert good.name == "step-000006"  # saved before the first NaN step; none after it
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(good / "weights.safetensors")).values())

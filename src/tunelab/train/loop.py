@@ -164,7 +164,9 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
             stop = io.stop_requested()
             if stop and state.status == "running":
                 state.status = "interrupted"
-            if due_eval or (s.save_every and state.step % s.save_every == 0) or state.status != "running":
+            # never checkpoint inside a streak of non-finite steps: the last checkpoint precedes the fault
+            due_save = due_eval or (s.save_every and state.step % s.save_every == 0) or state.status != "running"
+            if due_save and bad_in_a_row == 0:
                 state.train_seconds = time.monotonic() - started
                 io.save(state, tracker, is_best)
             if state.status != "running":
