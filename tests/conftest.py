@@ -144,3 +144,14 @@ def tiny_llama_build(vocab_size: int, seed: int = 0, attn_implementation: str = 
                       bos_token_id=None, eos_token_id=2, pad_token_id=0)
     cfg._attn_implementation = attn_implementation
     return LlamaForCausalLM(cfg).eval()
+
+
+def stop_after(n_steps: int):
+    """A `should_stop` for run_training that asks to stop at the n-th optimizer step."""
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] >= n_steps
+
+    return should_stop

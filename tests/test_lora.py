@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
+
+from conftest import stop_after
 import torch
 from safetensors.torch import load_file
 
@@ -204,14 +206,6 @@ def test_two_adapters_one_base_switch(toy_classification, tmp_path):
     assert model.get_base_model().bert.embeddings.word_embeddings.weight is base_weight  # no reload
 
 
-def stop_after(n_steps):
-    calls = {"n": 0}
-
-    def should_stop():
-        calls["n"] += 1
-        return calls["n"] >= n_steps
-
-    return should_stop
 
 
 def test_lora_resume_is_bit_identical(toy_classification, tmp_path):

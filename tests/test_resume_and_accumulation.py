@@ -3,6 +3,8 @@
 import copy
 
 import pytest
+
+from conftest import stop_after
 import torch
 from safetensors.torch import load_file
 
@@ -14,14 +16,6 @@ from tunelab.train.loop import LoopSettings, LoopState, train_loop
 from contextlib import nullcontext
 
 
-def stop_after(n_steps):
-    calls = {"n": 0}
-
-    def should_stop():
-        calls["n"] += 1
-        return calls["n"] >= n_steps
-
-    return should_stop
 
 
 @pytest.mark.parametrize("grad_accum,stop_at", [(1, 5), (2, 3), (1, 8)])  # 8 = exactly an epoch end

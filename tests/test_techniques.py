@@ -3,6 +3,8 @@
 import copy
 
 import pytest
+
+from conftest import stop_after
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -179,14 +181,6 @@ def test_gradual_unfreezing_order_and_optimizer_state():
 # ------------------------------------------------------------------ exact resume with the techniques on
 
 
-def stop_after(n):
-    calls = {"n": 0}
-
-    def should_stop():
-        calls["n"] += 1
-        return calls["n"] >= n
-
-    return should_stop
 
 
 @pytest.mark.parametrize("extra", [

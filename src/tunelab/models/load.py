@@ -121,9 +121,13 @@ def load_classifier(
     return model
 
 
-def load_saved_classifier(path: str | Path):
-    """A fine-tuned classifier folder (ours or any HF one) with its tokenizer, for evaluation."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_saved(path: str | Path, kind: str = "classifier"):
+    """A saved model folder (ours or any HF one; a LoRA/QLoRA final/ too) with its tokenizer.
+
+    kind: "classifier" (AutoModelForSequenceClassification) or "causal_lm" (AutoModelForCausalLM).
+    The same safety checks as for a base model: safetensors headers, tokenizer files present.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     quiet_transformers()
     path = Path(path)
@@ -139,12 +143,23 @@ def load_saved_classifier(path: str | Path):
         raise InputError("not a model folder (no config.json)", file=path)
     _check_safetensors(path)
     _check_tokenizer_files(path)
+    auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype="float32")
+        model = auto.from_pretrained(path, dtype="float32")
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(f"cannot load the model: {_first_line(e)}", file=path) from None
     return model, tok
+
+
+def load_saved_classifier(path: str | Path):
+    """A fine-tuned classifier folder with its tokenizer, for evaluation."""
+    return load_saved(path, "classifier")
+
+
+def load_saved_causal_lm(path: str | Path):
+    """A saved causal-LM folder (e.g. RUN/final) with its tokenizer, for generation and chat."""
+    return load_saved(path, "causal_lm")
 
 
 def _first_line(e: Exception) -> str:
@@ -187,21 +202,3 @@ def load_causal_lm(source: ModelSource, *, trust_remote_code: bool = False, revi
         raise InputError(f"cannot load the model: {_first_line(e)}", file=source.path, field="model.name") from None
 
 
-def load_saved_causal_lm(path: str | Path):
-    """A saved causal-LM folder (e.g. RUN/final) with its tokenizer, for generation and chat."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    quiet_transformers()
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():  # a LoRA/QLoRA final/: rebuild the base, add the adapter
-        from tunelab.models.lora import load_for_inference
-
-        return load_for_inference(path)
-    if not (path / "config.json").is_file():
-        raise InputError("not a model folder (no config.json)", file=path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"cannot load the model: {_first_line(e)}", file=path) from None
-    return model, tok
