@@ -159,3 +159,42 @@ def test_nan_loss_stops_cleanly_with_the_last_good_checkpoint(toy_classification
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(str(good / "weights.safetensors")).values())
+
+
+@pytest.mark.parametrize("auto_batch", [False, True])
+def test_out_of_memory_names_the_fixes_or_halves_the_batch(toy_classification, tmp_path, monkeypatch, auto_batch):
+    import copy
+    import json
+
+    import tunelab.tasks.classification as clf
+    from tunelab.config import Config
+    from tunelab.errors import OutOfMemory
+    from tunelab.run import run_training
+
+    real_loss, big = clf.classification_loss, {"n": 0}
+
+    def small_memory(model, batch):
+        if len(batch["labels"]) > 4:  # a micro-batch over 4 rows does not fit
+            big["n"] += 1
+            if big["n"] > 3:  # the first three fit (a checkpoint is written at step 3)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(clf, "classification_loss", small_memory)
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["train"].update({"auto_batch": auto_batch, "batch_size": 8})
+    raw["checkpoint"] = {"save_every": 3}
+    cfg = Config.model_validate(raw)
+    if not auto_batch:
+        with pytest.raises(OutOfMemory, match="lower train.batch_size and raise train.grad_accum"):
+            run_training(cfg, tmp_path / "run", show_progress=False)
+        return
+    s = run_training(cfg, tmp_path / "run", show_progress=False)
+    assert s["status"] == "completed" and s["steps"] == 16  # same effective batch: same number of steps
+    assert s["auto_batch"] == [{"batch_size": 4, "grad_accum": 2, "from_checkpoint": "step-000003"}]
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["train"]["batch_size"] == 4 and resolved["train"]["grad_accum"] == 2
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))

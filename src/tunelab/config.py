@@ -111,6 +111,8 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, gt=0, description="Optimizer steps between evaluations; default once per epoch.")
     eval_before: bool = Field(True, description="Evaluate the untouched model first, for a before/after comparison.")
     eval_batch_size: int | None = Field(None, gt=0)
+    auto_batch: bool = Field(False, description="On out-of-memory: halve batch_size, double grad_accum (same effective "
+                             "batch) and continue from the newest checkpoint.")
 
 
 class CheckpointConfig(Section):

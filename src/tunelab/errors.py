@@ -47,3 +47,7 @@ class InputError(Exception):
 class RunFailure(Exception):
     """A run that cannot go on for a reason outside our code and outside the config (disk full,
     out of memory): one clear line saying what is safe and what to do; exit code 1."""
+
+
+class OutOfMemory(RunFailure):
+    """Training ran out of memory at the current micro-batch size."""

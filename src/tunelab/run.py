@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tunelab.config import Config, dump_config
-from tunelab.errors import InputError, RunFailure
+from tunelab.errors import InputError, OutOfMemory
 from tunelab.evaluate.probe import compare, probe_measures, read_probe_texts
 from tunelab.models.adapt import apply_method
 from tunelab.models.load import count_params
@@ -204,10 +204,10 @@ def train(r: Recipe, io: RunDir, state: LoopState) -> LoopState:
     try:
         return train_loop(r.model, r.optimizer, r.scheduler, r.task, r.settings, state, r.tracker, io, r.autocast)
     except torch.OutOfMemoryError:
-        raise RunFailure(OOM_FIXES.format(bs=r.settings.batch_size)) from None
+        raise OutOfMemory(OOM_FIXES.format(bs=r.settings.batch_size)) from None
     except RuntimeError as e:
         if "can't allocate memory" in str(e) or "out of memory" in str(e):  # the CPU allocator's words
-            raise RunFailure(OOM_FIXES.format(bs=r.settings.batch_size)) from None
+            raise OutOfMemory(OOM_FIXES.format(bs=r.settings.batch_size)) from None
         raise
     finally:
         for sig, handler in previous.items():
@@ -278,7 +278,41 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     wall_start = time.monotonic()
     out = Path(output_dir) if output_dir else default_output_dir(config_path)
     resume_from = prepare_run_dir(out, resume)
-    recipe = setup(cfg)
-    io, state, before = open_run(recipe, out, resume_from, show_progress, should_stop)
-    state = train(recipe, io, state)
-    return save(recipe, io, state, before, wall_start)
+    retries = []
+    while True:
+        recipe = setup(cfg)
+        io, state, before = open_run(recipe, out, resume_from, show_progress, should_stop)
+        try:
+            state = train(recipe, io, state)
+            break
+        except OutOfMemory:
+            if not cfg.train.auto_batch or cfg.train.batch_size == 1:
+                raise
+            cfg, resume_from = _halve_batch(cfg, out)
+            retries.append({"batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+                            "from_checkpoint": resume_from.name if resume_from else None})
+    summary = save(recipe, io, state, before, wall_start)
+    if retries:
+        summary["auto_batch"] = retries
+        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return summary
+
+
+def _halve_batch(cfg: Config, out: Path) -> tuple[Config, Path | None]:
+    """After an OOM: the same effective batch in micro-batches half the size, and where to go on.
+
+    With a checkpoint the run continues from it (the batches of the rest of the epoch are cut
+    differently, so this resume is not bit-exact); without one the run dir starts over.
+    """
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.batch_size //= 2
+    cfg.train.grad_accum *= 2
+    log.warning("out of memory: retrying with train.batch_size=%d, train.grad_accum=%d (same effective batch)",
+                cfg.train.batch_size, cfg.train.grad_accum)
+    resume_from, _ = ckpt.find_resumable(out / "checkpoints")
+    if resume_from is None:
+        for name in ("metrics.jsonl", "config.yaml", "param_groups.json"):
+            (out / name).unlink(missing_ok=True)
+    else:
+        dump_config(cfg, out / "config.yaml")
+    return cfg, resume_from
