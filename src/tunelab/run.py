@@ -253,7 +253,7 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
             summary["final"] = task.evaluate(model)
         if r.probe_texts is not None:
             after = probe_measures(model, task.tokenizer, r.probe_texts, r.cfg.model.max_length)
-            summary["probe"] = compare(r.probe_before, after, r.cfg.probe.warn_loss_increase)
+            summary["probe"] = compare(r.probe_before, after, r.cfg.probe.warn_loss_increase, r.cfg.probe.min_cosine)
             if summary["probe"]["forgetting_flag"]:
                 log.warning("forgetting probe: %s", summary["probe"]["message"])
     summary["best"]["metrics"] = next(

@@ -73,7 +73,7 @@ def probe_measures(model, tokenizer, texts: list[str], max_length: int = 128, ba
     return {"embeddings": torch.cat(embeddings), "lm_loss": loss_sum / loss_tokens if loss_tokens else None}
 
 
-def compare(before: dict, after: dict, warn_loss_increase: float, min_cosine: float = 0.8) -> dict:
+def compare(before: dict, after: dict, warn_loss_increase: float, min_cosine: float = 0.9) -> dict:
     """The probe's verdict for summary.json."""
     cos = (before["embeddings"] * after["embeddings"]).sum(-1)
     result = {"rows": int(cos.numel()), "embedding_cosine_mean": float(cos.mean()),
