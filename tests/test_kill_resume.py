@@ -66,15 +66,24 @@ def finish(proc) -> str:
     return out.decode()
 
 
-@pytest.fixture
-def kill_setup(toy_classification, tmp_path):
-    cfg = toy_classification["config"]
-    cfg["train"].update({"epochs": 3, "log_every": 1, "eval_every": 4})
-    cfg["checkpoint"] = {"save_every": 2, "final": "last", "keep_last": 2}
-    path = tmp_path / "config.yaml"
+@pytest.fixture(scope="module")
+def kill_setup(tiny_bert, tmp_path_factory):
+    """The config and the weights of one uninterrupted run, shared by every test here."""
+    from conftest import sentiment_rows, write_jsonl
+
+    folder = tmp_path_factory.mktemp("kill")
+    write_jsonl(folder / "train.jsonl", sentiment_rows(64, seed=1))
+    write_jsonl(folder / "eval.jsonl", sentiment_rows(16, seed=2))
+    cfg = {"model": {"name": str(tiny_bert), "max_length": 32},
+           "data": {"train": str(folder / "train.jsonl"), "eval": str(folder / "eval.jsonl")},
+           "optim": {"lr": 3e-3}, "schedule": {"name": "constant", "warmup_ratio": 0.1},
+           "train": {"epochs": 3, "batch_size": 8, "seed": 3, "log_every": 1, "eval_every": 4},
+           "checkpoint": {"save_every": 2, "final": "last", "keep_last": 2},
+           "early_stopping": {"enabled": False}}
+    path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    reference = tmp_path / "reference"
-    finish(start(tmp_path, path, reference))
+    reference = folder / "reference"
+    finish(start(folder, path, reference))
     return path, load_file(str(reference / "final" / "model.safetensors"))
 
 
@@ -111,3 +120,25 @@ def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(kill_setu
     assert "incomplete save" in text and "step-000004" in text
     assert same_weights(load_file(str(out / "final" / "model.safetensors")), reference)
     assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
+
+
+def test_sigterm_saves_at_the_step_boundary_and_says_how_to_resume(kill_setup, tmp_path):
+    config, reference = kill_setup
+    out = tmp_path / "stopped"
+    proc = start(tmp_path, config, out)
+    deadline = time.monotonic() + 120
+    while logged_steps(out) < 4:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    text = text.decode()
+    assert proc.returncode == 130, text
+    assert "checkpoint saved" in text and "--resume auto" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    from tunelab.train.checkpoint import checkpoint_name, verify
+
+    assert verify(out / "checkpoints" / checkpoint_name(summary["steps"])) is None
+    finish(start(tmp_path, config, out, "--resume", "auto"))
+    assert same_weights(load_file(str(out / "final" / "model.safetensors")), reference)
