@@ -105,14 +105,22 @@ def test_unknown_target_module_is_an_input_error(tiny_bert):
     assert "'q_proj'" in e.value.message and "query" in e.value.message and "dense" in e.value.message
 
 
-@pytest.mark.parametrize("key,value", [("unfreeze", {"every": 1}), ("regularization", {"mixout": 0.1})])
-def test_methods_that_need_full_weights_are_refused(tiny_bert, key, value):
+def test_methods_that_need_full_weights_are_refused(tiny_bert, tmp_path):
+    # gradual unfreezing is refused when the config loads (a cross-field rule, with its line)
+    from tunelab.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: t.jsonl\nmethod: lora\nunfreeze:\n  every: 1\n")
+    with pytest.raises(InputError) as e:
+        load_config(path)
+    assert e.value.field == "unfreeze.every" and e.value.line == 5
+    # mixout acts on the frozen base weights: refused when LoRA is applied
     model = load_classifier(resolve_model(str(tiny_bert)), ["neg", "pos"])
     cfg = lora_cfg()
-    setattr(cfg, key, type(getattr(cfg, key)).model_validate(value))
+    cfg.regularization = type(cfg.regularization).model_validate({"mixout": 0.1})
     with pytest.raises(InputError) as e:
         apply_lora(model, cfg)
-    assert e.value.field.startswith(key)
+    assert e.value.field.startswith("regularization")
 
 
 # ---------------------------------------------------------------- a run: final/, checkpoints, merge, eval
