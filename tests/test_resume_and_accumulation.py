@@ -89,3 +89,19 @@ def test_accumulation_equals_one_large_batch(toy_classification, n_rows, small, 
     assert moved > 0
     base = one_step_weights({**raw, "data": {**raw["data"], "max_rows": n_rows}}, n_rows, 1)
     assert all(torch.equal(base[k], big[k]) for k in big)  # deterministic reference
+
+
+def test_early_stopping_state_survives_a_resume(toy_classification, tmp_path):
+    """Nothing improves by 0.5: best at the first eval (step 3), bad evals at 6 and 8 (the epoch
+    end), stop at 8. Stopped at step 7 (one bad eval counted) and resumed, it must still stop at 8."""
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["train"].update({"epochs": 4, "eval_every": 3})
+    raw["early_stopping"] = {"enabled": True, "patience": 2}
+    raw["checkpoint"] = {"min_delta": 0.5, "save_every": 1}
+    full = run_training(Config.model_validate(raw), tmp_path / "full", show_progress=False)
+    assert full["status"] == "early_stopped" and full["steps"] == 8
+    cut = run_training(Config.model_validate(raw), tmp_path / "cut", show_progress=False, should_stop=stop_after(7))
+    assert cut["status"] == "interrupted" and cut["steps"] == 7
+    resumed = run_training(Config.model_validate(raw), tmp_path / "cut", resume="auto", show_progress=False)
+    assert resumed["status"] == "early_stopped" and resumed["steps"] == 8
+    assert resumed["best"]["step"] == full["best"]["step"] == 3
