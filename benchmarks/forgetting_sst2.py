@@ -38,23 +38,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from tunelab.config import library_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 DEFAULT_DATA = DATASETS / "sst2"
 DEFAULT_PROBE = DATASETS / "alpaca_eval_gpt4" / "gpt4.model_outputs.json"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "forgetting_sst2.json"
 
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("tunelab", "torch", "transformers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _first_rows_tsv(src: Path, n: int, dst: Path) -> Path:
@@ -162,7 +153,7 @@ def _write(a, argv, results: list[dict], t0: float, dev: Path, partial: bool) ->
         "runs": results,
         "partial": partial,
         "total_seconds": round(time.monotonic() - t0, 1),
-        "versions": _versions(),
+        "versions": library_versions(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_end": os.getloadavg()},
     }

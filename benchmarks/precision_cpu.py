@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from tunelab.config import library_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "precision_cpu.json"
 
@@ -48,17 +50,6 @@ PLAN = {
     "small": (16, 64, 3, 2),
 }
 
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("tunelab", "torch", "transformers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _cpu_info() -> dict:
@@ -211,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results, "skipped": skipped,
         "total_seconds": round(time.monotonic() - t0, 1),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "cpu": _cpu_info(), "versions": _versions(), "python": platform.python_version(),
+        "cpu": _cpu_info(), "versions": library_versions(), "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from tunelab.config import library_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "sst2"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sst2_classification.json"
@@ -51,17 +53,6 @@ PEER_LR = 2e-5
 def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("tunelab", "torch", "transformers", "tokenizers", "accelerate"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _eval_file(dev: Path, eval_rows: int | None, tmp: Path) -> Path:
@@ -298,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "tunelab": ours,
         "peer": peer,
         "total_seconds": round(total, 1),
-        "versions": _versions(),
+        "versions": library_versions(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_1min_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)]},
     }

@@ -396,7 +396,7 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for name in ("tunelab", "torch", "transformers", "safetensors", "pydantic", "numpy", "peft", "tokenizers"):
+    for name in ("tunelab", "torch", "transformers", "safetensors", "pydantic", "numpy", "peft", "tokenizers", "accelerate"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
