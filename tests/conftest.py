@@ -83,7 +83,8 @@ def toy_classification(tmp_path, tiny_bert) -> dict:
         "model": {"name": str(tiny_bert), "max_length": 32},
         "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl")},
         # the tiny model needs a sustained lr to leave its initial plateau (cosine at this budget does not)
-        "optim": {"lr": 3e-3},
+        # head multiplier pinned: calibrated at 1, and the default (20) would give the head lr 0.06
+        "optim": {"lr": 3e-3, "head_lr_multiplier": 1.0},
         "schedule": {"name": "constant", "warmup_ratio": 0.1},
         "train": {"epochs": 2, "batch_size": 8, "log_every": 2, "seed": 3},
         "early_stopping": {"enabled": False},
