@@ -1,6 +1,7 @@
 """Exact resume vs an uninterrupted run, and accumulation == one large batch, through the real loop."""
 
 import copy
+import json
 
 import pytest
 
@@ -52,7 +53,7 @@ class NullIO:
     def log(self, row):
         pass
 
-    def save(self, state, tracker, is_best):
+    def save(self, state, tracker, is_best, metrics):
         pass
 
     def stop_requested(self):
@@ -105,3 +106,53 @@ def test_early_stopping_state_survives_a_resume(toy_classification, tmp_path):
     resumed = run_training(Config.model_validate(raw), tmp_path / "cut", resume="auto", show_progress=False)
     assert resumed["status"] == "early_stopped" and resumed["steps"] == 8
     assert resumed["best"]["step"] == full["best"]["step"] == 3
+
+
+@pytest.mark.parametrize("final", ["best", "last"])
+def test_evaluation_time_is_kept_out_of_the_training_rate(toy_classification, tmp_path, final):
+    """An evaluation that sleeps 0.4 s per call: the summary's eval_seconds holds that time, and
+    samples_per_second is samples / (loop time - eval time), not samples / loop time. The final
+    metrics come from the shipped weights' checkpoint: no third evaluation, same numbers as a fresh one."""
+    import dataclasses
+    import time
+
+    import tunelab.run as run_mod
+
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["train"].update({"epochs": 2, "eval_before": False})
+    raw["checkpoint"] = {"final": final}
+    calls = []
+    real_setup = run_mod.setup_task
+
+    def slow_setup(cfg, *a, **kw):
+        task = real_setup(cfg, *a, **kw)
+        inner = task.evaluate
+
+        def evaluate(model):
+            calls.append(1)
+            time.sleep(0.4)
+            return inner(model)
+        return dataclasses.replace(task, evaluate=evaluate)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(run_mod, "setup_task", slow_setup)
+    try:
+        summary = run_training(Config.model_validate(raw), tmp_path / "run", show_progress=False)
+    finally:
+        mp.undo()
+    evals = 2  # one per epoch end; the final metrics are the stored evaluation of the shipped weights
+    assert len(calls) == evals
+    assert summary["eval_seconds"] >= 0.4 * evals
+    secs = summary["train_seconds"]  # rounded to 1 ms in the summary
+    assert summary["samples"] / (secs + 6e-4) <= summary["samples_per_second"] <= summary["samples"] / (secs - 6e-4)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    loop_seconds = max(r["elapsed"] for r in metrics if "elapsed" in r)
+    assert summary["train_seconds"] < loop_seconds - 0.4 * (evals - 1)  # the last train row precedes the last eval
+    shipped = summary["final_weights"]
+    step = summary["steps"] if shipped == "last" else summary["best"]["step"]
+    from tunelab.evaluate.saved_model import evaluate_saved_classifier
+
+    fresh = evaluate_saved_classifier(tmp_path / "run" / "final", raw["data"]["eval"], max_length=32)
+    assert fresh["accuracy"] == summary["final"]["accuracy"] and fresh["confusion_matrix"] == summary["final"]["confusion_matrix"]
+    assert fresh["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
+    assert step in (8, 16)  # an epoch end: 64 rows / batch 8 = 8 steps per epoch

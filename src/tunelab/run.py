@@ -219,7 +219,7 @@ def train(r: Recipe, io: RunDir, state: LoopState) -> LoopState:
 def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_start: float) -> dict:
     """final/ (best or last weights), the final evaluation and probe, summary.json, report.html."""
     out, task, model = io.root, r.task, r.model
-    secs = state.train_seconds
+    secs = state.train_seconds - state.eval_seconds  # rates count training time only
     summary = {
         "status": state.status, "task": r.cfg.task, "method": r.cfg.method, "steps": state.step,
         "total_steps": r.settings.total_steps,
@@ -228,6 +228,7 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         "trainable_params": r.trainable, "total_params": r.total,
         "trainable_percent": round(100 * r.trainable / r.total, 4) if r.total else 0.0,
         "tokens": state.tokens, "samples": state.samples, "train_seconds": round(secs, 3),
+        "eval_seconds": round(state.eval_seconds, 3),
         "tokens_per_second": state.tokens / secs if secs else 0.0,
         "samples_per_second": state.samples / secs if secs else 0.0,
         "skipped_steps": state.skipped_steps,
@@ -236,11 +237,17 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         "before": before, "data": task.info,
     }
     if state.status in ("completed", "early_stopped"):
+        # the evaluation stored with the shipped weights, when their checkpoint holds one
+        final_eval = None
         if r.cfg.checkpoint.final == "best" and io.best_checkpoint and (io.ckpt_root / io.best_checkpoint).is_dir():
             ckpt.load_weights(io.ckpt_root / io.best_checkpoint, model)
             summary["final_weights"] = io.best_checkpoint
+            final_eval = ckpt.load_state(io.ckpt_root / io.best_checkpoint).get("eval")
         else:
             summary["final_weights"] = "last"
+            last = io.ckpt_root / ckpt.checkpoint_name(state.step)
+            if last.is_dir():
+                final_eval = ckpt.load_state(last).get("eval")
         if r.mixout_layers:
             remove_mixout(model)
         tmp_final = out / ".tmp-final"
@@ -250,7 +257,7 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         os.replace(tmp_final, out / "final")
         model.to(r.device)
         if task.evaluate is not None:
-            summary["final"] = task.evaluate(model)
+            summary["final"] = final_eval if final_eval is not None else task.evaluate(model)
         if r.probe_texts is not None:
             after = probe_measures(model, task.tokenizer, r.probe_texts, r.cfg.model.max_length)
             summary["probe"] = compare(r.probe_before, after, r.cfg.probe.warn_loss_increase, r.cfg.probe.min_cosine)

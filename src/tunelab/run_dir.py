@@ -94,9 +94,15 @@ class RunDir:
         self.metrics.write(row)
         self.progress.update(row.get("step", 0), row)
 
-    def save(self, state: LoopState, tracker: BestTracker, is_best: bool) -> None:
+    def save(self, state: LoopState, tracker: BestTracker, is_best: bool, metrics: dict | None = None) -> None:
+        """Checkpoint the run; `metrics` is the full evaluation of these weights when one just ran.
+
+        The evaluation travels inside the checkpoint so the final summary can report it for the
+        weights it ships without evaluating them a second time.
+        """
         best = ckpt.checkpoint_name(state.step) if is_best else self.best_checkpoint
-        payload = {"loop": state.to_dict(), "tracker": tracker.state_dict(), "best_checkpoint": best}
+        payload = {"loop": state.to_dict(), "tracker": tracker.state_dict(), "best_checkpoint": best,
+                   "eval": metrics}
         try:
             ckpt.save_checkpoint(self.ckpt_root, step=state.step, model=self.model, optimizer=self.optimizer,
                                  scheduler=self.scheduler, state=payload)

@@ -25,8 +25,14 @@ def encode(examples: Examples, tokenizer, max_length: int) -> tuple[list[dict], 
     enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     features = [{k: enc[k][i] for k in keys} for i in range(len(examples))]
-    full = tokenizer(examples.texts, examples.pairs, truncation=False)["input_ids"]
-    truncated = sum(len(ids) > max_length for ids in full)
+    # only an example that fills max_length can have been cut: tokenize just those again, whole
+    at_limit = [i for i, f in enumerate(features) if len(f["input_ids"]) >= max_length]
+    truncated = 0
+    if at_limit:
+        texts = [examples.texts[i] for i in at_limit]
+        pairs = [examples.pairs[i] for i in at_limit] if examples.pairs is not None else None
+        full = tokenizer(texts, pairs, truncation=False)["input_ids"]
+        truncated = sum(len(ids) > max_length for ids in full)
     return features, truncated
 
 

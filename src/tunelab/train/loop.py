@@ -46,7 +46,8 @@ class LoopState:
     window: int = 0  # accumulation windows already consumed in this epoch
     tokens: int = 0
     samples: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # wall time inside the loop, evaluation and checkpoints included
+    eval_seconds: float = 0.0  # the part of train_seconds spent evaluating and saving checkpoints
     skipped_steps: int = 0
     # loss and grad-norm sums since the last logged row (saved too, so a resumed log is identical)
     pending_loss: float = 0.0
@@ -60,7 +61,7 @@ class LoopState:
 
 class LoopIO(Protocol):
     def log(self, row: dict) -> None: ...
-    def save(self, state: LoopState, tracker: BestTracker, is_best: bool) -> None: ...
+    def save(self, state: LoopState, tracker: BestTracker, is_best: bool, metrics: dict | None) -> None: ...
     def stop_requested(self) -> bool: ...
 
 
@@ -71,6 +72,51 @@ def windows_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
 def eval_row(metrics: dict, state: LoopState, epoch: float) -> dict:
     row = {"step": state.step, "epoch": round(epoch, 4)}
     row.update({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return row
+
+
+def optimizer_step(optimizer, scheduler, params, s: LoopSettings, state: LoopState,
+                   window_loss: float) -> tuple[float, float, bool]:
+    """Clip, step, zero the grads and advance the schedule for one accumulation window.
+
+    Returns (pre-clip grad norm, the lr this step used, whether the step was finite). A step whose
+    loss or gradient norm is not finite is skipped and counted; under fp16 an overflow is the
+    GradScaler's business (it skips the step and lowers the scale), not divergence.
+    """
+    if s.scaler is not None:
+        s.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or float("inf")).item()
+    g0 = optimizer.param_groups[0]
+    lr = g0["lr"] * s.base_lr / g0["initial_lr"] if s.base_lr else g0["lr"]
+    if s.scaler is not None:
+        old_scale = s.scaler.get_scale()
+        s.scaler.step(optimizer)
+        s.scaler.update()
+        if s.scaler.get_scale() < old_scale:
+            state.skipped_steps += 1
+        finite = math.isfinite(window_loss)
+    elif math.isfinite(grad_norm) and math.isfinite(window_loss):
+        optimizer.step()
+        finite = True
+    else:
+        state.skipped_steps += 1
+        finite = False
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm, lr, finite
+
+
+def train_row(state: LoopState, s: LoopSettings, epoch: float, lr: float, grad_norm: float, penalty: float) -> dict:
+    """One metrics.jsonl training row: means since the last row, counters, and the last step's lr and norm."""
+    row = {"step": state.step, "epoch": round(epoch, 4),
+           "loss": state.pending_loss / max(1, state.pending_units),
+           "lr": lr, "grad_norm": grad_norm, "grad_norm_max": state.pending_norm_max,
+           "tokens": state.tokens, "samples": state.samples,
+           "elapsed": round(state.train_seconds, 3), "skipped_steps": state.skipped_steps}
+    if s.penalty is not None:
+        row["penalty"] = penalty
+    if s.unfreeze is not None:
+        row["unfreeze_stage"] = s.unfreeze.stages
     return row
 
 
@@ -107,27 +153,8 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
                 reg = s.penalty(model)
                 scale(reg).backward()
                 penalty = reg.item()
-            # clip (the pre-clip norm is what we log), step, schedule
-            if s.scaler is not None:
-                s.scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or float("inf")).item()
-            g0 = optimizer.param_groups[0]
-            lr = g0["lr"] * s.base_lr / g0["initial_lr"] if s.base_lr else g0["lr"]
-            if s.scaler is not None:  # fp16: an overflow is the scaler's business, not divergence
-                old_scale = s.scaler.get_scale()
-                s.scaler.step(optimizer)
-                s.scaler.update()
-                if s.scaler.get_scale() < old_scale:
-                    state.skipped_steps += 1
-                bad_in_a_row = 0 if math.isfinite(window_loss) else bad_in_a_row + 1
-            elif math.isfinite(grad_norm) and math.isfinite(window_loss):
-                optimizer.step()
-                bad_in_a_row = 0
-            else:
-                state.skipped_steps += 1
-                bad_in_a_row += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            grad_norm, lr, finite = optimizer_step(optimizer, scheduler, params, s, state, window_loss)
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
             state.step += 1
             state.window += 1
             epoch = state.epoch + state.window / len(windows)
@@ -141,18 +168,13 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
             # log
             state.train_seconds = time.monotonic() - started
             if state.step % s.log_every == 0 or state.step == s.total_steps:
-                io.log({"step": state.step, "epoch": round(epoch, 4),
-                        "loss": state.pending_loss / max(1, state.pending_units),
-                        "lr": lr, "grad_norm": grad_norm, "grad_norm_max": state.pending_norm_max,
-                        "tokens": state.tokens, "samples": state.samples,
-                        "elapsed": round(state.train_seconds, 3), "skipped_steps": state.skipped_steps,
-                        **({"penalty": penalty} if s.penalty is not None else {}),
-                        **({"unfreeze_stage": s.unfreeze.stages} if s.unfreeze is not None else {})})
+                io.log(train_row(state, s, epoch, lr, grad_norm, penalty))
                 state.pending_loss, state.pending_units, state.pending_norm_max = 0.0, 0, 0.0
             # evaluate, track the best, early-stop
             end_of_epoch = state.window == len(windows)
             due_eval = (s.eval_every and state.step % s.eval_every == 0) or end_of_epoch or state.step == s.total_steps
-            is_best = False
+            is_best, metrics = False, None
+            paused = time.monotonic()  # evaluation and checkpoint time is kept out of the training rate
             if due_eval and task.evaluate is not None:
                 metrics = task.evaluate(model)
                 row = eval_row(metrics, state, epoch)
@@ -167,8 +189,11 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
             # never checkpoint inside a streak of non-finite steps: the last checkpoint precedes the fault
             due_save = due_eval or (s.save_every and state.step % s.save_every == 0) or state.status != "running"
             if due_save and bad_in_a_row == 0:
-                state.train_seconds = time.monotonic() - started
-                io.save(state, tracker, is_best)
+                state.eval_seconds += time.monotonic() - paused
+                paused = time.monotonic()
+                state.train_seconds = paused - started
+                io.save(state, tracker, is_best, metrics)
+            state.eval_seconds += time.monotonic() - paused
             if state.status != "running":
                 break
         if state.window >= len(windows):  # the epoch is complete (not just the step budget)
