@@ -109,6 +109,32 @@ def train(
     _guard(go)
 
 
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="YAML config file (the one you would train with)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.batch_size=4 (repeatable)."),
+    measure_steps: int = typer.Option(3, "--measure-steps", min=0,
+                                      help="Real optimizer steps to time (after one warm-up); 0 = no timing."),
+    price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", min=0, help="Machine price, for a cost."),
+    no_suggestions: bool = typer.Option(False, "--no-suggestions", help="Skip the what-if estimates of memory levers."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Peak memory, steps, FLOPs, time and cost of a config before you train it, and what would make it fit."""
+
+    def go():
+        from tunelab.config import load_config
+
+        cfg = load_config(config, set_)
+        from tunelab.plan.planner import make_plan
+        from tunelab.plan.report import plan_lines
+
+        result = make_plan(cfg, measure_steps=measure_steps, price_per_hour=price_per_hour,
+                           suggestions=not no_suggestions)
+        typer.echo(json.dumps(result) if as_json else "\n".join(plan_lines(result)))
+
+    _guard(go)
+
+
 @app.command("eval")
 def eval_(
     model_dir: Path = typer.Argument(..., help="A saved classifier folder (e.g. RUN/final)."),

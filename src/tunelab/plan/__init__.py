@@ -1,0 +1,1 @@
+"""Memory, time and cost planner (`tunelab plan`)."""

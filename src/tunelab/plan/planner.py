@@ -1,0 +1,318 @@
+"""`tunelab plan`: will this config fit, how long will it take, and what would make it fit.
+
+Before a run starts, a user wants three answers: peak memory (against what the machine has),
+the time to the end (and its cost), and the cheapest change that fixes an out-of-memory. We get
+them from the run's real inputs rather than from rules of thumb:
+
+- the data: the training file read, tokenized and batched exactly as `tunelab train` will (the
+  same readers, encoders, packing and length-grouped batch order), so padding, packing and the
+  longest micro-batch are the real ones;
+- the model: per-shape activation bytes and FLOPs measured on a weightless copy
+  (`tunelab.plan.probe`), fitted as rows * (a + b*width + c*width^2) + d*supervised (exact for
+  transformers: linear layers give the width term, attention the square, the vocabulary
+  projection the supervised term), evaluated on every micro-batch of an epoch;
+- the speed: `measure_steps` real optimizer steps of the real model on the first batches
+  (the loop itself runs them), turned into FLOP/s and applied to the whole run's FLOPs. Without
+  measurement the plan still gives FLOPs, memory and steps, and says the time is unknown.
+
+Memory = runtime (this process after imports: Python, torch, transformers) + weights (fp32
+master weights; a QLoRA base at NF4's 4.127 bits per weight with double quantisation) +
+gradients and AdamW moments (fp32, trainable parameters only) + regularizer copies (L2-SP/EWC
+anchor, EWC Fisher, Mixout targets) + the activations of the largest micro-batch + backward's
+transient (twice the largest saved tensor). benchmarks/plan_accuracy.py compares it with
+measured peaks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from tunelab.config import Config
+from tunelab.plan.probe import meta_model, probe
+
+MB = 2**20
+NF4_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 weights + fp32 per 256 absmax (double quant)
+
+
+# ---------------------------------------------------------------- data as the loop will batch it
+
+
+def data_profile(cfg: Config) -> dict:
+    """Training units (lengths, supervised tokens) and one epoch's micro-batch shapes."""
+    from tunelab.data.batching import epoch_batches
+    from tunelab.models.load import load_tokenizer
+    from tunelab.models.registry import resolve_model
+
+    source = resolve_model(cfg.model.name)
+    tok = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    max_len = cfg.model.max_length
+    packed = False
+    if cfg.task == "classification":
+        from tunelab.data.classification import load_train_eval
+        from tunelab.tasks.classification import encode
+
+        train, evaluation, names = load_train_eval(cfg.data, cfg.train.seed)
+        lengths = [len(f["input_ids"]) for f in encode(train, tok, max_len)[0]]
+        supervised = [0] * len(lengths)
+        eval_tokens = sum(len(f["input_ids"]) for f in encode(evaluation, tok, max_len)[0]) if evaluation else 0
+        num_labels = len(names)
+    else:
+        from tunelab.tasks.causal_lm import _read_and_encode, batcher, n_supervised, split_examples
+
+        _, examples, _, _ = _read_and_encode(cfg.data.train, cfg, tok, max_len, cfg.task)
+        if cfg.data.eval:
+            _, held, _, _ = _read_and_encode(cfg.data.eval, cfg, tok, max_len, cfg.task)
+        else:
+            examples, held = split_examples(examples, cfg.data.eval_split, cfg.train.seed)
+        packed = bool(cfg.data.packing)
+        units, _ = batcher(examples, 0, packed, max_len)
+        lengths = [sum(len(examples[j].input_ids) for j in u) for u in units]
+        supervised = [sum(n_supervised(examples[j]) for j in u) for u in units]
+        eval_tokens = sum(len(e.input_ids) for e in held)
+        num_labels = None
+    batches = epoch_batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=0)
+    shapes = [(len(b), max(lengths[i] for i in b), sum(supervised[i] for i in b)) for b in batches]
+    return {"units": len(lengths), "tokens": sum(lengths), "supervised_tokens": sum(supervised),
+            "padded_tokens": sum(r * w for r, w, _ in shapes), "shapes": shapes, "eval_tokens": eval_tokens,
+            "num_labels": num_labels, "packed": packed, "max_length": max_len}
+
+
+# ---------------------------------------------------------------- cost per micro-batch shape
+
+
+def fit_costs(model, task: str, max_width: int, packed: bool, autocast_dtype) -> dict:
+    """Coefficients of bytes/FLOPs = rows*(a + b*w + c*w^2) + d*supervised, from four probes."""
+    widths = sorted({max(8, max_width), max(4, max_width // 2), max(2, max_width // 4)})
+    while len(widths) < 3:
+        widths.append(widths[-1] + 8)
+    results = [probe(model, task, rows=1, width=w, packed=packed, autocast_dtype=autocast_dtype) for w in widths]
+    out = {}
+    for key in ("saved_bytes", "flops"):
+        ys = [getattr(r, key) for r in results]
+        a, b, c = _quadratic_through(widths, ys)
+        out[key] = [a, b, c, 0.0]
+    if task != "classification":
+        w = widths[0]
+        s = max(1, w - 1)
+        with_head = probe(model, task, rows=1, width=w, supervised=s, packed=packed, autocast_dtype=autocast_dtype)
+        out["saved_bytes"][3] = (with_head.saved_bytes - results[0].saved_bytes) / s
+        out["flops"][3] = (with_head.flops - results[0].flops) / s
+    return out
+
+
+def _quadratic_through(xs: list[int], ys: list[int]) -> tuple[float, float, float]:
+    (x0, x1, x2), (y0, y1, y2) = xs[:3], ys[:3]
+    d01, d12 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    c = (d12 - d01) / (x2 - x0)
+    b = d01 - c * (x0 + x1)
+    return y0 - b * x0 - c * x0 * x0, b, c
+
+
+def shape_cost(coef: list[float], rows: int, width: int, supervised: int) -> float:
+    a, b, c, d = coef
+    return rows * (a + b * width + c * width * width) + d * supervised
+
+
+# ---------------------------------------------------------------- memory
+
+
+def param_bytes(model, cfg: Config) -> dict:
+    """Weights, gradients, optimizer moments and regularizer copies, in bytes."""
+    from tunelab.models.lora import QLORA_SKIP_MODULES
+
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    quantizable = 0  # what bitsandbytes would store in 4 bits: frozen Linear weights outside the heads
+    if cfg.method == "qlora":
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad \
+                    and not any(part in QLORA_SKIP_MODULES for part in name.split(".")):
+                quantizable += m.weight.numel()
+    weights = (total - quantizable) * 4 + quantizable * NF4_BITS / 8
+    reg = cfg.regularization
+    copies = (1 if (reg.l2sp or reg.ewc) else 0) + (1 if reg.ewc else 0) + (1 if reg.mixout else 0)
+    return {"total_params": total, "trainable_params": trainable, "weights": weights, "gradients": trainable * 4,
+            "optimizer": trainable * 8, "regularizers": trainable * 4 * copies}
+
+
+def runtime_bytes() -> int:
+    """This process's resident memory now: the interpreter with torch and transformers imported."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def autocast_dtype_for(cfg: Config, device: torch.device, total_params: int):
+    from tunelab.train.precision import resolve_precision
+
+    precision = resolve_precision(cfg.train.precision, device, total_params)
+    return precision, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
+    """Memory and FLOPs of a config on a data profile (no real computation); `runtime`: the process baseline."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = meta_model(cfg, profile["num_labels"])
+    pb = param_bytes(model, cfg)
+    precision, amp = autocast_dtype_for(cfg, device, pb["total_params"])
+    shapes = profile["shapes"]
+    coef = fit_costs(model, cfg.task, max(w for _, w, _ in shapes), profile["packed"], amp)
+    per_batch = [shape_cost(coef["saved_bytes"], *s) for s in shapes]
+    peak_i = max(range(len(shapes)), key=per_batch.__getitem__)
+    rows, width, sup = shapes[peak_i]
+    direct = probe(model, cfg.task, rows=rows, width=width, supervised=sup, packed=profile["packed"],
+                   autocast_dtype=amp)
+    flops_per_batch = [shape_cost(coef["flops"], *s) for s in shapes]
+    flops_epoch = sum(flops_per_batch)
+    # evaluation runs forward only: about a third of forward + backward per token
+    eval_flops = flops_epoch / max(1, profile["padded_tokens"]) / 3 * profile["eval_tokens"]
+    memory = {"runtime": runtime, "weights": pb["weights"], "gradients": pb["gradients"],
+              "optimizer": pb["optimizer"], "regularizers": pb["regularizers"],
+              "activations": direct.saved_bytes, "transient": 2 * direct.largest_saved_bytes}
+    memory["peak"] = sum(memory.values())
+    return {"precision": precision, "device": device.type, "params": pb, "memory": memory,
+            "largest_micro_batch": {"rows": rows, "width": width, "supervised_tokens": sup},
+            "flops_per_epoch": flops_epoch, "flops_per_batch": flops_per_batch, "eval_flops_per_pass": eval_flops}
+
+
+def measure(cfg: Config, steps: int) -> dict:
+    """Time `steps` real optimizer steps after one warm-up step, through the real setup and loop."""
+    from tunelab.run import setup
+    from tunelab.train.early_stop import BestTracker
+    from tunelab.train.loop import LoopState, train_loop
+
+    r = setup(cfg)
+    r.task.evaluate = None
+    r.settings.total_steps, r.settings.log_every = steps + 1, 1
+    r.settings.eval_every = r.settings.save_every = None
+    r.settings.early_stopping = False
+    stamps: list[float] = []
+
+    class Clock:
+        def log(self, row):
+            if "loss" in row:
+                stamps.append(time.monotonic())
+
+        def save(self, *a, **k):
+            pass
+
+        def stop_requested(self):
+            return False
+
+    train_loop(r.model, r.optimizer, r.scheduler, r.task, r.settings, LoopState(), BestTracker("loss", "min"),
+               Clock(), r.autocast)
+    from tunelab.run_dir import peak_memory_mb
+
+    secs = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
+    return {"steps": len(stamps) - 1, "seconds": secs, "peak_memory_mb": round(peak_memory_mb(r.device), 1)}
+
+
+def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | None = None,
+              suggestions: bool = True) -> dict:
+    """The whole plan as one JSON-ready dict (the `tunelab plan --json` object)."""
+    profile = data_profile(cfg)
+    # the process with transformers, the tokenizer and the data loaded, as a run has them; taken once,
+    # before the probes and the measured steps grow this process
+    runtime = runtime_bytes()
+    est = estimate(cfg, profile, runtime)
+    shapes = profile["shapes"]
+    windows = math.ceil(len(shapes) / cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * windows))
+    epochs = total_steps / windows
+    n_evals = 0
+    if profile["eval_tokens"]:  # the loop's rule: every eval_every steps, at each epoch end, at the last step
+        every = cfg.train.eval_every
+        n_evals = (1 if cfg.train.eval_before else 0) + sum(
+            1 for step in range(1, total_steps + 1)
+            if (every and step % every == 0) or step % windows == 0 or step == total_steps)
+    plan = {
+        "model": cfg.model.name, "task": cfg.task, "method": cfg.method, "precision": est["precision"],
+        "device": est["device"],
+        "params": {k: est["params"][k] for k in ("total_params", "trainable_params")},
+        "data": {k: profile[k] for k in ("units", "tokens", "padded_tokens", "supervised_tokens", "eval_tokens",
+                                          "packed", "max_length")} | {"micro_batches_per_epoch": len(shapes)},
+        "largest_micro_batch": est["largest_micro_batch"],
+        "steps": {"per_epoch": windows, "total": total_steps, "epochs": round(epochs, 4), "evaluations": n_evals},
+        "memory_mb": {k: round(v / MB, 1) for k, v in est["memory"].items()},
+        "flops": {"train_per_epoch": est["flops_per_epoch"], "train_total": est["flops_per_epoch"] * epochs,
+                  "eval_per_pass": est["eval_flops_per_pass"]},
+    }
+    avail = available_bytes(torch.device(est["device"]))
+    plan["available_mb"] = round(avail / MB, 1) if avail is not None else None
+    plan["fits"] = None if avail is None else est["memory"]["peak"] <= avail
+    plan["time"] = None
+    if measure_steps:
+        m = measure(cfg, measure_steps)
+        # the clock ran from the end of step 1 to the end of the last: micro-batches of windows 2..
+        a = cfg.train.grad_accum
+        measured_flops = sum(est["flops_per_batch"][a: a * (1 + m["steps"])])
+        rate = measured_flops / m["seconds"] if m["seconds"] > 0 else float("nan")
+        train_s = plan["flops"]["train_total"] / rate
+        eval_s = n_evals * plan["flops"]["eval_per_pass"] / rate
+        plan["time"] = {"measured_steps": m["steps"], "measured_seconds": round(m["seconds"], 3),
+                        "achieved_flops_per_second": round(rate, 1), "train_seconds": round(train_s, 3),
+                        "eval_seconds": round(eval_s, 3), "total_seconds": round(train_s + eval_s, 3),
+                        "measured_peak_memory_mb": m["peak_memory_mb"]}
+        if price_per_hour is not None:
+            plan["cost"] = {"price_per_hour": price_per_hour,
+                            "total": round(price_per_hour * (train_s + eval_s) / 3600, 4)}
+    if suggestions:
+        plan["suggestions"] = suggest(cfg, profile, est["memory"], est["precision"])
+    return plan
+
+
+LEVERS = [
+    ("train.gradient_checkpointing=true", {"train": {"gradient_checkpointing": True}}),
+    ("halve train.batch_size, double train.grad_accum", None),
+    ("train.precision=bf16", {"train": {"precision": "bf16"}}),
+    ("method=lora", {"method": "lora"}),
+    ("method=qlora", {"method": "qlora"}),
+]
+
+
+def suggest(cfg: Config, profile: dict, memory: dict, precision: str) -> list[dict]:
+    """Each memory lever not already in use, with the peak it would give (same data, same probes)."""
+    out = []
+    for label, change in LEVERS:
+        raw = cfg.model_dump(mode="json")
+        if label.startswith("train.precision") and precision != "fp32":
+            continue
+        if change is None:
+            if cfg.train.batch_size < 2:
+                continue
+            raw["train"]["batch_size"] = cfg.train.batch_size // 2
+            raw["train"]["grad_accum"] = cfg.train.grad_accum * 2
+        else:
+            section, value = next(iter(change.items()))
+            if isinstance(value, dict):
+                if all(raw[section].get(k) == v for k, v in value.items()):
+                    continue
+                raw[section].update(value)
+            elif raw[section] == value or (value == "lora" and raw[section] == "qlora"):
+                continue
+            else:
+                raw[section] = value
+        variant = Config.model_validate(raw)
+        vprofile = data_profile(variant) if change is None else profile
+        est = estimate(variant, vprofile, memory["runtime"])
+        out.append({"change": label, "peak_mb": round(est["memory"]["peak"] / MB, 1),
+                    "saves_mb": round((memory["peak"] - est["memory"]["peak"]) / MB, 1)})
+    return sorted(out, key=lambda s: s["peak_mb"])
