@@ -19,7 +19,7 @@ from tunelab.errors import InputError, RunFailure
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Fine-tune pre-trained language models on your own data.")
-data_app = typer.Typer(no_args_is_help=True, help="Check data files before training.")
+data_app = typer.Typer(no_args_is_help=True, help="Check and clean data files before training.")
 app.add_typer(data_app, name="data")
 
 _state = {"debug": False}
@@ -163,24 +163,104 @@ def eval_(
     _guard(go)
 
 
+def _token_counter(name: Optional[str]):
+    """Tokens per text with the tokenizer of a model (embedded name, folder or hub id); None = off."""
+    if name is None:
+        return None
+    from tunelab.models.load import load_tokenizer
+    from tunelab.models.registry import resolve_model
+
+    try:
+        tok = load_tokenizer(resolve_model(name))
+    except InputError as e:
+        raise InputError(e.message, file=e.file, field="--tokenizer") from None
+    return lambda texts: [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _report_lines(report: dict, indent: str = "") -> list[str]:
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, dict) and key == "eval":
+            lines += [f"{indent}eval:"] + _report_lines(value, indent + "  ")
+        else:
+            lines.append(f"{indent}{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return lines
+
+
+def _clean_lines(report: dict) -> list[str]:
+    lines = [f"kept {report['kept']} of {report['rows']} rows of {report['file']} -> {report['out']} ({report['out_format']})"]
+    for reason, n in report["dropped"].items():
+        lines.append(f"  {reason:<17} {n:>6}  e.g. {', '.join(report['examples'][reason][:3])}")
+    if "eval" in report:
+        lines += ["eval: " + _clean_lines(report["eval"])[0]] + _clean_lines(report["eval"])[1:]
+    return lines
+
+
+_TASK_HELP = "classification, chat or text; auto = from the first record's keys ('label' -> classification)."
+_NEAR_HELP = "Also drop near-duplicates: word-3-gram Jaccard >= this (e.g. 0.8; MinHash-proposed, exactly checked)."
+
+
 @data_app.command("check")
 def data_check(
-    file: Path = typer.Argument(..., help="Data file to validate."),
-    text_column: str = typer.Option("text"),
-    label_column: str = typer.Option("label"),
+    file: Path = typer.Argument(..., help="Data file to validate (classification, chat or plain text)."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="An eval file: checked too, and for leakage from FILE."),
+    task: str = typer.Option("auto", "--task", help=_TASK_HELP),
+    text_column: str = typer.Option("text", help="Classification: the column holding the text."),
+    label_column: str = typer.Option("label", help="Classification: the column holding the label."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="A model whose tokenizer counts tokens (lengths, assistant token share)."),
+    near_dup: Optional[float] = typer.Option(None, "--near-dup", help=_NEAR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Validate a classification file: every row readable, text and label present; label counts."""
+    """Validate a data file as training would read it; report rows, labels or chat turns, lengths,
+    duplicates, label conflicts, leakage into --eval, and what `data clean` would drop.
+
+    Exit 2 at the first row training would refuse (empty text, empty or missing assistant turn),
+    with how many such rows there are; `data clean` drops them."""
 
     def go():
-        from tunelab.data.classification import label_counts, load_examples
+        from tunelab.data.check import check_files
+        from tunelab.data.curate import Filters
 
-        ex, names = load_examples(file, text_column=text_column, label_column=label_column)
-        lengths = sorted(len(t) for t in ex.texts)
-        report = {"file": str(file), "rows": len(ex), "labels": label_counts(ex, names),
-                  "duplicate_texts": len(ex.texts) - len(set(ex.texts)),
-                  "chars_median": lengths[len(lengths) // 2], "chars_max": lengths[-1]}
-        typer.echo(json.dumps(report) if as_json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+        report = check_files(file, eval_file=eval_file, task=task, text_column=text_column, label_column=label_column,
+                             filters=Filters(near_duplicate=near_dup), count_tokens=_token_counter(tokenizer))
+        typer.echo(json.dumps(report) if as_json else "\n".join(_report_lines(report)))
+
+    _guard(go)
+
+
+@data_app.command("clean")
+def data_clean(
+    file: Path = typer.Argument(..., help="Data file to clean (classification, chat or plain text)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where the kept rows go. Its suffix picks the format "
+                             "(.jsonl .json .csv .tsv .parquet; .txt for plain text); give FILE's suffix to keep "
+                             "its format. Rows are written as read, every column. Never FILE itself."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="An eval file: cleaned by the same rules, minus rows "
+                                             "whose text (or conversation) is in FILE (leakage)."),
+    eval_out: Optional[Path] = typer.Option(None, "--eval-out", help="Where the kept eval rows go (needed with --eval)."),
+    task: str = typer.Option("auto", "--task", help=_TASK_HELP),
+    text_column: str = typer.Option("text", help="Classification: the column holding the text."),
+    label_column: str = typer.Option("label", help="Classification: the column holding the label."),
+    min_chars: Optional[int] = typer.Option(None, "--min-chars", help="Drop rows with fewer characters (chat: all message text)."),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Drop rows with more characters."),
+    min_tokens: Optional[int] = typer.Option(None, "--min-tokens", help="Drop rows with fewer tokens (needs --tokenizer)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Drop rows with more tokens (needs --tokenizer)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="A model whose tokenizer counts tokens (embedded name or folder)."),
+    near_dup: Optional[float] = typer.Option(None, "--near-dup", help=_NEAR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Drop empty rows, rows out of the length bounds, label conflicts (every copy), duplicates
+    after normalisation (NFKC, whitespace, case; the first copy stays) and, with --eval, eval rows
+    leaked from FILE; write the rest atomically. Counts per reason with file:line examples."""
+
+    def go():
+        from tunelab.data.clean import clean_files
+        from tunelab.data.curate import Filters
+
+        filters = Filters(min_chars=min_chars, max_chars=max_chars, min_tokens=min_tokens, max_tokens=max_tokens,
+                          near_duplicate=near_dup)
+        report = clean_files(file, out, eval_file=eval_file, eval_out=eval_out, task=task, text_column=text_column,
+                             label_column=label_column, filters=filters, count_tokens=_token_counter(tokenizer))
+        typer.echo(json.dumps(report) if as_json else "\n".join(_clean_lines(report)))
 
     _guard(go)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.readers import Record, read_records
+from tunelab.data.readers import DroppableRowError, Record, read_records
 from tunelab.errors import InputError
 
 FORMATS = ("openai", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -69,20 +69,31 @@ def read_chat_data(path: str | Path, fmt: str = "auto") -> ChatData:
     records = read_records(path)
     if fmt == "auto":
         fmt = detect_chat_format(path, records[0])
-    if fmt == "text":
-        data = ChatData("text")
-        for rec in records:
-            data.texts.append(_string(rec, path, "text", rec.fields.get("text"), allow_empty=False))
-            data.sources.append(_source(path, rec))
-        return data
-    reader = {"openai": _openai, "sharegpt": _sharegpt, "alpaca": _alpaca, "prompt_completion": _prompt_completion}[fmt]
-    data = ChatData("conversations")
+    data = ChatData("text" if fmt == "text" else "conversations")
     for rec in records:
-        for conv in reader(rec, path):
-            _validate_conversation(conv, rec, path)
-            data.conversations.append(conv)
+        parsed = parse_record(rec, path, fmt)
+        if isinstance(parsed, str):
+            data.texts.append(parsed)
             data.sources.append(_source(path, rec))
+        else:
+            data.conversations += parsed
+            data.sources += [_source(path, rec)] * len(parsed)
     return data
+
+
+def parse_record(rec: Record, path: Path, fmt: str) -> str | list[list[Message]]:
+    """One record of a known format: its text (`fmt` 'text') or its validated conversations.
+
+    A record with nothing to learn (empty text, empty assistant turn, no assistant turn) raises
+    DroppableRowError, so `data clean` can drop it where training stops at it.
+    """
+    if fmt == "text":
+        return _string(rec, path, "text", rec.fields.get("text"), allow_empty=False)
+    reader = {"openai": _openai, "sharegpt": _sharegpt, "alpaca": _alpaca, "prompt_completion": _prompt_completion}[fmt]
+    conversations = reader(rec, path)
+    for conv in conversations:
+        _validate_conversation(conv, rec, path)
+    return conversations
 
 
 def detect_chat_format(path: Path, record: Record) -> str:
@@ -110,7 +121,10 @@ def _source(path: Path, rec: Record) -> str:
     return f"{path}:{rec.line}" if rec.line is not None else f"{path}#{rec.index}"
 
 
-def _error(msg: str, rec: Record, path: Path, field_name: str) -> InputError:
+def _error(msg: str, rec: Record, path: Path, field_name: str, *, droppable: str | None = None) -> InputError:
+    """The located error for a record; with `droppable` (a curation reason) a DroppableRowError."""
+    if droppable:
+        return DroppableRowError(msg, reason=droppable, file=path, field=field_name, **rec.where())
     return InputError(msg, file=path, field=field_name, **rec.where())
 
 
@@ -120,7 +134,7 @@ def _string(rec: Record, path: Path, name: str, value: Any, *, allow_empty: bool
     if not isinstance(value, str):
         raise _error(f"expected a string, got {type(value).__name__}", rec, path, name)
     if not allow_empty and not value.strip():
-        raise _error("is empty", rec, path, name)
+        raise _error("is empty", rec, path, name, droppable="empty")
     return value
 
 
@@ -131,7 +145,7 @@ def _list(rec: Record, path: Path, name: str) -> list:
     if not isinstance(value, list):
         raise _error(f"expected a list of messages, got {type(value).__name__}", rec, path, name)
     if not value:
-        raise _error("the conversation is empty", rec, path, name)
+        raise _error("the conversation is empty", rec, path, name, droppable="empty")
     return value
 
 
@@ -164,7 +178,7 @@ def _messages(rec: Record, path: Path, items: list, name: str, role_key: str, co
         if weight is not None and role != "assistant":
             raise _error("weight applies to assistant messages only", rec, path, f"{where}.weight")
         if role == "assistant" and not content.strip():
-            raise _error("empty assistant turn", rec, path, f"{where}.{content_key}")
+            raise _error("empty assistant turn", rec, path, f"{where}.{content_key}", droppable="empty_assistant")
         out.append(Message(role, content, weight))
     return out
 
@@ -208,7 +222,7 @@ def _alpaca_pair(rec: Record, path: Path, instruction: str, f: dict, prefix: str
     if not isinstance(output, str):
         raise _error(f"expected a string, got {type(output).__name__}", rec, path, prefix + "output")
     if not output.strip():
-        raise _error("empty assistant turn", rec, path, prefix + "output")
+        raise _error("empty assistant turn", rec, path, prefix + "output", droppable="empty_assistant")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     return [Message("user", prompt), Message("assistant", output)]
 
@@ -226,7 +240,7 @@ def _prompt_completion(rec: Record, path: Path) -> list[list[Message]]:
     prompt = _string(rec, path, "prompt", prompt, allow_empty=False)
     completion = _string(rec, path, "completion", completion)
     if not completion.strip():
-        raise _error("empty assistant turn", rec, path, "completion")
+        raise _error("empty assistant turn", rec, path, "completion", droppable="empty_assistant")
     return [[Message("user", prompt), Message("assistant", completion)]]
 
 
@@ -237,12 +251,13 @@ def _validate_conversation(conv: list[Message], rec: Record, path: Path) -> None
             raise _error("a system message may only come first", rec, path, f"{name}[{i}]")
     first = 1 if conv and conv[0].role == "system" else 0
     if first >= len(conv):
-        raise _error("the conversation holds only a system message", rec, path, name)
+        raise _error("the conversation holds only a system message", rec, path, name, droppable="no_assistant_turn")
     if conv[first].role != "user":
         raise _error("the first message (after the system prompt) must be from the user, not the assistant",
                      rec, path, f"{name}[{first}]")
     if not any(m.role == "assistant" for m in conv):
-        raise _error("conversation without an assistant turn: nothing to learn", rec, path, name)
+        raise _error("conversation without an assistant turn: nothing to learn", rec, path, name,
+                     droppable="no_assistant_turn")
     if not any(m.trained() for m in conv):
         raise _error("every assistant turn has weight 0: nothing to learn", rec, path, name)
 

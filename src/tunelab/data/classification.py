@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab.data.readers import MAX_FIELD_CHARS, Record, read_records
+from tunelab.data.readers import MAX_FIELD_CHARS, DroppableRowError, Record, read_records
 from tunelab.errors import InputError
 
 
@@ -36,7 +36,8 @@ class Examples:
         )
 
 
-def _text(rec: Record, path: Path, column: str) -> str:
+def record_text(rec: Record, path: Path, column: str) -> str:
+    """The text in `column` of one record; an empty text raises DroppableRowError (reason 'empty')."""
     if column not in rec.fields:
         cols = ", ".join(sorted(rec.fields)) or "none"
         raise InputError(f"missing column (columns present: {cols}); set data.text_column", file=path, field=column, **rec.where())
@@ -46,14 +47,14 @@ def _text(rec: Record, path: Path, column: str) -> str:
     if not isinstance(value, str):
         raise InputError(f"text must be a string, got {type(value).__name__} {value!r:.40}", file=path, field=column, **rec.where())
     if not value.strip():
-        raise InputError("text is empty", file=path, field=column, **rec.where())
+        raise DroppableRowError("text is empty", reason="empty", file=path, field=column, **rec.where())
     if len(value) > MAX_FIELD_CHARS:  # the CSV reader refuses such a field too: a lost newline or quote
         raise InputError(f"text has {len(value):,} characters, more than the limit of {MAX_FIELD_CHARS} "
                          "(several records run together?)", file=path, field=column, **rec.where())
     return value
 
 
-def _raw_label(rec: Record, path: Path, column: str) -> str | int:
+def record_label(rec: Record, path: Path, column: str) -> str | int:
     """A label as written: a name (str) or an id (int). Int-like strings from CSV become ints."""
     if column not in rec.fields:
         cols = ", ".join(sorted(rec.fields)) or "none"
@@ -97,7 +98,7 @@ def label_names_from(values: list[str | int], declared: list[str] | None) -> lis
     raise InputError("labels mix names and numbers; use one kind, or list them in data.labels", field="data.labels")
 
 
-def _check_one_kind(raw: list[str | int], records: list[Record], path: Path, column: str) -> None:
+def check_one_kind(raw: list[str | int], records: list[Record], path: Path, column: str) -> None:
     """Labels are all names or all ids; point at the first label of the rarer kind."""
     ints = sum(isinstance(v, int) for v in raw)
     if 0 < ints < len(raw):
@@ -139,14 +140,14 @@ def load_examples(
         records = records[:max_rows]
     texts, pairs, raw, source = [], [] if text_pair_column else None, [], []
     for rec in records:
-        texts.append(_text(rec, path, text_column))
+        texts.append(record_text(rec, path, text_column))
         if pairs is not None:
-            pairs.append(_text(rec, path, text_pair_column))
-        raw.append(_raw_label(rec, path, label_column))
+            pairs.append(record_text(rec, path, text_pair_column))
+        raw.append(record_label(rec, path, label_column))
         source.append(f"{path.name}:{rec.line}" if rec.line is not None else f"{path.name}#{rec.index}")
     fixed_vocab = label_names is not None
     if not fixed_vocab:
-        _check_one_kind(raw, records, path, label_column)
+        check_one_kind(raw, records, path, label_column)
     names = label_names if fixed_vocab else label_names_from(raw, None)
     labels = []
     for rec, value in zip(records, raw):

@@ -29,6 +29,16 @@ FORMATS_BY_SUFFIX = {
 MAX_FIELD_CHARS = 10_000_000
 
 
+class DroppableRowError(InputError):
+    """A row that training refuses but curation may simply drop (an empty text, a conversation
+    with nothing to learn). It is an InputError, so `train` and `data check` still stop at it with
+    exit 2; `data clean` catches it per row and counts the row under `reason` instead."""
+
+    def __init__(self, message: str, *, reason: str, **where):
+        self.reason = reason
+        super().__init__(message, **where)
+
+
 @dataclass(frozen=True)
 class Record:
     """One row of a data file: its fields, and where it is (line for text formats, else index)."""

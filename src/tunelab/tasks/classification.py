@@ -11,6 +11,7 @@ import torch
 
 from tunelab.data.batching import epoch_batches, pad_batch, replay_schedule
 from tunelab.data.classification import Examples, label_counts, load_examples, load_train_eval
+from tunelab.data.curate import pair_key, quality_counts
 from tunelab.evaluate.classification import classification_metrics, predict
 from tunelab.models.load import load_classifier, load_tokenizer
 from tunelab.models.lora import quantization_for
@@ -62,8 +63,31 @@ def evaluator(features, labels, names, pad_id, batch_size, autocast=nullcontext)
     return evaluate
 
 
+def data_quality(train_ex: Examples, eval_ex: Examples | None) -> dict:
+    """Duplicate texts, label conflicts and eval rows also in train, counted on the examples as
+    loaded (after the eval split), and logged as one warning line. Training data is not changed:
+    `tunelab data clean` is the way to drop them (benchmarks rely on training what the file holds)."""
+
+    def keys(ex: Examples) -> list[str]:
+        return [pair_key(t, p) for t, p in zip(ex.texts, ex.pairs or [None] * len(ex))]
+
+    q = quality_counts(keys(train_ex), train_ex.labels, train_ex.source,
+                       keys(eval_ex) if eval_ex is not None else [], eval_ex.source if eval_ex is not None else [])
+    parts = []
+    for n, what, reason in ((q["duplicate_rows"], "rows repeat an earlier text", "duplicate"),
+                            (q["label_conflict_rows"], "rows share a text with a row of another label", "label_conflict"),
+                            (q["eval_rows_in_train"], "eval rows also appear in the training data", "leakage")):
+        if n:
+            parts.append(f"{n} {what} (e.g. {', '.join(q['examples'][reason][:2])})")
+    if parts:
+        log.warning("training data: %s; training uses them as they are (`tunelab data clean` drops them)",
+                    "; ".join(parts))
+    return q
+
+
 def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
     train_ex, eval_ex, names = load_train_eval(cfg.data, cfg.train.seed)
+    quality = data_quality(train_ex, eval_ex)
     source = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     model = load_classifier(source, names, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
@@ -126,7 +150,7 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
         eval_batches=eval_batches,
         reference_batches=reference_batches,
         info={"metric_names": ["eval_loss", "eval_accuracy", "eval_macro_f1"], "labels": names, "train_rows": len(train_ex), "train_label_counts": label_counts(train_ex, names),
-              "truncated_train_texts": cut, "model_source": source.path, **eval_info},
+              "truncated_train_texts": cut, "model_source": source.path, "data_quality": quality, **eval_info},
     )
 
 
