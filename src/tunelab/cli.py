@@ -337,6 +337,47 @@ def merge(
     _guard(go)
 
 
+@app.command()
+def drift(
+    model_or_run: Path = typer.Argument(..., help="A run dir (its final/), a model folder or a LoRA adapter folder."),
+    base: Optional[str] = typer.Option(None, "--base", help="The base model (embedded name, folder or hub id); "
+                                       "default: the run's model.name or the adapter's base."),
+    top: int = typer.Option(10, "--top", min=1, help="How many most-changed layers to list."),
+    threshold: float = typer.Option(0.1, "--threshold", min=0.0, help="Flag layers whose relative change exceeds it."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Weight drift against the base: relative change, cosine and |dW| per tensor and layer; new tensors; flags."""
+
+    def go():
+        from tunelab.analysis.drift import format_drift, weight_drift
+
+        out = weight_drift(model_or_run, base, top=top, threshold=threshold)
+        typer.echo(json.dumps(out) if as_json else format_drift(out))
+
+    _guard(go)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A finished run dir (holds summary.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """(Re)write RUN_DIR/report.html, with a weight-drift section when the base is available locally."""
+
+    def go():
+        from tunelab.analysis.report import rewrite_report
+
+        out = rewrite_report(run_dir)
+        if as_json:
+            typer.echo(json.dumps(out))
+            return
+        typer.echo(f"wrote {out['report']} ({', '.join(out['sections'])})")
+        if out["drift_skipped"]:
+            typer.echo(f"drift not included: {out['drift_skipped']}")
+
+    _guard(go)
+
+
 def main() -> None:
     app()
 
