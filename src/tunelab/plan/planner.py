@@ -31,6 +31,7 @@ import time
 import torch
 
 from tunelab.config import Config
+from tunelab.errors import InputError
 from tunelab.plan.probe import meta_model, probe
 
 MB = 2**20
@@ -184,13 +185,49 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
     flops_epoch = sum(flops_per_batch)
     # evaluation runs forward only: about a third of forward + backward per token
     eval_flops = flops_epoch / max(1, profile["padded_tokens"]) / 3 * profile["eval_tokens"]
+    transient = 2 * direct.largest_saved_bytes
+    if cfg.train.gradient_checkpointing:  # backward recomputes one block at a time: its activations come back
+        transient += recompute_bytes(cfg, profile, direct, rows, width, sup, amp)
     memory = {"runtime": runtime, "weights": pb["weights"], "gradients": pb["gradients"],
               "optimizer": pb["optimizer"], "regularizers": pb["regularizers"],
-              "activations": direct.saved_bytes, "transient": 2 * direct.largest_saved_bytes}
+              "activations": direct.saved_bytes, "transient": transient}
     memory["peak"] = sum(memory.values())
-    return {"precision": precision, "device": device.type, "params": pb, "memory": memory,
+    return {"saved_per_batch": per_batch, "precision": precision, "device": device.type, "params": pb, "memory": memory,
             "largest_micro_batch": {"rows": rows, "width": width, "supervised_tokens": sup},
             "flops_per_epoch": flops_epoch, "flops_per_batch": flops_per_batch, "eval_flops_per_pass": eval_flops}
+
+
+def calibrated_peak(est: dict, measured: dict, grad_accum: int) -> dict:
+    """The peak from the measured steps' real peak memory plus what the largest micro-batch adds.
+
+    The component sum misses what only a real process shows (the allocator's slack, the weights'
+    file mapping, autograd's workspace): about 100-200 MB on CPU for MiniLM. The measured steps
+    ran the first micro-batches of the epoch; the largest one may come later, so its extra
+    activations (fitted bytes, scaled by the transient share) are added on top.
+    """
+    mem = est["memory"]
+    per_batch = est["saved_per_batch"]
+    seen = max(per_batch[: grad_accum * (1 + measured["steps"])], default=0.0)
+    scale = (mem["activations"] + mem["transient"]) / mem["activations"] if mem["activations"] else 1.0
+    extra = max(0.0, max(per_batch) - seen) * scale
+    peak = measured["peak_memory_mb"] + extra / MB
+    return {"peak_analytic": round(mem["peak"] / MB, 1), "peak_measured_steps": measured["peak_memory_mb"],
+            "peak": round(peak, 1), "peak_basis": "measured steps + largest micro-batch"}
+
+
+def recompute_bytes(cfg: Config, profile: dict, ckpt, rows: int, width: int, sup: int, amp) -> float:
+    """One block's activations, recreated during backward under gradient checkpointing: the saved
+    bytes without checkpointing minus those with it, over the number of blocks."""
+    from tunelab.train.optim import find_blocks
+
+    plain_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": False})})
+    plain = meta_model(plain_cfg, profile["num_labels"])
+    full = probe(plain, cfg.task, rows=rows, width=width, supervised=sup, packed=profile["packed"], autocast_dtype=amp)
+    try:
+        n_blocks = len(find_blocks(plain.get_base_model() if hasattr(plain, "get_base_model") else plain)[1])
+    except InputError:  # an unknown layout: assume the whole difference can come back at once
+        n_blocks = 1
+    return max(0.0, (full.saved_bytes - ckpt.saved_bytes) / n_blocks)
 
 
 def measure(cfg: Config, steps: int) -> dict:
@@ -255,6 +292,7 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
         "flops": {"train_per_epoch": est["flops_per_epoch"], "train_total": est["flops_per_epoch"] * epochs,
                   "eval_per_pass": est["eval_flops_per_pass"]},
     }
+    plan["memory_mb"]["peak_basis"] = "component sum (allocator slack not included; --measure-steps adds it)"
     avail = available_bytes(torch.device(est["device"]))
     plan["available_mb"] = round(avail / MB, 1) if avail is not None else None
     plan["fits"] = None if avail is None else est["memory"]["peak"] <= avail
@@ -267,6 +305,8 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
         rate = measured_flops / m["seconds"] if m["seconds"] > 0 else float("nan")
         train_s = plan["flops"]["train_total"] / rate
         eval_s = n_evals * plan["flops"]["eval_per_pass"] / rate
+        plan["memory_mb"].update(calibrated_peak(est, m, cfg.train.grad_accum))
+        plan["fits"] = None if avail is None else plan["memory_mb"]["peak"] * MB <= avail
         plan["time"] = {"measured_steps": m["steps"], "measured_seconds": round(m["seconds"], 3),
                         "achieved_flops_per_second": round(rate, 1), "train_seconds": round(train_s, 3),
                         "eval_seconds": round(eval_s, 3), "total_seconds": round(train_s + eval_s, 3),

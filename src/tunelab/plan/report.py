@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+COMPONENTS = ("runtime", "weights", "gradients", "optimizer", "regularizers", "activations", "transient")
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -20,8 +23,8 @@ def plan_lines(p: dict) -> list[str]:
         f"({data['padded_tokens']:,} with padding); {data['micro_batches_per_epoch']} micro-batches",
         f"steps: {steps['total']} ({steps['per_epoch']} per epoch x {steps['epochs']}), {steps['evaluations']} evaluations",
         f"largest micro-batch: {big['rows']} x {big['width']} tokens",
-        "memory (MB): " + ", ".join(f"{k} {v:,.0f}" for k, v in mem.items() if k != "peak"),
-        f"peak memory: {mem['peak']:,.0f} MB" + (
+        "memory (MB): " + ", ".join(f"{k} {mem[k]:,.0f}" for k in COMPONENTS),
+        f"peak memory: {mem['peak']:,.0f} MB ({mem['peak_basis']})" + (
             f" of {p['available_mb']:,.0f} MB available: {'fits' if p['fits'] else 'DOES NOT FIT'}"
             if p.get("available_mb") is not None else ""),
         f"compute: {p['flops']['train_total'] / 1e12:,.2f} TFLOP training, "

