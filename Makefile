@@ -23,6 +23,7 @@ test: setup
 	$(PY) -m pytest -q -n 2 --durations=15
 
 bench: setup
+	$(PIP) install -q -e '.[bench]'
 	$(PY) benchmarks/sst2_classification.py
 
 clean:
