@@ -210,6 +210,22 @@ def test_end_of_turn_not_eos_warns():
     assert any("EOS" in w and "<|im_end|>" in w for w in warnings)
 
 
+
+def test_default_system_prompt_warning_only_for_conversations_without_one():
+    """A template that injects a default system prompt: conversations that bring their own get no
+    warning; the warning counts the ones that do not."""
+    tok = tiny_chat_tokenizer_build()
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a bot.<|im_end|>\\n' }}{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    own = [Message("system", "Be short."), Message("user", "Name a color."), Message("assistant", "Red.")]
+    bare = [Message("user", "Name a fruit."), Message("assistant", "Apple.")]
+    assert not any("system" in w for w in check_template(tok, [own, own]))
+    warnings = [w for w in check_template(tok, [own, bare, own]) if "system" in w]
+    assert len(warnings) == 1 and "1 of 3 conversations" in warnings[0] and "You are a bot" in warnings[0]
+
+
 # ----------------------------------------------------------------------------- readers
 
 

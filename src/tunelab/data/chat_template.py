@@ -329,10 +329,13 @@ def check_template(tokenizer, conversations: list[list[Message]], sample: int = 
                 "tunelab encodes rendered chats with add_special_tokens=False; do the same at inference"
             )
     injected = _injected_system_prompt(tokenizer, rendered)
-    if injected:
+    # only conversations without their own system message get the template's default one
+    bare = sum(1 for conv in conversations if not conv or conv[0].role != "system")
+    if injected and bare:
         warnings.append(
-            f"the template injects a default system prompt when a conversation has none ({injected!r}): "
-            "it is trained as context (not supervised) and costs tokens; pass your own system message to replace it"
+            f"{bare} of {len(conversations)} conversations have no system message, so the template injects its "
+            f"default system prompt ({injected!r}): it is trained as context (not supervised) and costs tokens; "
+            "pass your own system message to replace it"
         )
     return warnings
 
