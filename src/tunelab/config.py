@@ -188,6 +188,18 @@ class ProbeConfig(Section):
                               "benchmarks/results/forgetting_sst2.json: 0.82 at a too-high lr, 0.99 at the default.")
 
 
+class MonitorConfig(Section):
+    """Where metrics go besides metrics.jsonl, and the live health checks. Credentials stay in the
+    environment (WANDB_API_KEY, MLFLOW_TRACKING_URI / MLFLOW_TRACKING_TOKEN); none belongs here."""
+
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        [], description="Also log to these: tensorboard (RUN/tensorboard/), wandb, mlflow (each needs its package).")
+    project: str | None = Field(None, description="W&B project / MLflow experiment; default 'tunelab'.")
+    run_name: str | None = Field(None, description="W&B / MLflow run name; default the run dir's name.")
+    health: bool = Field(True, description="Watch the rows for loss spikes, exploding gradients, plateaus, overfitting "
+                         "and lr trouble; warn, and record them in metrics.jsonl, summary.json and report.html.")
+
+
 class Config(Section):
     task: Literal["classification", "causal_lm", "chat"] = "classification"
     model: ModelConfig = ModelConfig()
@@ -204,6 +216,7 @@ class Config(Section):
     lora: LoraConfig = LoraConfig()
     regularization: RegularizationConfig = RegularizationConfig()
     probe: ProbeConfig = ProbeConfig()
+    monitor: MonitorConfig = MonitorConfig()
     versions: dict[str, str] | None = Field(None, description="Written into the run dir by tunelab; ignored on load.")
 
     @model_validator(mode="after")

@@ -25,6 +25,8 @@ from tunelab.errors import InputError, OutOfMemory
 from tunelab.evaluate.probe import compare, probe_measures, read_probe_texts
 from tunelab.models.adapt import apply_method
 from tunelab.models.load import count_params
+from tunelab.monitor.health import HealthMonitor, summarize
+from tunelab.monitor.loggers import check_loggers, open_loggers
 from tunelab.monitor.metrics_log import read_metrics
 from tunelab.monitor.progress import Progress
 from tunelab.run_dir import RunDir, default_output_dir, peak_memory_mb, prepare_run_dir, trim_metrics
@@ -128,6 +130,7 @@ def setup(cfg: Config) -> Recipe:
     """Data, model, method, optimizer, schedule, loop settings. Writes nothing."""
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
+    check_loggers(cfg.monitor.loggers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task, model, mixout_layers = _adapt(cfg, setup_task(cfg), device)
     if task.evaluate is not None and task.metric not in task.info.get("metric_names", (task.metric,)):
@@ -178,6 +181,7 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
         trim_metrics(out / "metrics.jsonl", ckpt.load_state(resume_from)["loop"]["step"])
     progress = Progress(r.settings.total_steps, enabled=show_progress)
     io = RunDir(out, r.model, r.optimizer, r.scheduler, r.cfg.checkpoint.keep_last, progress, should_stop)
+    io.loggers, io.health = open_monitors(r, out, resume_from)
     state, before = LoopState(), None
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler)
@@ -193,6 +197,17 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
             before = {**eval_row(r.task.evaluate(r.model), state, 0.0), "before_training": True}
             io.log(before)
     return io, state, before
+
+
+def open_monitors(r: Recipe, out: Path, resume_from: Path | None) -> tuple[list, HealthMonitor | None]:
+    """The loggers and the health monitor, both continuing where a resumed run's checkpoint left off
+    (the monitor by replaying the metrics rows up to it, which is exact)."""
+    step = ckpt.load_state(resume_from)["loop"]["step"] if resume_from is not None else None
+    loggers = open_loggers(r.cfg.monitor, out, json.loads(r.cfg.model_dump_json()), step)
+    if not r.cfg.monitor.health:
+        return loggers, None
+    rows = read_metrics(out / "metrics.jsonl") if resume_from is not None else []
+    return loggers, HealthMonitor.replay(rows, fp16=r.precision == "fp16")
 
 
 def train(r: Recipe, io: RunDir, state: LoopState) -> LoopState:
@@ -214,6 +229,7 @@ def train(r: Recipe, io: RunDir, state: LoopState) -> LoopState:
             signal.signal(sig, handler)
         io.progress.close()
         io.metrics.close()
+        io.close_loggers()
 
 
 def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_start: float) -> dict:
@@ -266,6 +282,7 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
     summary["best"]["metrics"] = next(
         (row for row in read_metrics(out / "metrics.jsonl")
          if row.get("step") == r.tracker.best_step and r.tracker.metric in row and not row.get("before_training")), None)
+    summary["health"] = summarize(read_metrics(out / "metrics.jsonl"))
     summary["peak_memory_mb"] = round(peak_memory_mb(r.device), 1)
     summary["wall_seconds"] = round(time.monotonic() - wall_start, 3)
     summary["run_dir"] = str(out)

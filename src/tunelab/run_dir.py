@@ -81,6 +81,8 @@ class RunDir:
         self.progress = progress
         self.metrics = MetricsLog(root / "metrics.jsonl")
         self.best_checkpoint: str | None = None
+        self.loggers: list = []  # monitor.loggers (TensorBoard, W&B, MLflow): each gets every row written here
+        self.health = None  # a monitor.health.HealthMonitor: its diagnoses become rows too
         self._stop = threading.Event()
         self._should_stop = should_stop
 
@@ -91,8 +93,24 @@ class RunDir:
         return self._stop.is_set() or bool(self._should_stop and self._should_stop())
 
     def log(self, row: dict) -> None:
-        self.metrics.write(row)
+        """Write the row, and the health events it raises (each warned once), to metrics.jsonl and the loggers."""
+        try:
+            events = self.health.observe(row) if self.health is not None else []
+        except Exception as e:  # a diagnosis must never cost the run
+            log.warning("health checks stopped: %s", e)
+            self.health, events = None, []
+        for r in (row, *(e.row() for e in events)):
+            self.metrics.write(r)
+            for logger in self.loggers:
+                logger.log(r)
         self.progress.update(row.get("step", 0), row)
+        for e in events:
+            log.warning("health at step %d: %s", e.step, e.message)
+
+    def close_loggers(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
 
     def save(self, state: LoopState, tracker: BestTracker, is_best: bool, metrics: dict | None = None) -> None:
         """Checkpoint the run; `metrics` is the full evaluation of these weights when one just ran.

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from tunelab.errors import InputError
+from tunelab.monitor.health import summarize
 from tunelab.monitor.metrics_log import read_metrics
 
 
@@ -28,6 +29,8 @@ def _curves_png(rows: list[dict]) -> str | None:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    for i, step in enumerate(sorted({r["step"] for r in rows if r.get("event") == "health"})):
+        ax.axvline(step, color="red", linestyle=":", alpha=0.6, label="health event" if i == 0 else None)
     ax.set_xlabel("step"), ax.set_title("loss"), ax.legend()
     ax = axes[1]
     for key in sorted({k for r in evals for k in r if k.startswith("eval_") and k != "eval_loss"}):
@@ -82,6 +85,19 @@ def _drift_section(run_dir: Path, top: int) -> tuple[str, dict | None, str | Non
     return "\n".join(parts), d, None
 
 
+def _health_section(health: dict) -> str:
+    """One line per health event (monitor/health.py), or a line saying there were none."""
+    if not health["events"]:
+        return "<h2>training health</h2><p>no health events: no loss spikes, exploding gradients, plateaus, " \
+               "overfitting or lr trouble seen</p>"
+    counts = ", ".join(f"{k} x{n}" for k, n in health["counts"].items())
+    rows = "".join(f"<tr><td>{m['step']}</td><th>{html.escape(m['kind'])}</th><td>{html.escape(m['message'])}</td></tr>"
+                   for m in health["messages"])
+    more = f"<p>and {health['messages_left_out']} more in metrics.jsonl</p>" if health["messages_left_out"] else ""
+    return (f"<h2>training health</h2><p>{health['events']} event(s): {html.escape(counts)}</p>"
+            f"<table><tr><th>step</th><th>kind</th><th>message</th></tr>{rows}</table>{more}")
+
+
 def render_report(run_dir: str | Path, *, drift: bool = True, drift_top: int = 10) -> tuple[str, dict]:
     """The page and what it holds: the sections shown, and the drift summary or why there is none."""
     run_dir = Path(run_dir)
@@ -109,6 +125,9 @@ def render_report(run_dir: str | Path, *, drift: bool = True, drift_top: int = 1
     if png:
         sections.append("curves")
         parts.append(f"<h2>curves</h2><img alt='training curves' src='data:image/png;base64,{png}'>")
+    health = summary.get("health") or summarize(rows)
+    sections.append("health")
+    parts.append(_health_section(health))
     cm, labels = final.get("confusion_matrix"), final.get("labels")
     if cm and labels:
         sections.append("confusion_matrix")
@@ -129,7 +148,8 @@ def render_report(run_dir: str | Path, *, drift: bool = True, drift_top: int = 1
         drift_summary = {k: drift_summary[k] for k in ("base", "kind", "threshold", "overall", "top_layers", "flagged", "new")}
     contents = {"run_dir": str(run_dir), "status": summary.get("status"), "task": summary.get("task"),
                 "method": summary.get("method"), "sections": sections,
-                "final": {k: final[k] for k in metric_keys}, "drift": drift_summary, "drift_skipped": drift_skipped}
+                "final": {k: final[k] for k in metric_keys}, "health": health["counts"], "drift": drift_summary,
+                "drift_skipped": drift_skipped}
     return "\n".join(parts), contents
 
 
