@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -32,6 +33,12 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
     logging.getLogger("tunelab").setLevel(logging.INFO)
 
 
+def _rank_prefix() -> str:
+    """'[rank N] ' in a training process other than rank 0 (under torchrun), else ''."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"[rank {rank}] "
+
+
 def _guard(fn, *args, **kwargs):
     """Run a verb; turn InputError into exit 2 and anything unexpected into exit 1."""
     try:
@@ -39,19 +46,20 @@ def _guard(fn, *args, **kwargs):
     except InputError as e:
         if _state["debug"]:
             traceback.print_exc()
-        typer.echo(f"error: {e.one_line()}", err=True)
+        if not _rank_prefix():  # every process reads the same input: rank 0 says it once
+            typer.echo(f"error: {e.one_line()}", err=True)
         raise typer.Exit(2)
     except RunFailure as e:
         if _state["debug"]:
             traceback.print_exc()
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"{_rank_prefix()}error: {e}", err=True)
         raise typer.Exit(1)
     except (typer.Exit, KeyboardInterrupt):
         raise
     except Exception as e:
         if _state["debug"]:
             traceback.print_exc()
-        typer.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback; please report it)", err=True)
+        typer.echo(f"{_rank_prefix()}internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback; please report it)", err=True)
         raise typer.Exit(1)
 
 
@@ -76,6 +84,8 @@ def train(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run dir (default runs/<config>-<time>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest intact checkpoint in the run dir) or a checkpoint folder."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or step lines."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes training together (DDP; one per GPU, or CPU "
+                              "processes): relaunches under torchrun. train.batch_size is per process."),
 ):
     """Fine-tune a model; writes config.yaml, metrics.jsonl, checkpoints/, final/, summary.json, report.html."""
 
@@ -83,19 +93,30 @@ def train(
         from tunelab.config import load_config, locate_key
 
         cfg = load_config(config, set_)  # before importing torch: a bad config fails at once
+        under_torchrun = "WORLD_SIZE" in os.environ
+        if under_torchrun and nproc > 1 and nproc != int(os.environ["WORLD_SIZE"]):
+            raise InputError(f"--nproc {nproc} but torchrun started {os.environ['WORLD_SIZE']} processes; "
+                             "give one or the other")
         from tunelab.run import run_training
 
         try:
+            if nproc > 1 and not under_torchrun:
+                raise typer.Exit(_relaunch(cfg, config, set_, output_dir, resume, no_progress, nproc))
             summary = run_training(cfg, output_dir, config_path=config, resume=resume, show_progress=not no_progress)
         except InputError as e:
             if e.file is not None or not e.field:
                 raise
             # a config value that only the library could judge (model.name, checkpoint.metric): point at its key
             raise InputError(e.message, field=e.field, **locate_key(config, e.field, set_)) from None
-        status, run_dir = summary["status"], summary["run_dir"]
+        status = summary["status"]
+        if summary.get("rank"):  # a process other than rank 0 under torchrun: rank 0 reports
+            raise typer.Exit({"interrupted": 130, "diverged": 1}.get(status, 0))
+        run_dir = summary["run_dir"]
         if status == "interrupted":
+            world = summary.get("world_size", 1)
             typer.echo(f"stopped at step {summary['steps']}; checkpoint saved. Resume with:\n"
-                       f"  tunelab train {config} --output-dir {run_dir} --resume auto", err=True)
+                       f"  tunelab train {config} --output-dir {run_dir} --resume auto"
+                       f"{f' --nproc {world}' if world > 1 else ''}", err=True)
             raise typer.Exit(130)
         if status == "diverged":
             typer.echo(f"training diverged: {summary['skipped_steps']} steps had NaN/Inf loss or gradients "
@@ -107,6 +128,27 @@ def train(
                    f"peak memory {summary['peak_memory_mb']:.0f} MB; model in {run_dir}/final, report {run_dir}/report.html")
 
     _guard(go)
+
+
+def _relaunch(cfg, config: Path, set_: list[str], output_dir: Optional[Path], resume: Optional[str],
+              no_progress: bool, nproc: int) -> int:
+    """`tunelab train ... --nproc N`: the same command as N processes under torchrun; their exit code.
+
+    Everything that can be judged here is, before any process starts: the config, --nproc against
+    the machine, options that do not work with several processes. The output dir is fixed here so
+    that every process writes the same one.
+    """
+    from tunelab.distributed import check_supported
+    from tunelab.distributed.launch import check_nproc, launch
+    from tunelab.run_dir import default_output_dir
+
+    check_nproc(nproc)
+    check_supported(cfg, nproc)
+    out = output_dir or default_output_dir(config)
+    # no --nproc for the workers: torchrun's own parser would take it for its --nproc-per-node
+    args = ["train", str(config), *[a for item in set_ for a in ("--set", item)], "--output-dir", str(out)]
+    args += (["--resume", resume] if resume else []) + (["--no-progress"] if no_progress else [])
+    return launch(nproc, (["--debug"] if _state["debug"] else []) + args, debug=_state["debug"])
 
 
 @app.command()

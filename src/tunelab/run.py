@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from tunelab.config import Config, dump_config
+from tunelab.distributed import (ALONE, Group, SharedRunIO, check_resume_world_size, check_supported, init_from_env,
+                                 replicas_for)
 from tunelab.errors import InputError, OutOfMemory
 from tunelab.evaluate.probe import compare, probe_measures, read_probe_texts
 from tunelab.models.adapt import apply_method
@@ -67,6 +69,7 @@ class Recipe:
     mixout_layers: int = 0
     probe_texts: list[str] | None = None
     probe_before: dict | None = None
+    world_size: int = 1  # processes training together (DDP); train.batch_size is per process
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -126,8 +129,12 @@ def _under(autocast, evaluate):
     return evaluate_at_precision
 
 
-def setup(cfg: Config) -> Recipe:
-    """Data, model, method, optimizer, schedule, loop settings. Writes nothing."""
+def setup(cfg: Config, world_size: int = 1) -> Recipe:
+    """Data, model, method, optimizer, schedule, loop settings. Writes nothing.
+
+    With `world_size` processes an optimizer step takes world_size x grad_accum micro-batches, so an
+    epoch has that many times fewer steps.
+    """
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     check_loggers(cfg.monitor.loggers)
@@ -144,7 +151,8 @@ def setup(cfg: Config) -> Recipe:
     autocast = autocast_factory(precision, device)
     if task.evaluate is not None:  # evaluation runs at the training precision too
         task.evaluate = _under(autocast, task.evaluate)
-    per_epoch = windows_per_epoch(task.train.examples_per_epoch(), cfg.train.batch_size, cfg.train.grad_accum)
+    per_epoch = windows_per_epoch(task.train.examples_per_epoch(), cfg.train.batch_size,
+                                  cfg.train.grad_accum * world_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
 
     o, sch = cfg.optim, cfg.schedule
@@ -171,26 +179,35 @@ def setup(cfg: Config) -> Recipe:
                   tracker=BestTracker(task.metric, task.mode, cfg.checkpoint.min_delta, cfg.early_stopping.patience),
                   settings=settings, autocast=autocast, precision=precision, device=device,
                   trainable=trainable, total=total, per_epoch=per_epoch, mixout_layers=mixout_layers,
-                  probe_texts=probe_texts, probe_before=probe_before)
+                  probe_texts=probe_texts, probe_before=probe_before, world_size=world_size)
 
 
-def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool, should_stop) -> tuple[RunDir, LoopState, dict | None]:
-    """Create or reopen the run dir; restore a checkpoint, or evaluate the untouched model."""
-    out.mkdir(parents=True, exist_ok=True)
+def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool, should_stop,
+             group: Group = ALONE) -> tuple[RunDir | None, LoopState, dict | None]:
+    """Create or reopen the run dir; restore a checkpoint, or evaluate the untouched model.
+
+    With several processes only rank 0 touches the run dir (the RunDir is None on the others);
+    every process restores the checkpoint into its own replica, with its own RNG state.
+    """
+    io = None
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            trim_metrics(out / "metrics.jsonl", ckpt.load_state(resume_from)["loop"]["step"])
+        progress = Progress(r.settings.total_steps, enabled=show_progress)
+        io = RunDir(out, r.model, r.optimizer, r.scheduler, r.cfg.checkpoint.keep_last, progress, should_stop)
+        io.loggers, io.health = open_monitors(r, out, resume_from)
+    state, before = LoopState(world_size=r.world_size), None
     if resume_from is not None:
-        trim_metrics(out / "metrics.jsonl", ckpt.load_state(resume_from)["loop"]["step"])
-    progress = Progress(r.settings.total_steps, enabled=show_progress)
-    io = RunDir(out, r.model, r.optimizer, r.scheduler, r.cfg.checkpoint.keep_last, progress, should_stop)
-    io.loggers, io.health = open_monitors(r, out, resume_from)
-    state, before = LoopState(), None
-    if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler)
+        saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
+                                     rank=group.rank)
         state = LoopState(**{**saved["loop"], "status": "running"})
         r.tracker.load_state_dict(saved["tracker"])
-        io.best_checkpoint = saved.get("best_checkpoint")
-        before = next((row for row in read_metrics(out / "metrics.jsonl") if row.get("before_training")), None)
+        if io is not None:
+            io.best_checkpoint = saved.get("best_checkpoint")
+            before = next((row for row in read_metrics(out / "metrics.jsonl") if row.get("before_training")), None)
         log.info("resumed from %s at step %d/%d", resume_from, state.step, r.settings.total_steps)
-    else:
+    elif io is not None:
         dump_config(r.cfg, out / "config.yaml")
         (out / "param_groups.json").write_text(json.dumps(describe_groups(r.optimizer), indent=1))
         if r.cfg.train.eval_before and r.task.evaluate is not None:
@@ -210,14 +227,21 @@ def open_monitors(r: Recipe, out: Path, resume_from: Path | None) -> tuple[list,
     return loggers, HealthMonitor.replay(rows, fp16=r.precision == "fp16")
 
 
-def train(r: Recipe, io: RunDir, state: LoopState) -> LoopState:
-    """The loop, with Ctrl-C / SIGTERM turned into "finish the step, save, stop"."""
+def train(r: Recipe, io: RunDir | None, state: LoopState, group: Group = ALONE) -> LoopState:
+    """The loop, with Ctrl-C / SIGTERM turned into "finish the step, save, stop".
+
+    With several processes the model trains wrapped in DDP and the loop writes through
+    SharedRunIO (rank 0 writes; `io` is None on the other ranks).
+    """
+    loop_io = io if group.world_size == 1 else SharedRunIO(io, group)
+    replicas = replicas_for(r.model, r.task.loss_fn, group)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, io.request_stop)
+            previous[sig] = signal.signal(sig, loop_io.request_stop)
     try:
-        return train_loop(r.model, r.optimizer, r.scheduler, r.task, r.settings, state, r.tracker, io, r.autocast)
+        return train_loop(r.model, r.optimizer, r.scheduler, r.task, r.settings, state, r.tracker, loop_io,
+                          r.autocast, replicas)
     except torch.OutOfMemoryError:
         raise OutOfMemory(OOM_FIXES.format(bs=r.settings.batch_size)) from None
     except RuntimeError as e:
@@ -227,9 +251,10 @@ def train(r: Recipe, io: RunDir, state: LoopState) -> LoopState:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        io.progress.close()
-        io.metrics.close()
-        io.close_loggers()
+        if io is not None:
+            io.progress.close()
+            io.metrics.close()
+            io.close_loggers()
 
 
 def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_start: float) -> dict:
@@ -240,7 +265,8 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         "status": state.status, "task": r.cfg.task, "method": r.cfg.method, "steps": state.step,
         "total_steps": r.settings.total_steps,
         "epochs_done": round(state.epoch + (state.window / r.per_epoch if r.per_epoch else 0), 4),
-        "precision": r.precision, "device": r.device.type,
+        "precision": r.precision, "device": r.device.type, "world_size": r.world_size,
+        "global_batch_size": r.world_size * r.cfg.train.batch_size * r.cfg.train.grad_accum,
         "trainable_params": r.trainable, "total_params": r.total,
         "trainable_percent": round(100 * r.trainable / r.total, 4) if r.total else 0.0,
         "tokens": state.tokens, "samples": state.samples, "train_seconds": round(secs, 3),
@@ -298,16 +324,28 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
 
 def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_path=None, resume: str | None = None,
                  show_progress: bool = True, should_stop=None) -> dict:
-    """Fine-tune per `cfg`; returns the summary (also written to summary.json)."""
+    """Fine-tune per `cfg`; returns the summary (also written to summary.json).
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this with the same arguments: each trains a
+    DDP replica and rank 0 alone writes the run dir; the other ranks return a short summary.
+    """
     wall_start = time.monotonic()
-    out = Path(output_dir) if output_dir else default_output_dir(config_path)
+    group = init_from_env()
+    check_supported(cfg, group.world_size)
+    out = group.broadcast(Path(output_dir) if output_dir else default_output_dir(config_path))
     resume_from = prepare_run_dir(out, resume)
+    if resume_from is not None:
+        check_resume_world_size(ckpt.load_state(resume_from)["loop"].get("world_size", 1), group.world_size, resume_from)
+    group.barrier()  # every process has judged the run dir before rank 0 writes into it
     retries = []
     while True:
-        recipe = setup(cfg)
-        io, state, before = open_run(recipe, out, resume_from, show_progress, should_stop)
+        recipe = setup(cfg, group.world_size)
+        if group.rank:  # the same initial weights everywhere, but each process its own dropout stream
+            random.seed(cfg.train.seed + 7919 * group.rank)
+            torch.manual_seed(cfg.train.seed + 7919 * group.rank)
+        io, state, before = open_run(recipe, out, resume_from, show_progress, should_stop, group)
         try:
-            state = train(recipe, io, state)
+            state = train(recipe, io, state, group)
             break
         except OutOfMemory:
             if not cfg.train.auto_batch or cfg.train.batch_size == 1:
@@ -315,7 +353,11 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
             cfg, resume_from = _halve_batch(cfg, out)
             retries.append({"batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
                             "from_checkpoint": resume_from.name if resume_from else None})
+    if not group.is_main:
+        group.close()
+        return {"status": state.status, "steps": state.step, "rank": group.rank, "world_size": group.world_size}
     summary = save(recipe, io, state, before, wall_start)
+    group.close()
     if retries:
         summary["auto_batch"] = retries
         (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

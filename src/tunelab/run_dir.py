@@ -112,18 +112,20 @@ class RunDir:
             logger.close()
         self.loggers = []
 
-    def save(self, state: LoopState, tracker: BestTracker, is_best: bool, metrics: dict | None = None) -> None:
+    def save(self, state: LoopState, tracker: BestTracker, is_best: bool, metrics: dict | None = None,
+             rank_rng: list[dict] | None = None) -> None:
         """Checkpoint the run; `metrics` is the full evaluation of these weights when one just ran.
 
         The evaluation travels inside the checkpoint so the final summary can report it for the
-        weights it ships without evaluating them a second time.
+        weights it ships without evaluating them a second time. `rank_rng`: every process's RNG
+        state when several train together (tunelab.distributed.SharedRunIO gathers them).
         """
         best = ckpt.checkpoint_name(state.step) if is_best else self.best_checkpoint
         payload = {"loop": state.to_dict(), "tracker": tracker.state_dict(), "best_checkpoint": best,
                    "eval": metrics}
         try:
             ckpt.save_checkpoint(self.ckpt_root, step=state.step, model=self.model, optimizer=self.optimizer,
-                                 scheduler=self.scheduler, state=payload)
+                                 scheduler=self.scheduler, state=payload, rank_rng=rank_rng)
         except OSError as e:
             intact, _ = ckpt.find_resumable(self.ckpt_root)
             kept = f"the previous checkpoint {intact.name} is intact" if intact else "no earlier checkpoint exists"

@@ -5,6 +5,7 @@ Layout of `checkpoints/step-000120/`:
     optimizer.pt          optimizer state (tensors and numbers: loads with weights_only=True)
     scheduler.pt          LambdaLR state
     rng.pt                torch (and CUDA) generator states, Python `random` state
+    rng_ranks.pt          with several processes (DDP): every rank's rng.pt, in rank order
     state.json            loop position (step, epoch, window in epoch), tracker, counters
     manifest.json         sha256 and size of every file above; written last
 
@@ -74,8 +75,12 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:06d}"
 
 
-def save_checkpoint(root: Path, *, step: int, model, optimizer, scheduler, state: dict) -> Path:
-    """Write a complete checkpoint atomically and return its folder."""
+def save_checkpoint(root: Path, *, step: int, model, optimizer, scheduler, state: dict,
+                    rank_rng: list[dict] | None = None) -> Path:
+    """Write a complete checkpoint atomically and return its folder.
+
+    `rank_rng`: the RNG state of every process when several train together (rank 0 writes for all).
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
@@ -91,6 +96,8 @@ def save_checkpoint(root: Path, *, step: int, model, optimizer, scheduler, state
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        if rank_rng is not None and len(rank_rng) > 1:
+            torch.save(rank_rng, tmp / "rng_ranks.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         files = {}
         for f in sorted(tmp.iterdir()):
@@ -142,8 +149,8 @@ def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return the loop state."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and RNG (this rank's); return the loop state."""
     weights = load_file(str(path / "weights.safetensors"))
     missing = [k for k in weights if k not in dict(model.named_parameters())]
     if missing:
@@ -151,7 +158,10 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    if rank:  # another process of a data-parallel run: its own generators (rank 0's are rng.pt)
+        set_rng_state(torch.load(path / "rng_ranks.pt", weights_only=True)[rank])
+    else:
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return load_state(path)
 
 

@@ -2,7 +2,8 @@
 
 forward -> loss -> backward (per micro-batch) -> clip -> step -> schedule -> log -> evaluate
 -> checkpoint -> early stop. Everything task-specific comes in through `TaskRun` (data, loss,
-metrics); everything about files comes in through `io` (log rows, save checkpoints, stop flag).
+metrics); everything about files comes in through `io` (log rows, save checkpoints, stop flag);
+everything about peer processes (data parallelism) through `replicas` (tunelab.distributed).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from tunelab.data.batching import epoch_batches
+from tunelab.distributed.ddp import OneProcess
 from tunelab.tasks.base import TaskRun
 from tunelab.train.early_stop import BestTracker
 
@@ -54,6 +56,7 @@ class LoopState:
     pending_units: int = 0
     pending_norm_max: float = 0.0
     status: str = "running"  # completed | early_stopped | interrupted | diverged
+    world_size: int = 1  # processes training together: a window is world_size x grad_accum micro-batches
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,8 +68,46 @@ class LoopIO(Protocol):
     def stop_requested(self) -> bool: ...
 
 
+class Replicas(Protocol):
+    """The processes training this model together (tunelab.distributed.ddp: OneProcess, DataParallel)."""
+
+    world_size: int
+    def share(self, window: list[list[int]]) -> list[tuple[list[int], bool]]: ...
+    def accumulating(self, more_to_come: bool): ...
+    def loss(self, batch: dict): ...
+    def sum(self, *values): ...
+    def any(self, flag: bool) -> bool: ...
+    def on_main(self, fn, *args): ...
+
+
 def windows_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
     return math.ceil(math.ceil(n_examples / batch_size) / grad_accum)
+
+
+def backward_window(window: list[list[int]], units: int, task: TaskRun, replicas: Replicas, autocast,
+                    scale) -> tuple[float, int]:
+    """Forward + backward over this process's micro-batches of one optimizer step.
+
+    The summed loss is divided by the units (examples or supervised tokens) of the whole window,
+    every process's share included, so accumulation and data parallelism both give the gradient of
+    one large batch; DDP averages over processes, hence units / world_size. Returns the window's
+    loss sum and token count over all processes.
+    """
+    mine = replicas.share(window)
+    window_loss, tokens = 0.0, 0
+    for i, (idx, counted) in enumerate(mine):
+        batch = task.train.collate(idx)
+        with replicas.accumulating(i < len(mine) - 1):  # the gradient all-reduce waits for the last
+            with autocast():
+                loss_sum, _ = replicas.loss(batch)
+            # a process with no micro-batch left at an epoch's end still joins the all-reduce, at weight 0
+            scale(loss_sum / (units / replicas.world_size) if counted else loss_sum * 0.0).backward()
+        if counted:
+            window_loss += loss_sum.item()
+            # packed batches carry a 4-D mask, so they say their token count themselves
+            tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
+    window_loss, tokens = replicas.sum(window_loss, tokens)
+    return window_loss, int(tokens)
 
 
 def eval_row(metrics: dict, state: LoopState, epoch: float) -> dict:
@@ -121,7 +162,8 @@ def train_row(state: LoopState, s: LoopSettings, epoch: float, lr: float, grad_n
 
 
 def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, state: LoopState,
-               tracker: BestTracker, io: LoopIO, autocast) -> LoopState:
+               tracker: BestTracker, io: LoopIO, autocast, replicas: Replicas | None = None) -> LoopState:
+    replicas = replicas or OneProcess(model, task.loss_fn)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     scale = s.scaler.scale if s.scaler is not None else (lambda x: x)
     model.train()
@@ -130,24 +172,16 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
     while state.step < s.total_steps and state.status == "running":
         subset = task.train.epoch_subset(state.epoch) if task.train.epoch_subset else None
         batches = epoch_batches(task.train.lengths, s.batch_size, seed=s.seed, epoch=state.epoch, subset=subset)
-        windows = [batches[i : i + s.grad_accum] for i in range(0, len(batches), s.grad_accum)]
+        per_step = s.grad_accum * replicas.world_size  # micro-batches per optimizer step, all processes
+        windows = [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
         while state.window < len(windows) and state.step < s.total_steps:
-            # forward + backward over the micro-batches of one optimizer step; the summed loss is
-            # divided by the units (examples or supervised tokens) of the whole window
             window = windows[state.window]
             if s.unfreeze is not None:
                 s.unfreeze(state.epoch, state.step)
-            units = sum(task.train.count(idx) for idx in window)
-            window_loss = 0.0
-            for idx in window:
-                batch = task.train.collate(idx)
-                with autocast():
-                    loss_sum, _ = task.loss_fn(model, batch)
-                scale(loss_sum / units).backward()
-                window_loss += loss_sum.item()
-                # packed batches carry a 4-D mask, so they say their token count themselves
-                state.tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
-                state.samples += len(idx)
+            units = sum(task.train.count(idx) for idx in window)  # every process knows the whole window
+            window_loss, tokens = backward_window(window, units, task, replicas, autocast, scale)
+            state.tokens += tokens
+            state.samples += sum(len(idx) for idx in window)
             penalty = 0.0
             if s.penalty is not None:
                 reg = s.penalty(model)
@@ -176,14 +210,14 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
             is_best, metrics = False, None
             paused = time.monotonic()  # evaluation and checkpoint time is kept out of the training rate
             if due_eval and task.evaluate is not None:
-                metrics = task.evaluate(model)
+                metrics = replicas.on_main(task.evaluate, model)  # rank 0 evaluates; all get its numbers
                 row = eval_row(metrics, state, epoch)
                 io.log(row)
                 is_best = tracker.update(row[tracker.metric], state.step)
                 if s.early_stopping and tracker.should_stop:
                     state.status = "early_stopped"
             # checkpoint
-            stop = io.stop_requested()
+            stop = replicas.any(io.stop_requested())  # a signal seen by one process stops them all
             if stop and state.status == "running":
                 state.status = "interrupted"
             # never checkpoint inside a streak of non-finite steps: the last checkpoint precedes the fault
