@@ -27,3 +27,15 @@ def test_truncation_count_for_text_pairs(tiny_bert):
     max_length = 6
     _, truncated = encode(Examples(texts=texts, labels=[0, 0, 0], pairs=pairs), tok, max_length)
     assert truncated == sum(n > max_length for n in whole) >= 1
+
+
+def test_to_device_moves_tensors_and_keeps_the_rest():
+    import torch
+
+    from tunelab.device import to_device
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "num_tokens": 6}
+    assert to_device(batch, torch.device("cpu")) is batch  # the CPU path allocates nothing
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["input_ids"].device.type == "meta" and moved["input_ids"].shape == (2, 3)
+    assert moved["num_tokens"] == 6 and batch["input_ids"].device.type == "cpu"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.device import to_device
 from tunelab.config import Config, dump_config
 from tunelab.distributed import (ALONE, Group, SharedRunIO, check_resume_world_size, check_supported, init_from_env,
                                  replicas_for)
@@ -103,6 +104,9 @@ def _adapt(cfg: Config, task: TaskRun, device: torch.device) -> tuple[TaskRun, t
     """Apply the method and the model-side options; returns the task, the model, mixout layer count."""
     model = apply_method(task.model, cfg).to(device)
     task.model = model
+    if device.type != "cpu":  # batches are built on the CPU; the loop gets them where the model is
+        collate = task.train.collate
+        task.train.collate = lambda idx: to_device(collate(idx), device)
     if cfg.method == "feature_extraction" and cfg.feature_extraction.cache_features and cfg.task == "classification":
         from tunelab.tasks.feature_cache import cache_features
 

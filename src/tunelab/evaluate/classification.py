@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tunelab.device import model_device, to_device
+
 
 def classification_metrics(preds: list[int], labels: list[int], names: list[str]) -> dict:
     """accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
@@ -44,7 +46,9 @@ def predict(model, batches, *, autocast) -> tuple[float, list[int], list[int]]:
     model.eval()
     loss_sum, preds, labels = 0.0, [], []
     try:
+        device = model_device(model)
         for batch in batches:
+            batch = to_device(batch, device)
             y = batch.pop("labels")
             with autocast():
                 logits = model(**batch).logits.float()

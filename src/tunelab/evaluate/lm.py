@@ -14,6 +14,8 @@ from contextlib import nullcontext
 
 import torch
 
+from tunelab.device import model_device, to_device
+
 IGNORE = -100
 
 
@@ -45,8 +47,10 @@ def lm_metrics(model, batches, autocast=nullcontext) -> dict:
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
+    device = model_device(model)
     try:
         for batch in batches:
+            batch = to_device(batch, device)
             with autocast():
                 logits, targets = supervised_logits(model, batch)
             loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()

@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from tunelab.device import model_device, to_device
 from tunelab.evaluate.classification import classification_metrics
 from tunelab.tasks.base import TaskRun, TrainSet
 from tunelab.train.optim import head_prefixes
@@ -38,8 +39,9 @@ def head_inputs(model: torch.nn.Module, batches) -> torch.Tensor | None:
     was_training = model.training
     model.eval()
     try:
+        device = model_device(model)
         for batch in batches:
-            model(**{k: v for k, v in batch.items() if k != "labels"})
+            model(**{k: v for k, v in to_device(batch, device).items() if k != "labels"})
             if captured[-1].dim() != 2:
                 return None
     finally:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from tunelab.device import model_device, to_device
 from tunelab.train.optim import head_prefixes
 
 
@@ -52,9 +53,10 @@ def estimate_fisher(model: nn.Module, params: dict[str, nn.Parameter], batches, 
     was_training = model.training
     model.eval()
     n_batches = 0
+    device = model_device(model)
     for batch in batches:
         model.zero_grad(set_to_none=True)
-        loss_sum, count = loss_fn(model, batch)
+        loss_sum, count = loss_fn(model, to_device(batch, device))
         (loss_sum / max(1, count)).backward()
         for n, p in params.items():
             if p.grad is not None:

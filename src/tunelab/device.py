@@ -1,0 +1,21 @@
+"""Where tensors live: the run's device, and moving batches there.
+
+Collate functions build batches on the CPU (tokenizers and padding are CPU work); the model may be
+on a GPU. The loop's batches are moved by a collate wrapper set up in `tunelab.run`; evaluation,
+the Fisher estimate and feature caching move theirs with `to_device` next to the model call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on `device` (collate functions build on the CPU; a no-op there)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
