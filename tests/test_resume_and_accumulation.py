@@ -156,3 +156,19 @@ def test_evaluation_time_is_kept_out_of_the_training_rate(toy_classification, tm
     assert fresh["accuracy"] == summary["final"]["accuracy"] and fresh["confusion_matrix"] == summary["final"]["confusion_matrix"]
     assert fresh["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
     assert step in (8, 16)  # an epoch end: 64 rows / batch 8 = 8 steps per epoch
+
+
+def test_resume_auto_without_a_checkpoint_starts_over_cleanly(toy_classification, tmp_path):
+    """A run killed before its first checkpoint left rows behind: --resume auto finds nothing to
+    resume, so the run starts over and its metrics.jsonl holds only the new run's rows."""
+    raw = copy.deepcopy(toy_classification["config"])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 9.9, "elapsed": 1.0}) + "\n", encoding="utf-8")
+    (out / "tensorboard").mkdir()
+    summary = run_training(Config.model_validate(raw), out, resume="auto", show_progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["status"] == "completed"
+    assert not any(r.get("step") == 99 for r in rows)
+    assert rows[0].get("before_training") is True
+    assert not (out / "tensorboard").exists()  # no logger asked for one in this config

@@ -32,7 +32,7 @@ from tunelab.monitor.health import HealthMonitor, summarize
 from tunelab.monitor.loggers import check_loggers, open_loggers
 from tunelab.monitor.metrics_log import read_metrics
 from tunelab.monitor.progress import Progress
-from tunelab.run_dir import RunDir, default_output_dir, peak_memory_mb, prepare_run_dir, trim_metrics
+from tunelab.run_dir import RunDir, default_output_dir, peak_memory_mb, prepare_run_dir, start_over, trim_metrics
 from tunelab.tasks import TaskRun, setup_task
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.early_stop import BestTracker
@@ -381,8 +381,7 @@ def _halve_batch(cfg: Config, out: Path) -> tuple[Config, Path | None]:
                 cfg.train.batch_size, cfg.train.grad_accum)
     resume_from, _ = ckpt.find_resumable(out / "checkpoints")
     if resume_from is None:
-        for name in ("metrics.jsonl", "config.yaml", "param_groups.json"):
-            (out / name).unlink(missing_ok=True)
+        start_over(out)
     else:
         dump_config(cfg, out / "config.yaml")
     return cfg, resume_from

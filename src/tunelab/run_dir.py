@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -52,7 +53,18 @@ def prepare_run_dir(out: Path, resume: str | None) -> Path | None:
     path, skipped = ckpt.find_resumable(out / "checkpoints")
     for note in skipped:
         log.warning("resume: skipping %s", note)
+    if path is None and (out / "metrics.jsonl").exists():
+        log.warning("resume: no intact checkpoint in %s; the run starts over", out)
+        start_over(out)
     return path
+
+
+def start_over(out: Path) -> None:
+    """Remove what a run wrote before its first checkpoint, so a fresh start does not append to it
+    (the TensorBoard events go too: their steps would repeat)."""
+    for name in ("metrics.jsonl", "config.yaml", "param_groups.json", "summary.json", "loggers.json"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
 
 
 def trim_metrics(path: Path, step: int) -> None:
