@@ -209,3 +209,24 @@ def test_plan_bad_config_is_one_line_exit_2(tmp_path):
     res = CliRunner().invoke(app, ["plan", str(path), "--json"])
     assert res.exit_code == 2
     assert "batch_size" in res.output and "Traceback" not in res.output
+
+
+def test_plan_for_two_processes_matches_the_ddp_setup(toy_classification):
+    """--nproc 2: the steps are those the DDP setup computes (a step takes 2 x grad_accum
+    micro-batches), DDP's gradient buckets join the per-process memory, and on the CPU the two
+    processes must fit together."""
+    from tunelab.run import setup
+
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["train"].update({"grad_accum": 3, "epochs": 3})
+    cfg = Config.model_validate(raw)
+    one = planner.make_plan(cfg, suggestions=False)
+    two = planner.make_plan(cfg, suggestions=False, nproc=2)
+    assert two["steps"]["total"] == setup(cfg, world_size=2).settings.total_steps
+    assert one["steps"]["total"] == setup(cfg).settings.total_steps
+    assert two["steps"]["total"] < one["steps"]["total"]
+    mem1, mem2 = one["memory_mb"], two["memory_mb"]
+    assert mem2["ddp_buckets"] == mem1["gradients"] and "ddp_buckets" not in mem1
+    # (the runtime baseline is this test process's RSS, taken at each call: compare without it)
+    assert mem2["peak"] - mem2["runtime"] == pytest.approx(mem1["peak"] - mem1["runtime"] + mem2["ddp_buckets"], abs=0.2)
+    assert two["processes"] == 2

@@ -159,6 +159,7 @@ def plan(
                                       help="Real optimizer steps to time (after one warm-up); 0 = no timing."),
     price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", min=0, help="Machine price, for a cost."),
     no_suggestions: bool = typer.Option(False, "--no-suggestions", help="Skip the what-if estimates of memory levers."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Plan for `tunelab train --nproc N` (data-parallel processes)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Peak memory, steps, FLOPs, time and cost of a config before you train it, and what would make it fit."""
@@ -171,7 +172,7 @@ def plan(
         from tunelab.plan.report import plan_lines
 
         result = make_plan(cfg, measure_steps=measure_steps, price_per_hour=price_per_hour,
-                           suggestions=not no_suggestions)
+                           suggestions=not no_suggestions, nproc=nproc)
         typer.echo(json.dumps(result) if as_json else "\n".join(plan_lines(result)))
 
     _guard(go)

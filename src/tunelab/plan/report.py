@@ -23,7 +23,8 @@ def plan_lines(p: dict) -> list[str]:
         f"({data['padded_tokens']:,} with padding); {data['micro_batches_per_epoch']} micro-batches",
         f"steps: {steps['total']} ({steps['per_epoch']} per epoch x {steps['epochs']}), {steps['evaluations']} evaluations",
         f"largest micro-batch: {big['rows']} x {big['width']} tokens",
-        "memory (MB): " + ", ".join(f"{k} {mem[k]:,.0f}" for k in COMPONENTS),
+        "memory (MB): " + ", ".join(f"{k} {mem[k]:,.0f}" for k in (*COMPONENTS, "ddp_buckets") if k in mem)
+        + (f" (per process; {p['processes']} processes)" if p.get("processes", 1) > 1 else ""),
         f"peak memory: {mem['peak']:,.0f} MB ({mem['peak_basis']})" + (
             f" of {p['available_mb']:,.0f} MB available: {'fits' if p['fits'] else 'DOES NOT FIT'}"
             if p.get("available_mb") is not None else ""),
