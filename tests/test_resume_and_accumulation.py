@@ -172,3 +172,27 @@ def test_resume_auto_without_a_checkpoint_starts_over_cleanly(toy_classification
     assert not any(r.get("step") == 99 for r in rows)
     assert rows[0].get("before_training") is True
     assert not (out / "tensorboard").exists()  # no logger asked for one in this config
+
+
+def test_final_best_under_gradual_unfreezing_ships_the_best_steps_weights(toy_classification, tmp_path):
+    """Blocks unfrozen after the best step must not leak into final/: the best checkpoint holds
+    every parameter the optimizer owns, so final/ is that step's model and the summary's stored
+    evaluation is the evaluation of final/."""
+    from safetensors.torch import load_file
+
+    from tunelab.evaluate.saved_model import evaluate_saved_classifier
+
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["unfreeze"] = {"every": 2, "unit": "steps"}
+    raw["train"].update({"eval_every": 2, "epochs": 2, "eval_before": False})
+    # eval loss, maximised: an early evaluation (before most blocks unfreeze) stays the best
+    raw["checkpoint"] = {"final": "best", "metric": "eval_loss", "mode": "max"}
+    out = tmp_path / "run"
+    s = run_training(Config.model_validate(raw), out, show_progress=False)
+    assert s["best"]["step"] < s["steps"] - 4  # blocks were unfrozen (and trained) after the best step
+    best = load_file(str(out / "checkpoints" / s["final_weights"] / "weights.safetensors"))
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert set(final) <= set(best)
+    assert all(torch.equal(final[k], best[k]) for k in final)
+    fresh = evaluate_saved_classifier(out / "final", raw["data"]["eval"], max_length=32)
+    assert fresh["loss"] == pytest.approx(s["final"]["loss"], rel=1e-5)

@@ -47,11 +47,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters by name; a tensor shared by two names is stored once."""
+def trainable_state(model: torch.nn.Module, optimizer=None) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name; a tensor shared by two names is stored once.
+
+    Trainable means: requires grad now, or belongs to the optimizer. Under gradual unfreezing every
+    parameter is in the optimizer while the lower blocks still wait frozen; a checkpoint must hold
+    them too, or `final: best` would ship the best step's head on later steps' blocks.
+    """
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer is not None else set()
     out, seen = {}, set()
     for name, p in model.named_parameters():
-        if p.requires_grad and p.data_ptr() not in seen:
+        if (p.requires_grad or id(p) in in_optimizer) and p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             out[name] = p.detach().cpu().contiguous()
     return out
@@ -88,7 +94,7 @@ def save_checkpoint(root: Path, *, step: int, model, optimizer, scheduler, state
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        weights = trainable_state(model)
+        weights = trainable_state(model, optimizer)
         for name, t in weights.items():
             if not torch.isfinite(t).all():
                 raise FloatingPointError(f"refusing to save a checkpoint: parameter {name} holds NaN/Inf")
