@@ -216,3 +216,39 @@ def test_a_logger_whose_package_is_missing_is_one_line_naming_the_key(toy_classi
     assert not out.exists()
     res = CliRunner().invoke(app, ["train", str(cfg), "-o", str(out), "--set", "monitor.loggers=[neptune]"])
     assert res.exit_code == 2 and "monitor.loggers" in res.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("fails_at", ["start", "step 6"])
+def test_a_failing_tracking_server_never_costs_the_run(toy_classification, tmp_path, monkeypatch, fails_at):
+    """MLflow raising at start_run (no server) or at a log call mid-run: the run completes,
+    metrics.jsonl keeps every row, one warning says the logger is gone."""
+    import logging
+
+    fake = FakeRemote()
+    module = fake.mlflow_module()
+    if fails_at == "start":
+        def start_run(run_id=None, run_name=None):
+            raise ConnectionError("tracking server unreachable")
+        module.start_run = start_run
+    else:
+        def log_metrics(values, step):
+            if step >= 6:
+                raise ConnectionError("tracking server unreachable")
+            fake.calls.append(("mlflow.log_metrics", step, values))
+        module.log_metrics = log_metrics
+    monkeypatch.setitem(sys.modules, "mlflow", module)
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["monitor"] = {"loggers": ["mlflow"]}
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("tunelab").addHandler(handler)
+    try:
+        summary = run_training(Config.model_validate(raw), tmp_path / "run", show_progress=False)
+    finally:
+        logging.getLogger("tunelab").removeHandler(handler)
+    assert summary["status"] == "completed"
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(2, 17, 2))
+    warned = [r.getMessage() for r in records if "unreachable" in r.getMessage()]
+    assert len(warned) == 1

@@ -113,8 +113,13 @@ class RunDir:
             self.health, events = None, []
         for r in (row, *(e.row() for e in events)):
             self.metrics.write(r)
-            for logger in self.loggers:
-                logger.log(r)
+            for logger in list(self.loggers):
+                try:
+                    logger.log(r)
+                except Exception as e:  # a tracking server's error must never cost the run
+                    log.warning("a logger failed and is dropped (metrics.jsonl keeps every row): %s",
+                                str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    self.loggers.remove(logger)
         self.progress.update(row.get("step", 0), row)
         for e in events:
             log.warning("health at step %d: %s", e.step, e.message)

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import uuid
 from pathlib import Path
 from typing import Protocol
 
 from tunelab.errors import InputError
+
+log = logging.getLogger("tunelab")
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -132,16 +135,21 @@ def open_loggers(monitor, root: Path, config: dict, resumed_step: int | None) ->
     project, name = monitor.project or "tunelab", monitor.run_name or root.name
     loggers: list[Logger] = []
     for kind in dict.fromkeys(monitor.loggers):
-        if kind == "tensorboard":
-            # everything at or after purge_step in earlier event files is hidden: on a fresh start
-            # (0) that is a previous attempt's files, on a resume the steps after the checkpoint
-            loggers.append(TensorBoardLogger(root / "tensorboard", purge_step=0 if resumed_step is None else resumed_step + 1))
-        elif kind == "wandb":
-            ids.setdefault("wandb", uuid.uuid4().hex[:16])
-            loggers.append(wandb_logger(ids["wandb"], project, name, config))
-        elif kind == "mlflow":
-            logger, ids["mlflow"] = mlflow_logger(ids.get("mlflow"), project, name, config)
-            loggers.append(logger)
+        try:  # a logger that cannot start (no API key, server down) costs its rows, never the run
+            if kind == "tensorboard":
+                # everything at or after purge_step in earlier event files is hidden: on a fresh start
+                # (0) that is a previous attempt's files, on a resume the steps after the checkpoint
+                loggers.append(TensorBoardLogger(root / "tensorboard",
+                                                 purge_step=0 if resumed_step is None else resumed_step + 1))
+            elif kind == "wandb":
+                ids.setdefault("wandb", uuid.uuid4().hex[:16])
+                loggers.append(wandb_logger(ids["wandb"], project, name, config))
+            elif kind == "mlflow":
+                logger, ids["mlflow"] = mlflow_logger(ids.get("mlflow"), project, name, config)
+                loggers.append(logger)
+        except Exception as e:
+            log.warning("monitor.loggers: %s could not start, training goes on without it: %s",
+                        kind, str(e).splitlines()[0] if str(e) else type(e).__name__)
     if ids:
         ids_path.write_text(json.dumps(ids, indent=1), encoding="utf-8")
     return loggers
