@@ -166,7 +166,12 @@ def test_resume_auto_without_a_checkpoint_starts_over_cleanly(toy_classification
     out.mkdir()
     (out / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 9.9, "elapsed": 1.0}) + "\n", encoding="utf-8")
     (out / "tensorboard").mkdir()
+    stale = out / "checkpoints" / "step-000099"  # a save cut short: no manifest, so not resumable
+    stale.mkdir(parents=True)
+    (stale / "weights.safetensors").write_bytes(b"cut")
     summary = run_training(Config.model_validate(raw), out, resume="auto", show_progress=False)
+    assert (out / "checkpoints.unusable" / "step-000099").is_dir()  # set aside, not weighed by retention
+    assert summary["best"]["checkpoint"] and (out / "checkpoints" / summary["best"]["checkpoint"]).is_dir()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["status"] == "completed"
     assert not any(r.get("step") == 99 for r in rows)
@@ -196,3 +201,19 @@ def test_final_best_under_gradual_unfreezing_ships_the_best_steps_weights(toy_cl
     assert all(torch.equal(final[k], best[k]) for k in final)
     fresh = evaluate_saved_classifier(out / "final", raw["data"]["eval"], max_length=32)
     assert fresh["loss"] == pytest.approx(s["final"]["loss"], rel=1e-5)
+
+
+def test_resume_auto_with_bad_input_leaves_the_run_dir_as_it_was(toy_classification, tmp_path):
+    """No checkpoint to resume and a config that fails to load its model: exit as bad input, and
+    the previous attempt's files are still there (start-over happens only once setup succeeded)."""
+    from tunelab.errors import InputError
+
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["model"]["name"] = str(tmp_path / "no-such-model")
+    out = tmp_path / "run"
+    out.mkdir()
+    old = json.dumps({"step": 3, "loss": 1.0, "elapsed": 1.0}) + "\n"
+    (out / "metrics.jsonl").write_text(old, encoding="utf-8")
+    with pytest.raises(InputError):
+        run_training(Config.model_validate(raw), out, resume="auto", show_progress=False)
+    assert (out / "metrics.jsonl").read_text() == old

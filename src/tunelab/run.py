@@ -344,6 +344,10 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     retries = []
     while True:
         recipe = setup(cfg, group.world_size)
+        if resume == "auto" and resume_from is None and not group.rank and (out / "metrics.jsonl").exists():
+            # only now that config, data and model have loaded: a bad input must leave the dir as it was
+            log.warning("resume: no intact checkpoint in %s; the run starts over", out)
+            start_over(out)
         if group.rank:  # the same initial weights everywhere, but each process its own dropout stream
             random.seed(cfg.train.seed + 7919 * group.rank)
             torch.manual_seed(cfg.train.seed + 7919 * group.rank)

@@ -53,18 +53,19 @@ def prepare_run_dir(out: Path, resume: str | None) -> Path | None:
     path, skipped = ckpt.find_resumable(out / "checkpoints")
     for note in skipped:
         log.warning("resume: skipping %s", note)
-    if path is None and (out / "metrics.jsonl").exists():
-        log.warning("resume: no intact checkpoint in %s; the run starts over", out)
-        start_over(out)
     return path
 
 
 def start_over(out: Path) -> None:
-    """Remove what a run wrote before its first checkpoint, so a fresh start does not append to it
-    (the TensorBoard events go too: their steps would repeat)."""
+    """Remove what a run wrote before its first intact checkpoint, so a fresh start does not append to it
+    (the TensorBoard events go too: their steps would repeat). Unusable checkpoints are set aside in
+    checkpoints.unusable/, not deleted: retention must not weigh a stale high step against the new ones."""
     for name in ("metrics.jsonl", "config.yaml", "param_groups.json", "summary.json", "loggers.json"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    if (out / "checkpoints").is_dir():
+        shutil.rmtree(out / "checkpoints.unusable", ignore_errors=True)
+        os.replace(out / "checkpoints", out / "checkpoints.unusable")
 
 
 def trim_metrics(path: Path, step: int) -> None:
