@@ -217,3 +217,27 @@ def test_resume_auto_with_bad_input_leaves_the_run_dir_as_it_was(toy_classificat
     with pytest.raises(InputError):
         run_training(Config.model_validate(raw), out, resume="auto", show_progress=False)
     assert (out / "metrics.jsonl").read_text() == old
+
+
+def test_a_resume_on_another_eval_file_does_not_reuse_the_stored_evaluation(toy_classification, tmp_path):
+    """Cut at step 10, resumed from that checkpoint with a different eval file: the final metrics
+    are those of final/ on the new file, not the checkpoint's evaluation on the old one."""
+    from conftest import sentiment_rows, write_jsonl
+    from tunelab.evaluate.saved_model import evaluate_saved_classifier
+
+    raw = copy.deepcopy(toy_classification["config"])
+    # no later evaluation can beat the first by 100: the step-4 checkpoint stays the best, so final/
+    # ships weights whose stored evaluation was made on the old eval file
+    raw["checkpoint"] = {"final": "best", "min_delta": 100}
+    raw["train"].update({"eval_every": 4, "eval_before": False})
+    out = tmp_path / "run"
+    run_training(Config.model_validate(raw), out, show_progress=False, should_stop=stop_after(10))
+    rows = sentiment_rows(40, seed=9)
+    other = write_jsonl(tmp_path / "other_eval.jsonl", rows[:5] + [r for r in rows if r["label"] == "pos"][:20])
+    raw["data"]["eval"] = str(other)
+    checkpoint = max((out / "checkpoints").glob("step-*"))
+    s = run_training(Config.model_validate(raw), out, resume=str(checkpoint), show_progress=False)
+    assert s["best"]["step"] < 10
+    fresh = evaluate_saved_classifier(out / "final", other, max_length=32)
+    assert sum(sum(row) for row in s["final"]["confusion_matrix"]) == fresh["rows"] == 25
+    assert s["final"]["loss"] == pytest.approx(fresh["loss"], rel=1e-5)

@@ -201,6 +201,7 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
         progress = Progress(r.settings.total_steps, enabled=show_progress)
         io = RunDir(out, r.model, r.optimizer, r.scheduler, r.cfg.checkpoint.keep_last, progress, should_stop)
         io.loggers, io.health = open_monitors(r, out, resume_from)
+        io.eval_key = eval_key(r)
     state, before = LoopState(world_size=r.world_size), None
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
@@ -218,6 +219,26 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
             before = {**eval_row(r.task.evaluate(r.model), state, 0.0), "before_training": True}
             io.log(before)
     return io, state, before
+
+
+def _stored_eval(io: RunDir, checkpoint: Path) -> dict | None:
+    """The evaluation a checkpoint stored, when it measured what this run's evaluation measures."""
+    state = ckpt.load_state(checkpoint)
+    return state.get("eval") if state.get("eval_key") == io.eval_key else None
+
+
+def eval_key(r: Recipe) -> str:
+    """A fingerprint of what an evaluation measures: the eval data (file, size, mtime, or the split of
+    the training file), how it is encoded, and the precision. A stored evaluation is reused for the
+    final summary only under the same key (a resume may point at another eval file)."""
+    import hashlib
+
+    d = r.cfg.data
+    files = [f for f in (d.eval or d.train,) if f and Path(f).is_file()]
+    stamp = [(str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
+    parts = [r.cfg.task, d.eval, d.eval_split, d.max_rows, r.cfg.train.seed, r.cfg.model.max_length,
+             d.text_column, d.label_column, r.precision, stamp]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 def open_monitors(r: Recipe, out: Path, resume_from: Path | None) -> tuple[list, HealthMonitor | None]:
@@ -288,12 +309,12 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         if r.cfg.checkpoint.final == "best" and io.best_checkpoint and (io.ckpt_root / io.best_checkpoint).is_dir():
             ckpt.load_weights(io.ckpt_root / io.best_checkpoint, model)
             summary["final_weights"] = io.best_checkpoint
-            final_eval = ckpt.load_state(io.ckpt_root / io.best_checkpoint).get("eval")
+            final_eval = _stored_eval(io, io.ckpt_root / io.best_checkpoint)
         else:
             summary["final_weights"] = "last"
             last = io.ckpt_root / ckpt.checkpoint_name(state.step)
             if last.is_dir():
-                final_eval = ckpt.load_state(last).get("eval")
+                final_eval = _stored_eval(io, last)
         if r.mixout_layers:
             remove_mixout(model)
         tmp_final = out / ".tmp-final"

@@ -96,6 +96,7 @@ class RunDir:
         self.best_checkpoint: str | None = None
         self.loggers: list = []  # monitor.loggers (TensorBoard, W&B, MLflow): each gets every row written here
         self.health = None  # a monitor.health.HealthMonitor: its diagnoses become rows too
+        self.eval_key: str | None = None  # what the evaluations measure (run.eval_key); stored beside them
         self._stop = threading.Event()
         self._should_stop = should_stop
 
@@ -140,7 +141,7 @@ class RunDir:
         """
         best = ckpt.checkpoint_name(state.step) if is_best else self.best_checkpoint
         payload = {"loop": state.to_dict(), "tracker": tracker.state_dict(), "best_checkpoint": best,
-                   "eval": metrics}
+                   "eval": metrics, "eval_key": self.eval_key}
         try:
             ckpt.save_checkpoint(self.ckpt_root, step=state.step, model=self.model, optimizer=self.optimizer,
                                  scheduler=self.scheduler, state=payload, rank_rng=rank_rng)
