@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import sst2_minilm_missing, write_result
 from tunelab.config import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,10 +158,7 @@ def _write(a, argv, results: list[dict], t0: float, dev: Path, partial: bool) ->
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_end": os.getloadavg()},
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = a.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp_out, a.out)
+    write_result(a.out, result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,18 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     l2sp_weights = a.l2sp or [1.0, 0.1, 10.0]
 
     train, dev = a.data / "train.tsv", a.data / "dev.tsv"
-    if not (train.is_file() and dev.is_file()):
-        print(f"skipped: SST-2 not found at {a.data} (expected train.tsv and dev.tsv; see ../shared/datasets/README.md)")
+    missing = sst2_minilm_missing(a.data)
+    if missing:
+        print(f"skipped: {missing}")
         return 0
     if not a.probe_source.is_file():
         print(f"skipped: probe source not found at {a.probe_source}")
-        return 0
-    try:
-        from tunelab.models.registry import resolve_model
-
-        resolve_model("minilm")
-    except Exception as e:  # the embedded model's package is missing
-        print(f"skipped: {e}")
         return 0
 
     runs = [("reference_default_lr", {"optim.lr": a.ref_lr}),

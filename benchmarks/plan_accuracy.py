@@ -20,10 +20,9 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
+from benchutil import in_child, write_result
 from tunelab.config import library_versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,11 +99,6 @@ def _run(raw: dict, out: str) -> dict:
     return {k: s[k] for k in ("steps", "train_seconds", "peak_memory_mb", "precision", "status")}
 
 
-def _in_child(fn, *args):
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def _missing(need: str) -> str | None:
     if need == "embedded minilm" or need == "sst2":
         import importlib.util
@@ -136,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with tempfile.TemporaryDirectory(prefix="tunelab-plan-") as tmp:
             raw = build(Path(tmp), **over)
-            plan = _in_child(_plan, raw)
-            run = _in_child(_run, raw, str(Path(tmp) / "run"))
+            plan = in_child(_plan, raw)
+            run = in_child(_run, raw, str(Path(tmp) / "run"))
         planned_step = plan["time"]["train_seconds"] / plan["steps"]["total"]
         measured_step = run["train_seconds"] / run["steps"]
         row = {"case": name, "precision": run["precision"], "steps": run["steps"],
@@ -155,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"benchmark": "plan_accuracy", "command": "python benchmarks/plan_accuracy.py " + " ".join(sys.argv[1:]),
            "cases": results, "versions": library_versions(),
            "machine": {"cpus": os.cpu_count(), "load_average_1min_end": round(os.getloadavg()[0], 2)}}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    write_result(a.out, out)
     print(f"wrote {a.out}")
     return 0
 

@@ -29,7 +29,6 @@ whose embedded package is missing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchutil import write_result
 from tunelab.config import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": _cpu_info(), "versions": library_versions(), "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = a.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp_out, a.out)
+    write_result(a.out, result)
     print(f"wrote {a.out}")
     return 0
 

@@ -27,11 +27,10 @@ import resource
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchutil import in_child, write_result  # noqa: E402
 from sft_alpaca import DATA, REPO, train_once, write_conversations  # noqa: E402
 
 LR, MAX_LENGTH, BATCH = 5e-5, 512, 4
@@ -85,11 +84,6 @@ def run_trl(model_dir: str, pairs_path: str, steps: int, out: str) -> dict:
             "final_train_loss": logs[-1].get("loss")}
 
 
-def _in_child(fn, *args):
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=200)
@@ -114,17 +108,16 @@ def main() -> int:
             for r in records:
                 f.write(json.dumps({"prompt": [{"role": "user", "content": r["instruction"]}],
                                     "completion": [{"role": "assistant", "content": r["output"]}]}) + "\n")
-        ours = _in_child(run_tunelab, str(tmp / "train.jsonl"), a.max_steps, str(tmp / "tunelab-run"))
+        ours = in_child(run_tunelab, str(tmp / "train.jsonl"), a.max_steps, str(tmp / "tunelab-run"))
         print(f"tunelab: {ours['tokens_per_second']:.1f} tokens/s over {ours['steps']} steps", flush=True)
-        peer = _in_child(run_trl, model_dir, str(tmp / "pairs.jsonl"), a.max_steps, str(tmp / "trl-run"))
+        peer = in_child(run_trl, model_dir, str(tmp / "pairs.jsonl"), a.max_steps, str(tmp / "trl-run"))
         print(f"trl: {peer['tokens_per_second']:.1f} tokens/s over {peer['steps']} steps", flush=True)
     result = {"benchmark": "sft_vs_trl", "conversations": len(records), "max_steps": a.max_steps,
               "batch": BATCH, "max_length": MAX_LENGTH, "precision": "bf16 autocast, fp32 master weights",
               "tunelab": ours, "peer": peer, "speedup": ours["tokens_per_second"] / peer["tokens_per_second"],
               "versions": library_versions() | {"trl": __import__("trl").__version__},
               "machine": {"cpus": os.cpu_count(), "load_average_1min_end": round(os.getloadavg()[0], 2)}}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_result(a.out, result)
     print(f"speedup {result['speedup']:.2f}x; wrote {a.out}")
     return 0
 

@@ -37,10 +37,9 @@ import resource
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
+from benchutil import in_child, sst2_minilm_missing, write_result
 from tunelab.config import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,12 +214,6 @@ def run_peer(train: str, dev: str, rows: int, epochs: float, batch_size: int, ma
 # ---------------------------------------------------------------- main
 
 
-def _in_child(fn, *args):
-    """Run `fn` in a fresh spawned process so its peak RSS is its own."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train.tsv and dev.tsv")
@@ -234,15 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     train, dev = a.data / "train.tsv", a.data / "dev.tsv"
-    if not (train.is_file() and dev.is_file()):
-        print(f"skipped: SST-2 not found at {a.data} (expected train.tsv and dev.tsv; see ../shared/datasets/README.md)")
-        return 0
-    try:
-        from tunelab.models.registry import resolve_model
-
-        resolve_model("minilm")
-    except Exception as e:  # the embedded model's package is missing
-        print(f"skipped: {e}")
+    missing = sst2_minilm_missing(a.data)
+    if missing:
+        print(f"skipped: {missing}")
         return 0
 
     from tunelab.config import Config, apply_overrides
@@ -255,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         t0, load_start = time.monotonic(), os.getloadavg()
         print(f"tunelab: minilm, {a.rows} rows x {epochs} epochs, batch {batch_size}"
               f"{', overrides ' + ' '.join(a.overrides) if a.overrides else ' (default recipe)'} ...", flush=True)
-        ours = _in_child(run_tunelab, str(train), str(dev_used), a.rows, a.overrides, str(tmp / "tunelab-run"))
+        ours = in_child(run_tunelab, str(train), str(dev_used), a.rows, a.overrides, str(tmp / "tunelab-run"))
         print(f"  dev accuracy {ours['dev_accuracy']:.4f}, {ours['samples_per_second']:.1f} samples/s, "
               f"{ours['wall_seconds']:.0f} s", flush=True)
         peer = None
@@ -264,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"peer skipped: {peer['skipped']}", flush=True)
         elif a.peer:
             print(f"peer: transformers.Trainer, lr {PEER_LR}, same rows/epochs/batch ...", flush=True)
-            peer = _in_child(run_peer, str(train), str(dev_used), a.rows, epochs, batch_size, max_length,
+            peer = in_child(run_peer, str(train), str(dev_used), a.rows, epochs, batch_size, max_length,
                              str(tmp / "trainer-run"))
             print(f"  dev accuracy {peer['dev_accuracy']:.4f}, {peer['samples_per_second']:.1f} samples/s, "
                   f"{peer['wall_seconds']:.0f} s", flush=True)
@@ -293,10 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_1min_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)]},
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = a.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp_out, a.out)
+    write_result(a.out, result)
     print(f"wrote {a.out} (target {TARGET_ACCURACY}: {'met' if result['meets_target'] else 'NOT met'})")
     return 0
 

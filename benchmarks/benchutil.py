@@ -1,0 +1,38 @@
+"""What the benchmark scripts share: a spawned child per measured side, the results file, the
+SST-2 + MiniLM availability check. Imported by scripts run as `python benchmarks/NAME.py` (their
+folder is on sys.path)."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+
+def in_child(fn, *args):
+    """Run fn(*args) in a fresh spawned process: its peak memory (max RSS) is that side's alone."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def write_result(path: Path, result: dict) -> None:
+    """The results JSON, written whole or not at all (tmp + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def sst2_minilm_missing(data: Path) -> str | None:
+    """Why an SST-2 benchmark with the embedded MiniLM cannot run here, or None."""
+    if not ((data / "train.tsv").is_file() and (data / "dev.tsv").is_file()):
+        return f"SST-2 not found at {data} (expected train.tsv and dev.tsv; see ../shared/datasets/README.md)"
+    try:
+        from tunelab.models.registry import resolve_model
+
+        resolve_model("minilm")
+    except Exception as e:  # the embedded model's package is missing
+        return str(e)
+    return None
