@@ -33,6 +33,7 @@ import torch
 from tunelab.config import Config
 from tunelab.errors import InputError
 from tunelab.plan.probe import meta_model, probe
+from tunelab.train.loop import evaluation_due
 
 MB = 2**20
 NF4_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 weights + fp32 per 256 absmax (double quant)
@@ -43,7 +44,6 @@ NF4_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 weights + fp32 per 256 abs
 
 def data_profile(cfg: Config) -> dict:
     """Training units (lengths, supervised tokens) and one epoch's micro-batch shapes."""
-    from tunelab.data.batching import epoch_batches
     from tunelab.models.load import load_tokenizer
     from tunelab.models.registry import resolve_model
 
@@ -61,11 +61,11 @@ def data_profile(cfg: Config) -> dict:
         eval_tokens = sum(len(f["input_ids"]) for f in encode(evaluation, tok, max_len)[0]) if evaluation else 0
         num_labels = len(names)
     else:
-        from tunelab.tasks.causal_lm import _read_and_encode, batcher, n_supervised, split_examples
+        from tunelab.tasks.causal_lm import read_and_encode, batcher, n_supervised, split_examples
 
-        _, examples, _, _ = _read_and_encode(cfg.data.train, cfg, tok, max_len, cfg.task)
+        _, examples, _, _ = read_and_encode(cfg.data.train, cfg, tok, max_len, cfg.task)
         if cfg.data.eval:
-            _, held, _, _ = _read_and_encode(cfg.data.eval, cfg, tok, max_len, cfg.task)
+            _, held, _, _ = read_and_encode(cfg.data.eval, cfg, tok, max_len, cfg.task)
         else:
             examples, held = split_examples(examples, cfg.data.eval_split, cfg.train.seed)
         packed = bool(cfg.data.packing)
@@ -74,11 +74,20 @@ def data_profile(cfg: Config) -> dict:
         supervised = [sum(n_supervised(examples[j]) for j in u) for u in units]
         eval_tokens = sum(len(e.input_ids) for e in held)
         num_labels = None
-    batches = epoch_batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=0)
+    return rebatch({"units": len(lengths), "tokens": sum(lengths), "supervised_tokens": sum(supervised),
+                    "lengths": lengths, "supervised": supervised, "eval_tokens": eval_tokens,
+                    "num_labels": num_labels, "packed": packed, "max_length": max_len}, cfg.train.batch_size, cfg.train.seed)
+
+
+def rebatch(profile: dict, batch_size: int, seed: int) -> dict:
+    """The profile with one epoch's micro-batch shapes (rows, width, supervised) at this batch size,
+    in the loop's order: what-ifs on the batch size re-batch the same units without re-reading data."""
+    from tunelab.data.batching import epoch_batches
+
+    lengths, supervised = profile["lengths"], profile["supervised"]
+    batches = epoch_batches(lengths, batch_size, seed=seed, epoch=0)
     shapes = [(len(b), max(lengths[i] for i in b), sum(supervised[i] for i in b)) for b in batches]
-    return {"units": len(lengths), "tokens": sum(lengths), "supervised_tokens": sum(supervised),
-            "padded_tokens": sum(r * w for r, w, _ in shapes), "shapes": shapes, "eval_tokens": eval_tokens,
-            "num_labels": num_labels, "packed": packed, "max_length": max_len}
+    return {**profile, "shapes": shapes, "padded_tokens": sum(r * w for r, w, _ in shapes)}
 
 
 # ---------------------------------------------------------------- cost per micro-batch shape
@@ -285,11 +294,10 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * windows))
     epochs = total_steps / windows
     n_evals = 0
-    if profile["eval_tokens"]:  # the loop's rule: every eval_every steps, at each epoch end, at the last step
-        every = cfg.train.eval_every
+    if profile["eval_tokens"]:  # the loop's own rule
         n_evals = (1 if cfg.train.eval_before else 0) + sum(
-            1 for step in range(1, total_steps + 1)
-            if (every and step % every == 0) or step % windows == 0 or step == total_steps)
+            evaluation_due(step, cfg.train.eval_every, step % windows == 0, total_steps)
+            for step in range(1, total_steps + 1))
     plan = {
         "model": cfg.model.name, "task": cfg.task, "method": cfg.method, "precision": est["precision"],
         "device": est["device"], "processes": nproc,
@@ -363,7 +371,7 @@ def suggest(cfg: Config, profile: dict, memory: dict, precision: str) -> list[di
             else:
                 raw[section] = value
         variant = Config.model_validate(raw)
-        vprofile = data_profile(variant) if change is None else profile
+        vprofile = rebatch(profile, variant.train.batch_size, variant.train.seed) if change is None else profile
         est = estimate(variant, vprofile, memory["runtime"])
         out.append({"change": label, "peak_mb": round(est["memory"]["peak"] / MB, 1),
                     "saves_mb": round((memory["peak"] - est["memory"]["peak"]) / MB, 1)})

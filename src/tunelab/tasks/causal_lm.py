@@ -93,7 +93,7 @@ def split_examples(examples: list, share: float, seed: int) -> tuple[list, list]
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def _read_and_encode(path: str, cfg, tokenizer, max_length: int, task: str):
+def read_and_encode(path: str, cfg, tokenizer, max_length: int, task: str):
     from tunelab.data.chat import read_chat_data
     from tunelab.data.chat_template import check_template, encode_dataset
 
@@ -139,11 +139,11 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
     eos_id = eot if eot is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
 
-    data, train_ex, stats, warnings = _read_and_encode(cfg.data.train, cfg, tokenizer, max_len, cfg.task)
+    data, train_ex, stats, warnings = read_and_encode(cfg.data.train, cfg, tokenizer, max_len, cfg.task)
     for w in warnings:
         log.warning("chat template: %s", w)
     if cfg.data.eval:
-        _, eval_ex, eval_stats, _ = _read_and_encode(cfg.data.eval, cfg, tokenizer, max_len, cfg.task)
+        _, eval_ex, eval_stats, _ = read_and_encode(cfg.data.eval, cfg, tokenizer, max_len, cfg.task)
     else:
         train_ex, eval_ex = split_examples(train_ex, cfg.data.eval_split, cfg.train.seed)
         eval_stats = None

@@ -110,6 +110,11 @@ def backward_window(window: list[list[int]], units: int, task: TaskRun, replicas
     return window_loss, int(tokens)
 
 
+def evaluation_due(step: int, eval_every: int | None, end_of_epoch: bool, total_steps: int) -> bool:
+    """When the loop evaluates: every `eval_every` steps, at each epoch's end, and at the last step."""
+    return bool((eval_every and step % eval_every == 0) or end_of_epoch or step == total_steps)
+
+
 def eval_row(metrics: dict, state: LoopState, epoch: float) -> dict:
     row = {"step": state.step, "epoch": round(epoch, 4)}
     row.update({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -205,8 +210,7 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
                 io.log(train_row(state, s, epoch, lr, grad_norm, penalty))
                 state.pending_loss, state.pending_units, state.pending_norm_max = 0.0, 0, 0.0
             # evaluate, track the best, early-stop
-            end_of_epoch = state.window == len(windows)
-            due_eval = (s.eval_every and state.step % s.eval_every == 0) or end_of_epoch or state.step == s.total_steps
+            due_eval = evaluation_due(state.step, s.eval_every, state.window == len(windows), s.total_steps)
             is_best, metrics = False, None
             paused = time.monotonic()  # evaluation and checkpoint time is kept out of the training rate
             if due_eval and task.evaluate is not None:
