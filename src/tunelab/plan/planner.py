@@ -148,23 +148,24 @@ def param_bytes(model, cfg: Config) -> dict:
             "optimizer": trainable * 8, "regularizers": trainable * 4 * copies}
 
 
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:   N kB" line of a Linux /proc file, in bytes; None where there is no such file or line."""
+    try:
+        with open(path) as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
 def runtime_bytes() -> int:
     """This process's resident memory now: the interpreter with torch and transformers imported."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
+    return _proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def available_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 # ---------------------------------------------------------------- the plan
