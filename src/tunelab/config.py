@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import InputError
-
-
-class Section(BaseModel):
-    # NaN and inf are never meant: `lr: .nan` or `eps: .inf` must stop at load time, not mid-run.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RuleError(ValueError):
@@ -30,6 +25,36 @@ class RuleError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+def _numeric(annotation) -> bool:
+    """Whether a field's type takes numbers (int, float, a tuple of them, or one of those or None)."""
+    if annotation in (int, float):
+        return True
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return bool(args) and all(_numeric(a) for a in args)
+
+
+class Section(BaseModel):
+    # NaN and inf are never meant: `lr: .nan` or `eps: .inf` must stop at load time, not mid-run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, data: Any) -> Any:
+        """Strict numbers: YAML 1.1 reads `on`, `yes`, `true` as booleans, and pydantic would take
+        them as 1 (`lr: on` trains at lr 1.0); a boolean where a number belongs is refused."""
+        if not isinstance(data, dict):
+            return data
+        for name, value in data.items():
+            field = cls.model_fields.get(name) if isinstance(name, str) else None
+            if field is None or not _numeric(field.annotation):
+                continue
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, bool) for v in values):
+                raise RuleError(name, f"expects a number, got the boolean {value!r} (YAML reads on/off/yes/no/true/false "
+                                      "as booleans); write the number")
+        return data
 
 
 class ModelConfig(Section):
@@ -107,7 +132,7 @@ class TrainConfig(Section):
     batch_size: int = Field(8, gt=0, le=65_536, description="Examples per micro-batch (per optimizer step with grad_accum 1).")
     grad_accum: int = Field(1, gt=0, le=65_536)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="0 .. 2**32 - 1 (what every RNG of the run accepts).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward. MiniLM, batch 32x256 on CPU: peak memory 4.3 -> 2.3 GB, step time 1.7x (benchmarks/results/grad_checkpointing_memory.json).")
     log_every: int = Field(10, gt=0)
@@ -164,6 +189,13 @@ class LoraConfig(Section):
     rslora: bool = False
     dora: bool = False
     merge: bool = Field(False, description="Also write final/merged/: the base with the adapter folded in (a plain HF model).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, v):
+        if isinstance(v, list) and (not v or not all(m.strip() for m in v)):
+            raise ValueError("needs at least one module name (or auto / all-linear)")
+        return v
 
 
 class RegularizationConfig(Section):
@@ -236,6 +268,7 @@ class Config(Section):
                 self.data.packing = True
             if "head_lr_multiplier" not in self.optim.model_fields_set:
                 self.optim.head_lr_multiplier = 1.0  # an LM's lm_head is pre-trained, not a new head
+        self._conflicts()
         if self.unfreeze.every and self.method not in ("full",):
             raise RuleError("unfreeze.every", f"gradual unfreezing decides what trains itself; it cannot be combined "
                             f"with method '{self.method}' (use method: full, or remove unfreeze)")
@@ -247,12 +280,103 @@ class Config(Section):
             )
         return self
 
+    def _given(self, section: str, key: str | None = None) -> bool:
+        """Whether the user set a section (or one of its keys) to something that matters: a value
+        other than the default, or any value in a hand-written config (a run dir's config.yaml, which
+        spells out every default and carries `versions`, only counts where it differs)."""
+        if key is None:
+            sec = getattr(self, section)
+            return section in self.model_fields_set and (self.versions is None or sec != type(sec)())
+        sec = getattr(self, section)
+        default = type(sec).model_fields[key].get_default(call_default_factory=True)
+        return getattr(sec, key) != default or (key in sec.model_fields_set and self.versions is None)
+
+    def _conflicts(self) -> None:
+        """Options that contradict each other, or that the chosen task or method would silently ignore."""
+        m, d = self.method, self.data
+        for section, methods in (("lora", ("lora", "qlora")), ("freeze", ("freeze",)),
+                                 ("feature_extraction", ("feature_extraction",))):
+            if m not in methods and self._given(section):
+                raise RuleError(section, f"a {section}: section is set but method is '{m}', which ignores it: "
+                                f"remove the section or set method: {methods[0]}")
+        if m == "feature_extraction" and self.task != "classification":
+            raise RuleError("method", f"method 'feature_extraction' trains a new classification head; task '{self.task}' "
+                            "has none: use method full, freeze, lora or qlora")
+        if self.task == "classification":
+            if self._given("data", "overflow"):
+                raise RuleError("data.overflow", "data.overflow applies to chat and causal_lm only (classification "
+                                "truncates at model.max_length): remove it")
+            cols = {"text_column": d.text_column, "label_column": d.label_column, "text_pair_column": d.text_pair_column}
+            names = [k for k, v in cols.items() if v is not None]
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    if cols[a] == cols[b]:
+                        raise RuleError(f"data.{b}", f"data.{a} and data.{b} both name the column '{cols[a]}': "
+                                        "each must name a different column")
+        else:
+            for key in ("labels", "label_column", "text_pair_column"):
+                if self._given("data", key):
+                    raise RuleError(f"data.{key}", f"data.{key} applies to classification only; task '{self.task}' "
+                                    "reads conversations or text records: remove it")
+        o = self.optim
+        if o.head_lr is not None and "head_lr_multiplier" in o.model_fields_set and (
+                self.versions is None or o.head_lr_multiplier != OptimConfig.model_fields["head_lr_multiplier"].default):
+            raise RuleError("optim.head_lr", "set optim.head_lr or optim.head_lr_multiplier, not both "
+                            "(head_lr overrides the multiplier)")
+        r = self.regularization
+        if r.replay_ratio > 0 and not r.replay_data:
+            raise RuleError("regularization.replay_ratio", "regularization.replay_ratio needs regularization.replay_data "
+                            "(the file to replay): set it, or remove replay_ratio")
+        if r.replay_data and r.replay_ratio == 0:
+            raise RuleError("regularization.replay_data", "regularization.replay_data is set but replay_ratio is 0, so "
+                            "nothing is replayed: set regularization.replay_ratio (e.g. 0.1)")
+        if r.ewc_data and r.ewc == 0:
+            raise RuleError("regularization.ewc_data", "regularization.ewc_data is set but regularization.ewc is 0, so "
+                            "no Fisher is computed: set regularization.ewc (e.g. 1.0) or remove ewc_data")
+        c = self.checkpoint
+        if c.metric and c.mode:
+            metric = c.metric.removeprefix("eval_")
+            lower = metric in ("loss", "perplexity") or metric.endswith(("_loss", "_perplexity"))
+            higher = metric in ("accuracy", "macro_f1", "token_accuracy", "f1", "precision", "recall")
+            if (lower and c.mode == "max") or (higher and c.mode == "min"):
+                better = "min" if lower else "max"
+                raise RuleError("checkpoint.mode", f"checkpoint.mode '{c.mode}' would keep the worst {c.metric} "
+                                f"({'lower' if lower else 'higher'} is better): set mode: {better} or remove mode")
+
 
 # ---------------------------------------------------------------- loading with locations
 
 
 class _LineLoader(yaml.SafeLoader):
     """SafeLoader that also records the line of every mapping key, by dotted path."""
+
+
+MAX_DEPTH = 32  # sections are 2-3 levels deep; anything near this is a mistake or an attack
+MAX_NODES = 100_000  # YAML aliases can make a small file stand for billions of values
+
+
+def _check_shape(node: yaml.Node, path: str) -> None:
+    """Refuse recursive aliases, nesting beyond MAX_DEPTH and alias expansion beyond MAX_NODES, before
+    anything walks the tree recursively (PyYAML would build a cyclic object; the walk would never end)."""
+    count, stack = 0, [(node, 1, frozenset())]
+    while stack:
+        n, depth, above = stack.pop()
+        count += 1
+        line = n.start_mark.line + 1
+        if id(n) in above:
+            raise InputError("recursive YAML alias (an anchor used inside itself)", file=path, line=line)
+        if depth > MAX_DEPTH:
+            raise InputError(f"YAML nested deeper than {MAX_DEPTH} levels", file=path, line=line)
+        if count > MAX_NODES:
+            raise InputError(f"YAML expands to more than {MAX_NODES} values (aliases?)", file=path, line=line)
+        if isinstance(n, yaml.MappingNode):
+            children = [c for kv in n.value for c in kv]
+        elif isinstance(n, yaml.SequenceNode):
+            children = n.value
+        else:
+            continue
+        inner = above | {id(n)}
+        stack.extend((c, depth + 1, inner) for c in children)
 
 
 def _key_lines(node: yaml.Node, prefix: tuple = (), out: dict | None = None) -> dict[tuple, int]:
@@ -328,9 +452,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise InputError(f"config is not UTF-8 text (byte 0x{data[e.start]:02x}); re-save it as UTF-8", file=path, line=line) from None
+    if "\x00" in text:
+        raise InputError("config holds a NUL byte (a binary file?)", file=path, line=text.count("\n", 0, text.index("\x00")) + 1)
     try:
         node = yaml.compose(text, Loader=_LineLoader)
+        if node is not None:
+            _check_shape(node, path)
         raw = yaml.load(text, Loader=_LineLoader)
+    except RecursionError:
+        raise InputError(f"YAML nested deeper than {MAX_DEPTH} levels", file=path) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -350,7 +480,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = tuple(err["loc"])
+        loc = tuple(p for p in err["loc"] if not _is_type_tag(p))
         rule = (err.get("ctx") or {}).get("error")
         if isinstance(rule, RuleError):
             loc += tuple(rule.field.split("."))
@@ -364,6 +494,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         field = ".".join(str(p) for p in loc) or None
         raise InputError(msg, field=field, **locate_key(path, loc, overrides, lines)) from None
     return _resolve_paths(cfg, path.parent)
+
+
+def _is_type_tag(part) -> bool:
+    """pydantic puts the union member it tried into an error's location (`list[str]`, `literal['auto']`,
+    `function-after[...]`); those are not keys and must not reach the field name."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none", "tuple", "list"))
 
 
 def locate_key(path: str | Path, key: str | tuple, overrides: list[str] = (), lines: dict | None = None) -> dict:

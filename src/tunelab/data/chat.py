@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.readers import DroppableRowError, Record, read_records
+from tunelab.data.readers import (MAX_FIELD_CHARS, DroppableRowError, Record, check_data_file, check_line_lengths,
+                                  read_records)
 from tunelab.errors import InputError
 
 FORMATS = ("openai", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -135,6 +136,8 @@ def _string(rec: Record, path: Path, name: str, value: Any, *, allow_empty: bool
         raise _error(f"expected a string, got {type(value).__name__}", rec, path, name)
     if not allow_empty and not value.strip():
         raise _error("is empty", rec, path, name, droppable="empty")
+    if len(value) > MAX_FIELD_CHARS:
+        raise _error(f"has {len(value):,} characters, more than the limit of {MAX_FIELD_CHARS:,}", rec, path, name)
     return value
 
 
@@ -163,6 +166,9 @@ def _messages(rec: Record, path: Path, items: list, name: str, role_key: str, co
         where = f"{name}[{i}]"
         if not isinstance(m, dict):
             raise _error(f"expected a message object, got {type(m).__name__}", rec, path, where)
+        if m.get("tool_calls") is not None:
+            raise _error("tool calls are not supported (they would be dropped without a word); remove them or the "
+                         "message", rec, path, f"{where}.tool_calls")
         if role_key not in m:
             raise _error("missing key", rec, path, f"{where}.{role_key}")
         raw_role = m[role_key]
@@ -173,6 +179,13 @@ def _messages(rec: Record, path: Path, items: list, name: str, role_key: str, co
         content = m[content_key]
         if not isinstance(content, str):
             raise _error(f"expected a string, got {type(content).__name__}", rec, path, f"{where}.{content_key}")
+        if len(content) > MAX_FIELD_CHARS:
+            raise _error(f"has {len(content):,} characters, more than the limit of {MAX_FIELD_CHARS:,}", rec, path,
+                         f"{where}.{content_key}")
+        for key in ("tool_calls", "function_call", "tool_call_id"):
+            if m.get(key) is not None:
+                raise _error("tool calls are not supported (they would be dropped without a word); remove them or "
+                             "the message", rec, path, f"{where}.{key}")
         role = roles[raw_role.lower()]
         weight = _weight(rec, path, f"{where}.weight", m.get("weight"))
         if weight is not None and role != "assistant":
@@ -270,14 +283,18 @@ def _conversation_key(rec: Record) -> str:
 
 
 def _read_txt(path: Path) -> ChatData:
-    if not path.exists():
-        raise InputError("data file not found", file=path)
+    check_data_file(path)
     raw = path.read_bytes()
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise InputError("holds a NUL byte (a binary file, or a corrupt one), not text", file=path,
+                         line=raw.count(b"\n", 0, nul) + 1)
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8", file=path,
                          line=raw.count(b"\n", 0, e.start) + 1) from None
+    check_line_lengths(path, text, MAX_FIELD_CHARS)
     data = ChatData("text")
     block: list[str] = []
     start = 0
@@ -287,6 +304,9 @@ def _read_txt(path: Path) -> ChatData:
                 start = lineno
             block.append(line)
         elif block:
+            if sum(map(len, block)) > MAX_FIELD_CHARS:
+                raise InputError(f"a paragraph of more than {MAX_FIELD_CHARS:,} characters (blank lines lost?)",
+                                 file=path, line=start)
             data.texts.append("\n".join(block))
             data.sources.append(f"{path}:{start}")
             block = []

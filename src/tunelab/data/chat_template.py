@@ -20,6 +20,8 @@ this gives no double BOS and that the training tokens agree with the inference p
 
 from __future__ import annotations
 
+import bisect
+
 import re
 from dataclasses import dataclass
 
@@ -76,14 +78,22 @@ def require_template(tokenizer) -> None:
         )
 
 
-def assistant_spans(messages: list[Message], tokenizer) -> tuple[str, list[tuple[int, int]], list[int]]:
-    """Render the conversation; return its text, the supervised character spans and their turn indices."""
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+def assistant_spans(messages: list[Message], tokenizer, *, full: str | None = None,
+                    stop_at: int | None = None) -> tuple[str, list[tuple[int, int]], list[int]]:
+    """Render the conversation; return its text, the supervised character spans and their turn indices.
+
+    Each turn's span costs a render of the conversation up to it, so a conversation of n turns costs
+    O(n^2); `stop_at` (a character offset: where truncation cuts the rendered text) stops at the first
+    turn that starts past it, which keeps a 4000-message conversation cut at max_length linear.
+    """
+    full = _render(tokenizer, messages, add_generation_prompt=False) if full is None else full
     spans, turns = [], []
     for i, m in enumerate(messages):
         if not m.trained():
             continue
         prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        if stop_at is not None and len(prompt) >= stop_at:
+            break
         upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not upto.startswith(prompt):
             raise InputError(
@@ -106,24 +116,37 @@ def assistant_spans(messages: list[Message], tokenizer) -> tuple[str, list[tuple
     return full, spans, turns
 
 
-def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
-    """Token ids of `text` (no added special tokens) and, per token, whether it overlaps a span."""
+def _span_flags(offsets, spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token (start, end) offsets: whether it overlaps a span. The spans are sorted and disjoint,
+    so a binary search finds the one span a token can touch: O(tokens log spans), not tokens x spans."""
+    ends = [b for _, b in spans]
+    flags = []
+    for s, e in offsets:
+        j = bisect.bisect_right(ends, s)  # the first span ending after the token starts
+        if j == len(spans):
+            flags.append(False)
+        elif e <= s:  # zero-width offsets (trimmed whitespace): judge by position
+            flags.append(spans[j][0] <= s)
+        else:
+            flags.append(e > spans[j][0])
+    return flags
+
+
+def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]], enc=None) -> tuple[list[int], list[bool]]:
+    """Token ids of `text` (no added special tokens) and, per token, whether it overlaps a span.
+    `enc`: the fast tokenizer's output for `text` with offsets, when the caller has it already."""
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        flags = []
-        for s, e in offsets:
-            if e <= s:  # zero-width offsets (trimmed whitespace): judge by position
-                flags.append(any(a <= s < b for a, b in spans))
-            else:
-                flags.append(any(s < b and e > a for a, b in spans))
-        return ids, flags
+        if enc is None:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], _span_flags(enc["offset_mapping"], spans)
     # Slow tokenizers have no offsets: tokenize piece by piece at the span boundaries.
     cuts = sorted({0, len(text), *(p for span in spans for p in span)})
+    starts = [a for a, _ in spans]
     ids, flags = [], []
     for a, b in zip(cuts, cuts[1:]):
         piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
-        inside = any(sa <= a and b <= sb for sa, sb in spans)
+        j = bisect.bisect_right(starts, a) - 1
+        inside = j >= 0 and b <= spans[j][1]
         ids += piece
         flags += [inside] * len(piece)
     return ids, flags
@@ -156,7 +179,31 @@ def encode_conversation(messages: list[Message], tokenizer, max_length: int, ove
     overflow="truncate" keeps the first max_length tokens; "drop" drops a conversation that does not
     fit whole. Either way a conversation whose supervised tokens all fall past max_length is dropped.
     """
-    return _cut(encode_full(messages, tokenizer), max_length, overflow)
+    return encode_within(messages, tokenizer, max_length, overflow)[0]
+
+
+def encode_within(messages: list[Message], tokenizer, max_length: int,
+                  overflow: str = "truncate") -> tuple[EncodedExample | None, int]:
+    """encode_conversation, plus the untruncated token count. With a fast tokenizer only the turns
+    that start before the cut are rendered for their spans, so a long conversation costs linear time
+    (the prefix renders of every turn would cost O(turns^2): 286 s for 4000 messages)."""
+    if overflow not in OVERFLOW_MODES or not getattr(tokenizer, "is_fast", False):
+        full = encode_full(messages, tokenizer)
+        return _cut(full, max_length, overflow), len(full)
+    require_template(tokenizer)
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    n, stop = len(enc["input_ids"]), None
+    if n > max_length:
+        if overflow == "drop":  # dropped whole: no need to find its spans
+            return None, n
+        stop = enc["offset_mapping"][max_length - 1][1]  # text past this is cut off
+    text, spans, _ = assistant_spans(messages, tokenizer, full=text, stop_at=stop)
+    ids, flags = _tokenize(tokenizer, text, spans, enc)
+    labels = [t if f else IGNORE_INDEX for t, f in zip(ids, flags)]
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return _cut(EncodedExample(ids, labels), max_length, overflow), n
 
 
 def encode_text(text: str, tokenizer, max_length: int) -> list[EncodedExample]:
@@ -201,16 +248,15 @@ def encode_dataset(data: ChatData, tokenizer, max_length: int, overflow: str = "
         require_template(tokenizer)
         for messages, source in zip(data.conversations, data.sources):
             try:
-                full = encode_full(messages, tokenizer)
+                ex, full_length = encode_within(messages, tokenizer, max_length, overflow)
             except InputError as e:
                 raise _located(e, source) from None
-            ex = _cut(full, max_length, overflow)
             if ex is None:
                 dropped += 1
                 if len(dropped_sources) < 20:
                     dropped_sources.append(source)
                 continue
-            truncated += len(full) > max_length
+            truncated += full_length > max_length
             examples.append(ex)
     tokens = sum(len(e) for e in examples)
     supervised = sum(e.supervised() for e in examples)
@@ -266,6 +312,17 @@ PROBE = [
 ]
 
 
+def _head(messages: list[Message], turns: int = 32) -> list[Message]:
+    """The first `turns` messages, ending at a trained assistant turn: what the template checks look
+    at (checking every turn of a 4000-message conversation would cost O(turns^2) renders)."""
+    if len(messages) <= turns:
+        return messages
+    last = max((i for i, m in enumerate(messages[:turns]) if m.trained()), default=None)
+    if last is None:
+        last = next(i for i, m in enumerate(messages) if m.trained())
+    return messages[: last + 1]
+
+
 def check_template(tokenizer, conversations: list[list[Message]], sample: int = 16) -> list[str]:
     """Check, before training, that the template and the masks agree with inference.
 
@@ -281,7 +338,7 @@ def check_template(tokenizer, conversations: list[list[Message]], sample: int = 
     bos = tokenizer.bos_token_id
     end_tokens: set[int] = set()
     unmarked = mismatched = turns_seen = 0
-    for messages in [*conversations[:sample], PROBE]:
+    for messages in [*(_head(c) for c in conversations[:sample]), PROBE]:
         text, spans, turns = assistant_spans(messages, tokenizer)
         ex = encode_full(messages, tokenizer)
         if bos is not None and ex.input_ids[:2] == [bos, bos]:

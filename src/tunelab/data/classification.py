@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.data.batching import pad_batch
 from tunelab.data.readers import MAX_FIELD_CHARS, DroppableRowError, Record, read_records
 from tunelab.errors import InputError
 
@@ -84,6 +85,17 @@ def record_label(rec: Record, path: Path, column: str) -> str | int:
     raise InputError(f"label must be a name or an integer, got {type(value).__name__}", file=path, field=column, **rec.where())
 
 
+# Labels that mean "no value" in spreadsheets, pandas and databases; as classes they are almost always
+# a lost value. Listing one in data.labels opts in to it as a real class name.
+MISSING_LABELS = frozenset({"none", "null", "nil", "nan", "na", "n/a", "#n/a", "<na>", "missing", "undefined", "?", "-", "--"})
+
+
+def check_missing_label(value, rec: Record, path: Path, column: str, names: list[str] | None) -> None:
+    if isinstance(value, str) and value.strip().lower() in MISSING_LABELS and value not in (names or ()):
+        raise InputError(f"label {value!r} looks like a missing value; fill it in or drop the row "
+                         "(or list it in data.labels to use it as a class name)", file=path, field=column, **rec.where())
+
+
 def label_names_from(values: list[str | int], declared: list[str] | None) -> list[str]:
     """The label vocabulary in id order: declared, or sorted ints, or sorted names."""
     if declared:
@@ -144,6 +156,7 @@ def load_examples(
         if pairs is not None:
             pairs.append(record_text(rec, path, text_pair_column))
         raw.append(record_label(rec, path, label_column))
+        check_missing_label(raw[-1], rec, path, label_column, label_names)
         source.append(f"{path.name}:{rec.line}" if rec.line is not None else f"{path.name}#{rec.index}")
     fixed_vocab = label_names is not None
     if not fixed_vocab:
@@ -187,6 +200,12 @@ def load_train_eval(data_cfg, seed: int) -> tuple[Examples, Examples | None, lis
     train_idx, eval_idx = stratified_split(train.labels, data_cfg.eval_split, seed)
     if not eval_idx:
         return train, None, names
+    left = {train.labels[i] for i in train_idx}
+    lost = [names[y] for y in present if y not in left]
+    if lost:
+        raise InputError(f"eval_split {data_cfg.eval_split} of {len(train)} rows leaves no training rows for "
+                         f"label {lost[0]!r}; lower data.eval_split or give data.eval", field="data.eval_split")
+    return train.subset(train_idx), train.subset(eval_idx), names
     return train.subset(train_idx), train.subset(eval_idx), names
 
 
@@ -214,3 +233,26 @@ def label_counts(ex: Examples, names: list[str]) -> dict[str, int]:
         counts[names[y]] += 1
     return counts
 
+
+def encode(examples: Examples, tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Token ids per example (no padding) and how many were cut at `max_length`."""
+    enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    features = [{k: enc[k][i] for k in keys} for i in range(len(examples))]
+    # only an example that fills max_length can have been cut: tokenize just those again, whole
+    at_limit = [i for i, f in enumerate(features) if len(f["input_ids"]) >= max_length]
+    truncated = 0
+    if at_limit:
+        texts = [examples.texts[i] for i in at_limit]
+        pairs = [examples.pairs[i] for i in at_limit] if examples.pairs is not None else None
+        full = tokenizer(texts, pairs, truncation=False)["input_ids"]
+        truncated = sum(len(ids) > max_length for ids in full)
+    return features, truncated
+
+
+def make_batches(features: list[dict], labels: list[int], pad_id: int, batch_size: int):
+    """Padded batches in file order (for evaluation), grouped by length to pad little."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield pad_batch([features[i] for i in idx], pad_id, [labels[i] for i in idx])

@@ -9,8 +9,11 @@ lines, so its records are located by row number.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,9 @@ FORMATS_BY_SUFFIX = {
     ".pq": "parquet",
 }
 MAX_FIELD_CHARS = 10_000_000
+# A line this long is a file whose newlines were lost (or a hostile one): refused before any parsing.
+# .json files are exempt (a JSON array written without indentation is one long line).
+MAX_LINE_CHARS = 4 * MAX_FIELD_CHARS
 
 
 class DroppableRowError(InputError):
@@ -67,18 +73,39 @@ def detect_format(path: Path, declared: str = "auto") -> str:
     return fmt
 
 
+def check_data_file(path: str | Path, what: str = "data file") -> Path:
+    """A regular file we may read, or InputError: missing, a folder, a symlink loop, or something that
+    is not a file (a FIFO or a device would block the read forever, or never end)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError("symbolic link loop (the link points back at itself)", file=path) from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise InputError(f"{what} not found", file=path) from None
+        raise InputError(f"cannot read the {what} ({e.strerror})", file=path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"expected a {what}, found a folder", file=path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else (
+            "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise InputError(f"is {kind}, not a regular file; give a file", file=path)
+    if not os.access(path, os.R_OK):
+        raise InputError(f"cannot read the {what} (permission denied)", file=path)
+    return path
+
+
 def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
     """Read every record of a data file; raise InputError at the first thing that is not data."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("data file not found", file=path)
-    if path.is_dir():
-        raise InputError("expected a data file, found a folder", file=path)
+    path = check_data_file(path)
     fmt = detect_format(path, fmt)
     if fmt == "parquet":
         records = _read_parquet(path)
     else:
         text = _read_text(path)
+        if fmt != "json":
+            check_line_lengths(path, text)
         if fmt == "jsonl":
             records = _read_jsonl(path, text)
         elif fmt == "json":
@@ -100,6 +127,15 @@ def _lines(text: str) -> list[str]:
     return io.StringIO(text, newline="\n").readlines()
 
 
+def check_line_lengths(path: Path, text: str, limit: int = MAX_LINE_CHARS) -> None:
+    """Refuse a line longer than `limit` characters (linear time), naming its line."""
+    lengths = list(map(len, text.split("\n")))
+    if max(lengths, default=0) > limit:
+        i = next(i for i, n in enumerate(lengths) if n > limit)
+        raise InputError(f"line has {lengths[i]:,} characters, more than the limit of {limit:,} "
+                         "(newlines lost, or not a line-based file?)", file=path, line=i + 1)
+
+
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     if not raw.strip():
@@ -107,8 +143,10 @@ def _read_text(path: Path) -> str:
     for bom, name in _UTF16_32_BOMS:  # Excel's "Unicode text" export: NUL bytes, but not binary
         if raw.startswith(bom):
             raise InputError(f"file is {name} text; re-save it as UTF-8", file=path)
-    if b"\x00" in raw[:8192]:
-        raise InputError("looks like a binary file (NUL bytes), not text data", file=path, line=raw[:8192].count(b"\n", 0, raw.index(b"\x00")) + 1)
+    nul = raw.find(b"\x00")
+    if nul >= 0:  # anywhere in the file, not only its first block: a NUL is never text
+        raise InputError("holds a NUL byte (a binary file, or a corrupt one), not text data", file=path,
+                         line=raw.count(b"\n", 0, nul) + 1)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -126,8 +164,12 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"invalid JSON ({e.msg}, column {e.colno})", file=path, line=lineno) from None
+        except (RecursionError, ValueError) as e:
+            raise InputError(f"invalid JSON ({_json_limit(e)})", file=path, line=lineno) from None
         if not isinstance(obj, dict):
             raise InputError(f"each line must be a JSON object, got {type(obj).__name__}", file=path, line=lineno)
+        if "\\u" in line:
+            _no_surrogates(obj, path, lineno)
         records.append(Record(obj, len(records), lineno))
     return records
 
@@ -141,6 +183,8 @@ def _read_json(path: Path, text: str) -> list[Record]:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"invalid JSON ({e.msg})", file=path, line=e.lineno) from None
+        except (RecursionError, ValueError) as e:
+            raise InputError(f"invalid JSON ({_json_limit(e)})", file=path, line=1) from None
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             return [Record(r, i, None) for i, r in enumerate(_objects(path, obj["data"]))]
         raise InputError("a .json data file must hold a list of objects (or use .jsonl)", file=path, line=1)
@@ -152,12 +196,19 @@ def _read_json(path: Path, text: str) -> list[Record]:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise InputError(f"invalid JSON ({e.msg})", file=path, line=e.lineno) from None
+        except (RecursionError, ValueError) as e:
+            raise InputError(f"invalid JSON ({_json_limit(e)})", file=path, line=line) from None
         if not isinstance(obj, dict):
             raise InputError(f"record {len(records)} is {type(obj).__name__}, expected an object", file=path, line=line)
+        _no_surrogates(obj, path, line)
         records.append(Record(obj, len(records), line))
         pos = _skip_ws(text, pos)
         if pos < len(text) and text[pos] == ",":
+            comma = pos
             pos = _skip_ws(text, pos + 1)
+            if pos < len(text) and text[pos] == "]":
+                raise InputError("invalid JSON (a trailing comma before ']'); remove it", file=path,
+                                 line=text.count("\n", 0, comma) + 1)
         elif pos < len(text) and text[pos] != "]":
             raise InputError("invalid JSON (expected ',' or ']')", file=path, line=text.count("\n", 0, pos) + 1)
     if pos >= len(text):
@@ -167,10 +218,38 @@ def _read_json(path: Path, text: str) -> list[Record]:
     return records
 
 
+def _no_surrogates(value: Any, path: Path, line: int | None, where: str | None = None) -> None:
+    """JSON's \\ud800-style escapes can encode half a character (a lone surrogate): no tokenizer or
+    UTF-8 writer takes it, so it is refused here, at its line."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InputError(f"text holds a lone surrogate (U+{ord(v[e.start]):04X}, half of a character: a "
+                                 "broken \\u escape); fix or drop it", file=path, line=line, where=where) from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def _json_limit(e: Exception) -> str:
+    """What a JSON value broke that is not syntax: nesting beyond Python's recursion limit, or an
+    integer beyond its digit limit."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(";")[0]
+
+
 def _objects(path: Path, items: list) -> list[dict]:
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise InputError(f"expected an object, got {type(item).__name__}", file=path, where=f"record {i}")
+        _no_surrogates(item, path, None, f"record {i}")
     return items
 
 
