@@ -218,6 +218,26 @@ class ProbeConfig(Section):
     warn_loss_increase: float = Field(0.25, ge=0, description="Flag a relative loss increase above this share.")
     min_cosine: float = Field(0.9, ge=0, le=1, description="Flag a mean embedding cosine (before vs after) below this; "
                               "benchmarks/results/forgetting_sst2.json: 0.82 at a too-high lr, 0.99 at the default.")
+    generate_n: int = Field(8, ge=0, le=10_000, description="chat/causal_lm: also answer the first N probe prompts "
+                            "before and after, with the eval.generate measures (0 = off): what general ability was lost.")
+
+
+class GenerateEvalConfig(Section):
+    """chat/causal_lm: generation measures (evaluate/generation.py) on N prompts, greedy and sampled,
+    for the untouched model first, then at each evaluation (every: eval) or at the end only."""
+
+    prompts: str | None = Field(None, description="A prompts file (records with 'prompt', or any chat/text data file); "
+                                "default the eval data's prompts (the turns before each last assistant turn).")
+    n: int = Field(16, ge=0, le=10_000, description="Prompts to generate for; 0 = off.")
+    max_new_tokens: int = Field(64, gt=0, le=100_000)
+    temperature: float = Field(0.7, gt=0, le=10, description="The sampled replies' temperature (greedy ones are made too).")
+    seed: int = 0
+    batch_size: int = Field(8, gt=0, le=4096, description="Prompts generated together (left-padded).")
+    every: Literal["eval", "end"] = Field("end", description="eval: at every evaluation too; end: before and after only.")
+
+
+class EvalConfig(Section):
+    generate: GenerateEvalConfig = GenerateEvalConfig()
 
 
 class MonitorConfig(Section):
@@ -248,6 +268,7 @@ class Config(Section):
     lora: LoraConfig = LoraConfig()
     regularization: RegularizationConfig = RegularizationConfig()
     probe: ProbeConfig = ProbeConfig()
+    eval: EvalConfig = EvalConfig()
     monitor: MonitorConfig = MonitorConfig()
     versions: dict[str, str] | None = Field(None, description="Written into the run dir by tunelab; ignored on load.")
 
@@ -260,6 +281,9 @@ class Config(Section):
             if self.data.format in lm_formats:
                 raise RuleError("data.format", f"data.format '{self.data.format}' is a chat/causal_lm format; "
                                  "for classification use auto, csv, tsv, jsonl, json or parquet")
+            if self.eval.generate != GenerateEvalConfig():  # a resolved config.yaml spells out the defaults: fine
+                raise RuleError("eval.generate", "eval.generate measures generated replies: it applies to chat and "
+                                "causal_lm only; remove it for classification")
         else:
             if self.data.format in {"csv", "tsv", "jsonl", "json", "parquet"}:
                 raise RuleError("data.format", f"data.format '{self.data.format}' is a file type; for {self.task} give the "

@@ -65,7 +65,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-KINDS = ("loss_spike", "grad_explosion", "divergence_risk", "lr_too_high", "lr_too_low", "plateau", "overfitting")
+KINDS = ("loss_spike", "grad_explosion", "divergence_risk", "lr_too_high", "lr_too_low", "plateau", "overfitting",
+         "never_stops", "mode_collapse", "repetition", "template_leakage")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,12 @@ class Thresholds:
     plateau_min_lr_share: float = 0.10
     overfit_min_rise: float = 0.02  # eval rising: the last eval >= best x 1.02, after 2 evals without a new best
     overfit_min_gap_growth: float = 0.10  # gap growing: +10% of the eval loss over 3 evals without a new best
+    # generation rows (eval_gen_*, greedy replies; monitor/health_generation.py says why each bar is where it is)
+    gen_min_stop_rate: float = 0.5
+    gen_max_similarity: float = 0.5
+    gen_max_repeated_4grams: float = 0.3
+    gen_max_loop_rate: float = 0.25
+    gen_max_leakage: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,7 @@ class HealthMonitor:
         self.blocks_since_low = 0  # complete blocks since the last new low
         self.since_eval: list[float] = []  # train losses since the last evaluation
         self.evals: list[tuple[int, float, float | None]] = []  # (step, eval loss, train loss before it)
+        self.gen_before: dict = {}  # the untouched model's eval_gen_* measures, for the messages
 
     @classmethod
     def replay(cls, rows, thresholds: Thresholds = Thresholds(), *, fp16: bool = False) -> "HealthMonitor":
@@ -154,9 +162,12 @@ class HealthMonitor:
             return []
         if "loss" in row:
             return self._train(row)
-        if _num(row.get("eval_loss")) is not None:
-            return self._eval(row)
-        return []
+        out = self._eval(row) if _num(row.get("eval_loss")) is not None else []
+        if "eval_gen_stop_rate" in row:
+            from tunelab.monitor.health_generation import generation_events
+
+            out += generation_events(self, row)
+        return out
 
     # ------------------------------------------------------------------ train rows
 
