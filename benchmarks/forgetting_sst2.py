@@ -84,7 +84,7 @@ def run_one(name: str, train: Path, dev: Path, probe: Path, rows: int, epochs: f
 
     from tunelab.config import Config
     from tunelab.evaluate.probe import probe_measures, read_probe_texts
-    from tunelab.models.load import load_saved_classifier
+    from tunelab.models.saved import load_saved_classifier
     from tunelab.run import run_training
 
     raw = {

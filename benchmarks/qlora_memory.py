@@ -41,7 +41,8 @@ def measure(method: str, model_name: str, batch: int, seq: int, steps: int, r: i
 
     from tunelab.config import Config
     from tunelab.models.load import count_params, load_causal_lm, load_classifier
-    from tunelab.models.lora import apply_lora, quantization_for
+    from tunelab.models.adapters import apply_lora
+    from tunelab.models.quantization import quantization_for
     from tunelab.models.registry import resolve_model
 
     torch.manual_seed(0)
@@ -51,11 +52,11 @@ def measure(method: str, model_name: str, batch: int, seq: int, steps: int, r: i
     rss0 = _rss_mb()
     source = resolve_model(model_name)
     if task == "classification":
-        model = load_classifier(source, ["neg", "pos"], quantization=quantization_for(cfg))
+        model = load_classifier(source, ["neg", "pos"], quantization=quantization_for(cfg.method))
     else:
         from tunelab.models.gguf import plain_source
 
-        model = load_causal_lm(plain_source(source), quantization=quantization_for(cfg))
+        model = load_causal_lm(plain_source(source), quantization=quantization_for(cfg.method))
     weights_mb = model.get_memory_footprint() / 2**20
     model = apply_lora(model, cfg)
     rss_loaded = _rss_mb()

@@ -140,7 +140,7 @@ def _grads_through_loop(model, task_train, windows) -> dict:
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_accumulation_equals_large_batch(tiny_llama, packing):
-    from tunelab.tasks.base import TrainSet
+    from tunelab.train.protocols import TrainSet
     from tunelab.tasks.causal_lm import batcher, n_supervised
 
     tok, examples = encoded(tiny_llama, n=8, max_length=32)

@@ -17,7 +17,7 @@ from conftest import sentiment_rows, write_jsonl
 from tunelab.config import Config
 from tunelab.errors import InputError
 from tunelab.models.load import count_params, load_causal_lm, load_classifier
-from tunelab.models.lora import add_adapter, apply_lora, load_adapter, merge_adapter
+from tunelab.models.adapters import add_adapter, apply_lora, load_adapter, merge_adapter
 from tunelab.models.registry import resolve_model
 from tunelab.run import run_training
 

@@ -4,7 +4,8 @@ import pytest
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from tunelab.errors import InputError
-from tunelab.train.optim import find_blocks, param_groups
+from tunelab.models.anatomy import find_blocks
+from tunelab.train.optim import param_groups
 
 
 def bert():
@@ -72,4 +73,21 @@ def test_unknown_layout_is_a_clear_error():
             self.w = torch.nn.Linear(2, 2)
 
     with pytest.raises(InputError, match="layer_lr_decay"):
+        param_groups(Odd(), lr=1e-3, weight_decay=0.0, layer_lr_decay=0.9)
+    with pytest.raises(InputError, match="cannot find the transformer blocks of Odd"):
         find_blocks(Odd())
+
+
+def test_unknown_layout_error_names_the_option_that_needed_the_blocks():
+    import torch
+
+    from tunelab.models.adapt import freeze
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 2)
+
+    with pytest.raises(InputError, match="freeze.blocks") as e:
+        freeze(Odd(), blocks=1)
+    assert "layer_lr_decay" not in str(e.value) and e.value.field == "freeze.blocks"

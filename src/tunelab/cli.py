@@ -321,7 +321,7 @@ def generate(
 
     def go():
         from tunelab.evaluate.generate import generate_reply
-        from tunelab.models.load import load_saved_causal_lm
+        from tunelab.models.saved import load_saved_causal_lm
 
         model, tok = load_saved_causal_lm(model_dir)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -342,7 +342,7 @@ def chat(
 
     def go():
         from tunelab.evaluate.generate import generate_reply
-        from tunelab.models.load import load_saved_causal_lm
+        from tunelab.models.saved import load_saved_causal_lm
 
         model, tok = load_saved_causal_lm(model_dir)
         history = [{"role": "system", "content": system}] if system else []
@@ -372,7 +372,7 @@ def merge(
     """Fold a LoRA/QLoRA adapter into its fp32 base: a plain Hugging Face model folder, no peft needed."""
 
     def go():
-        from tunelab.models.lora import merge_adapter
+        from tunelab.models.adapters import merge_adapter
 
         out = merge_adapter(run_or_adapter, output)
         typer.echo(json.dumps(out) if as_json else f"merged {out['adapter']} into {out['base_model']}: {out['merged']}")

@@ -113,7 +113,7 @@ def _adapt(cfg: Config, task: TaskRun, device: torch.device) -> tuple[TaskRun, t
         eval_batches = task.eval_batches() if task.eval_batches is not None else None
         task = cache_features(task, model, eval_batches, cfg.train.eval_batch_size or 2 * cfg.train.batch_size)
     if cfg.method in ("lora", "qlora"):  # final/ = PEFT adapter + how to rebuild the base (+ merged/ on request)
-        from tunelab.models.lora import adapter_saver
+        from tunelab.models.adapters import adapter_saver
 
         task.save_final = adapter_saver(task.save_final, cfg, task.info.get("labels"))
     if cfg.train.gradient_checkpointing:

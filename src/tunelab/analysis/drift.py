@@ -130,9 +130,9 @@ def dora_delta(w0, delta, magnitude, *, fan_in_fan_out: bool = False):
 
 def lora_scale(module: str, rank: int, cfg: dict) -> float:
     """alpha / r (alpha / sqrt(r) with rsLoRA), alpha looked up in alpha_pattern as peft does."""
-    from tunelab.models.lora import _quiet_bitsandbytes
+    from tunelab.models.quantization import quiet_bitsandbytes
 
-    _quiet_bitsandbytes()  # peft imports bitsandbytes, which warns about a kernel tunelab does not use
+    quiet_bitsandbytes()  # peft imports bitsandbytes, which warns about a kernel tunelab does not use
     from peft.utils.other import get_pattern_key
 
     patterns = cfg.get("alpha_pattern") or {}

@@ -87,3 +87,26 @@ def collate_padded(examples, indices: list[int], pad_id: int) -> dict[str, torch
         "labels": torch.tensor(labels, dtype=torch.long),
         "attention_mask": torch.tensor(mask, dtype=torch.long),
     }
+
+
+def stack_rows(rows: list[dict], pad_id: int) -> dict:
+    """Stack packed rows (each batch 1, its own (1,1,L,L) mask) into one batch padded to the widest.
+
+    Padding positions attend to themselves only (a fully masked row would give NaN in attention,
+    and NaN times a zero gradient is still NaN) and carry no labels.
+    """
+    if len(rows) == 1:
+        return rows[0]
+    width = max(r["input_ids"].shape[1] for r in rows)
+    out = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []}
+    for r in rows:
+        n, pad = r["input_ids"].shape[1], width - r["input_ids"].shape[1]
+        out["input_ids"].append(torch.nn.functional.pad(r["input_ids"], (0, pad), value=pad_id))
+        out["labels"].append(torch.nn.functional.pad(r["labels"], (0, pad), value=IGNORE_INDEX))
+        out["position_ids"].append(torch.nn.functional.pad(r["position_ids"], (0, pad), value=0))
+        mask = torch.full((1, 1, width, width), float("-inf"), dtype=r["attention_mask"].dtype)
+        mask[..., :n, :n] = r["attention_mask"]
+        idx = torch.arange(n, width)
+        mask[..., idx, idx] = 0.0
+        out["attention_mask"].append(mask)
+    return {k: torch.cat(v) for k, v in out.items()} | {"num_tokens": sum(r["input_ids"].shape[1] for r in rows)}

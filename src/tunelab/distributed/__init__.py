@@ -1,13 +1,14 @@
 """Training on several processes: launch (torchrun) and wrap (DDP).
 
 group.py   where a process stands (rank, world size) and the collectives the run needs
-ddp.py     the loop's view of its peer processes; DDP wrapping; rank-0-only run dir writes
+ddp.py     DataParallel (the loop's Replicas, train.protocols, for one of several processes);
+           DDP wrapping; rank-0-only run dir writes
 launch.py  `tunelab train --nproc N`: relaunch under torchrun, keep the exit-code contract
 """
 
-from tunelab.distributed.ddp import (DataParallel, OneProcess, SharedRunIO, check_resume_world_size,
+from tunelab.distributed.ddp import (DataParallel, SharedRunIO, check_resume_world_size,
                                      check_supported, replicas_for, wrap_ddp)
 from tunelab.distributed.group import ALONE, Group, init_from_env
 
-__all__ = ["ALONE", "DataParallel", "Group", "OneProcess", "SharedRunIO", "check_resume_world_size",
+__all__ = ["ALONE", "DataParallel", "Group", "SharedRunIO", "check_resume_world_size",
            "check_supported", "init_from_env", "replicas_for", "wrap_ddp"]

@@ -2,8 +2,9 @@
 
 The loop asks a `replicas` object four things: which micro-batches of an optimizer step are this
 process's (`share`), whether to hold the gradient all-reduce back (`accumulating`), the loss of a
-micro-batch (`loss`), and sums over processes (`sum`, `any`, `on_main`). `OneProcess` answers them
-for a process alone (the identity); `DataParallel` for one of several, with
+micro-batch (`loss`), and sums over processes (`sum`, `any`, `on_main`): the `Replicas` contract of
+tunelab.train.protocols. `OneProcess` (there) answers them for a process alone (the identity);
+`DataParallel` (here) for one of several, with
 torch.nn.parallel.DistributedDataParallel doing the gradient all-reduce.
 
 Batch semantics: `train.batch_size` is per process; an optimizer step takes world_size x
@@ -28,33 +29,7 @@ import torch
 from tunelab.distributed.group import Group
 from tunelab.errors import InputError
 from tunelab.train import checkpoint as ckpt
-
-
-class OneProcess:
-    """The replicas of a process training alone: every micro-batch is its own, sums are values."""
-
-    world_size = 1
-
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable):
-        self.model, self.loss_fn = model, loss_fn
-
-    def share(self, window: list[list[int]]) -> list[tuple[list[int], bool]]:
-        return [(idx, True) for idx in window]
-
-    def accumulating(self, more_to_come: bool):
-        return nullcontext()
-
-    def loss(self, batch: dict):
-        return self.loss_fn(self.model, batch)
-
-    def sum(self, *values):
-        return values
-
-    def any(self, flag: bool) -> bool:
-        return flag
-
-    def on_main(self, fn: Callable, *args):
-        return fn(*args)
+from tunelab.train.protocols import OneProcess
 
 
 class LossModule(torch.nn.Module):

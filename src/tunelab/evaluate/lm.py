@@ -14,15 +14,14 @@ from contextlib import nullcontext
 
 import torch
 
+from tunelab.data.chat_template import IGNORE_INDEX
 from tunelab.device import model_device, to_device
-
-IGNORE = -100
 
 
 def supervised_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) at the supervised positions of `batch`, logits in fp32.
 
-    `batch` holds input_ids, labels (IGNORE where unsupervised) and attention_mask: 2-D (padding)
+    `batch` holds input_ids, labels (IGNORE_INDEX where unsupervised) and attention_mask: 2-D (padding)
     or 4-D (packing: block-diagonal causal, so packed examples never see each other), plus
     position_ids when packed (positions restart at 0 for each example).
     """
@@ -30,7 +29,7 @@ def supervised_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     body = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps the LM
     hidden = body.base_model(**inputs, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
+    keep = targets != IGNORE_INDEX
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
     return logits.float(), targets[keep]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.data.chat_template import IGNORE_INDEX
 from tunelab.data.readers import read_records
 from tunelab.errors import InputError
 
@@ -63,8 +64,8 @@ def probe_measures(model, tokenizer, texts: list[str], max_length: int = 128, ba
             emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             embeddings.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
             if _is_causal_lm(model):
-                labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-                n = int((labels[:, 1:] != -100).sum())
+                labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE_INDEX)
+                n = int((labels[:, 1:] != IGNORE_INDEX).sum())
                 out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
                 loss_sum += out.loss.item() * n
                 loss_tokens += n

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunelab.data.classification import load_examples
+from tunelab.data.classification import encode, load_examples, make_batches
 from tunelab.evaluate.classification import classification_metrics, predict
-from tunelab.models.load import load_saved_classifier
-from tunelab.tasks.classification import encode, make_batches
+from tunelab.models.saved import load_saved_classifier
 from contextlib import nullcontext
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from torch import nn
 
 from tunelab.errors import InputError
-from tunelab.train.optim import find_blocks, head_prefixes
+from tunelab.models.anatomy import find_blocks, head_prefixes
 
 
 def embedding_params(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that sit before the first transformer block (token/position embeddings, their norm)."""
-    block_name, _ = find_blocks(model)
+    block_name, _ = find_blocks(model, field="freeze.embeddings", fix="freeze with freeze.all_but_head instead")
     out = []
     for name, p in model.named_parameters():
         if name.startswith(block_name + "."):
@@ -35,7 +35,7 @@ def freeze(model: nn.Module, *, embeddings: bool = False, blocks: int = 0, all_b
             p.requires_grad = any(name.startswith(h) for h in heads)
         return
     if blocks:
-        _, block_list = find_blocks(model)
+        _, block_list = find_blocks(model, field="freeze.blocks", fix="freeze with freeze.all_but_head instead")
         if blocks > len(block_list):
             raise InputError(f"the model has {len(block_list)} blocks; cannot freeze {blocks}", field="freeze.blocks")
         for block in list(block_list)[:blocks]:
@@ -70,7 +70,7 @@ def apply_method(model: nn.Module, cfg) -> nn.Module:
         inference_mode_backbone(model)
         return model
     if method in ("lora", "qlora"):
-        from tunelab.models.lora import apply_lora
+        from tunelab.models.adapters import apply_lora
 
         return apply_lora(model, cfg)
     raise InputError(f"unknown method {method!r}", field="method")

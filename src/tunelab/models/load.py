@@ -95,7 +95,7 @@ def load_classifier(
 ):
     """A sequence-classification model with a fresh head sized for `label_names`.
 
-    `quantization`: a transformers quantization config (QLoRA's NF4: models.lora.nf4_config),
+    `quantization`: a transformers quantization config (QLoRA's NF4: models.quantization.nf4_config),
     applied while loading; None loads fp32.
     """
     from transformers import AutoModelForSequenceClassification
@@ -119,47 +119,6 @@ def load_classifier(
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(f"cannot load the model: {_first_line(e)}", file=source.path, field="model.name") from None
     return model
-
-
-def load_saved(path: str | Path, kind: str = "classifier"):
-    """A saved model folder (ours or any HF one; a LoRA/QLoRA final/ too) with its tokenizer.
-
-    kind: "classifier" (AutoModelForSequenceClassification) or "causal_lm" (AutoModelForCausalLM).
-    The same safety checks as for a base model: safetensors headers, tokenizer files present.
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    quiet_transformers()
-    path = Path(path)
-    if not path.exists():
-        raise InputError("model folder not found", file=path)
-    if not path.is_dir():
-        raise InputError("expected a model folder, found a file", file=path)
-    if (path / "adapter_config.json").is_file():  # a LoRA/QLoRA final/: rebuild the base, add the adapter
-        from tunelab.models.lora import load_for_inference
-
-        return load_for_inference(path)
-    if not (path / "config.json").is_file():
-        raise InputError("not a model folder (no config.json)", file=path)
-    _check_safetensors(path)
-    _check_tokenizer_files(path)
-    auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(path, dtype="float32")
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"cannot load the model: {_first_line(e)}", file=path) from None
-    return model, tok
-
-
-def load_saved_classifier(path: str | Path):
-    """A fine-tuned classifier folder with its tokenizer, for evaluation."""
-    return load_saved(path, "classifier")
-
-
-def load_saved_causal_lm(path: str | Path):
-    """A saved causal-LM folder (e.g. RUN/final) with its tokenizer, for generation and chat."""
-    return load_saved(path, "causal_lm")
 
 
 def _first_line(e: Exception) -> str:

@@ -131,7 +131,7 @@ def shape_cost(coef: list[float], rows: int, width: int, supervised: int) -> flo
 
 def param_bytes(model, cfg: Config) -> dict:
     """Weights, gradients, optimizer moments and regularizer copies, in bytes."""
-    from tunelab.models.lora import QLORA_SKIP_MODULES
+    from tunelab.models.quantization import QLORA_SKIP_MODULES
 
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

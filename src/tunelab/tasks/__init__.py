@@ -1,6 +1,6 @@
 """Tasks plug into the one loop what differs between them: data, loss, metrics, what is saved."""
 
-from tunelab.tasks.base import TaskRun, TrainSet
+from tunelab.train.protocols import TaskRun, TrainSet
 
 
 def setup_task(cfg) -> TaskRun:

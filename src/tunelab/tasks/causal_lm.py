@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import InputError
-from tunelab.evaluate.lm import IGNORE, lm_metrics, supervised_loss
+from tunelab.data.chat_template import IGNORE_INDEX
+from tunelab.evaluate.lm import lm_metrics, supervised_loss
 from tunelab.models.gguf import end_of_turn_id, plain_source
 from tunelab.models.load import load_causal_lm, load_tokenizer
-from tunelab.models.lora import quantization_for
+from tunelab.models.quantization import quantization_for
 from tunelab.models.registry import resolve_model
-from tunelab.tasks.base import TaskRun, TrainSet
+from tunelab.train.protocols import TaskRun, TrainSet
 
 log = logging.getLogger("tunelab")
 
@@ -29,35 +30,12 @@ METRIC_NAMES = ["eval_loss", "eval_perplexity", "eval_token_accuracy"]
 
 def n_supervised(example) -> int:
     """Supervised next-token targets of one example (labels[0] is never a target)."""
-    return sum(1 for t in example.labels[1:] if t != IGNORE)
-
-
-def stack_rows(rows: list[dict], pad_id: int) -> dict:
-    """Stack packed rows (each batch 1, its own (1,1,L,L) mask) into one batch padded to the widest.
-
-    Padding positions attend to themselves only (a fully masked row would give NaN in attention,
-    and NaN times a zero gradient is still NaN) and carry no labels.
-    """
-    if len(rows) == 1:
-        return rows[0]
-    width = max(r["input_ids"].shape[1] for r in rows)
-    out = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []}
-    for r in rows:
-        n, pad = r["input_ids"].shape[1], width - r["input_ids"].shape[1]
-        out["input_ids"].append(torch.nn.functional.pad(r["input_ids"], (0, pad), value=pad_id))
-        out["labels"].append(torch.nn.functional.pad(r["labels"], (0, pad), value=IGNORE))
-        out["position_ids"].append(torch.nn.functional.pad(r["position_ids"], (0, pad), value=0))
-        mask = torch.full((1, 1, width, width), float("-inf"), dtype=r["attention_mask"].dtype)
-        mask[..., :n, :n] = r["attention_mask"]
-        idx = torch.arange(n, width)
-        mask[..., idx, idx] = 0.0
-        out["attention_mask"].append(mask)
-    return {k: torch.cat(v) for k, v in out.items()} | {"num_tokens": sum(r["input_ids"].shape[1] for r in rows)}
+    return sum(1 for t in example.labels[1:] if t != IGNORE_INDEX)
 
 
 def batcher(examples, pad_id: int, packing: bool, max_length: int):
     """(units, collate): the training units (packs of examples, or single examples) and how to batch them."""
-    from tunelab.data.packing import collate_packed, collate_padded, pack
+    from tunelab.data.packing import collate_packed, collate_padded, pack, stack_rows
 
     if packing:
         units = pack([len(e.input_ids) for e in examples], max_length)
@@ -130,7 +108,8 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
     source = plain_source(resolve_model(cfg.model.name))
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                           quantization=quantization_for(cfg))
+                           allow_pickle=cfg.model.allow_pickle,
+                           quantization=quantization_for(cfg.method))
     max_len = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", cfg.model.max_length))
     if cfg.task == "chat" and not tokenizer.chat_template:
         raise InputError("the model's tokenizer has no chat template; use task: causal_lm, or a chat model",
@@ -183,4 +162,4 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
     )
 
 
-__all__ = ["setup_causal_lm", "stack_rows", "batcher", "split_examples", "n_supervised"]
+__all__ = ["setup_causal_lm", "batcher", "split_examples", "n_supervised"]

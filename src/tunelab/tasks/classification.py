@@ -10,39 +10,15 @@ from pathlib import Path
 import torch
 
 from tunelab.data.batching import epoch_batches, pad_batch, replay_schedule
-from tunelab.data.classification import Examples, label_counts, load_examples, load_train_eval
+from tunelab.data.classification import Examples, encode, label_counts, load_examples, load_train_eval, make_batches
 from tunelab.data.curate import pair_key, quality_counts
 from tunelab.evaluate.classification import classification_metrics, predict
 from tunelab.models.load import load_classifier, load_tokenizer
-from tunelab.models.lora import quantization_for
+from tunelab.models.quantization import quantization_for
 from tunelab.models.registry import resolve_model
-from tunelab.tasks.base import TaskRun, TrainSet
+from tunelab.train.protocols import TaskRun, TrainSet
 
 log = logging.getLogger("tunelab")
-
-
-def encode(examples: Examples, tokenizer, max_length: int) -> tuple[list[dict], int]:
-    """Token ids per example (no padding) and how many were cut at `max_length`."""
-    enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    features = [{k: enc[k][i] for k in keys} for i in range(len(examples))]
-    # only an example that fills max_length can have been cut: tokenize just those again, whole
-    at_limit = [i for i, f in enumerate(features) if len(f["input_ids"]) >= max_length]
-    truncated = 0
-    if at_limit:
-        texts = [examples.texts[i] for i in at_limit]
-        pairs = [examples.pairs[i] for i in at_limit] if examples.pairs is not None else None
-        full = tokenizer(texts, pairs, truncation=False)["input_ids"]
-        truncated = sum(len(ids) > max_length for ids in full)
-    return features, truncated
-
-
-def make_batches(features: list[dict], labels: list[int], pad_id: int, batch_size: int):
-    """Padded batches in file order (for evaluation), grouped by length to pad little."""
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        yield pad_batch([features[i] for i in idx], pad_id, [labels[i] for i in idx])
 
 
 def classification_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -91,7 +67,8 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
     source = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     model = load_classifier(source, names, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                            quantization=quantization_for(cfg))
+                            allow_pickle=cfg.model.allow_pickle,
+                            quantization=quantization_for(cfg.method))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id

@@ -16,18 +16,17 @@ import torch
 
 from tunelab.device import model_device, to_device
 from tunelab.evaluate.classification import classification_metrics
-from tunelab.tasks.base import TaskRun, TrainSet
-from tunelab.train.optim import head_prefixes
+from tunelab.train.protocols import TaskRun, TrainSet
+from tunelab.models.anatomy import head_modules_with_params
 
 log = logging.getLogger("tunelab")
 
 
 def head_module(model: torch.nn.Module) -> torch.nn.Module:
-    prefixes = [h.rstrip(".") for h in head_prefixes(model)]
-    heads = [getattr(model, p) for p in prefixes if any(True for _ in getattr(model, p).parameters())]
+    heads = head_modules_with_params(model)
     if len(heads) != 1:
-        raise ValueError(f"expected one head module with parameters, found {prefixes}")
-    return heads[0]
+        raise ValueError(f"expected one head module with parameters, found {heads}")
+    return model.get_submodule(heads[0])
 
 
 @torch.no_grad()

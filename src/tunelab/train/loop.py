@@ -3,7 +3,8 @@
 forward -> loss -> backward (per micro-batch) -> clip -> step -> schedule -> log -> evaluate
 -> checkpoint -> early stop. Everything task-specific comes in through `TaskRun` (data, loss,
 metrics); everything about files comes in through `io` (log rows, save checkpoints, stop flag);
-everything about peer processes (data parallelism) through `replicas` (tunelab.distributed).
+everything about peer processes (data parallelism) through `replicas`. The three contracts live
+in train/protocols.py; tasks/, run_dir and distributed/ implement them.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 from tunelab.data.batching import epoch_batches
-from tunelab.distributed.ddp import OneProcess
-from tunelab.tasks.base import TaskRun
 from tunelab.train.early_stop import BestTracker
+from tunelab.train.protocols import LoopIO, OneProcess, Replicas, TaskRun
 
 
 @dataclass
@@ -60,24 +60,6 @@ class LoopState:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class LoopIO(Protocol):
-    def log(self, row: dict) -> None: ...
-    def save(self, state: LoopState, tracker: BestTracker, is_best: bool, metrics: dict | None) -> None: ...
-    def stop_requested(self) -> bool: ...
-
-
-class Replicas(Protocol):
-    """The processes training this model together (tunelab.distributed.ddp: OneProcess, DataParallel)."""
-
-    world_size: int
-    def share(self, window: list[list[int]]) -> list[tuple[list[int], bool]]: ...
-    def accumulating(self, more_to_come: bool): ...
-    def loss(self, batch: dict): ...
-    def sum(self, *values): ...
-    def any(self, flag: bool) -> bool: ...
-    def on_main(self, fn, *args): ...
 
 
 def windows_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:

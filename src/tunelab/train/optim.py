@@ -4,7 +4,7 @@ Layer-wise decay (ULMFiT / "How to Fine-Tune BERT", Sun et al. 2019): the head a
 above the transformer blocks get the base lr, block i of n gets lr * decay**(n - i), the
 embeddings (everything below the blocks) get lr * decay**(n + 1). The block list is discovered
 from the model, so BERT-like (`encoder.layer`), Llama-like (`model.layers`) and GPT-2-like (`h`)
-layouts all work; an unknown layout is a clear error, never a silent flat lr.
+layouts all work (tunelab.models.anatomy); an unknown layout is a clear error, never a silent flat lr.
 """
 
 from __future__ import annotations
@@ -14,36 +14,7 @@ import re
 import torch
 from torch import nn
 
-from tunelab.errors import InputError
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer's list of blocks: the longest ModuleList of identical module types."""
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    best = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) != 1:
-                continue
-            if n_layers is not None and len(module) != n_layers:
-                continue
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
-    if best is None:
-        raise InputError(
-            f"cannot find the transformer blocks of {type(model).__name__} for layer-wise lr; "
-            "set optim.layer_lr_decay: 1.0",
-            field="optim.layer_lr_decay",
-        )
-    return best
-
-
-def head_prefixes(model: nn.Module) -> list[str]:
-    """Top-level children that are not the pre-trained base model: the new task head."""
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):  # a peft model: look inside
-        return ["base_model.model." + h for h in head_prefixes(model.get_base_model())]
-    base = getattr(model, "base_model_prefix", "")
-    return [n + "." for n, _ in model.named_children() if n != base]
+from tunelab.models.anatomy import find_blocks, head_prefixes  # noqa: F401 (find_blocks: the planner's import path)
 
 
 def param_groups(
@@ -59,7 +30,7 @@ def param_groups(
     depth_of: dict[str, int] = {}
     n_blocks = 0
     if layer_lr_decay != 1.0:
-        block_name, blocks = find_blocks(model)
+        block_name, blocks = find_blocks(model, field="optim.layer_lr_decay", fix="set optim.layer_lr_decay: 1.0")
         n_blocks = len(blocks)
         pattern = re.compile(re.escape(block_name) + r"\.(\d+)\.")
         seen_block = False

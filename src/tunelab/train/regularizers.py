@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tunelab.device import model_device, to_device
-from tunelab.train.optim import head_prefixes
+from tunelab.models.anatomy import head_prefixes
 
 
 def anchored_params(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tunelab.train.optim import find_blocks, head_prefixes
+from tunelab.models.anatomy import find_blocks, head_prefixes
 
 
 def stages_unfrozen(position: int, every: int) -> int:
@@ -22,7 +22,7 @@ def stages_unfrozen(position: int, every: int) -> int:
 def set_trainable_top(model: nn.Module, stages: int) -> int:
     """Head + the top `stages` blocks trainable (+ embeddings once every block is); returns blocks trainable."""
     heads = head_prefixes(model)
-    block_name, blocks = find_blocks(model)
+    block_name, blocks = find_blocks(model, field="unfreeze.every", fix="remove unfreeze.every")
     n = len(blocks)
     top = min(stages, n)
     first_trainable = n - top

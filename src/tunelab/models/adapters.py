@@ -1,4 +1,4 @@
-"""LoRA, DoRA and QLoRA through peft: targets, the adapter folder, reloading and merging.
+"""LoRA, DoRA and QLoRA adapters through peft: targets, the adapter folder, reloading and merging.
 
 peft does the adapting; this module decides what tunelab must decide around it:
 
@@ -10,6 +10,8 @@ peft does the adapting; this module decides what tunelab must decide around it:
   tokenizer, and `tunelab_adapter.json`, which says how to rebuild the base (embedded name, local
   path or hub id; task; label names; quantisation) so `load_adapter` and `merge_adapter` need
   nothing else.
+
+The quantised base QLoRA trains on is models.quantization's business.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from tunelab.errors import InputError
+from tunelab.models.anatomy import head_modules_with_params
+from tunelab.models.load import load_causal_lm, load_classifier, quiet_transformers
+from tunelab.models.quantization import QLORA_SKIP_MODULES, keep_4bit_trainable, nf4_config, quiet_bitsandbytes
 
 log = logging.getLogger("tunelab")
 
@@ -31,71 +35,6 @@ ADAPTER_INFO = "tunelab_adapter.json"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # the LoRA paper's choice for BERT-like encoders
 BERT_TARGETS = ["query", "value"]
-# heads that are created (or resized) by tunelab and must stay in full precision under QLoRA
-QLORA_SKIP_MODULES = ["classifier", "score", "lm_head"]
-
-
-def _quiet_bitsandbytes() -> None:
-    # bitsandbytes warns on import that an optional download-only CPU kernel is missing; its own
-    # CPU fallback works (measured), so the warning only alarms users.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
-# ---------------------------------------------------------------- QLoRA: quantised base at load time
-
-
-def compute_dtype(device: torch.device | None = None) -> torch.dtype:
-    """bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    except (AttributeError, RuntimeError):
-        return torch.float32
-
-
-def nf4_config(skip_modules: list[str] | None = None):
-    """4-bit NF4 with double quantisation (QLoRA, Dettmers et al. 2023); heads stay unquantised."""
-    _quiet_bitsandbytes()
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(),
-        llm_int8_skip_modules=list(skip_modules or QLORA_SKIP_MODULES),
-    )
-
-
-def quantization_for(cfg):
-    """The `quantization` argument of the model loaders for this config: NF4 for qlora, else None."""
-    return nf4_config() if cfg.method == "qlora" else None
-
-
-def keep_4bit_trainable(model: nn.Module) -> int:
-    """Switch off bitsandbytes' CPU inference repack of 4-bit weights; returns the layers touched.
-
-    In eval mode without grad, bitsandbytes (0.50, AVX512-BF16 CPUs) repacks each 4-bit weight in
-    place into a layout only its inference kernel reads: the next training forward then fails,
-    and the repack also fails outright for inputs narrower than the quantisation block (64).
-    Evaluation between training steps must leave the weights as training needs them.
-    """
-    n = 0
-    for m in model.modules():
-        if getattr(m, "support_avx512bf16_for_cpu", False):
-            m.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
-
-
-def real_numel(p: torch.Tensor) -> int:
-    """Parameters a tensor stands for: a packed 4-bit weight counts its unpacked shape."""
-    shape = getattr(getattr(p, "quant_state", None), "shape", None)
-    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
-
-
 # ---------------------------------------------------------------- which modules get adapters
 
 
@@ -113,10 +52,7 @@ def head_modules(model: nn.Module, task: str) -> list[str]:
     embeddings), which stays frozen.
     """
     if task == "classification":
-        from tunelab.train.optim import head_prefixes
-
-        return [p.rstrip(".") for p in head_prefixes(model)
-                if any(True for _ in getattr(model, p.rstrip(".")).parameters())]
+        return head_modules_with_params(model)
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [n for n, m in model.named_modules() if out is not None and m is out]
 
@@ -159,7 +95,7 @@ def resolve_targets(model: nn.Module, target_modules, exclude: list[str]) -> lis
 
 def apply_lora(model: nn.Module, cfg) -> nn.Module:
     """Wrap `model` in a peft LoRA/DoRA model; only adapters (and a new head) stay trainable."""
-    _quiet_bitsandbytes()
+    quiet_bitsandbytes()
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     lc = cfg.lora
@@ -256,7 +192,6 @@ def read_adapter_info(adapter_dir: Path) -> dict:
 
 def load_base(info: dict, *, quantized: bool = False):
     """The base model an adapter was trained on, rebuilt from `tunelab_adapter.json` (fp32 or NF4)."""
-    from tunelab.models.load import load_causal_lm, load_classifier
     from tunelab.models.registry import resolve_model
 
     source = resolve_model(info["base_model"])
@@ -283,8 +218,6 @@ def load_adapter(path: str | Path, *, merge: bool = False, quantized: bool | Non
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tunelab.models.load import quiet_transformers
-
     adapter_dir = find_adapter(path)
     info = read_adapter_info(adapter_dir)
     if quantized is None:
@@ -292,7 +225,7 @@ def load_adapter(path: str | Path, *, merge: bool = False, quantized: bool | Non
     if merge and quantized:
         raise ValueError("merge into a 4-bit base would re-quantise it; merge into the fp32 base instead")
     quiet_transformers()
-    _quiet_bitsandbytes()
+    quiet_bitsandbytes()
     base = load_base(info, quantized=quantized)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     if getattr(base.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:

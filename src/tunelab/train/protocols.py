@@ -1,0 +1,109 @@
+"""The loop's contracts: what `train_loop` needs from a task, from the run dir and from its peers.
+
+The loop owns these shapes and everything else implements them: a task (tunelab.tasks) builds a
+`TaskRun` with its `TrainSet`; the run dir (tunelab.run_dir.RunDir, or distributed's SharedRunIO)
+is a `LoopIO`; the processes training together are `Replicas` (`OneProcess` here, for a process
+alone; tunelab.distributed.ddp.DataParallel for one of several). Arrows point into train/, never
+out of it: the loop imports nothing from tasks/ or distributed/.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from tunelab.train.early_stop import BestTracker
+    from tunelab.train.loop import LoopState
+
+
+@dataclass
+class TrainSet:
+    """Encoded training data the loop can batch without knowing the task.
+
+    `count(indices)` is the number of loss units (examples, or supervised tokens) in a
+    micro-batch: the loop divides the summed loss of an accumulation window by the total count of
+    the window, so accumulation gives the same gradient as one large batch.
+    """
+
+    lengths: list[int]
+    collate: Callable[[list[int]], dict[str, torch.Tensor]]
+    count: Callable[[list[int]], int]
+    epoch_subset: Callable[[int], list[int]] | None = None  # examples of epoch e (replay mixing)
+    epoch_size: int | None = None  # examples per epoch when epoch_subset is set
+
+    def examples_per_epoch(self) -> int:
+        return self.epoch_size if self.epoch_size is not None else len(self.lengths)
+
+
+@dataclass
+class TaskRun:
+    """What a task hands the loop: model, data, loss, evaluation, how to save. A value: a step that
+    changes one part (the device wrapper, feature caching, LoRA's saver) builds a new one with
+    `dataclasses.replace`."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    train: TrainSet
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+    evaluate: Callable[[torch.nn.Module], dict] | None
+    save_final: Callable[[torch.nn.Module, Path], None]
+    metric: str
+    mode: str
+    info: dict = field(default_factory=dict)
+    eval_batches: Callable[[], Any] | None = None  # padded eval batches, for feature caching
+    # (path, batch_size) -> training-style batches from another file of the same format (EWC's Fisher)
+    reference_batches: Callable[[str, int], list[dict]] | None = None
+
+
+@runtime_checkable
+class LoopIO(Protocol):
+    """Where the loop's results go: metric rows, checkpoints, and whether to stop."""
+
+    def log(self, row: dict) -> None: ...
+    def save(self, state: LoopState, tracker: BestTracker, is_best: bool, metrics: dict | None) -> None: ...
+    def stop_requested(self) -> bool: ...
+
+
+@runtime_checkable
+class Replicas(Protocol):
+    """The processes training this model together (OneProcess below; distributed.ddp.DataParallel)."""
+
+    world_size: int
+    def share(self, window: list[list[int]]) -> list[tuple[list[int], bool]]: ...
+    def accumulating(self, more_to_come: bool): ...
+    def loss(self, batch: dict): ...
+    def sum(self, *values): ...
+    def any(self, flag: bool) -> bool: ...
+    def on_main(self, fn, *args): ...
+
+
+class OneProcess:
+    """The replicas of a process training alone: every micro-batch is its own, sums are values."""
+
+    world_size = 1
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable):
+        self.model, self.loss_fn = model, loss_fn
+
+    def share(self, window: list[list[int]]) -> list[tuple[list[int], bool]]:
+        return [(idx, True) for idx in window]
+
+    def accumulating(self, more_to_come: bool):
+        return nullcontext()
+
+    def loss(self, batch: dict):
+        return self.loss_fn(self.model, batch)
+
+    def sum(self, *values):
+        return values
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def on_main(self, fn: Callable, *args):
+        return fn(*args)
