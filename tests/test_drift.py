@@ -246,7 +246,7 @@ def test_cli_report_includes_the_drift_table(tiny_bert, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["report"] == str(run / "report.html") and out["drift_skipped"] is None
-    assert out["sections"] == ["summary", "before_after", "curves", "health", "drift", "config"]
+    assert out["sections"] == ["summary", "before_after", "curves", "eval_metrics", "health", "drift", "config"]
     assert out["final"] == {"accuracy": 0.9}
     assert out["drift"]["top_layers"][0]["layer"] == "bert.encoder.layer.1"
     page = (run / "report.html").read_text()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import InputError, RunFailure
+from tunelab.monitor.loggers import LoggerSet
 from tunelab.monitor.metrics_log import MetricsLog, read_metrics
 from tunelab.monitor.progress import Progress
 from tunelab.train import checkpoint as ckpt
@@ -82,6 +83,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def memory_now_mb(device: torch.device) -> float:
+    """Memory held now, for the metrics rows' `memory_mb`: what the CUDA caching allocator reserves on a
+    GPU, the process's resident set on the CPU (the report plots it over time)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_reserved(device) / 2**20
+    from tunelab.plan.planner import runtime_bytes
+
+    return runtime_bytes() / 2**20
+
+
 class RunDir:
     """The loop's view of the run dir: where rows are logged and checkpoints saved."""
 
@@ -90,11 +101,12 @@ class RunDir:
         self.root = root
         self.ckpt_root = root / "checkpoints"
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.device = next(model.parameters()).device
         self.keep_last = keep_last
         self.progress = progress
         self.metrics = MetricsLog(root / "metrics.jsonl")
         self.best_checkpoint: str | None = None
-        self.loggers: list = []  # monitor.loggers (TensorBoard, W&B, MLflow): each gets every row written here
+        self.loggers = LoggerSet()  # monitor.loggers (TensorBoard, W&B, MLflow): each gets every row written here
         self.health = None  # a monitor.health.HealthMonitor: its diagnoses become rows too
         self.eval_key: str | None = None  # what the evaluations measure (run.eval_key); stored beside them
         self._stop = threading.Event()
@@ -113,23 +125,21 @@ class RunDir:
         except Exception as e:  # a diagnosis must never cost the run
             log.warning("health checks stopped: %s", e)
             self.health, events = None, []
+        if "loss" in row and "memory_mb" not in row:
+            row = {**row, "memory_mb": round(memory_now_mb(self.device), 1)}
         for r in (row, *(e.row() for e in events)):
             self.metrics.write(r)
-            for logger in list(self.loggers):
-                try:
-                    logger.log(r)
-                except Exception as e:  # a tracking server's error must never cost the run
-                    log.warning("a logger failed and is dropped (metrics.jsonl keeps every row): %s",
-                                str(e).splitlines()[0] if str(e) else type(e).__name__)
-                    self.loggers.remove(logger)
+            self.loggers.log(r)  # a failing logger is dropped there, with one warning and its status kept
         self.progress.update(row.get("step", 0), row)
         for e in events:
             log.warning("health at step %d: %s", e.step, e.message)
 
     def close_loggers(self) -> None:
-        for logger in self.loggers:
-            logger.close()
-        self.loggers = []
+        self.loggers.close()
+
+    def step_done(self, step: int, loop_seconds: float) -> None:
+        """Every optimizer step (logged or not): the live display's step-time estimate."""
+        self.progress.step_done(step, loop_seconds)
 
     def save(self, state: LoopState, tracker: BestTracker, is_best: bool, metrics: dict | None = None,
              rank_rng: list[dict] | None = None) -> None:

@@ -125,31 +125,84 @@ def check_loggers(names: list[str]) -> None:
                              "(or remove it from the list)", field="monitor.loggers") from None
 
 
-def open_loggers(monitor, root: Path, config: dict, resumed_step: int | None) -> list[Logger]:
+def reason(e: BaseException) -> str:
+    """An exception as one short line (its first line, or its type)."""
+    text = str(e).splitlines()[0].strip() if str(e).strip() else ""
+    return text[:200] or type(e).__name__
+
+
+class LoggerSet:
+    """The run's loggers by name, and what became of each: `status[name]` is "ok" or "failed: reason".
+
+    A logger that fails mid-run is dropped with one warning; metrics.jsonl keeps every row. The
+    status goes into summary.json (`loggers`), the final line and the report, so a run whose
+    tracking died is not mistaken for a tracked one.
+    """
+
+    def __init__(self):
+        self.active: dict[str, Logger] = {}
+        self.status: dict[str, str] = {}
+
+    def add(self, name: str, logger: Logger) -> None:
+        self.active[name] = logger
+        self.status[name] = "ok"
+
+    def failed(self, name: str, why: str) -> None:
+        self.active.pop(name, None)
+        self.status[name] = f"failed: {why}"
+
+    def log(self, row: dict) -> None:
+        for name, logger in list(self.active.items()):
+            try:
+                logger.log(row)
+            except Exception as e:  # a tracking server's error must never cost the run
+                log.warning("logger %s failed and is dropped (metrics.jsonl keeps every row): %s", name, reason(e))
+                self.failed(name, reason(e))
+
+    def close(self) -> None:
+        for name, logger in list(self.active.items()):
+            try:
+                logger.close()
+            except Exception as e:
+                log.warning("logger %s failed at close (its last rows may be missing there): %s", name, reason(e))
+                self.failed(name, f"at close: {reason(e)}")
+        self.active = {}
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+
+def open_loggers(monitor, root: Path, config: dict, resumed_step: int | None) -> LoggerSet:
     """The loggers `monitor.loggers` names (a `MonitorConfig`), for a new run or one resumed at `resumed_step`.
 
-    `config` is the resolved config as plain data (what W&B / MLflow record with the run).
+    `config` is the resolved config as plain data (what W&B / MLflow record with the run). A logger
+    that cannot start is recorded as failed and training goes on, unless `monitor.loggers_required`
+    is set: then it is an input error before training starts (the ones already started are closed).
     """
     ids_path = root / "loggers.json"
     ids = json.loads(ids_path.read_text()) if resumed_step is not None and ids_path.is_file() else {}
     project, name = monitor.project or "tunelab", monitor.run_name or root.name
-    loggers: list[Logger] = []
+    loggers = LoggerSet()
     for kind in dict.fromkeys(monitor.loggers):
         try:  # a logger that cannot start (no API key, server down) costs its rows, never the run
             if kind == "tensorboard":
                 # everything at or after purge_step in earlier event files is hidden: on a fresh start
                 # (0) that is a previous attempt's files, on a resume the steps after the checkpoint
-                loggers.append(TensorBoardLogger(root / "tensorboard",
-                                                 purge_step=0 if resumed_step is None else resumed_step + 1))
+                loggers.add(kind, TensorBoardLogger(root / "tensorboard",
+                                                    purge_step=0 if resumed_step is None else resumed_step + 1))
             elif kind == "wandb":
                 ids.setdefault("wandb", uuid.uuid4().hex[:16])
-                loggers.append(wandb_logger(ids["wandb"], project, name, config))
+                loggers.add(kind, wandb_logger(ids["wandb"], project, name, config))
             elif kind == "mlflow":
                 logger, ids["mlflow"] = mlflow_logger(ids.get("mlflow"), project, name, config)
-                loggers.append(logger)
+                loggers.add(kind, logger)
         except Exception as e:
-            log.warning("monitor.loggers: %s could not start, training goes on without it: %s",
-                        kind, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if getattr(monitor, "loggers_required", False):
+                loggers.close()
+                raise InputError(f"logger '{kind}' could not start: {reason(e)} (monitor.loggers_required is true; "
+                                 "fix it, or set it to false to train without it)", field="monitor.loggers") from None
+            log.warning("monitor.loggers: %s could not start, training goes on without it: %s", kind, reason(e))
+            loggers.failed(kind, reason(e))
     if ids:
         ids_path.write_text(json.dumps(ids, indent=1), encoding="utf-8")
     return loggers
