@@ -31,7 +31,7 @@ from tunelab.models.load import count_params
 from tunelab.monitor.health import HealthMonitor, summarize
 from tunelab.monitor.loggers import check_loggers, open_loggers
 from tunelab.monitor.metrics_log import read_metrics
-from tunelab.monitor.progress import Progress
+from tunelab.monitor.progress import Progress, header_info, header_lines
 from tunelab.run_dir import RunDir, default_output_dir, peak_memory_mb, prepare_run_dir, start_over, trim_metrics
 from tunelab.tasks import TaskRun, setup_task
 from tunelab.train import checkpoint as ckpt
@@ -198,9 +198,18 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             trim_metrics(out / "metrics.jsonl", ckpt.load_state(resume_from)["loop"]["step"])
-        progress = Progress(r.settings.total_steps, enabled=show_progress)
+        resumed = ckpt.load_state(resume_from)["loop"]["step"] if resume_from is not None else 0
+        progress = Progress(r.settings.total_steps, start_step=resumed, enabled=show_progress,
+                            log_file=out / "warnings.log")  # library warnings go there, not through the display
+        progress.header(header_lines(header_info(r, out, resumed)))
         io = RunDir(out, r.model, r.optimizer, r.scheduler, r.cfg.checkpoint.keep_last, progress, should_stop)
-        io.loggers, io.health = open_monitors(r, out, resume_from)
+        try:
+            io.loggers, io.health = open_monitors(r, out, resume_from)
+        except InputError:  # monitor.loggers_required and one could not start: leave no run behind
+            progress.close(), io.metrics.close()
+            if resume_from is None:
+                forget_fresh_run(out)
+            raise
         io.eval_key = eval_key(r)
     state, before = LoopState(world_size=r.world_size), None
     if resume_from is not None:
@@ -219,6 +228,15 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
             before = {**eval_row(r.task.evaluate(r.model), state, 0.0), "before_training": True}
             io.log(before)
     return io, state, before
+
+
+def forget_fresh_run(out: Path) -> None:
+    """Remove what opening a new run wrote (before any training), so a refused start leaves no run dir."""
+    for name in ("metrics.jsonl", "loggers.json", "warnings.log"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    if out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _stored_eval(io: RunDir, checkpoint: Path) -> dict | None:
@@ -337,6 +355,14 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
     summary["peak_memory_mb"] = round(peak_memory_mb(r.device), 1)
     summary["wall_seconds"] = round(time.monotonic() - wall_start, 3)
     summary["run_dir"] = str(out)
+    summary["loggers"] = dict(io.loggers.status)  # {name: "ok" | "failed: reason"}
+    if (out / "final").is_dir():
+        try:  # the model card must never cost the run
+            from tunelab.model_card import write_model_card
+
+            write_model_card(out / "final", summary, r.cfg)
+        except Exception as e:
+            log.warning("final/README.md (the model card) not written: %s", e)
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     try:
         from tunelab.analysis.report import write_report
