@@ -58,13 +58,19 @@ def end_of_turn_id(tokenizer) -> int | None:
     return None
 
 
-def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
-    """Write a plain safetensors HF folder (model, tokenizer, chat template, generation config)."""
+def read_gguf(gguf_path: str | Path):
+    """(model in fp32, tokenizer) from a GGUF file, through transformers' GGUF reader (de-quantized).
+
+    Also the reading half of tunelab.export's round trip: an exported file must read back here.
+    """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    gguf_path, out = Path(gguf_path), Path(out)
+    from tunelab.models.load import quiet_transformers
+
+    quiet_transformers()
+    gguf_path = Path(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -76,6 +82,16 @@ def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
         raise RuntimeError(f"GGUF tensors do not fit the architecture: missing {missing}, unexpected {unexpected}")
     if tied:
         model.tie_weights()
+    return model.eval(), tokenizer
+
+
+def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
+    """Write a plain safetensors HF folder (model, tokenizer, chat template, generation config)."""
+    from transformers import GenerationConfig
+
+    gguf_path, out = Path(gguf_path), Path(out)
+    model, tokenizer = read_gguf(gguf_path)
+    config = model.config
     eot = end_of_turn_id(tokenizer)
     eos = eot if eot is not None else tokenizer.eos_token_id
     model.generation_config = GenerationConfig(
