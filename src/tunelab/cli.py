@@ -119,23 +119,15 @@ def train(
                        f"{f' --nproc {world}' if world > 1 else ''}", err=True)
             raise typer.Exit(130)
         if status == "diverged":
-            typer.echo(_diverged_line(summary), err=True)
+            typer.echo(f"training diverged: {summary['skipped_steps']} steps had NaN/Inf loss or gradients "
+                       "(lr too high? try a lower optim.lr or precision fp32); last good checkpoint kept in "
+                       f"{run_dir}/checkpoints", err=True)
             raise typer.Exit(1)
         _print_before_after(summary)
         typer.echo(f"{status} in {summary['wall_seconds']:.0f}s: {summary['samples_per_second']:.1f} samples/s, "
                    f"peak memory {summary['peak_memory_mb']:.0f} MB; model in {run_dir}/final, report {run_dir}/report.html")
 
     _guard(go)
-
-
-def _diverged_line(summary: dict) -> str:
-    """What a diverged run says: the rows behind the NaN/Inf steps, and a checkpoint only if one exists."""
-    examples = summary.get("nonfinite_examples") or []
-    rows = f"; the non-finite steps came from {', '.join(examples[:6])}{' ...' if len(examples) > 6 else ''}" if examples else ""
-    ckpt = summary.get("last_good_checkpoint")
-    kept = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint was saved before the fault"
-    return (f"training diverged: {summary['skipped_steps']} steps had NaN/Inf loss or gradients{rows} "
-            f"(check those rows; else lower optim.lr or use precision fp32); {kept}")
 
 
 def _relaunch(cfg, config: Path, set_: list[str], output_dir: Optional[Path], resume: Optional[str],
@@ -161,68 +153,23 @@ def _relaunch(cfg, config: Path, set_: list[str], output_dir: Optional[Path], re
 
 @app.command()
 def plan(
-    config: Optional[Path] = typer.Argument(None, help="YAML config file (the one you would train with); "
-                                            "optional with --model."),
+    config: Path = typer.Argument(..., help="YAML config file (the one you would train with)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.batch_size=4 (repeatable)."),
     measure_steps: int = typer.Option(3, "--measure-steps", min=0,
                                       help="Real optimizer steps to time (after one warm-up); 0 = no timing."),
-    price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", min=0,
-                                                   help="Price per machine-hour here; per device-hour with --gpu."),
+    price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", min=0, help="Machine price, for a cost."),
     no_suggestions: bool = typer.Option(False, "--no-suggestions", help="Skip the what-if estimates of memory levers."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Plan for `tunelab train --nproc N` (data-parallel processes)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    # planning for hardware you do not have, from the model's config.json alone (README: Planning)
-    model: Optional[str] = typer.Option(None, "--model", help="NAME, model DIR or config.json: plan from the "
-                                        "architecture alone (meta device: no weights, no tokenizer)."),
-    method: Optional[str] = typer.Option(None, "--method", help="full | lora | qlora."),
-    lora_r: Optional[int] = typer.Option(None, "--lora-r", min=1),
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="a,b,c (module names), auto, all-linear; "
-                                               "q,v = the slices of a fused c_attn."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Tokens per sequence (model.max_length)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Micro-batch per device."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", min=1),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    attention: Optional[str] = typer.Option(None, "--attention", help="sdpa (default) | flash | eager."),
-    tokens: Optional[float] = typer.Option(None, "--tokens", min=1, help="Training tokens, all epochs (time, cost)."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="A10G, L4, RTX4090, A100-40GB, A100-80GB, H100, "
-                                      "H100-PCIe, H200, B200, MI300X."),
-    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", min=0.1, help="GB per device (other devices)."),
-    gpu_tflops: Optional[float] = typer.Option(None, "--gpu-tflops", min=0.001, help="Dense bf16 TFLOPS per device."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Devices per node."),
-    nodes: Optional[int] = typer.Option(None, "--nodes", min=1),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="ddp | fsdp | zero1 | zero2 | zero3."),
-    offload: bool = typer.Option(False, "--offload", help="Optimizer state (and master weights) in host memory."),
-    mfu: Optional[float] = typer.Option(None, "--mfu", min=0.001, max=1.0, help="Model FLOPs utilisation (default 0.4)."),
-    tokens_saved: Optional[int] = typer.Option(None, "--prompting-tokens-saved", min=1,
-                                               help="Prompt tokens per request a fine-tune makes unnecessary."),
-    price_in: Optional[float] = typer.Option(None, "--price-in", min=0, help="Prompting: price per 1M input tokens."),
-    price_out: Optional[float] = typer.Option(None, "--price-out", min=0, help="Prompting: price per 1M output tokens."),
-    requests: Optional[int] = typer.Option(None, "--requests", min=1, help="Requests to compare the two at."),
 ):
-    """Peak memory, steps, FLOPs, time and cost before you train; with --model / --gpu: memory per device,
-    sharding, time and cost on hardware you do not have, ranked configurations and the command to run."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "set_", "measure_steps", "no_suggestions",
-                                                            "nproc", "as_json")}
+    """Peak memory, steps, FLOPs, time and cost of a config before you train it, and what would make it fit."""
 
     def go():
         from tunelab.config import load_config
-        from tunelab.plan import hardware_plan
-        from tunelab.plan.report import hardware_lines, plan_lines
 
-        if config is None and model is None:
-            raise InputError("give a CONFIG.yaml, or --model NAME|DIR|CONFIG_JSON", field="config")
-        overrides = list(set_) + (hardware_plan.shape_overrides(flags) if config is not None else [])
-        cfg = load_config(config, overrides) if config is not None else None
-        if hardware_plan.wants_hardware_plan(flags):
-            spec = hardware_plan.spec_from(flags, cfg, str(config) if config else None)
-            if spec.tokens is None and cfg is not None:
-                spec.tokens = hardware_plan.tokens_from_config(cfg)
-            breakeven = hardware_plan.break_even_args(flags)
-            result = hardware_plan.build(spec, breakeven, explicit_method=cfg is not None or method is not None)
-            typer.echo(json.dumps(result) if as_json else "\n".join(hardware_lines(result)))
-            return
+        cfg = load_config(config, set_)
         from tunelab.plan.planner import make_plan
+        from tunelab.plan.report import plan_lines
 
         result = make_plan(cfg, measure_steps=measure_steps, price_per_hour=price_per_hour,
                            suggestions=not no_suggestions, nproc=nproc)
@@ -233,44 +180,21 @@ def plan(
 
 @app.command("eval")
 def eval_(
-    model_dir: Path = typer.Argument(..., help="A run dir (its final/) or a saved model folder: classifier, "
-                                     "causal LM or chat model (a LoRA adapter folder too)."),
-    data: Path = typer.Option(..., "--data", help="Classifier: a labelled file (csv/tsv/jsonl/json/parquet). "
-                              "Causal LM / chat: conversations (any chat format) or plain text."),
-    text_column: str = typer.Option("text", help="Classifier: the column holding the text."),
-    label_column: str = typer.Option("label", help="Classifier: the column holding the label."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Default 64 (classifier), 8 (causal LM)."),
-    max_length: Optional[int] = typer.Option(None, min=1, help="Default 128 (classifier), 512 (causal LM)."),
-    n: int = typer.Option(16, "--n", min=0, help="Causal LM: prompts to generate replies for (0 = no generation)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Causal LM: reply budget."),
-    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="Causal LM: the sampled replies' temperature."),
-    seed: int = typer.Option(0, "--seed", help="Causal LM: the sampled replies' seed."),
+    model_dir: Path = typer.Argument(..., help="A saved classifier folder (e.g. RUN/final)."),
+    data: Path = typer.Option(..., "--data", help="Labelled file (csv/tsv/jsonl/json/parquet)."),
+    text_column: str = typer.Option("text", help="Column holding the text."),
+    label_column: str = typer.Option("label", help="Column holding the label."),
+    batch_size: int = typer.Option(64, min=1),
+    max_length: int = typer.Option(128, min=1),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Classifier: loss, accuracy, macro-F1, per class, confusion matrix. Causal LM / chat: loss, perplexity
-    and token accuracy on the supervised tokens (the training masks), and generation measures on the file's
-    prompts (greedy and sampled: stop rate, lengths, distinct-1/2, cross-prompt similarity, repetition,
-    template leakage, chrF and ROUGE-L against the reference answers)."""
+    """Classification metrics (loss, accuracy, macro-F1, per class, confusion matrix) of a saved model."""
 
     def go():
-        from tunelab.evaluate.saved_lm import check_fits, model_kind, resolve_model_dir
-
-        folder = resolve_model_dir(model_dir)
-        kind = model_kind(folder)
-        check_fits(folder, kind, data, label_column)
-        if kind == "causal_lm":
-            from tunelab.evaluate.generation import GenerationSettings
-            from tunelab.evaluate.saved_lm import evaluate_saved_lm, lm_eval_lines
-
-            settings = GenerationSettings(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-            out = evaluate_saved_lm(folder, data, max_length=max_length or 512, batch_size=batch_size or 8,
-                                    settings=settings)
-            typer.echo(json.dumps(out) if as_json else "\n".join(lm_eval_lines(out)))
-            return
         from tunelab.evaluate.saved_model import evaluate_saved_classifier
 
-        metrics = evaluate_saved_classifier(folder, data, text_column=text_column, label_column=label_column,
-                                            batch_size=batch_size or 64, max_length=max_length or 128)
+        metrics = evaluate_saved_classifier(model_dir, data, text_column=text_column, label_column=label_column,
+                                            batch_size=batch_size, max_length=max_length)
         if as_json:
             typer.echo(json.dumps(metrics))
             return
@@ -386,7 +310,7 @@ def data_clean(
 
 @app.command()
 def generate(
-    model_dir: Path = typer.Argument(..., help="A causal-LM folder or a run dir (its final/)."),
+    model_dir: Path = typer.Argument(..., help="A causal-LM folder (e.g. RUN/final)."),
     prompt: str = typer.Option(..., "--prompt", help="The user's message."),
     system: Optional[str] = typer.Option(None, "--system", help="An optional system message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
@@ -397,12 +321,9 @@ def generate(
 
     def go():
         from tunelab.evaluate.generate import generate_reply
-        from tunelab.evaluate.saved_lm import require_causal_lm, resolve_model_dir
         from tunelab.models.saved import load_saved_causal_lm
 
-        folder = resolve_model_dir(model_dir)
-        require_causal_lm(folder, "generate")
-        model, tok = load_saved_causal_lm(folder)
+        model, tok = load_saved_causal_lm(model_dir)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         out = generate_reply(model, tok, messages, max_new_tokens=max_new_tokens, temperature=temperature)
         typer.echo(json.dumps(out) if as_json else out["reply"])
@@ -412,7 +333,7 @@ def generate(
 
 @app.command()
 def chat(
-    model_dir: Path = typer.Argument(..., help="A causal-LM folder or a run dir (its final/)."),
+    model_dir: Path = typer.Argument(..., help="A causal-LM folder (e.g. RUN/final)."),
     system: Optional[str] = typer.Option(None, "--system", help="An optional system message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
@@ -421,12 +342,9 @@ def chat(
 
     def go():
         from tunelab.evaluate.generate import generate_reply
-        from tunelab.evaluate.saved_lm import require_causal_lm, resolve_model_dir
         from tunelab.models.saved import load_saved_causal_lm
 
-        folder = resolve_model_dir(model_dir)
-        require_causal_lm(folder, "chat")
-        model, tok = load_saved_causal_lm(folder)
+        model, tok = load_saved_causal_lm(model_dir)
         history = [{"role": "system", "content": system}] if system else []
         interactive = sys.stdin.isatty()
         while True:
