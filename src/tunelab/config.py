@@ -500,8 +500,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = apply_overrides(_yaml_number_fix(raw), overrides)
     except InputError as e:
         raise InputError(e.message, file=path, line=e.line, where=e.where, field=e.field) from None
+    return _resolve_paths(validate_raw(raw, path=path, overrides=overrides, lines=lines), path.parent)
+
+
+def config_from_dict(raw: dict, base: str | Path | None = None) -> Config:
+    """A config given as a mapping (the Python API, `tunelab.train({...})`): validated exactly as a
+    file is, its errors naming the field (there is no file or line); relative paths resolve against
+    `base` (default: the current folder)."""
+    import copy
+
+    if not isinstance(raw, dict):
+        raise InputError(f"config must be a mapping of sections (task, model, data, ...), got {type(raw).__name__}")
+    return _resolve_paths(validate_raw(_yaml_number_fix(copy.deepcopy(raw))), Path(base or Path.cwd()))
+
+
+def validate_raw(raw: dict, *, path: str | Path | None = None, overrides: list[str] = (),
+                 lines: dict | None = None) -> Config:
+    """The Config for a raw mapping; a pydantic error becomes one InputError naming the field, and
+    the file and line when the mapping came from a file (`path`, with its key `lines`)."""
     try:
-        cfg = Config.model_validate(raw)
+        return Config.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(p for p in err["loc"] if not _is_type_tag(p))
@@ -516,8 +534,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         elif "input" in err and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r})"
         field = ".".join(str(p) for p in loc) or None
-        raise InputError(msg, field=field, **locate_key(path, loc, overrides, lines)) from None
-    return _resolve_paths(cfg, path.parent)
+        where = locate_key(path, loc, overrides, lines) if path is not None else {}
+        raise InputError(msg, field=field, **where) from None
 
 
 def _is_type_tag(part) -> bool:
