@@ -27,7 +27,8 @@ import time
 import warnings
 from pathlib import Path
 
-LIBRARY_LOGGERS = ("py.warnings", "transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub", "torch")
+LIBRARY_LOGGERS = ("py.warnings", "transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub", "torch",
+                   "DeepSpeed", "datasets")
 TRAIN_KEYS = ("loss", "lr", "grad_norm")
 
 
@@ -56,7 +57,8 @@ def train_text(row: dict) -> str:
 
 
 def eval_text(row: dict) -> str:
-    metrics = [(k.removeprefix("eval_"), v) for k, v in row.items() if k.startswith("eval_")]
+    metrics = sorted(((k.removeprefix("eval_"), v) for k, v in row.items() if k.startswith("eval_")),
+                     key=lambda kv: kv[0] != "loss")  # loss first, then the rest in their order
     return f"eval @ step {row.get('step', 0)}  " + "  ".join(f"{k} {fmt_value(k, v)}" for k, v in metrics)
 
 
@@ -70,7 +72,8 @@ def status_text(step: int, total: int, elapsed: float | None, eta: float | None,
     head = f"step {step}/{total}"
     eta_s = clock(eta) if eta is not None else ("estimating" if step < total else "0:00:00")
     full = f"  {pct}  {clock(elapsed)} elapsed  eta {eta_s}"
-    tails = [full + (f"  {per_step:.3g} s/step" if per_step else ""), full, f"  {clock(elapsed)}  eta {eta_s}"]
+    tails = [full + (f"  {per_step:.3g} s/step" if per_step else ""), full, f"  {clock(elapsed)}  eta {eta_s}",
+             f" {clock(elapsed)} eta {eta_s}"]
     for tail in tails[:2]:
         room = width - len(head) - len(tail) - 1
         if bar and room >= 10:
@@ -169,12 +172,20 @@ class Progress:
             print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
+        """End the live display. Library noise stays routed to the log file until `finish` (the final
+        evaluation, model card and report still import and warn), unless an exception is on its way out."""
         if self._live is not None:
             self._live.refresh()
             self._live.stop()
             for handler, stream in self._streams:
                 handler.setStream(stream)
             self._live = None
+        if sys.exc_info()[0] is not None:
+            self.finish()
+
+    def finish(self) -> None:
+        """The run is over: close the display and give library warnings back to the terminal."""
+        self.close() if self._live is not None else None
         if self._noise is not None:
             self._noise.close()
             self._noise = None
@@ -256,6 +267,7 @@ class LibraryNoise:
         self._warnings_filters = warnings.filters[:]
         warnings.simplefilter("default")  # each distinct warning once per place, then into the file
         logging.captureWarnings(True)
+        self._bars = _progress_bars(False)  # transformers' "Writing model shards" bars would tear the display too
 
     def _first(self, record) -> bool:
         if not self.announced:
@@ -264,11 +276,24 @@ class LibraryNoise:
         return True
 
     def close(self) -> None:
+        _progress_bars(self._bars)
         logging.captureWarnings(False)
         warnings.filters[:] = self._warnings_filters
         for lg, handlers, propagate in self.saved:
             lg.handlers, lg.propagate = handlers, propagate
         self.handler.close()
+
+
+def _progress_bars(enabled: bool | None) -> bool | None:
+    """Switch transformers' tqdm bars on or off; returns whether they were on (None: leave as is)."""
+    try:
+        import transformers.utils.logging as tl
+    except ImportError:
+        return None
+    was = tl.is_progress_bar_enabled()
+    if enabled is not None:
+        tl.enable_progress_bar() if enabled else tl.disable_progress_bar()
+    return was
 
 
 def header_lines(info: dict) -> list[str]:
