@@ -250,6 +250,8 @@ class MonitorConfig(Section):
     run_name: str | None = Field(None, description="W&B / MLflow run name; default the run dir's name.")
     health: bool = Field(True, description="Watch the rows for loss spikes, exploding gradients, plateaus, overfitting "
                          "and lr trouble; warn, and record them in metrics.jsonl, summary.json and report.html.")
+    loggers_required: bool = Field(False, description="A logger that cannot start is an input error (exit 2) "
+                                   "instead of a warning and a 'failed' entry in summary.json's loggers.")
 
 
 class Config(Section):
@@ -528,7 +530,9 @@ def validate_raw(raw: dict, *, path: str | Path | None = None, overrides: list[s
             loc += tuple(rule.field.split("."))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `tunelab train --help` lists the sections)"
+            from tunelab.suggest import unknown_key_message
+
+            msg = unknown_key_message(loc)  # did you mean ..., incl. other tools' names; where keys are listed
         elif err["type"] == "missing":
             msg = f"item {loc[-1]} is missing" if loc and isinstance(loc[-1], int) else "required key is missing"
         elif "input" in err and not isinstance(err["input"], (dict, list)):

@@ -370,6 +370,7 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         write_report(out)
     except Exception as e:  # a report must never cost the run
         log.warning("report.html not written: %s", e)
+    io.progress.finish()  # library warnings back to the terminal (they went to RUN/warnings.log)
     return summary
 
 

@@ -125,6 +125,10 @@ class SharedRunIO:
         if self.run_dir is not None:
             self.run_dir.log(row)
 
+    def step_done(self, step: int, loop_seconds: float) -> None:
+        if self.run_dir is not None:  # rank 0's live display
+            self.run_dir.step_done(step, loop_seconds)
+
     def save(self, state, tracker, is_best: bool, metrics: dict | None = None) -> None:
         rng = self.group.gather(ckpt.rng_state())
         if self.run_dir is not None:

@@ -79,8 +79,11 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, name, is_hub=True)
     if name.startswith((".", "/", "~")) or "/" in name or "\\" in name:
         raise InputError("model folder not found", field="model.name", file=path)
+    from tunelab.suggest import suggest_model
+
+    guess = suggest_model(name, EMBEDDED)  # 'SmolLM2-135M-Instruct', 'minilm-l6' -> the embedded name
     raise InputError(
         f"model '{name}' is not an embedded name ({', '.join(EMBEDDED)}), not an existing folder, "
-        "and not a hub id (org/name)",
+        "and not a hub id (org/name)" + (f"; did you mean {guess}?" if guess else ""),
         field="model.name",
     )

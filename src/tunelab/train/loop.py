@@ -188,6 +188,8 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
                 break
             # log
             state.train_seconds = time.monotonic() - started
+            if hasattr(io, "step_done"):  # every step, logged or not: the live display's ETA (RunDir)
+                io.step_done(state.step, state.train_seconds)
             if state.step % s.log_every == 0 or state.step == s.total_steps:
                 io.log(train_row(state, s, epoch, lr, grad_norm, penalty))
                 state.pending_loss, state.pending_units, state.pending_norm_max = 0.0, 0, 0.0
