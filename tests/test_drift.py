@@ -233,7 +233,8 @@ def test_cli_drift_bad_input_is_one_line_exit_2(tiny_bert, tmp_path, case):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output, res.stderr
     assert expect in lines[0] and (str(path) in lines[0] or case == "bad_base"), lines[0]
-    assert res.stdout == ""
+    error = json.loads(res.stdout)["error"]  # under --json the error is JSON on stdout too
+    assert error["kind"] == "input" and error["exit_code"] == 2 and expect in json.dumps(error)
 
 
 # ---------------------------------------------------------------- the report verb

@@ -18,16 +18,27 @@ import typer
 
 from tunelab.errors import InputError, RunFailure
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+app = typer.Typer(rich_markup_mode=None, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Fine-tune pre-trained language models on your own data.")
-data_app = typer.Typer(no_args_is_help=True, help="Check and clean data files before training.")
+data_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Check and clean data files before training.")
 app.add_typer(data_app, name="data")
 
 _state = {"debug": False}
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from tunelab.model_card import versions
+
+        v = versions()
+        typer.echo(f"tunelab {v.pop('tunelab', '?')} (" + ", ".join(f"{k} {x}" for k, x in v.items()) + ")")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for every error.")):
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for every error."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                       help="Print tunelab's version (and its libraries') and exit.")):
     _state["debug"] = debug
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("tunelab").setLevel(logging.INFO)
@@ -48,11 +59,13 @@ def _guard(fn, *args, **kwargs):
             traceback.print_exc()
         if not _rank_prefix():  # every process reads the same input: rank 0 says it once
             typer.echo(f"error: {e.one_line()}", err=True)
+            _json_error("input", e.message, 2, file=e.file, line=e.line, field=e.field, where=e.where)
         raise typer.Exit(2)
     except RunFailure as e:
         if _state["debug"]:
             traceback.print_exc()
         typer.echo(f"{_rank_prefix()}error: {e}", err=True)
+        _json_error("failure", str(e), 1)
         raise typer.Exit(1)
     except (typer.Exit, KeyboardInterrupt):
         raise
@@ -60,32 +73,73 @@ def _guard(fn, *args, **kwargs):
         if _state["debug"]:
             traceback.print_exc()
         typer.echo(f"{_rank_prefix()}internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback; please report it)", err=True)
+        _json_error("internal", f"{type(e).__name__}: {e}", 1)
         raise typer.Exit(1)
+
+
+def _json_error(kind: str, message: str, code: int, **where) -> None:
+    """Under --json an error is also one JSON object on stdout (a script reads stdout; a person, stderr):
+    {"error": {"kind": input|failure|internal, "message", "exit_code", "file", "line", "field"}}."""
+    from typer._click.globals import get_current_context  # typer vendors click
+
+    ctx = get_current_context(silent=True)
+    if ctx is None or not ctx.params.get("as_json") or _rank_prefix():
+        return
+    where = {k: v for k, v in where.items() if v is not None}
+    typer.echo(json.dumps({"error": {"kind": kind, "message": " ".join(str(message).split()), "exit_code": code, **where}}))
 
 
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _print_before_after(summary: dict) -> None:
+def _print_before_after(summary: dict, err: bool = False) -> None:
     before, final = summary.get("before") or {}, summary.get("final") or {}
     if not final:
         return
-    typer.echo(f"{'metric':<12} {'before':>10} {'after':>10}")
+    typer.echo(f"{'metric':<12} {'before':>10} {'after':>10}", err=err)
     for key in ("loss", "accuracy", "macro_f1", "perplexity", "token_accuracy"):
         if key in final:
-            typer.echo(f"{key:<12} {_fmt(before.get('eval_' + key, '-')):>10} {_fmt(final[key]):>10}")
+            typer.echo(f"{key:<12} {_fmt(before.get('eval_' + key, '-')):>10} {_fmt(final[key]):>10}", err=err)
+
+
+def _final_line(summary: dict) -> str:
+    """The run's last words: status, speed, memory, what became of each logger, where things are."""
+    run_dir = summary["run_dir"]
+    failed = {k: v for k, v in (summary.get("loggers") or {}).items() if v != "ok"}
+    loggers = ("; loggers " + ", ".join(f"{k} {v}" for k, v in summary["loggers"].items())) if summary.get("loggers") else ""
+    line = (f"{summary['status']} in {summary['wall_seconds']:.0f}s: {summary['samples_per_second']:.1f} samples/s, "
+            f"peak memory {summary['peak_memory_mb']:.0f} MB{loggers}\n  model  {run_dir}/final\n  report {run_dir}/report.html")
+    return line + ("\n  warning: a logger failed, so its tracking is incomplete (metrics.jsonl has every row)" if failed else "")
+
+
+def _already_done(out: Path, as_json: bool) -> bool:
+    """`--resume auto` on a run that already finished: say so (summary.json's object under --json), exit 0."""
+    try:
+        summary = json.loads((Path(out) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if summary.get("status") not in ("completed", "early_stopped"):
+        return False
+    typer.echo(f"{out} already finished ({summary['status']}, {summary.get('steps')} steps); nothing to resume",
+               err=as_json)
+    if as_json:
+        typer.echo(json.dumps(summary))
+    return True
 
 
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML config file."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set optim.lr=1e-4 (repeatable)."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run dir (default runs/<config>-<time>)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output", "-o", "--output-dir",
+                                              help="Run dir (default runs/<config>-<time>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest intact checkpoint in the run dir) or a checkpoint folder."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or step lines."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes training together (DDP; one per GPU, or CPU "
                               "processes): relaunches under torchrun. train.batch_size is per process."),
+    as_json: bool = typer.Option(False, "--json", help="Print summary.json's object at the end (stdout); the "
+                                 "human lines go to stderr."),
 ):
     """Fine-tune a model; writes config.yaml, metrics.jsonl, checkpoints/, final/, summary.json, report.html."""
 
@@ -93,6 +147,8 @@ def train(
         from tunelab.config import load_config, locate_key
 
         cfg = load_config(config, set_)  # before importing torch: a bad config fails at once
+        if resume == "auto" and output_dir is not None and _already_done(output_dir, as_json):
+            return  # a requeued job whose run finished: nothing to do, and not a failure
         under_torchrun = "WORLD_SIZE" in os.environ
         if under_torchrun and nproc > 1 and nproc != int(os.environ["WORLD_SIZE"]):
             raise InputError(f"--nproc {nproc} but torchrun started {os.environ['WORLD_SIZE']} processes; "
@@ -112,6 +168,8 @@ def train(
         if summary.get("rank"):  # a process other than rank 0 under torchrun: rank 0 reports
             raise typer.Exit({"interrupted": 130, "diverged": 1}.get(status, 0))
         run_dir = summary["run_dir"]
+        if as_json:  # summary.json's object on stdout; the human lines below go to stderr
+            typer.echo(json.dumps(summary))
         if status == "interrupted":
             world = summary.get("world_size", 1)
             typer.echo(f"stopped at step {summary['steps']}; checkpoint saved. Resume with:\n"
@@ -123,9 +181,8 @@ def train(
                        "(lr too high? try a lower optim.lr or precision fp32); last good checkpoint kept in "
                        f"{run_dir}/checkpoints", err=True)
             raise typer.Exit(1)
-        _print_before_after(summary)
-        typer.echo(f"{status} in {summary['wall_seconds']:.0f}s: {summary['samples_per_second']:.1f} samples/s, "
-                   f"peak memory {summary['peak_memory_mb']:.0f} MB; model in {run_dir}/final, report {run_dir}/report.html")
+        _print_before_after(summary, err=as_json)
+        typer.echo(_final_line(summary), err=as_json)
 
     _guard(go)
 
@@ -274,7 +331,7 @@ def data_check(
 @data_app.command("clean")
 def data_clean(
     file: Path = typer.Argument(..., help="Data file to clean (classification, chat or plain text)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Where the kept rows go. Its suffix picks the format "
+    out: Path = typer.Option(..., "--output", "-o", "--out", help="Where the kept rows go. Its suffix picks the format "
                              "(.jsonl .json .csv .tsv .parquet; .txt for plain text); give FILE's suffix to keep "
                              "its format. Rows are written as read, every column. Never FILE itself."),
     eval_file: Optional[Path] = typer.Option(None, "--eval", help="An eval file: cleaned by the same rules, minus rows "
@@ -407,6 +464,11 @@ def report(
 from tunelab.cli_export import register as _register_export  # noqa: E402  (merge, export, push)
 
 _register_export(app, _guard)
+
+
+from tunelab.cli_runs import register as _register_runs  # noqa: E402  (compare, config, init)
+
+_register_runs(app, _guard)
 
 
 def main() -> None:

@@ -302,13 +302,12 @@ def to_png(fig: Figure) -> str:
 def overlay_figure(title: str, ylabel: str, curves: list[tuple[str, list[tuple[int, float]]]],
                    style: str = "-") -> Figure | None:
     """Several runs' series of one quantity on one axis (tunelab compare)."""
-    curves = [(name, pts) for name, pts in curves if pts]
-    if not curves:
+    if not any(pts for _, pts in curves):
         return None
     fig, ax = figure(title, ylabel=ylabel)
     bad = []
-    for name, pts in curves:
-        bad += plot_series(ax, pts, name, style, linewidth=1.3, markersize=4)
+    for i, (name, pts) in enumerate(curves):  # run i keeps colour Ci in every panel, drawn or not
+        bad += plot_series(ax, pts, name, style, color=f"C{i % 10}", linewidth=1.3, markersize=4)
     if wants_log([v for _, pts in curves for _, v in pts]):
         ax.set_yscale("log")
     mark_non_finite(ax, bad)
