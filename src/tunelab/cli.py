@@ -210,23 +210,68 @@ def _relaunch(cfg, config: Path, set_: list[str], output_dir: Optional[Path], re
 
 @app.command()
 def plan(
-    config: Path = typer.Argument(..., help="YAML config file (the one you would train with)."),
+    config: Optional[Path] = typer.Argument(None, help="YAML config file (the one you would train with); "
+                                            "optional with --model."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.batch_size=4 (repeatable)."),
     measure_steps: int = typer.Option(3, "--measure-steps", min=0,
                                       help="Real optimizer steps to time (after one warm-up); 0 = no timing."),
-    price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", min=0, help="Machine price, for a cost."),
+    price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", min=0,
+                                                   help="Price per machine-hour here; per device-hour with --gpu."),
     no_suggestions: bool = typer.Option(False, "--no-suggestions", help="Skip the what-if estimates of memory levers."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Plan for `tunelab train --nproc N` (data-parallel processes)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    # planning for hardware you do not have, from the model's config.json alone (README: Planning)
+    model: Optional[str] = typer.Option(None, "--model", help="NAME, model DIR or config.json: plan from the "
+                                        "architecture alone (meta device: no weights, no tokenizer)."),
+    method: Optional[str] = typer.Option(None, "--method", help="full | lora | qlora."),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", min=1),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="a,b,c (module names), auto, all-linear; "
+                                               "q,v = the slices of a fused c_attn."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Tokens per sequence (model.max_length)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Micro-batch per device."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", min=1),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    attention: Optional[str] = typer.Option(None, "--attention", help="sdpa (default) | flash | eager."),
+    tokens: Optional[float] = typer.Option(None, "--tokens", min=1, help="Training tokens, all epochs (time, cost)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="A10G, L4, RTX4090, A100-40GB, A100-80GB, H100, "
+                                      "H100-PCIe, H200, B200, MI300X."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", min=0.1, help="GB per device (other devices)."),
+    gpu_tflops: Optional[float] = typer.Option(None, "--gpu-tflops", min=0.001, help="Dense bf16 TFLOPS per device."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Devices per node."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", min=1),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="ddp | fsdp | zero1 | zero2 | zero3."),
+    offload: bool = typer.Option(False, "--offload", help="Optimizer state (and master weights) in host memory."),
+    mfu: Optional[float] = typer.Option(None, "--mfu", min=0.001, max=1.0, help="Model FLOPs utilisation (default 0.4)."),
+    tokens_saved: Optional[int] = typer.Option(None, "--prompting-tokens-saved", min=1,
+                                               help="Prompt tokens per request a fine-tune makes unnecessary."),
+    price_in: Optional[float] = typer.Option(None, "--price-in", min=0, help="Prompting: price per 1M input tokens."),
+    price_out: Optional[float] = typer.Option(None, "--price-out", min=0, help="Prompting: price per 1M output tokens."),
+    requests: Optional[int] = typer.Option(None, "--requests", min=1, help="Requests to compare the two at."),
 ):
-    """Peak memory, steps, FLOPs, time and cost of a config before you train it, and what would make it fit."""
+    """Peak memory, steps, FLOPs, time and cost before you train; with --model / --gpu: memory per device,
+    sharding, time and cost on hardware you do not have, ranked configurations and the command to run."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "set_", "measure_steps", "no_suggestions",
+                                                            "nproc", "as_json")}
 
     def go():
         from tunelab.config import load_config
+        from tunelab.plan import hardware_plan
+        from tunelab.plan.report import hardware_lines, plan_lines
 
-        cfg = load_config(config, set_)
+        if config is None and model is None:
+            raise InputError("give a CONFIG.yaml, or --model NAME|DIR|CONFIG_JSON", field="config")
+        overrides = list(set_) + (hardware_plan.shape_overrides(flags) if config is not None else [])
+        cfg = load_config(config, overrides) if config is not None else None
+        if hardware_plan.wants_hardware_plan(flags):
+            spec = hardware_plan.spec_from(flags, cfg, str(config) if config else None)
+            if spec.tokens is None and cfg is not None:
+                spec.tokens = hardware_plan.tokens_from_config(cfg)
+            breakeven = hardware_plan.break_even_args(flags)
+            result = hardware_plan.build(spec, breakeven, explicit_method=cfg is not None or method is not None)
+            typer.echo(json.dumps(result) if as_json else "\n".join(hardware_lines(result)))
+            return
         from tunelab.plan.planner import make_plan
-        from tunelab.plan.report import plan_lines
 
         result = make_plan(cfg, measure_steps=measure_steps, price_per_hour=price_per_hour,
                            suggestions=not no_suggestions, nproc=nproc)

@@ -44,3 +44,51 @@ def plan_lines(p: dict) -> list[str]:
         effect = f"saves {s['saves_mb']:,.0f} MB" if s["saves_mb"] >= 0 else f"costs {-s['saves_mb']:,.0f} MB more"
         lines.append(f"  what if {s['change']}: peak {s['peak_mb']:,.0f} MB ({effect})")
     return lines
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:,.1f}"
+
+
+def _config_line(p: dict) -> str:
+    ckpt = ", checkpointing" if p["gradient_checkpointing"] else ""
+    off = " + offload" if p["offload"] else ""
+    t = p.get("time")
+    when = f"; {_duration(t['seconds'])}" + (f", {t['cost']:,.2f}" if t.get("cost") is not None else "") if t else ""
+    return (f"{p['method']} · {p['strategy']}{off}{ckpt} · micro-batch {p['micro_batch']} x accum {p['grad_accum']}: "
+            f"{_gb(p['per_device']['total_bytes'])} GiB per device{when}")
+
+
+def hardware_lines(p: dict) -> list[str]:
+    """The hardware plan (`tunelab plan --model/--gpu`) as lines a person reads."""
+    d, gpu = p["per_device"], p["gpu"]
+    lines = [f"{p['model']} ({p['model_type']}, {p['task']}): {p['base_params']:,} parameters; "
+             f"{p['trainable_params']:,} trainable under {p['method']}",
+             f"on {p['devices']} x {gpu['name']} ({gpu['memory_gb']:g} GB, {gpu['bf16_tflops']:g} bf16 TFLOPS) "
+             f"· {p['strategy']}{' + offload' if p['offload'] else ''} · {p['precision']} · seq {p['seq_len']} · "
+             f"micro-batch {p['micro_batch']} x accum {p['grad_accum']} (effective {p['effective_batch']})",
+             "per device (GiB): " + ", ".join(f"{k.removesuffix('_bytes').replace('_', ' ')} {_gb(d[k])}"
+                                               for k in d if k != "total_bytes"),
+             f"total {_gb(d['total_bytes'])} of {_gb(p['device_memory_bytes'])} GiB: "
+             f"{'fits' if p['fits'] else 'DOES NOT FIT'}" + (f"; {_gb(p['cpu_bytes'])} GiB in host memory"
+                                                             if p["cpu_bytes"] else "")]
+    t = p.get("time")
+    if t:
+        lines.append(f"time: {_duration(t['seconds'])} ({t['gpu_hours']:,.1f} GPU-hours at MFU {t['mfu']}; "
+                     f"{p['flops']['total']:.3g} FLOPs)" + (f", cost {t['cost']:,.2f}" if t["cost"] is not None else ""))
+    else:
+        lines.append("time: give --tokens (training tokens) for time and cost")
+    if p["recommendations"]:
+        lines.append("fits (fastest first):")
+        lines += [f"  {r['rank']}. {_config_line(r)}\n     {r['command']}" for r in p["recommendations"]]
+    if p["missing"]:
+        lines.append(p["missing"])
+    be = p.get("break_even")
+    if be:
+        n = be["break_even_requests"]
+        lines.append(f"fine-tune vs prompting: {'break-even after ' + format(n, ',') + ' requests' if n else 'no break-even (nothing saved per request)'}"
+                     + (f"; at {be['requests']:,} requests {be['cheaper']} is cheaper "
+                        f"({be['finetune_total']:,.2f} vs {be['prompting_total']:,.2f})" if "requests" in be else ""))
+    if p.get("command"):
+        lines.append(f"run: {p['command']}")
+    return lines

@@ -1,0 +1,159 @@
+"""Memory per device from formulas: model states under each sharding strategy, activations, logits.
+
+Model states (Rajbhandari et al. 2020, "ZeRO", section 3 and Table 1). Mixed-precision Adam keeps,
+per parameter, 16-bit weights (2 bytes) and gradients (2) plus K = 12 bytes of optimizer state:
+an fp32 master copy (4) and Adam's two moments (4 + 4). Sharding over N data-parallel devices
+divides what a stage partitions by N:
+
+    ddp            (2 + 2 + K) psi                      nothing sharded
+    zero1 (P_os)   2 psi + 2 psi + K psi / N            optimizer state (master + moments)
+    zero2 (P_os+g) 2 psi + (2 + K) psi / N              + gradients
+    zero3 (P_os+g+p) (2 + 2 + K) psi / N                + weights; fsdp (FULL_SHARD) is the same cut
+
+Frozen parameters (LoRA/QLoRA bases) have weights only. tunelab's own single-device and DDP
+training keeps fp32 parameters and computes under autocast (`layout="autocast"`: weights 4 bytes,
+gradients 4, moments 8, no separate master: the same 16 bytes, split differently); DeepSpeed's
+bf16/fp16 engine keeps the ZeRO layout (`layout="zero"`). fp32 training is 4 + 4 + 8 in both.
+`offload` moves what the strategy keeps in the optimizer (master + moments) to host memory
+(ZeRO-Offload); it is reported as `cpu_bytes`, not counted against the device.
+
+QLoRA (Dettmers et al. 2023): NF4 stores 4 bits per weight plus one absmax per 64-weight block;
+fp32 absmax costs 32/64 = 0.5 bits (4.5 in all); double quantisation stores the absmax in 8 bits
+with one fp32 constant per 256 blocks: 4 + 8/64 + 32/(64*256) = 4.127 bits.
+
+Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", section 4.1): one GPT layer without parallelism saves s*b*h*(34 + 5*a*s/h) bytes in
+16-bit: attention 11sbh + 5as^2b, MLP 19sbh, two LayerNorms 4sbh. `layer_activations` adds the
+same terms up for the layer actually configured (MLP width i instead of 4h, gated MLPs, grouped
+KV heads, head size, dropout present or not, norm inputs in fp32 when the residual stream is fp32
+under autocast, RMSNorm's fp32 internals) and reproduces 34sbh + 5as^2b exactly for the paper's
+layer. Fused attention (sdpa/flash) keeps no s x s scores: only its output and an fp32 log-sum-exp
+per row (4abs bytes).
+Full recomputation (gradient checkpointing) keeps each layer's input (2sbh in the paper) and brings
+one layer's activations back during its backward.
+"""
+
+from __future__ import annotations
+
+from tunelab.plan.arch import Shape
+
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+SHARDED = {"ddp": (), "zero1": ("master", "optimizer"), "zero2": ("master", "optimizer", "gradients"),
+           "zero3": ("master", "optimizer", "gradients", "weights"),
+           "fsdp": ("master", "optimizer", "gradients", "weights")}
+CUDA_CONTEXT_BYTES = 2**30  # CUDA context, cuBLAS/NCCL workspaces and allocator reserve: 1 GiB, stated
+
+
+def nf4_bits(double_quant: bool = True, block: int = 64, block2: int = 256) -> float:
+    """Bits per weight of NF4: 4-bit codes + the absmax of each block (fp32, or 8-bit + fp32 per block2)."""
+    return 4 + (8 / block + 32 / (block * block2) if double_quant else 32 / block)
+
+
+def model_states(total: float, trainable: float, *, precision: str = "bf16", strategy: str = "ddp", n: int = 1,
+                 offload: bool = False, layout: str = "zero", quantized: float = 0,
+                 double_quant: bool = True) -> dict:
+    """Bytes per device of weights, gradients, master weights and optimizer moments (AdamW).
+
+    `total` parameters of which `trainable` get gradients and optimizer state and `quantized`
+    (frozen) are stored in NF4; `n` data-parallel devices; `offload`: master + moments on the host.
+    """
+    if strategy not in SHARDED:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    half = precision in ("bf16", "fp16") and layout == "zero"
+    wbytes, gbytes, mbytes = (2, 2, 4) if half else (4, 4, 0)
+    frozen_plain = total - trainable - quantized
+    items = {"weights": (trainable + frozen_plain) * wbytes + quantized * nf4_bits(double_quant) / 8,
+             "gradients": trainable * gbytes, "master_weights": trainable * mbytes, "optimizer": trainable * 8}
+    shard = SHARDED[strategy]
+    out = {}
+    for key, value in items.items():
+        short = "master" if key == "master_weights" else key
+        out[key] = value / n if short in shard else value
+    cpu = 0.0
+    if offload:
+        cpu = out["master_weights"] + out["optimizer"]
+        out["master_weights"] = out["optimizer"] = 0.0
+    out["model_states"] = sum(out[k] for k in ("weights", "gradients", "master_weights", "optimizer"))
+    out["cpu"] = cpu
+    return out
+
+
+def layer_activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes: int | None = None,
+                      attention: str = "sdpa", autocast: bool = False, mask_bytes: int = 1,
+                      softmax_fp32: bool = True) -> float:
+    """Bytes one transformer layer saves for backward at micro-batch b x sequence s (Korthikanti's terms).
+
+    `norm_bytes`: the residual stream's element size (what a norm saves as its input); `autocast`:
+    the residual stream is fp32 and every projection casts its own 16-bit copy of its input (three
+    for separate q/k/v, two for gate/up), as torch.autocast does over fp32 parameters. RMSNorm as
+    transformers writes it saves its fp32 input and its normalised output (LayerNorm: the input).
+    Under sdpa/eager transformers repeats grouped KV heads before attention (saved at full width);
+    flash-attention-2 takes them grouped. `mask_bytes`: a dropout mask's element (CUDA keeps bool
+    masks; the CPU kernel one of the input's dtype). `softmax_fp32`: transformers' eager attention
+    takes the softmax in fp32 and saves that too (the paper's layer: False).
+    """
+    norm_bytes = act_bytes if norm_bytes is None else norm_bytes
+    sb, h, i = s * b, shape.hidden, shape.intermediate
+    q_dim = shape.heads * shape.head_dim
+    kv_dim = shape.kv_heads * shape.head_dim if attention == "flash" else q_dim
+    drop_h = mask_bytes if shape.hidden_dropout > 0 else 0  # masks after attention and after the MLP
+    qkv_inputs = 3 if autocast and not shape.fused_qkv else 1
+    attn = qkv_inputs * act_bytes * sb * h  # input of the QKV projection(s): the norm's output
+    attn += act_bytes * sb * (q_dim + kv_dim)  # Q and K for QK^T
+    attn += act_bytes * sb * kv_dim  # V
+    attn += act_bytes * sb * q_dim  # input of the output projection (the attention output)
+    attn += drop_h * sb * h
+    if attention == "eager":
+        scores = shape.heads * s * s * b
+        attn += act_bytes * scores  # softmax output (the AV matmul's input)
+        if softmax_fp32 and act_bytes != 4:  # transformers' eager softmax runs in fp32, saved too
+            attn += 4 * scores
+        if shape.attention_dropout > 0:
+            attn += mask_bytes * scores + act_bytes * scores  # dropout mask and dropout output
+    else:  # fused kernels keep the output (counted above) and an fp32 log-sum-exp per query row
+        attn += 4 * shape.heads * s * b
+    mlp_inputs = 2 if autocast and shape.gated_mlp else 1
+    mlp = mlp_inputs * act_bytes * sb * h  # input of the first projection(s)
+    mlp += act_bytes * sb * i * (4 if shape.gated_mlp else 2)  # gated: gate, up, act(gate), product
+    mlp += drop_h * sb * h
+    per_norm = (4 + norm_bytes) if shape.norm == "rmsnorm" else norm_bytes
+    norms = 2 * per_norm * sb * h
+    return attn + mlp + norms
+
+
+def activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes: int | None = None,
+                attention: str = "sdpa", checkpointing: bool = False, autocast: bool = False,
+                mask_bytes: int = 1, softmax_fp32: bool = True) -> dict:
+    """All layers' saved activations, with full recomputation or without; the final norm and head input."""
+    norm_bytes = act_bytes if norm_bytes is None else norm_bytes
+    one = layer_activations(shape, s, b, act_bytes=act_bytes, norm_bytes=norm_bytes, attention=attention,
+                            autocast=autocast, mask_bytes=mask_bytes, softmax_fp32=softmax_fp32)
+    per_norm = (4 + norm_bytes) if shape.norm == "rmsnorm" else norm_bytes
+    embed_drop = mask_bytes if shape.hidden_dropout > 0 else 0
+    head_in = (per_norm + act_bytes + embed_drop) * s * b * shape.hidden  # final norm, head input, embedding dropout
+    if checkpointing:  # each layer's input kept; one layer recomputed at a time in backward
+        kept = shape.layers * norm_bytes * s * b * shape.hidden
+        return {"per_layer": one, "kept": kept + head_in, "recompute": one, "total": kept + head_in + one}
+    return {"per_layer": one, "kept": shape.layers * one + head_in, "recompute": 0.0,
+            "total": shape.layers * one + head_in}
+
+
+def logits_bytes(tokens: int, vocab: int, act_bytes: int = 2) -> float:
+    """The loss's peak over the vocabulary: the logits in the compute dtype (held by the output), their
+    fp32 copy (the loss upcasts), and log-softmax's fp32 output saved for backward."""
+    return tokens * vocab * (act_bytes + 4 + (4 if act_bytes != 4 else 0))
+
+
+def comm_overhead(strategy: str, *, grad_bytes: float, largest_layer_params: int, act_bytes: int = 2,
+                  n: int = 1) -> float:
+    """Communication buffers: DDP's gradient buckets (a second copy of the gradients), ZeRO-1/2's
+    reduce bucket (one bucket of gradients at a time, bounded by the gradients themselves), and for
+    parameter sharding (zero3, fsdp) the gathered weights and their gradients of the layer being
+    computed plus the next one (prefetch)."""
+    if n <= 1:
+        return 0.0
+    if strategy == "ddp":
+        return grad_bytes
+    if strategy in ("zero1", "zero2"):
+        return min(grad_bytes, 5e8 * act_bytes)  # DeepSpeed's reduce_bucket_size default, 5e8 elements
+    return 2 * 2 * largest_layer_params * act_bytes

@@ -1,0 +1,195 @@
+"""`tunelab plan --model ...`: memory per device, time and cost of a run on hardware you do not have.
+
+Where `planner.make_plan` measures a config on this machine, this plans from the architecture
+alone (`arch`: config.json on the meta device), the ZeRO / Korthikanti / QLoRA formulas
+(`memory`), FLOPs x peak x MFU (`timecost`) and a table of accelerators (`hardware`), so an 8B or
+70B model costs the same second to plan as a tiny one. `recommend` searches the configurations
+that fit; `cli.plan` turns the flags (or a CONFIG.yaml they override) into a `Spec`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from tunelab.errors import InputError
+from tunelab.plan import arch, memory, timecost
+from tunelab.plan.hardware import Accelerator
+
+METHODS = ("full", "lora", "qlora")
+PER_DEVICE_KEYS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "master_weights_bytes",
+                   "model_states_bytes", "activations_bytes", "logits_bytes", "overhead_bytes", "total_bytes")
+
+
+@dataclass
+class Spec:
+    """One configuration to plan: model, method, shape, hardware, strategy."""
+
+    model: str
+    gpu: Accelerator
+    task: str | None = None  # None: causal_lm for decoders, classification for encoders
+    num_labels: int = 2
+    method: str = "full"
+    lora_r: int = 8
+    lora_targets: list[str] | str = "auto"
+    seq_len: int = 2048
+    batch_size: int = 1  # micro-batch per device
+    grad_accum: int = 1
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa / flash (fused, no s x s scores) or eager
+    gpus: int = 1  # per node
+    nodes: int = 1
+    strategy: str = "ddp"
+    offload: bool = False
+    tokens: float | None = None  # training tokens (all epochs), for time and cost
+    mfu: float = timecost.DEFAULT_MFU
+    price_per_hour: float | None = None
+    trust_remote_code: bool = False
+    config_path: str | None = None  # the CONFIG.yaml the printed command trains, when there is one
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def devices(self) -> int:
+        return self.gpus * self.nodes
+
+
+def layout_for(strategy: str) -> str:
+    """How a strategy keeps mixed-precision parameters: DeepSpeed's ZeRO engine holds 16-bit weights and
+    gradients plus an fp32 master copy; DDP and FSDP2 (as tunelab runs them) keep fp32 parameters and
+    compute under autocast / a bf16 mixed-precision policy."""
+    return "zero" if strategy.startswith("zero") else "autocast"
+
+
+class Model:
+    """The meta model of a spec and the counts every configuration of it shares (built once)."""
+
+    def __init__(self, spec: Spec):
+        self.config = arch.read_config(spec.model, trust_remote_code=spec.trust_remote_code)
+        self.task = spec.task or arch.default_task(self.config)
+        self.module = arch.build_meta(self.config, self.task, spec.num_labels)
+        self.shape = arch.shape_of(self.config, self.task)
+        self.counts = arch.counts(self.module, self.task)
+        self.head = arch.head_params(self.module, self.task)
+        self._lora: dict = {}
+        layers = arch.linear_layers(self.module, self.task)
+        per_layer = self.counts["quantizable"] - sum(i * o for n, (i, o) in layers.items() if not _in_block(n))
+        self.layer_params = per_layer / max(1, self.shape.layers)
+
+    def lora(self, targets, r: int) -> dict:
+        key = (tuple(targets) if not isinstance(targets, str) else targets, r)
+        if key not in self._lora:
+            self._lora[key] = arch.lora_params(self.module, self.task, targets, r)
+        return self._lora[key]
+
+
+def _in_block(name: str) -> bool:
+    """A module inside a repeated transformer block (a numbered child such as layers.3 or h.3)."""
+    return any(part.isdigit() for part in name.split("."))
+
+
+def params_for(model: Model, spec: Spec) -> dict:
+    """Total, trainable, adapter and 4-bit parameters of the spec's method."""
+    total = model.counts["total"]
+    if spec.method == "full":
+        return {"total": total, "trainable": total, "adapter": 0, "quantized": 0}
+    lora = model.lora(spec.lora_targets, spec.lora_r)
+    trainable = lora["params"] + model.head
+    quantized = model.counts["quantizable"] if spec.method == "qlora" else 0
+    return {"total": total + lora["params"], "trainable": trainable, "adapter": lora["params"], "quantized": quantized,
+            "targets": lora["targets"]}
+
+
+def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
+    """The itemised bytes on each device (the `per_device` object) and what goes to host memory."""
+    params = params or params_for(model, spec)
+    n = spec.devices
+    layout = layout_for(spec.strategy)
+    states = memory.model_states(params["total"], params["trainable"], precision=spec.precision,
+                                 strategy=spec.strategy, n=n, offload=spec.offload, layout=layout,
+                                 quantized=params["quantized"])
+    act_bytes = 4 if spec.precision == "fp32" else 2
+    # tunelab's autocast keeps the residual stream (embeddings + residual adds) in fp32: norm inputs too
+    autocast = layout == "autocast" and act_bytes == 2
+    norm_bytes = 4 if layout == "autocast" else act_bytes
+    acts = memory.activations(model.shape, spec.seq_len, spec.batch_size, act_bytes=act_bytes,
+                              norm_bytes=norm_bytes, attention=spec.attention,
+                              checkpointing=spec.gradient_checkpointing, autocast=autocast)
+    if autocast and spec.strategy == "ddp":  # autocast's 16-bit copy of each matmul weight, kept for backward
+        casts = model.counts["output_projection"] if spec.method == "qlora" else model.counts["matmul"]
+        states["weights"] += 2 * casts
+        states["model_states"] += 2 * casts
+    tokens = spec.batch_size * (spec.seq_len if model.task != "classification" else 1)
+    logits = memory.logits_bytes(tokens, model.shape.vocab if model.task != "classification" else spec.num_labels,
+                                 act_bytes)
+    overhead = memory.CUDA_CONTEXT_BYTES + memory.comm_overhead(
+        spec.strategy, grad_bytes=states["gradients"] * (n if "gradients" in memory.SHARDED[spec.strategy] else 1),
+        largest_layer_params=int(model.layer_params), act_bytes=act_bytes, n=n)
+    out = {"weights_bytes": states["weights"], "gradients_bytes": states["gradients"],
+           "optimizer_bytes": states["optimizer"], "master_weights_bytes": states["master_weights"],
+           "model_states_bytes": states["model_states"], "activations_bytes": acts["total"],
+           "logits_bytes": logits, "overhead_bytes": overhead}
+    out["total_bytes"] = out["model_states_bytes"] + acts["total"] + logits + overhead
+    out = {k: int(round(v)) for k, v in out.items()}
+    return {"per_device": out, "cpu_bytes": int(states["cpu"]), "activations": acts, "layout": layout}
+
+
+def flops_for(model: Model, spec: Spec, params: dict) -> dict:
+    per_token = timecost.flops_per_token(
+        matmul_params=model.counts["matmul"], adapter_params=params["adapter"], method=spec.method,
+        layers=model.shape.layers, seq_len=spec.seq_len, attn_dim=model.shape.heads * model.shape.head_dim,
+        checkpointing=spec.gradient_checkpointing)
+    out = {"per_token": per_token["total"], "per_token_weights": per_token["weights"],
+           "per_token_attention": per_token["attention"]}
+    out["total"] = per_token["total"] * spec.tokens if spec.tokens else None
+    return out
+
+
+def check_spec(spec: Spec) -> None:
+    """Combinations no strategy runs: an input error naming the flag."""
+    if spec.method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}", field="--method")
+    if spec.strategy not in memory.STRATEGIES:
+        raise InputError(f"--strategy must be one of {', '.join(memory.STRATEGIES)}", field="--strategy")
+    if spec.offload and spec.strategy == "ddp":
+        raise InputError("--offload needs a sharding strategy (zero1, zero2, zero3 or fsdp); ddp keeps "
+                         "everything on the device", field="--offload")
+    if spec.attention not in ("sdpa", "flash", "eager"):
+        raise InputError("--attention must be sdpa, flash or eager", field="--attention")
+
+
+def plan_one(model: Model, spec: Spec) -> dict:
+    """One configuration: memory per device, FLOPs, time, cost, whether it fits."""
+    params = params_for(model, spec)
+    mem = per_device(model, spec, params)
+    fl = flops_for(model, spec, params)
+    out = {"method": spec.method, "strategy": spec.strategy, "offload": spec.offload, "precision": spec.precision,
+           "gradient_checkpointing": spec.gradient_checkpointing, "attention": spec.attention,
+           "micro_batch": spec.batch_size, "grad_accum": spec.grad_accum, "seq_len": spec.seq_len,
+           "devices": spec.devices, "gpus_per_node": spec.gpus, "nodes": spec.nodes,
+           "effective_batch": spec.batch_size * spec.grad_accum * spec.devices,
+           "total_params": params["total"], "trainable_params": params["trainable"],
+           "adapter_params": params["adapter"], "quantized_params": params["quantized"],
+           "per_device": mem["per_device"], "cpu_bytes": mem["cpu_bytes"], "layout": mem["layout"],
+           "device_memory_bytes": spec.gpu.memory_bytes,
+           "fits": mem["per_device"]["total_bytes"] <= spec.gpu.memory_bytes, "flops": fl, "tokens": spec.tokens}
+    if params.get("targets") is not None:
+        out["lora"] = {"r": spec.lora_r, "targets": params["targets"]}
+    out["time"] = None
+    if fl["total"]:
+        out["time"] = timecost.time_and_cost(fl["total"], devices=spec.devices,
+                                             peak_flops=spec.gpu.peak_flops(spec.precision), mfu=spec.mfu,
+                                             price_per_hour=spec.price_per_hour)
+    return out
+
+
+def with_changes(spec: Spec, **changes) -> Spec:
+    return replace(spec, **changes)
+
+
+def gib(n: float) -> float:
+    return round(n / 2**30, 2)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return max(1, math.ceil(a / b))

@@ -1,0 +1,131 @@
+"""Which configurations fit the given hardware, ranked, with the command that runs each; what is missing
+when none does.
+
+The search: method (full, LoRA, QLoRA; only the one asked for when --method is given) x strategy
+(ddp, zero1, zero2, zero3, fsdp, each sharded one also with --offload) x gradient checkpointing
+(off, on) x the largest power-of-two micro-batch that fits, with the accumulation that keeps the
+effective batch (micro-batch x accumulation x devices) of the spec. Per method and checkpointing
+choice the least-communicating strategy that fits is kept (ddp before zero1, zero2, fsdp/zero3,
+offload last: the time model does not charge communication, so this order breaks its ties), and
+the list is ranked by time (FLOPs), LoRA before QLoRA at equal FLOPs (QLoRA's dequantisation costs
+time the FLOPs do not show), then by memory per device.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+
+from tunelab.plan import memory
+from tunelab.plan.model_plan import METHODS, Model, Spec, gib, plan_one, with_changes
+
+COMM_ORDER = {"ddp": 0, "zero1": 1, "zero2": 2, "fsdp": 3, "zero3": 4}
+QLORA_STRATEGIES = ("ddp",)  # 4-bit bases are not sharded by tunelab's strategies
+
+
+def _strategies(method: str, devices: int) -> list[tuple[str, bool]]:
+    if devices == 1:
+        return [("ddp", False)] + ([("zero3", False), ("zero3", True)] if method != "qlora" else [])
+    names = QLORA_STRATEGIES if method == "qlora" else memory.STRATEGIES
+    out = [(s, False) for s in names] + [(s, True) for s in names if s != "ddp"]
+    return sorted(out, key=lambda so: (so[1], COMM_ORDER[so[0]]))
+
+
+def largest_fitting(model: Model, spec: Spec) -> dict | None:
+    """The spec at the largest power-of-two micro-batch (up to the effective per-device batch) that fits."""
+    per_device_batch = spec.batch_size * spec.grad_accum
+    b = 2 ** int(math.log2(per_device_batch))
+    while b >= 1:
+        candidate = with_changes(spec, batch_size=b, grad_accum=math.ceil(per_device_batch / b))
+        p = plan_one(model, candidate)
+        if p["fits"]:
+            return p
+        b //= 2
+    return None
+
+
+def recommend(model: Model, spec: Spec, *, methods=None, limit: int = 6) -> list[dict]:
+    methods = methods or METHODS
+    found = []
+    for method in methods:
+        for ckpt in (False, True):
+            for strategy, offload in _strategies(method, spec.devices):
+                cand = with_changes(spec, method=method, strategy=strategy, offload=offload,
+                                    gradient_checkpointing=ckpt)
+                p = largest_fitting(model, cand)
+                if p is not None:
+                    p["command"] = command(model, with_changes(cand, batch_size=p["micro_batch"],
+                                                               grad_accum=p["grad_accum"]))
+                    found.append(p)
+                    break
+    # equal FLOPs: LoRA before QLoRA (its dequantisation is time the FLOPs do not show), then less memory
+    found.sort(key=lambda p: (p["flops"]["per_token"], METHODS.index(p["method"]), p["per_device"]["total_bytes"]))
+    for rank, p in enumerate(found[:limit], 1):
+        p["rank"] = rank
+    return found[:limit]
+
+
+def missing(model: Model, spec: Spec) -> str:
+    """What would make something fit: more of these devices (for full / LoRA under zero3) or QLoRA."""
+    lean = with_changes(spec, batch_size=1, gradient_checkpointing=True)
+    parts = []
+    for method in ("full", "lora"):
+        need = devices_needed(model, with_changes(lean, method=method, strategy="zero3", offload=False))
+        if need is not None and need <= spec.devices:
+            parts.append(f"{method} (fits as it is with zero3 + checkpointing at micro-batch 1)")
+        elif need is not None:
+            more = need - spec.devices
+            parts.append(f"{more} more {spec.gpu.memory_gb:g} GB GPU{'s' if more != 1 else ''} for {method} "
+                         f"(zero3 + checkpointing, micro-batch 1: {need} in all)")
+    q = plan_one(model, with_changes(lean, method="qlora", strategy="ddp", offload=False))
+    where = f"nothing fits on {spec.devices} x {spec.gpu.name} ({spec.gpu.memory_gb:g} GB): "
+    if q["fits"]:
+        parts.append("QLoRA (fits with checkpointing at micro-batch 1)")
+    if parts:
+        return where + "needs " + " or ".join(parts)
+    short = q["per_device"]["total_bytes"] - spec.gpu.memory_bytes
+    return (where + "no number of these devices is enough for full or LoRA (what is not sharded, activations "
+            f"and overhead, does not fit one), and QLoRA still needs {gib(short)} GiB more per device: "
+            "a shorter --seq-len or a larger device")
+
+
+def devices_needed(model: Model, spec: Spec, limit: int = 4096) -> int | None:
+    """The fewest devices (whole nodes of spec.gpus) on which the spec fits; None beyond `limit`."""
+    step = spec.gpus if spec.nodes > 1 else 1
+    n = max(spec.devices, 1)
+    while n <= limit:
+        cand = with_changes(spec, gpus=n if step == 1 else spec.gpus, nodes=1 if step == 1 else n // step)
+        if plan_one(model, cand)["fits"]:
+            return n
+        n = n + step if n < 64 else n * 2
+    return None
+
+
+def command(model: Model, spec: Spec) -> str:
+    """The `tunelab train` line for a configuration (keys as config.py and distributed.strategy spell them)."""
+    sets = [] if spec.config_path else [f"model.name={spec.model}"]
+    sets += [f"method={spec.method}", f"train.precision={spec.precision}", f"train.batch_size={spec.batch_size}",
+             f"train.grad_accum={spec.grad_accum}", f"model.max_length={spec.seq_len}"]
+    if spec.gradient_checkpointing:
+        sets.append("train.gradient_checkpointing=true")
+    if spec.method in ("lora", "qlora"):
+        sets.append(f"lora.r={spec.lora_r}")
+        targets = spec.lora_targets
+        if not isinstance(targets, str):
+            fused = [t for t in targets if t in ("q", "k", "v")]
+            targets = [t for t in targets if t not in fused] + (["c_attn"] if fused else [])
+            sets.append(f"lora.target_modules=[{','.join(targets)}]")
+        elif targets != "auto":
+            sets.append(f"lora.target_modules={targets}")
+    if spec.strategy != "ddp":
+        sets.append(f"distributed.strategy={spec.strategy}")
+        if spec.offload:
+            sets.append("distributed.offload=true")
+    words = ["tunelab", "train", spec.config_path or "CONFIG.yaml"]
+    if spec.devices > 1:
+        words += ["--nproc", str(spec.gpus)]
+    if spec.nodes > 1:
+        words += ["--nnodes", str(spec.nodes)]
+    for s in sets:
+        words += ["--set", s]
+    return " ".join(shlex.quote(w) for w in words)
