@@ -92,15 +92,15 @@ def test_fisher_is_mean_squared_gradient():
     batches = [{"x": torch.randn(4, 3), "y": torch.randn(4)} for _ in range(3)]
 
     def loss_fn(model, b):
-        return ((model(b["x"]).squeeze(-1) - b["y"]) ** 2).sum(), 4
+        return ((model(b["x"]).squeeze(-1) - b["y"]) ** 2).sum(), len(b["y"])
 
     fisher = estimate_fisher(lin, {"weight": lin.weight}, batches, loss_fn)
     w = lin.weight.detach()
     expected = torch.zeros_like(w)
-    for b in batches:  # d/dw mean((xw - y)^2) = 2/n * sum((xw - y) x)
+    for b in batches:  # per example: d/dw (x_i w - y_i)^2 = 2 (x_i w - y_i) x_i (the mean over 12 examples)
         resid = b["x"] @ w.T - b["y"][:, None]
-        expected += (2 / 4 * (resid * b["x"]).sum(0, keepdim=True)) ** 2
-    assert torch.allclose(fisher["weight"], expected / 3, atol=1e-6)
+        expected += ((2 * resid * b["x"]) ** 2).sum(0, keepdim=True)
+    assert torch.allclose(fisher["weight"], expected / 12, atol=1e-6)
 
 
 def test_l2sp_pulls_weights_back_in_a_run(toy_classification, tmp_path):

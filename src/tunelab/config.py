@@ -149,7 +149,9 @@ class CheckpointConfig(Section):
     metric: str | None = Field(None, description="Eval metric that picks the best checkpoint; default per task.")
     mode: Literal["max", "min"] | None = None
     min_delta: float = Field(0.001, ge=0)
-    final: Literal["best", "last"] = "best"
+    final: Literal["best", "last", "best_or_base"] = Field(
+        "best", description="What final/ holds: best (the best evaluated checkpoint), last (the last step), "
+        "best_or_base (the best checkpoint, or the untouched base model when no evaluation beat the one before training).")
 
 
 class EarlyStoppingConfig(Section):
@@ -201,8 +203,10 @@ class LoraConfig(Section):
 class RegularizationConfig(Section):
     """Guards against catastrophic forgetting; all off by default."""
 
-    l2sp: float = Field(0.0, ge=0, description="Weight of the L2-SP penalty sum((w - w0)^2) toward the pre-trained weights.")
-    ewc: float = Field(0.0, ge=0, description="Weight of the EWC penalty sum(F * (w - w0)^2), diagonal Fisher F.")
+    l2sp: float = Field(0.0, ge=0, description="L2-SP weight: the penalty is l2sp / 2 * sum((w - w0)^2), toward the "
+                         "pre-trained weights w0.")
+    ewc: float = Field(0.0, ge=0, description="EWC weight: the penalty is ewc / 2 * sum(F * (w - w0)^2), F the diagonal "
+                        "empirical Fisher (mean per-example squared gradient at w0).")
     ewc_data: str | None = Field(None, description="Reference data for the Fisher; default the training data.")
     ewc_batches: int = Field(16, gt=0, le=100_000)
     mixout: float = Field(0.0, ge=0, lt=1, description="Mixout probability p: swap fine-tuned weights for pre-trained ones, rescaled.")

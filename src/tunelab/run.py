@@ -187,7 +187,7 @@ def setup(cfg: Config, world_size: int = 1) -> Recipe:
 
 
 def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool, should_stop,
-             group: Group = ALONE) -> tuple[RunDir | None, LoopState, dict | None]:
+             group: Group = ALONE, callbacks=None) -> tuple[RunDir | None, LoopState, dict | None]:
     """Create or reopen the run dir; restore a checkpoint, or evaluate the untouched model.
 
     With several processes only rank 0 touches the run dir (the RunDir is None on the others);
@@ -211,6 +211,8 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
                 forget_fresh_run(out)
             raise
         io.eval_key = eval_key(r)
+        if callbacks is not None:  # the Python API's functions on log / eval / save rows (tunelab.api)
+            io.loggers.add("callbacks", callbacks)
     state, before = LoopState(world_size=r.world_size), None
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
@@ -375,7 +377,7 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
 
 
 def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_path=None, resume: str | None = None,
-                 show_progress: bool = True, should_stop=None) -> dict:
+                 show_progress: bool = True, should_stop=None, callbacks=None) -> dict:
     """Fine-tune per `cfg`; returns the summary (also written to summary.json).
 
     Under torchrun (WORLD_SIZE > 1) every process runs this with the same arguments: each trains a
@@ -399,7 +401,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
         if group.rank:  # the same initial weights everywhere, but each process its own dropout stream
             random.seed(cfg.train.seed + 7919 * group.rank)
             torch.manual_seed(cfg.train.seed + 7919 * group.rank)
-        io, state, before = open_run(recipe, out, resume_from, show_progress, should_stop, group)
+        io, state, before = open_run(recipe, out, resume_from, show_progress, should_stop, group, callbacks)
         try:
             state = train(recipe, io, state, group)
             break

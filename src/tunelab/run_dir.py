@@ -163,3 +163,5 @@ class RunDir:
         self.best_checkpoint = best
         keep = {self.best_checkpoint} if self.best_checkpoint else set()
         ckpt.apply_retention(self.ckpt_root, keep_last=self.keep_last, keep=keep)
+        # an event row for the loggers only (they send no scalars for it): the Python API's save callbacks
+        self.loggers.log({"event": "save", "step": state.step, "checkpoint": ckpt.checkpoint_name(state.step), "is_best": is_best})

@@ -2,8 +2,9 @@
 
 L2-SP (Li et al. 2018):   penalty = l2sp / 2 * sum_i (w_i - w0_i)^2
 EWC (Kirkpatrick 2017):   penalty = ewc / 2 * sum_i F_i (w_i - w0_i)^2,  F = diagonal Fisher,
-                          estimated as the mean over reference batches of the squared gradient
-                          of the task loss (empirical Fisher), at the pre-trained weights w0.
+                          estimated as the mean over reference examples of the squared gradient
+                          of each example's own loss (empirical Fisher), at the pre-trained weights
+                          w0: the same F whatever the batch size the reference data is cut into.
 Mixout (Lee et al. 2020): in training, each weight element is replaced by its pre-trained value
                           with probability p and the result rescaled so its expectation is w:
                           W' = (M * w0 + (1 - M) * w - p * w0) / (1 - p),  M ~ Bernoulli(p);
@@ -47,24 +48,50 @@ def ewc_penalty(params: dict[str, nn.Parameter], anchor: dict[str, torch.Tensor]
     return 0.5 * weight * total
 
 
+def single_rows(batch: dict) -> list[dict]:
+    """The batch as micro-batches of one row each (one example, or one packed row of examples).
+
+    Every tensor whose first dimension is the batch's is sliced; a batch-level count
+    (`num_tokens`) is dropped, since the losses read labels, not it.
+    """
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()]
+    n = len(batch["labels"]) if "labels" in batch else len(tensors[0])
+    rows = []
+    for i in range(n):
+        rows.append({k: v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() and len(v) == n else v
+                     for k, v in batch.items() if k != "num_tokens"})
+    return rows
+
+
 def estimate_fisher(model: nn.Module, params: dict[str, nn.Parameter], batches, loss_fn) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher: mean over batches of (d mean-loss / d w)^2."""
+    """Diagonal empirical Fisher: the mean over examples of (d loss_i / d w)^2, loss_i the mean loss of
+    example i alone (for a packed LM row: the row's mean loss per supervised token).
+
+    Per-example gradients, from micro-batches of one: the squared gradient of a batch's mean loss
+    is not the Fisher (per-example gradients partly cancel in the mean), and shrank with the batch
+    size, so one `regularization.ewc` meant a different penalty at every `train.batch_size`. Costs
+    one forward and backward per reference example, once, before training. Rows without a loss
+    unit (a row with no supervised token) carry no gradient and are not counted.
+    """
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     was_training = model.training
     model.eval()
-    n_batches = 0
+    n_rows = 0
     device = model_device(model)
     for batch in batches:
-        model.zero_grad(set_to_none=True)
-        loss_sum, count = loss_fn(model, to_device(batch, device))
-        (loss_sum / max(1, count)).backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                fisher[n] += p.grad.detach() ** 2
-        n_batches += 1
+        for row in single_rows(batch):
+            model.zero_grad(set_to_none=True)
+            loss_sum, count = loss_fn(model, to_device(row, device))
+            if not count:
+                continue
+            (loss_sum / count).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    fisher[n] += p.grad.detach() ** 2
+            n_rows += 1
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return {n: f / max(1, n_batches) for n, f in fisher.items()}
+    return {n: f / max(1, n_rows) for n, f in fisher.items()}
 
 
 def make_penalty(model: nn.Module, *, l2sp: float = 0.0, ewc: float = 0.0, fisher_batches=None,
