@@ -108,7 +108,6 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
     source = plain_source(resolve_model(cfg.model.name))
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                           allow_pickle=cfg.model.allow_pickle,
                            quantization=quantization_for(cfg.method))
     max_len = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", cfg.model.max_length))
     if cfg.task == "chat" and not tokenizer.chat_template:
