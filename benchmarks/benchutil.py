@@ -36,3 +36,27 @@ def sst2_minilm_missing(data: Path) -> str | None:
     except Exception as e:  # the embedded model's package is missing
         return str(e)
     return None
+
+
+def write_alpaca_conversations(records: list[dict], path: Path) -> None:
+    """alpaca_eval records (instruction -> user turn, output -> assistant turn) as OpenAI chat JSONL."""
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            msgs = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+
+
+def alpaca_smollm2_missing(data: Path) -> str | None:
+    """Why an alpaca_eval + SmolLM2 benchmark cannot run here, or None; converts the GGUF once
+    (outside any measured process) when it can."""
+    if not data.is_file():
+        return f"{data} is missing"
+    from tunelab.errors import InputError
+    from tunelab.models.gguf import plain_source
+    from tunelab.models.registry import resolve_model
+
+    try:
+        plain_source(resolve_model("smollm2-135m-instruct"))
+    except InputError as e:
+        return e.one_line()
+    return None

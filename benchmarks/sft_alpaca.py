@@ -27,15 +27,10 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from benchutil import alpaca_smollm2_missing, write_alpaca_conversations
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets" / "alpaca_eval_gpt4" / "gpt4.model_outputs.json"
-
-
-def write_conversations(records: list[dict], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for r in records:
-            msgs = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
 
 
 def train_once(raw: dict, out_dir: str) -> dict:
@@ -60,26 +55,18 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sft_alpaca.json")
     args = ap.parse_args()
 
-    if not DATA.is_file():
-        print(f"skipped: {DATA} is missing")
+    missing = alpaca_smollm2_missing(DATA)
+    if missing:
+        print(f"skipped: {missing}")
         return 0
     from tunelab.config import apply_overrides, library_versions
-    from tunelab.errors import InputError
-    from tunelab.models.gguf import plain_source
-    from tunelab.models.registry import resolve_model
-
-    try:
-        plain_source(resolve_model("smollm2-135m-instruct"))  # convert once, outside the measured process
-    except InputError as e:
-        print(f"skipped: {e.one_line()}")
-        return 0
     records = [r for r in json.loads(DATA.read_text(encoding="utf-8")) if r.get("instruction") and r.get("output")]
     train, held = records[: args.train], records[args.train : args.train + args.held_out]
 
     with tempfile.TemporaryDirectory(prefix="tunelab-sft-") as tmp:
         tmp = Path(tmp)
-        write_conversations(train, tmp / "train.jsonl")
-        write_conversations(held, tmp / "eval.jsonl")
+        write_alpaca_conversations(train, tmp / "train.jsonl")
+        write_alpaca_conversations(held, tmp / "eval.jsonl")
         raw = {
             "task": "chat",
             "model": {"name": "smollm2-135m-instruct", "max_length": args.max_length},

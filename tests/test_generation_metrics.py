@@ -38,6 +38,12 @@ def test_loops_by_hand():
     assert not has_loop(words("the cat sat on the mat and then the dog sat on the rug"))
 
 
+def test_a_loop_inside_one_word_is_seen_in_the_tokens():
+    replies = [{"reply": "eeeeeeee", "raw": "eeeeeeee", "ids": [7] * 8, "tokens": 8, "stopped": False},
+               {"reply": "hello there", "raw": "hello there", "ids": [3, 4], "tokens": 2, "stopped": True}]
+    assert generation_metrics(replies)["loop_rate"] == 0.5
+
+
 def test_cross_prompt_similarity_by_hand():
     replies = [words("the cat sat"), words("the cat ran"), words("dogs bark loudly")]
     # bigram sets: {the cat, cat sat}, {the cat, cat ran}, {dogs bark, bark loudly}: J = 1/3, 0, 0

@@ -282,21 +282,44 @@ def plan(
 
 @app.command("eval")
 def eval_(
-    model_dir: Path = typer.Argument(..., help="A saved classifier folder (e.g. RUN/final)."),
-    data: Path = typer.Option(..., "--data", help="Labelled file (csv/tsv/jsonl/json/parquet)."),
-    text_column: str = typer.Option("text", help="Column holding the text."),
-    label_column: str = typer.Option("label", help="Column holding the label."),
-    batch_size: int = typer.Option(64, min=1),
-    max_length: int = typer.Option(128, min=1),
+    model_dir: Path = typer.Argument(..., help="A run dir (its final/) or a saved model folder: classifier, "
+                                     "causal LM or chat model (a LoRA adapter folder too)."),
+    data: Path = typer.Option(..., "--data", help="Classifier: a labelled file (csv/tsv/jsonl/json/parquet). "
+                              "Causal LM / chat: conversations (any chat format) or plain text."),
+    text_column: str = typer.Option("text", help="Classifier: the column holding the text."),
+    label_column: str = typer.Option("label", help="Classifier: the column holding the label."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Default 64 (classifier), 8 (causal LM)."),
+    max_length: Optional[int] = typer.Option(None, min=1, help="Default 128 (classifier), 512 (causal LM)."),
+    n: int = typer.Option(16, "--n", min=0, help="Causal LM: prompts to generate replies for (0 = no generation)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Causal LM: reply budget."),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="Causal LM: the sampled replies' temperature."),
+    seed: int = typer.Option(0, "--seed", help="Causal LM: the sampled replies' seed."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Classification metrics (loss, accuracy, macro-F1, per class, confusion matrix) of a saved model."""
+    """Classifier: loss, accuracy, macro-F1, per class, confusion matrix. Causal LM / chat: loss, perplexity
+    and token accuracy on the supervised tokens (the training masks), and generation measures on the file's
+    prompts (greedy and sampled: stop rate, lengths, distinct-1/2, cross-prompt similarity, repetition,
+    template leakage, chrF and ROUGE-L against the reference answers)."""
 
     def go():
+        from tunelab.evaluate.saved_lm import check_fits, model_kind, resolve_model_dir
+
+        folder = resolve_model_dir(model_dir)
+        kind = model_kind(folder)
+        check_fits(folder, kind, data, label_column)
+        if kind == "causal_lm":
+            from tunelab.evaluate.generation import GenerationSettings
+            from tunelab.evaluate.saved_lm import evaluate_saved_lm, lm_eval_lines
+
+            settings = GenerationSettings(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            out = evaluate_saved_lm(folder, data, max_length=max_length or 512, batch_size=batch_size or 8,
+                                    settings=settings)
+            typer.echo(json.dumps(out) if as_json else "\n".join(lm_eval_lines(out)))
+            return
         from tunelab.evaluate.saved_model import evaluate_saved_classifier
 
-        metrics = evaluate_saved_classifier(model_dir, data, text_column=text_column, label_column=label_column,
-                                            batch_size=batch_size, max_length=max_length)
+        metrics = evaluate_saved_classifier(folder, data, text_column=text_column, label_column=label_column,
+                                            batch_size=batch_size or 64, max_length=max_length or 128)
         if as_json:
             typer.echo(json.dumps(metrics))
             return
@@ -412,7 +435,7 @@ def data_clean(
 
 @app.command()
 def generate(
-    model_dir: Path = typer.Argument(..., help="A causal-LM folder (e.g. RUN/final)."),
+    model_dir: Path = typer.Argument(..., help="A causal-LM folder or a run dir (its final/)."),
     prompt: str = typer.Option(..., "--prompt", help="The user's message."),
     system: Optional[str] = typer.Option(None, "--system", help="An optional system message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
@@ -423,9 +446,12 @@ def generate(
 
     def go():
         from tunelab.evaluate.generate import generate_reply
+        from tunelab.evaluate.saved_lm import require_causal_lm, resolve_model_dir
         from tunelab.models.saved import load_saved_causal_lm
 
-        model, tok = load_saved_causal_lm(model_dir)
+        folder = resolve_model_dir(model_dir)
+        require_causal_lm(folder, "generate")
+        model, tok = load_saved_causal_lm(folder)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         out = generate_reply(model, tok, messages, max_new_tokens=max_new_tokens, temperature=temperature)
         typer.echo(json.dumps(out) if as_json else out["reply"])
@@ -435,7 +461,7 @@ def generate(
 
 @app.command()
 def chat(
-    model_dir: Path = typer.Argument(..., help="A causal-LM folder (e.g. RUN/final)."),
+    model_dir: Path = typer.Argument(..., help="A causal-LM folder or a run dir (its final/)."),
     system: Optional[str] = typer.Option(None, "--system", help="An optional system message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
@@ -444,9 +470,12 @@ def chat(
 
     def go():
         from tunelab.evaluate.generate import generate_reply
+        from tunelab.evaluate.saved_lm import require_causal_lm, resolve_model_dir
         from tunelab.models.saved import load_saved_causal_lm
 
-        model, tok = load_saved_causal_lm(model_dir)
+        folder = resolve_model_dir(model_dir)
+        require_causal_lm(folder, "chat")
+        model, tok = load_saved_causal_lm(folder)
         history = [{"role": "system", "content": system}] if system else []
         interactive = sys.stdin.isatty()
         while True:

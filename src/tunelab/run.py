@@ -25,7 +25,8 @@ from tunelab.config import Config, dump_config
 from tunelab.distributed import (ALONE, Group, SharedRunIO, check_resume_world_size, check_supported, init_from_env,
                                  replicas_for)
 from tunelab.errors import InputError, OutOfMemory
-from tunelab.evaluate.probe import compare, probe_measures, read_probe_texts
+from tunelab.evaluate import generation_run
+from tunelab.evaluate.probe import compare, probe_generation_for, probe_measures, read_probe_texts
 from tunelab.models.adapt import apply_method
 from tunelab.models.load import count_params
 from tunelab.monitor.health import HealthMonitor, summarize
@@ -70,6 +71,7 @@ class Recipe:
     mixout_layers: int = 0
     probe_texts: list[str] | None = None
     probe_before: dict | None = None
+    probe_generation: object = None  # evaluate.generation.GenerationEval on the probe's prompts (chat, causal_lm)
     world_size: int = 1  # processes training together (DDP); train.batch_size is per process
 
 
@@ -146,10 +148,11 @@ def setup(cfg: Config, world_size: int = 1) -> Recipe:
     task, model, mixout_layers = _adapt(cfg, setup_task(cfg), device)
     if task.evaluate is not None and task.metric not in task.info.get("metric_names", (task.metric,)):
         raise InputError(f"'{task.metric}' is not an eval metric of this task", field="checkpoint.metric")
-    probe_texts = probe_before = None
+    probe_texts = probe_before = probe_generation = None
     if cfg.probe.data:
         probe_texts = read_probe_texts(cfg.probe.data, cfg.data.text_column, cfg.probe.max_rows)
-        probe_before = probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length)
+        probe_generation = probe_generation_for(cfg, task.tokenizer)
+        probe_before = probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length, generation=probe_generation)
     trainable, total = count_params(model)
     precision = resolve_precision(cfg.train.precision, device, total)
     autocast = autocast_factory(precision, device)
@@ -183,7 +186,8 @@ def setup(cfg: Config, world_size: int = 1) -> Recipe:
                   tracker=BestTracker(task.metric, task.mode, cfg.checkpoint.min_delta, cfg.early_stopping.patience),
                   settings=settings, autocast=autocast, precision=precision, device=device,
                   trainable=trainable, total=total, per_epoch=per_epoch, mixout_layers=mixout_layers,
-                  probe_texts=probe_texts, probe_before=probe_before, world_size=world_size)
+                  probe_texts=probe_texts, probe_before=probe_before, world_size=world_size,
+                  probe_generation=probe_generation)
 
 
 def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool, should_stop,
@@ -228,6 +232,7 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
         (out / "param_groups.json").write_text(json.dumps(describe_groups(r.optimizer), indent=1))
         if r.cfg.train.eval_before and r.task.evaluate is not None:
             before = {**eval_row(r.task.evaluate(r.model), state, 0.0), "before_training": True}
+            generation_run.add_before(r.task.generation, r.model, before)
             io.log(before)
     return io, state, before
 
@@ -346,10 +351,12 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         if task.evaluate is not None:
             summary["final"] = final_eval if final_eval is not None else task.evaluate(model)
         if r.probe_texts is not None:
-            after = probe_measures(model, task.tokenizer, r.probe_texts, r.cfg.model.max_length)
+            after = probe_measures(model, task.tokenizer, r.probe_texts, r.cfg.model.max_length,
+                                   generation=r.probe_generation)
             summary["probe"] = compare(r.probe_before, after, r.cfg.probe.warn_loss_increase, r.cfg.probe.min_cosine)
             if summary["probe"]["forgetting_flag"]:
                 log.warning("forgetting probe: %s", summary["probe"]["message"])
+        generation_run.finish(task.generation, r.probe_generation, model, io, state.step, summary)
     summary["best"]["metrics"] = next(
         (row for row in read_metrics(out / "metrics.jsonl")
          if row.get("step") == r.tracker.best_step and r.tracker.metric in row and not row.get("before_training")), None)

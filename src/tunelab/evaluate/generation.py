@@ -158,7 +158,7 @@ def generate_replies(model, tokenizer, prompts: list[Prompt], *, max_new_tokens:
 def _cut(new: list[int], stops: list[int], tokenizer) -> dict:
     end = next((i for i, t in enumerate(new) if t in stops), None)
     reply = new if end is None else new[:end]
-    return {"reply": tokenizer.decode(reply, skip_special_tokens=True).strip(),
+    return {"reply": tokenizer.decode(reply, skip_special_tokens=True).strip(), "ids": reply,
             "raw": tokenizer.decode(reply, skip_special_tokens=False), "tokens": len(reply), "stopped": end is not None}
 
 

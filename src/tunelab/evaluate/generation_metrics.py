@@ -123,7 +123,8 @@ def generation_metrics(replies: list[dict], references: list[str | None] | None 
     """Every measure over a set of replies to different prompts.
 
     `replies`: dicts with `reply` (text without special tokens), `raw` (text with them, the final
-    stop token removed), `tokens` (reply length in model tokens, stop token excluded) and
+    stop token removed), `ids` (optional: its token ids, for loops inside a word), `tokens` (reply
+    length in model tokens, stop token excluded) and
     `stopped` (the end-of-turn token came before max_new_tokens). `references`: the reference
     answer per prompt (None where there is none); `reference_tokens`: their lengths in tokens.
     """
@@ -145,7 +146,8 @@ def generation_metrics(replies: list[dict], references: list[str | None] | None 
         "cross_similarity": cross_prompt_similarity(units),
         "duplicate_share": duplicate_share([r["reply"] for r in replies]),
         "repeated_4gram_share": _mean(repeated_ngram_share(u, 4) for u in units),
-        "loop_rate": sum(has_loop(u) for u in units) / n if n else None,
+        # a loop in words, or in model tokens ("hahahaha" is one word but eight tokens)
+        "loop_rate": sum(has_loop(u) or has_loop(r.get("ids") or []) for u, r in zip(units, replies)) / n if n else None,
         "leakage_rate": sum(bool(h) for h in leaks) / n if n else None,
         "leaked_markers": found,
     }

@@ -17,6 +17,7 @@ import torch
 from tunelab.data.chat_template import IGNORE_INDEX
 from tunelab.data.readers import read_records
 from tunelab.errors import InputError
+from tunelab.evaluate.generation import compare_generations
 
 
 def read_probe_texts(path: str | Path, text_column: str, max_rows: int) -> list[str]:
@@ -27,6 +28,11 @@ def read_probe_texts(path: str | Path, text_column: str, max_rows: int) -> list[
         texts = [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
     else:
         records = read_records(path)
+        if any(k in records[0].fields for k in ("messages", "conversations", "instruction", "prompt")):
+            from tunelab.data.chat import read_chat_data  # conversations: each one's text, turns joined
+
+            texts = ["\n".join(m.content for m in conv) for conv in read_chat_data(path).conversations]
+            return texts[:max_rows]
         column = text_column if text_column in records[0].fields else next(
             (c for c in ("text", "sentence", "content", "output") if c in records[0].fields), None)
         if column is None:
@@ -48,9 +54,24 @@ def _is_causal_lm(model) -> bool:
     return hasattr(inner, "lm_head") or type(inner).__name__.endswith("ForCausalLM")
 
 
+def probe_generation_for(cfg, tokenizer):
+    """The probe's generative view (chat, causal_lm): the first probe.generate_n prompts of the probe
+    data, answered with the eval.generate settings; None for classification or generate_n 0."""
+    if cfg.task == "classification" or not cfg.probe.generate_n:
+        return None
+    from tunelab.evaluate.generation import GenerationEval, read_prompts
+    from tunelab.evaluate.generation_run import settings_from
+
+    settings = settings_from(cfg.eval.generate)
+    settings.n = cfg.probe.generate_n
+    return GenerationEval(tokenizer, read_prompts(cfg.probe.data, settings.n, "probe.data"), settings)
+
+
 @torch.no_grad()
-def probe_measures(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 16) -> dict:
-    """Normalised embeddings per text (tensor) and, for causal LMs, the mean token loss."""
+def probe_measures(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 16,
+                   generation=None) -> dict:
+    """Normalised embeddings per text (tensor), for causal LMs the mean token loss, and with
+    `generation` (probe_generation_for) the replies to the probe's prompts and their measures."""
     was_training = model.training
     model.eval()
     embeddings, loss_sum, loss_tokens = [], 0.0, 0
@@ -71,7 +92,10 @@ def probe_measures(model, tokenizer, texts: list[str], max_length: int = 128, ba
                 loss_tokens += n
     finally:
         model.train(was_training)
-    return {"embeddings": torch.cat(embeddings), "lm_loss": loss_sum / loss_tokens if loss_tokens else None}
+    out = {"embeddings": torch.cat(embeddings), "lm_loss": loss_sum / loss_tokens if loss_tokens else None}
+    if generation is not None:
+        out["generation"] = generation(model, "final" if generation.history else "before")
+    return out
 
 
 def compare(before: dict, after: dict, warn_loss_increase: float, min_cosine: float = 0.9) -> dict:
@@ -87,6 +111,20 @@ def compare(before: dict, after: dict, warn_loss_increase: float, min_cosine: fl
         result.update({"lm_loss_before": before["lm_loss"], "lm_loss_after": after["lm_loss"], "lm_loss_change": change})
         if change > warn_loss_increase:
             flags.append(f"LM loss on the probe data rose {100 * change:.0f}% (forgetting)")
+    if before.get("generation") and after.get("generation"):
+        result["generation"] = compare_generations(before["generation"], after["generation"])
+        flags += generation_flags(result["generation"]["greedy"])
     result["forgetting_flag"] = bool(flags)
     result["message"] = "; ".join(flags) or "no sign of forgetting on the probe data"
     return result
+
+
+def generation_flags(greedy: dict, drop: float = 0.25) -> list[str]:
+    """Forgetting in words: general prompts that stopped being answered properly (greedy replies)."""
+    flags = []
+    stop, loops = greedy.get("stop_rate", {}), greedy.get("loop_rate", {})
+    if stop.get("before") is not None and stop.get("after") is not None and stop["after"] < stop["before"] - drop:
+        flags.append(f"replies to the probe's general prompts stop less often ({stop['before']:.0%} -> {stop['after']:.0%})")
+    if loops.get("before") is not None and loops.get("after") is not None and loops["after"] > loops["before"] + drop:
+        flags.append(f"replies to the probe's general prompts loop more often ({loops['before']:.0%} -> {loops['after']:.0%})")
+    return flags

@@ -16,6 +16,7 @@ import torch
 
 from tunelab.errors import InputError
 from tunelab.data.chat_template import IGNORE_INDEX
+from tunelab.evaluate.generation_run import generation_for, held_out_data, with_generation
 from tunelab.evaluate.lm import lm_metrics, supervised_loss
 from tunelab.models.gguf import end_of_turn_id, plain_source
 from tunelab.models.load import load_causal_lm, load_tokenizer
@@ -108,6 +109,7 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
     source = plain_source(resolve_model(cfg.model.name))
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                           allow_pickle=cfg.model.allow_pickle,
                            quantization=quantization_for(cfg.method))
     max_len = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", cfg.model.max_length))
     if cfg.task == "chat" and not tokenizer.chat_template:
@@ -121,10 +123,12 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
     for w in warnings:
         log.warning("chat template: %s", w)
     if cfg.data.eval:
-        _, eval_ex, eval_stats, _ = read_and_encode(cfg.data.eval, cfg, tokenizer, max_len, cfg.task)
+        eval_data, eval_ex, eval_stats, _ = read_and_encode(cfg.data.eval, cfg, tokenizer, max_len, cfg.task)
     else:
+        all_ex = train_ex
         train_ex, eval_ex = split_examples(train_ex, cfg.data.eval_split, cfg.train.seed)
-        eval_stats = None
+        eval_data, eval_stats = held_out_data(data, all_ex, eval_ex), None
+    generation = generation_for(cfg, tokenizer, eval_data) if eval_ex else None
 
     units, collate = batcher(train_ex, pad_id, cfg.data.packing, max_len)
     unit_tokens = [sum(len(train_ex[j].input_ids) for j in u) for u in units]
@@ -136,6 +140,8 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
 
         def evaluate(model) -> dict:
             return lm_metrics(model, eval_batches(eval_ex, pad_id, cfg.data.packing, max_len, bs), autocast)
+
+        evaluate = with_generation(evaluate, generation)
 
     def save_final(model, out: Path) -> None:
         if eos_id is not None:
@@ -158,6 +164,7 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
               "train": _summary(train_ex), "encode_stats": stats, "template_warnings": warnings,
               "eval": _summary(eval_ex) if eval_ex else None, "eval_encode_stats": eval_stats,
               "eos_token_id": eos_id},
+        generation=generation,
     )
 
 

@@ -58,6 +58,8 @@ class TaskRun:
     eval_batches: Callable[[], Any] | None = None  # padded eval batches, for feature caching
     # (path, batch_size) -> training-style batches from another file of the same format (EWC's Fisher)
     reference_batches: Callable[[str, int], list[dict]] | None = None
+    # evaluate.generation.GenerationEval (chat, causal_lm): replies measured before, during and after training
+    generation: Any = None
 
 
 @runtime_checkable
