@@ -72,7 +72,7 @@ class DataConfig(Section):
     eval: str | None = None
     eval_split: float = Field(0.1, ge=0.0, lt=1.0, description="Share of train held out when no eval file is given.")
     format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet",
-                    "openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt"] = Field(
+                    "openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt", "preference"] = Field(
         "auto", description="File format (classification) or record format (chat, causal_lm); auto detects it.")
     text_column: str = "text"
     text_pair_column: str | None = None
@@ -240,6 +240,33 @@ class GenerateEvalConfig(Section):
     every: Literal["eval", "end"] = Field("end", description="eval: at every evaluation too; end: before and after only.")
 
 
+class PreferenceConfig(Section):
+    """task: preference — the loss on (prompt, chosen, rejected) pairs; defaults from each loss's paper
+    (train/preference_losses.py cites them)."""
+
+    loss: Literal["dpo", "ipo", "orpo", "simpo"] = "dpo"
+    beta: float | None = Field(None, gt=0, le=1000, description="DPO/IPO beta (IPO's tau), SimPO's beta; default the "
+                               "paper's: dpo 0.1, ipo 0.1, simpo 2.0. ORPO has lambda instead (orpo_lambda).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: conservative DPO's label-noise eps (Mitchell "
+                                   "2023); 0 = plain DPO.")
+    orpo_lambda: float = Field(0.1, gt=0, le=1000, description="orpo: weight of the odds-ratio term (Hong et al. 2024: 0.1).")
+    simpo_gamma: float = Field(1.0, ge=0, le=1000, description="simpo: target reward margin (Meng et al. 2024: 1.0 "
+                               "with beta 2.0).")
+    max_prompt_length: int | None = Field(None, gt=0, le=1_000_000, description="Prompt tokens kept (its end) when a "
+                                          "pair exceeds model.max_length; default max_length // 2.")
+
+    @model_validator(mode="after")
+    def _parameters_of_the_loss(self) -> "PreferenceConfig":
+        given = self.model_fields_set
+        for key, losses in (("label_smoothing", ("dpo",)), ("orpo_lambda", ("orpo",)), ("simpo_gamma", ("simpo",)),
+                            ("beta", ("dpo", "ipo", "simpo"))):
+            default = type(self).model_fields[key].default
+            if key in given and getattr(self, key) != default and self.loss not in losses:
+                raise RuleError(key, f"preference.{key} applies to loss {' / '.join(losses)}, not '{self.loss}': "
+                                "remove it" + (" (ORPO's weight is preference.orpo_lambda)" if key == "beta" else ""))
+        return self
+
+
 class EvalConfig(Section):
     generate: GenerateEvalConfig = GenerateEvalConfig()
 
@@ -259,7 +286,7 @@ class MonitorConfig(Section):
 
 
 class Config(Section):
-    task: Literal["classification", "causal_lm", "chat"] = "classification"
+    task: Literal["classification", "causal_lm", "chat", "preference"] = "classification"
     model: ModelConfig = ModelConfig()
     data: DataConfig
     optim: OptimConfig = OptimConfig()
@@ -275,12 +302,14 @@ class Config(Section):
     regularization: RegularizationConfig = RegularizationConfig()
     probe: ProbeConfig = ProbeConfig()
     eval: EvalConfig = EvalConfig()
+    preference: PreferenceConfig = PreferenceConfig()
     monitor: MonitorConfig = MonitorConfig()
     versions: dict[str, str] | None = Field(None, description="Written into the run dir by tunelab; ignored on load.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
         lm_formats = {"openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt"}
+        self._preference_rules()
         if self.task == "classification":
             if self.data.packing:
                 raise RuleError("data.packing", "data.packing applies to chat and causal_lm only: remove it for classification")
@@ -309,6 +338,24 @@ class Config(Section):
                 "or early_stopping.enabled: false"
             )
         return self
+
+    def _preference_rules(self) -> None:
+        """task: preference pads pairs (no packing) and reads prompt/chosen/rejected records; its
+        section and its record format belong to it alone."""
+        if self.task != "preference":
+            if self._given("preference"):
+                raise RuleError("preference", f"a preference: section is set but task is '{self.task}': remove it or "
+                                "set task: preference")
+            if self.data.format == "preference":
+                raise RuleError("data.format", "data.format 'preference' is for task: preference")
+            return
+        if self.data.format not in ("auto", "preference"):
+            raise RuleError("data.format", f"task preference reads prompt/chosen/rejected records; data.format "
+                            f"'{self.data.format}' does not apply: use auto or preference")
+        if self.data.packing:
+            raise RuleError("data.packing", "task preference pads each pair (chosen and rejected side by side); "
+                            "packing is not supported: remove data.packing")
+        self.data.packing = False
 
     def _given(self, section: str, key: str | None = None) -> bool:
         """Whether the user set a section (or one of its keys) to something that matters: a value

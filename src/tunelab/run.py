@@ -217,6 +217,8 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
         io.eval_key = eval_key(r)
         if callbacks is not None:  # the Python API's functions on log / eval / save rows (tunelab.api)
             io.loggers.add("callbacks", callbacks)
+    if r.task.prepare is not None:  # once-per-run work kept in the run dir (preference: reference log-probs)
+        r.task.prepare(r.model, out, group, r.autocast)
     state, before = LoopState(world_size=r.world_size), None
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,

@@ -66,7 +66,8 @@ from collections import deque
 from dataclasses import dataclass
 
 KINDS = ("loss_spike", "grad_explosion", "divergence_risk", "lr_too_high", "lr_too_low", "plateau", "overfitting",
-         "never_stops", "mode_collapse", "repetition", "template_leakage")
+         "never_stops", "mode_collapse", "repetition", "template_leakage",
+         "likelihood_displacement", "margin_explosion", "reference_free_drift")  # the last 3: health_preference.py
 
 
 @dataclass(frozen=True)
@@ -161,12 +162,17 @@ class HealthMonitor:
         if "event" in row:
             return []
         if "loss" in row:
-            return self._train(row)
-        out = self._eval(row) if _num(row.get("eval_loss")) is not None else []
+            out = self._train(row)
+        else:
+            out = self._eval(row) if _num(row.get("eval_loss")) is not None else []
         if "eval_gen_stop_rate" in row:
             from tunelab.monitor.health_generation import generation_events
 
             out += generation_events(self, row)
+        if "reward_margin" in row or "eval_reward_margin" in row:  # task: preference
+            from tunelab.monitor.health_preference import preference_events
+
+            out += preference_events(self, row)
         return out
 
     # ------------------------------------------------------------------ train rows

@@ -12,6 +12,10 @@ def setup_task(cfg) -> TaskRun:
         from tunelab.tasks.causal_lm import setup_causal_lm
 
         return setup_causal_lm(cfg)
+    if cfg.task == "preference":
+        from tunelab.tasks.preference import setup_preference
+
+        return setup_preference(cfg)
     raise ValueError(f"unknown task {cfg.task!r}")
 
 

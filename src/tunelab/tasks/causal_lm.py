@@ -104,6 +104,19 @@ def _summary(examples) -> dict:
             "supervised_share": round(sup / tokens, 4) if tokens else 0.0}
 
 
+def lm_saver(tokenizer, eos_id: int | None, pad_id: int):
+    """save_final of an LM task: the model with its end-of-turn token as eos (generation stops there), the tokenizer."""
+
+    def save_final(model, out: Path) -> None:
+        if eos_id is not None:
+            model.generation_config.eos_token_id = eos_id
+            model.generation_config.pad_token_id = pad_id
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    return save_final
+
+
 def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
     """Model, tokenizer, encoded data and the loss/eval/save functions for task causal_lm or chat."""
     source = plain_source(resolve_model(cfg.model.name))
@@ -143,20 +156,13 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
 
         evaluate = with_generation(evaluate, generation)
 
-    def save_final(model, out: Path) -> None:
-        if eos_id is not None:
-            model.generation_config.eos_token_id = eos_id
-            model.generation_config.pad_token_id = pad_id
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-
     return TaskRun(
         model=model,
         tokenizer=tokenizer,
         train=TrainSet(lengths=unit_tokens, collate=collate, count=lambda idx: sum(unit_sup[i] for i in idx)),
         loss_fn=supervised_loss,
         evaluate=evaluate,
-        save_final=save_final,
+        save_final=lm_saver(tokenizer, eos_id, pad_id),
         metric=cfg.checkpoint.metric or "eval_loss",
         mode=cfg.checkpoint.mode or "min",
         info={"metric_names": METRIC_NAMES, "kind": data.kind, "model_source": source.path,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -56,6 +56,7 @@ class LoopState:
     pending_units: int = 0
     pending_norm_max: float = 0.0
     status: str = "running"  # completed | early_stopped | interrupted | diverged
+    pending_stats: dict = field(default_factory=dict)  # task.train_stats sums since the last logged row
     world_size: int = 1  # processes training together: a window is world_size x grad_accum micro-batches
 
     def to_dict(self) -> dict:
@@ -67,16 +68,17 @@ def windows_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
 
 
 def backward_window(window: list[list[int]], units: int, task: TaskRun, replicas: Replicas, autocast,
-                    scale) -> tuple[float, int]:
+                    scale) -> tuple[float, int, dict]:
     """Forward + backward over this process's micro-batches of one optimizer step.
 
     The summed loss is divided by the units (examples or supervised tokens) of the whole window,
     every process's share included, so accumulation and data parallelism both give the gradient of
     one large batch; DDP averages over processes, hence units / world_size. Returns the window's
-    loss sum and token count over all processes.
+    loss sum, token count and the task's train_stats sums, over all processes.
     """
     mine = replicas.share(window)
     window_loss, tokens = 0.0, 0
+    stats = dict.fromkeys(task.train_stats.names, 0.0) if task.train_stats is not None else {}
     for i, (idx, counted) in enumerate(mine):
         batch = task.train.collate(idx)
         with replicas.accumulating(i < len(mine) - 1):  # the gradient all-reduce waits for the last
@@ -88,8 +90,12 @@ def backward_window(window: list[list[int]], units: int, task: TaskRun, replicas
             window_loss += loss_sum.item()
             # packed batches carry a 4-D mask, so they say their token count themselves
             tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
-    window_loss, tokens = replicas.sum(window_loss, tokens)
-    return window_loss, int(tokens)
+        if stats:  # a zero-weight copy's measures do not count, as its loss does not
+            measured = task.train_stats.take()
+            for k in stats:
+                stats[k] += measured[k] if counted else 0.0
+    window_loss, tokens, *sums = replicas.sum(window_loss, tokens, *stats.values())
+    return window_loss, int(tokens), dict(zip(stats, sums))
 
 
 def evaluation_due(step: int, eval_every: int | None, end_of_epoch: bool, total_steps: int) -> bool:
@@ -166,7 +172,9 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
             if s.unfreeze is not None:
                 s.unfreeze(state.epoch, state.step)
             units = sum(task.train.count(idx) for idx in window)  # every process knows the whole window
-            window_loss, tokens = backward_window(window, units, task, replicas, autocast, scale)
+            window_loss, tokens, stats = backward_window(window, units, task, replicas, autocast, scale)
+            for k, v in stats.items():
+                state.pending_stats[k] = state.pending_stats.get(k, 0.0) + v
             state.tokens += tokens
             state.samples += sum(len(idx) for idx in window)
             penalty = 0.0
@@ -191,8 +199,12 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
             if hasattr(io, "step_done"):  # every step, logged or not: the live display's ETA (RunDir)
                 io.step_done(state.step, state.train_seconds)
             if state.step % s.log_every == 0 or state.step == s.total_steps:
-                io.log(train_row(state, s, epoch, lr, grad_norm, penalty))
+                row = train_row(state, s, epoch, lr, grad_norm, penalty)
+                if task.train_stats is not None:
+                    row.update(task.train_stats.row(state.pending_stats))
+                io.log(row)
                 state.pending_loss, state.pending_units, state.pending_norm_max = 0.0, 0, 0.0
+                state.pending_stats = {}
             # evaluate, track the best, early-stop
             due_eval = evaluation_due(state.step, s.eval_every, state.window == len(windows), s.total_steps)
             is_best, metrics = False, None

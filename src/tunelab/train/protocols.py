@@ -60,6 +60,12 @@ class TaskRun:
     reference_batches: Callable[[str, int], list[dict]] | None = None
     # evaluate.generation.GenerationEval (chat, causal_lm): replies measured before, during and after training
     generation: Any = None
+    # the task's own training measures (preference: rewards, margins): `names`, `take()` -> {name: sum} over the
+    # loss_fn calls since the last take, `row(sums)` -> the train row's keys; the loop sums them like the loss
+    train_stats: Any = None
+    # (model, run_dir, group, autocast): once-per-run work kept in the run dir, run before training and before a
+    # resume loads a checkpoint (preference, full fine-tuning: the reference model's log-probs)
+    prepare: Callable[[torch.nn.Module, Path, Any, Any], None] | None = None
 
 
 @runtime_checkable

@@ -1,0 +1,238 @@
+"""task: preference — DPO, IPO, ORPO and SimPO on (prompt, chosen, rejected) pairs, on the one loop.
+
+read + encode with the model's chat template and the chat SFT masks (data.preference) -> batches
+of pairs, chosen rows then rejected rows, right-padded -> the loss (train.preference_losses) of
+the summed answer log-probs (tasks.preference_logps), summed over pairs and counted in pairs, so
+the loop's normalisation gives the one-large-batch gradient under accumulation and DDP.
+
+What the loop sees is a plain TaskRun: `loss_fn`, `collate`, `count`, `evaluate`, plus two hooks
+it treats like any task's: `train_stats` (rewards, margins, accuracy, log-probs and the log-ratio
+to the reference, summed like the loss and logged in the train rows) and `prepare` (full
+fine-tuning: the reference log-probs, computed once into the run dir).
+
+The model may be a tunelab SFT run's final/ (or the run dir): a full model folder loads as is; a
+LoRA adapter is merged into its base first, so the SFT model is both the policy's start and the
+reference (a new LoRA adapter on top, switched off, gives exactly it back).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from tunelab.data.packing import collate_padded
+from tunelab.data.preference import encode_pairs, read_preference_data
+from tunelab.device import model_device, to_device
+from tunelab.errors import InputError
+from tunelab.models.gguf import end_of_turn_id, plain_source
+from tunelab.models.load import load_causal_lm, load_tokenizer
+from tunelab.models.quantization import quantization_for
+from tunelab.models.registry import resolve_model
+from tunelab.tasks.causal_lm import lm_saver, split_examples
+from tunelab.tasks.preference_logps import ReferenceCache, adapter_off_logps, answer_logps
+from tunelab.train.preference_losses import PreferenceLoss, loss_from_config
+from tunelab.train.protocols import TaskRun, TrainSet
+
+log = logging.getLogger("tunelab")
+
+# summed per micro-batch (train_stats) and per evaluation; the rows hold the means (measures_row)
+STAT_NAMES = ("pairs", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "tokens_chosen",
+              "logp_rejected", "tokens_rejected", "logratio", "logratio_tokens")
+MEASURES = ("reward_chosen", "reward_rejected", "reward_margin", "pref_accuracy", "logp_chosen", "logp_rejected",
+            "kl_ref")
+METRIC_NAMES = ["eval_loss", *(f"eval_{m}" for m in MEASURES)]
+
+
+def measures_row(sums: dict) -> dict:
+    """Means of summed measures: rewards, margin and accuracy per pair; log-probs per answer token;
+    kl_ref = the mean per-token log-ratio log pi - log pi_ref over both answers (the data's answers,
+    not the policy's samples: an estimate of how far the policy moved on this data; absent for
+    reference-free losses)."""
+    n = sums.get("pairs", 0.0)
+    if not n:
+        return {}
+    row = {"reward_chosen": sums["reward_chosen"] / n, "reward_rejected": sums["reward_rejected"] / n,
+           "reward_margin": (sums["reward_chosen"] - sums["reward_rejected"]) / n,
+           "pref_accuracy": sums["correct"] / n,
+           "logp_chosen": sums["logp_chosen"] / max(sums["tokens_chosen"], 1.0),
+           "logp_rejected": sums["logp_rejected"] / max(sums["tokens_rejected"], 1.0)}
+    if sums.get("logratio_tokens"):
+        row["kl_ref"] = sums["logratio"] / sums["logratio_tokens"]
+    return row
+
+
+class PreferenceStats:
+    """The `train_stats` hook: the loss_fn adds each micro-batch's sums; the loop takes and sums them."""
+
+    names = STAT_NAMES
+
+    def __init__(self):
+        self._parts: list[torch.Tensor] = []
+
+    def add(self, losses, reward_c, reward_r, logps, ntok, ref) -> None:
+        n = losses.shape[0]
+        values = [torch.tensor(float(n)), losses.detach().sum(), reward_c.sum(), reward_r.sum(),
+                  (reward_c > reward_r).sum(), logps[:n].detach().sum(), ntok[:n].sum(),
+                  logps[n:].detach().sum(), ntok[n:].sum()]
+        if ref is not None:
+            values += [(logps.detach() - ref).sum(), ntok.sum()]
+        else:
+            values += [torch.tensor(0.0), torch.tensor(0.0)]
+        self._parts.append(torch.stack([v.detach().double().cpu() for v in values]))  # one sync per micro-batch
+
+    def take(self) -> dict:
+        total = torch.stack(self._parts).sum(0).tolist() if self._parts else [0.0] * len(STAT_NAMES)
+        self._parts = []
+        return dict(zip(STAT_NAMES, total))
+
+    def row(self, sums: dict) -> dict:
+        return measures_row(sums)
+
+
+def pair_batch(pairs, idx: list[int], pad_id: int) -> dict:
+    """Rows 0..B-1 the chosen sides of pairs `idx`, rows B..2B-1 their rejected sides."""
+    examples = [pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx]
+    return collate_padded(examples, list(range(len(examples))), pad_id)
+
+
+def make_loss_fn(loss: PreferenceLoss, stats: PreferenceStats | None):
+    """loss_fn(model, batch) -> (summed per-pair loss, pairs). The reference comes in the batch
+    (cached, full fine-tuning) or from the same model with its adapter off (LoRA/QLoRA)."""
+
+    def loss_fn(model, batch: dict):
+        logps, ntok = answer_logps(model, batch)
+        n = logps.shape[0] // 2
+        ref = None
+        if loss.needs_reference:
+            ref = batch["ref_logps"] if "ref_logps" in batch else adapter_off_logps(model, batch)
+            ref = ref.to(logps.dtype)
+        refs = (ref[:n], ref[n:]) if ref is not None else ()
+        losses, reward_c, reward_r = loss(logps[:n], logps[n:], ntok[:n], ntok[n:], *refs)
+        if stats is not None:
+            stats.add(losses, reward_c, reward_r, logps, ntok, ref)
+        return losses.sum(), n
+
+    return loss_fn
+
+
+@torch.no_grad()
+def preference_metrics(model, batches, loss_fn) -> dict:
+    """Eval loss (mean per pair) and the measures over every eval pair."""
+    was_training = model.training
+    model.eval()
+    stats = PreferenceStats()
+    device = model_device(model)
+    fn = make_loss_fn(loss_fn, stats)
+    try:
+        for batch in batches:
+            fn(model, to_device(batch, device))
+    finally:
+        model.train(was_training)
+    sums = stats.take()
+    return {"loss": sums["loss"] / max(sums["pairs"], 1.0), **measures_row(sums), "pairs": int(sums["pairs"])}
+
+
+def _sft_start(name: str) -> Path | None:
+    """The folder of a tunelab run (or its final/) when `name` is one; None for other model names."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return None
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file() and (path / "final").is_dir():
+        path = path / "final"
+    return path
+
+
+def load_policy(cfg):
+    """(model source path, tokenizer, model): the starting model, a tunelab SFT adapter merged into its base."""
+    start = _sft_start(cfg.model.name)
+    if start is not None and (start / "adapter_config.json").is_file():
+        from tunelab.models.adapters import load_adapter
+
+        if cfg.method == "qlora":
+            raise InputError("QLoRA on top of a LoRA adapter would quantise the merged model, which cannot be done in "
+                             "memory: run `tunelab merge RUN -o DIR` and set model.name: DIR", field="model.name")
+        model, tokenizer, _ = load_adapter(start, merge=True)
+        model.train()
+        return str(start), tokenizer, model
+    source = plain_source(resolve_model(str(start) if start is not None else cfg.model.name))
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                           allow_pickle=cfg.model.allow_pickle, quantization=quantization_for(cfg.method))
+    return source.path, tokenizer, model
+
+
+def read_pairs(path: str, cfg, tokenizer, max_len: int):
+    pairs = read_preference_data(path, cfg.data.format)
+    if cfg.data.max_rows:
+        pairs = pairs[: cfg.data.max_rows]
+    encoded, stats = encode_pairs(pairs, tokenizer, max_len, cfg.preference.max_prompt_length)
+    for key, what in (("truncated_prompts", "prompts lost their beginning"), ("truncated_answers", "answers lost their end")):
+        if stats[key]:
+            log.warning("%s: %d of %d pairs are longer than %d tokens: %s (raise model.max_length to keep them whole)",
+                        path, stats[key], len(encoded), max_len, what)
+    return encoded, stats
+
+
+def setup_preference(cfg) -> TaskRun:
+    """Model, tokenizer, encoded pairs and the loss/eval/save functions for task preference."""
+    source_path, tokenizer, model = load_policy(cfg)
+    if not tokenizer.chat_template:
+        raise InputError("the model's tokenizer has no chat template: preference pairs are rendered as chat turns; "
+                         "use a chat model (or a tunelab chat SFT run)", field="model.name", file=source_path)
+    max_len = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", cfg.model.max_length))
+    eot = end_of_turn_id(tokenizer)
+    eos_id = eot if eot is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
+    loss = loss_from_config(cfg.preference)
+
+    train_pairs, stats = read_pairs(cfg.data.train, cfg, tokenizer, max_len)
+    eval_stats = None
+    if cfg.data.eval:
+        eval_pairs, eval_stats = read_pairs(cfg.data.eval, cfg, tokenizer, max_len)
+    else:
+        train_pairs, eval_pairs = split_examples(train_pairs, cfg.data.eval_split, cfg.train.seed)
+    bs = cfg.train.eval_batch_size or cfg.train.batch_size * 2
+    cached = loss.needs_reference and cfg.method not in ("lora", "qlora")
+    reference = None
+    if cached:
+        reference = ReferenceCache({"train": train_pairs, "eval": eval_pairs},
+                                   lambda pairs, idx: pair_batch(pairs, idx, pad_id), bs,
+                                   context=f"{cfg.model.name}|{cfg.train.precision}|{cfg.model.max_length}")
+
+    def batch_of(split: str, pairs, idx: list[int]) -> dict:
+        batch = pair_batch(pairs, idx, pad_id)
+        if reference is not None:
+            batch["ref_logps"] = reference.lookup(split, idx)
+        return batch
+
+    train_stats = PreferenceStats()
+    evaluate = None
+    if eval_pairs:
+        order = sorted(range(len(eval_pairs)), key=lambda i: eval_pairs[i].tokens())
+
+        def evaluate(model) -> dict:
+            batches = (batch_of("eval", eval_pairs, sorted(order[s : s + bs])) for s in range(0, len(order), bs))
+            return preference_metrics(model, batches, loss)
+
+    return TaskRun(
+        model=model, tokenizer=tokenizer,
+        train=TrainSet(lengths=[p.tokens() for p in train_pairs], collate=lambda idx: batch_of("train", train_pairs, idx),
+                       count=len, sources=[p.source for p in train_pairs]),
+        loss_fn=make_loss_fn(loss, train_stats),
+        evaluate=evaluate, save_final=lm_saver(tokenizer, eos_id, pad_id),
+        metric=cfg.checkpoint.metric or "eval_loss", mode=cfg.checkpoint.mode or "min",
+        info={"metric_names": METRIC_NAMES, "kind": "preference", "model_source": source_path, "max_length": max_len,
+              "loss": {"name": loss.name, "beta": loss.beta, "label_smoothing": loss.label_smoothing,
+                       "gamma": loss.gamma},
+              "reference": "cached" if cached else ("adapter_off" if loss.needs_reference else "none"),
+              "train_rows": len(train_pairs), "eval_rows": len(eval_pairs), "encode_stats": stats,
+              "eval_encode_stats": eval_stats, "eos_token_id": eos_id},
+        train_stats=train_stats,
+        prepare=reference.prepare if reference is not None else None,
+    )
+
+
+__all__ = ["setup_preference", "make_loss_fn", "preference_metrics", "measures_row", "pair_batch", "load_policy"]

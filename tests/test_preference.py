@@ -1,0 +1,318 @@
+"""task: preference — each loss against its paper's formula computed by hand, the masks against a
+hand-built expectation, answer log-probs against a plain transformers forward, the reference trick
+(adapter off = the base; cached = recomputed, and not recomputed on resume), bad pairs located,
+truncation, accumulation = one large batch, exact resume, SFT -> DPO, and the health events."""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import stop_after, tiny_chat_tokenizer_build, tiny_llama_build, write_jsonl
+from tunelab.config import Config, PreferenceConfig
+from tunelab.data.chat import Message
+from tunelab.data.chat_template import IGNORE_INDEX
+from tunelab.data.preference import PreferencePair, encode_pairs, read_preference_data
+from tunelab.distributed import ALONE
+from tunelab.errors import InputError
+from tunelab.monitor.health import HealthMonitor
+from tunelab.tasks.preference import pair_batch, setup_preference
+from tunelab.tasks.preference_logps import CACHE_FILE, adapter_off_logps, answer_logps
+from tunelab.train.preference_losses import PreferenceLoss, loss_from_config
+
+PAIRS = [
+    {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "Six, I think."},
+    {"prompt": "Name a color.", "chosen": "Red.", "rejected": "Apple."},
+    {"prompt": "Translate hello to French.", "chosen": "Bonjour.", "rejected": "Thank you!"},
+    {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "The sea is blue."},
+    {"prompt": [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "Red."}, {"role": "user", "content": "And a fruit?"}],
+     "chosen": [{"role": "assistant", "content": "Apple."}], "rejected": [{"role": "assistant", "content": "A dog."}]},
+    {"prompt": "Tell me a story about a cat.", "chosen": "A cat and a dog sing at every tide.", "rejected": "No."},
+    {"prompt": "Write a short poem about the sea.", "chosen": "The sea is blue and wide.", "rejected": "Six."},
+    {"prompt": "And three plus three?", "chosen": "Six.", "rejected": "Four."},
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pref_model")
+    tok = tiny_chat_tokenizer_build()
+    tiny_llama_build(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_chat_tokenizer_build()
+
+
+def raw_config(model_dir, train_file, **over) -> dict:
+    raw = {"task": "preference", "model": {"name": str(model_dir), "max_length": 64},
+           "data": {"train": str(train_file), "eval_split": 0.0}, "method": "full",
+           "optim": {"lr": 1e-2, "weight_decay": 0.0}, "schedule": {"name": "constant", "warmup_ratio": 0.0},
+           "train": {"max_steps": 2, "batch_size": 4, "log_every": 1, "eval_before": False},
+           "early_stopping": {"enabled": False}}
+    for key, value in over.items():
+        section, _, name = key.partition(".")
+        if name:
+            raw.setdefault(section, {})[name] = value
+        else:
+            raw[section] = value
+    return raw
+
+
+def sigmoid_log(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+# ------------------------------------------------------------------------------------ the losses
+
+
+def test_each_loss_equals_its_paper_formula_computed_by_hand():
+    c, r = [-12.0, -30.5, -7.25], [-14.0, -29.0, -9.5]
+    rc, rr = [-13.0, -30.0, -8.0], [-13.5, -29.5, -9.0]
+    nc, nr = [4.0, 10.0, 3.0], [5.0, 9.0, 4.0]
+    t = [torch.tensor(v, dtype=torch.float64) for v in (c, r, nc, nr, rc, rr)]
+    for name, beta, eps, gamma in (("dpo", 0.1, 0.0, 0), ("dpo", 0.5, 0.2, 0), ("ipo", 0.1, 0, 0), ("ipo", 0.5, 0, 0),
+                                   ("orpo", 0.1, 0, 0), ("simpo", 2.0, 0, 1.0), ("simpo", 2.5, 0, 0.3)):
+        loss, reward_c, reward_r = PreferenceLoss(name, beta, eps, gamma)(*t)
+        for i in range(3):
+            h = (c[i] - rc[i]) - (r[i] - rr[i])
+            mc, mr = c[i] / nc[i], r[i] / nr[i]
+            if name == "dpo":  # Rafailov et al. eq. 7; cDPO: Mitchell 2023
+                want = -(1 - eps) * sigmoid_log(beta * h) - eps * sigmoid_log(-beta * h)
+                want_rc, want_rr = beta * (c[i] - rc[i]), beta * (r[i] - rr[i])
+            elif name == "ipo":  # Azar et al. eq. 17
+                want = (h - 1 / (2 * beta)) ** 2
+                want_rc, want_rr = beta * (c[i] - rc[i]), beta * (r[i] - rr[i])
+            elif name == "orpo":  # Hong et al.: L_SFT + lambda L_OR, odds = P / (1 - P)
+                odds = lambda m: math.exp(m) / (1 - math.exp(m))  # noqa: E731
+                want = -mc - beta * sigmoid_log(math.log(odds(mc) / odds(mr)))
+                want_rc, want_rr = beta * mc, beta * mr
+            else:  # Meng et al. eq. 6
+                want = -sigmoid_log(beta * mc - beta * mr - gamma)
+                want_rc, want_rr = beta * mc, beta * mr
+            assert loss[i].item() == pytest.approx(want, rel=1e-12), (name, i)
+            assert (reward_c[i].item(), reward_r[i].item()) == pytest.approx((want_rc, want_rr), rel=1e-12)
+
+
+def test_defaults_are_the_papers():
+    for loss, beta in (("dpo", 0.1), ("ipo", 0.1), ("simpo", 2.0), ("orpo", 0.1)):
+        pl = loss_from_config(PreferenceConfig(loss=loss))
+        assert (pl.name, pl.beta) == (loss, beta)
+    assert loss_from_config(PreferenceConfig(loss="simpo")).gamma == 1.0
+    assert loss_from_config(PreferenceConfig()).label_smoothing == 0.0
+    with pytest.raises(ValueError, match="orpo_lambda"):
+        PreferenceConfig(loss="orpo", beta=0.3)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        PreferenceConfig(loss="ipo", label_smoothing=0.1)
+
+
+# ------------------------------------------------------------------------------ data and masks
+
+
+def supervised_ids(ex) -> list[int]:
+    return [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]
+
+
+def test_masks_are_exactly_the_answer_tokens(tok, tmp_path):
+    pairs = read_preference_data(write_jsonl(tmp_path / "p.jsonl", PAIRS))
+    encoded, stats = encode_pairs(pairs, tok, 128)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is two plus two?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    first = encoded[0]
+    assert first.chosen.input_ids == ids(prompt + "Four.<|im_end|>\n")
+    assert supervised_ids(first.chosen) == ids("Four.<|im_end|>")  # the reply and its end-of-turn, nothing else
+    assert supervised_ids(first.rejected) == ids("Six, I think.<|im_end|>")
+    # conversational: the history's own assistant turn ("Red.") is context, never supervised
+    conv = encoded[4]
+    assert supervised_ids(conv.chosen) == ids("Apple.<|im_end|>")
+    assert supervised_ids(conv.rejected) == ids("A dog.<|im_end|>")
+    history = tok.apply_chat_template(PAIRS[4]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert conv.chosen.input_ids[: len(ids(history))] == ids(history)
+    assert stats["pairs"] == len(PAIRS) and stats["truncated_prompts"] == stats["truncated_answers"] == 0
+
+
+def test_truncation_keeps_the_prompts_end_and_the_answers_start_and_is_counted(tok):
+    long_prompt = " ".join(["Tell me a story about a cat and a dog."] * 2)  # fits max_length alone
+    long_answer = " ".join(["The sea is blue and wide, it sings at every tide."] * 6)
+    pair = PreferencePair([Message("user", long_prompt)], [Message("assistant", long_answer)],
+                          [Message("assistant", "No.")], "x.jsonl:1")
+    (whole,), _ = encode_pairs([pair], tok, 10_000)
+    (cut,), stats = encode_pairs([pair], tok, 48, max_prompt_length=20)
+    assert stats["truncated_prompts"] == 1 and stats["truncated_answers"] == 1
+    assert len(cut.chosen) == 48
+    p_whole = next(i for i, t in enumerate(whole.chosen.labels) if t != IGNORE_INDEX)
+    p_cut = next(i for i, t in enumerate(cut.chosen.labels) if t != IGNORE_INDEX)
+    assert p_cut == 20 and cut.chosen.input_ids[:p_cut] == whole.chosen.input_ids[p_whole - 20 : p_whole]  # the end
+    assert cut.chosen.input_ids[p_cut:] == whole.chosen.input_ids[p_whole : p_whole + 28]  # the start
+    assert cut.rejected.input_ids == whole.rejected.input_ids[p_whole - 20 :]  # same prompt cut, short answer whole
+
+
+@pytest.mark.parametrize("row, line_field", [
+    ({"prompt": "Name a color.", "chosen": "Red.", "rejected": " Red. "}, "rejected"),
+    ({"prompt": "Name a color.", "chosen": "", "rejected": "Blue."}, "chosen"),
+    ({"prompt": "Name a color.", "chosen": "Red."}, "rejected"),
+    ({"prompt": "Name a color.", "chosen": [{"role": "user", "content": "Red."}], "rejected": "Blue."}, "chosen[0].role"),
+    ({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "chosen": "A",
+      "rejected": "B"}, "prompt[1]"),
+])
+def test_bad_pairs_are_named_with_file_line_and_field(tmp_path, row, line_field):
+    path = write_jsonl(tmp_path / "bad.jsonl", [PAIRS[0], row])
+    with pytest.raises(InputError) as e:
+        read_preference_data(path)
+    assert (e.value.file, e.value.line, e.value.field) == (str(path), 2, line_field)
+
+
+def test_a_prompt_longer_than_max_length_is_named_and_the_cli_exits_2(model_dir, tmp_path, tok):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    rows = [PAIRS[0], {"prompt": " ".join(["Tell me a story about a cat."] * 20), "chosen": "A", "rejected": "B"}]
+    train = write_jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(InputError) as e:
+        encode_pairs(read_preference_data(train), tok, 64)
+    assert (e.value.line, e.value.field) == (2, "prompt")
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(raw_config(model_dir, train)))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", str(config), "-o", str(out), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    lines = [x for x in res.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and "long.jsonl:2" in lines[0] and "prompt" in lines[0], res.output
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------- log-probs and references
+
+
+def test_answer_logps_equal_a_plain_forward_over_the_answer_tokens(model_dir, tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    pairs, _ = encode_pairs(read_preference_data(write_jsonl(tmp_path / "p.jsonl", PAIRS)), tok, 128)
+    batch = pair_batch(pairs, [0, 4, 5], tok.pad_token_id)
+    with torch.no_grad():
+        got, ntok = answer_logps(model, batch)
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    for row in range(6):
+        ex = [pairs[i].chosen for i in (0, 4, 5)][row] if row < 3 else [pairs[i].rejected for i in (0, 4, 5)][row - 3]
+        want = sum(logp[row, t - 1, ex.input_ids[t]].item() for t in range(1, len(ex)) if ex.labels[t] != IGNORE_INDEX)
+        assert got[row].item() == pytest.approx(want, abs=1e-4)
+        assert ntok[row].item() == ex.supervised()
+
+
+def test_adapter_off_is_the_base_model(model_dir, tok, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    pairs, _ = encode_pairs(read_preference_data(write_jsonl(tmp_path / "p.jsonl", PAIRS)), tok, 128)
+    batch = pair_batch(pairs, list(range(len(pairs))), tok.pad_token_id)
+    with torch.no_grad():
+        base, _ = answer_logps(model, batch)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    torch.manual_seed(1)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)  # a trained adapter: it changes the answers' log-probs
+    peft_model.train()
+    with torch.no_grad():
+        policy, _ = answer_logps(peft_model, batch)
+    assert (policy - base).abs().max() > 1e-2
+    torch.testing.assert_close(adapter_off_logps(peft_model, batch), base, rtol=0, atol=1e-5)
+    assert peft_model.training  # switched back to train mode
+
+
+def steps(raw: dict, tmp_path: Path, optimizer="sgd", **settings):
+    """`settings` steps of the real loop on the task (no run dir), SGD at lr 1: weights after them."""
+    from tunelab.models.adapt import apply_method
+    from tunelab.train.early_stop import BestTracker
+    from tunelab.train.loop import LoopSettings, LoopState, train_loop
+
+    class NullIO:
+        rows: list = []
+
+        def log(self, row):
+            self.rows.append(row)
+
+        def save(self, *a):
+            pass
+
+        def stop_requested(self):
+            return False
+
+    cfg = Config.model_validate(raw)
+    torch.manual_seed(0)
+    task = setup_preference(cfg)
+    model = apply_method(task.model, cfg)
+    if task.prepare is not None:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        task.prepare(model, tmp_path, ALONE, nullcontext)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    s = LoopSettings(total_steps=1, max_grad_norm=None, seed=0, log_every=1, eval_every=None, save_every=None,
+                     early_stopping=False, **settings)
+    io = NullIO()
+    train_loop(model, opt, sched, task, s, LoopState(), BestTracker("eval_loss", "min"), io, nullcontext)
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}, io.rows
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_accumulation_gives_the_one_large_batch_step(model_dir, tmp_path, method):
+    train = write_jsonl(tmp_path / "p.jsonl", PAIRS[:4])
+    raw = raw_config(model_dir, train, method=method, **({"lora": {"r": 4, "dropout": 0.0}} if method == "lora" else {}))
+    one, rows_one = steps(raw, tmp_path / "a", batch_size=4, grad_accum=1)
+    accum, rows_acc = steps(raw, tmp_path / "b", batch_size=1, grad_accum=4)
+    for k in one:
+        torch.testing.assert_close(accum[k], one[k], rtol=1e-5, atol=1e-6)
+    assert max((one[k] - v).abs().max().item() for k, v in steps(raw, tmp_path / "c", batch_size=2,
+                                                                 grad_accum=1)[0].items()) > 1e-4  # half the batch: another step
+    for key in ("loss", "reward_margin", "pref_accuracy", "logp_chosen", "kl_ref"):
+        assert rows_acc[0][key] == pytest.approx(rows_one[0][key], rel=1e-5, abs=1e-7), key
+    assert rows_one[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # policy = reference at the first step
+
+
+def test_reference_cache_equals_recomputed_and_a_resume_reads_it(model_dir, tmp_path):
+    """Full DPO: the cached reference = answer log-probs of the untouched model; stopping after 2 of
+    4 steps and resuming gives the uninterrupted run's rows and weights, without recomputing it."""
+    from safetensors.torch import load_file
+
+    from tunelab.run import run_training
+
+    train = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    raw = raw_config(model_dir, train, **{"train": {"max_steps": 4, "batch_size": 2, "log_every": 1, "eval_every": 2,
+                                                    "eval_before": True},
+                                          "data": {"train": str(train), "eval_split": 0.25}})
+    whole = run_training(Config.model_validate(raw), tmp_path / "whole", show_progress=False)
+    assert whole["status"] == "completed"
+    cache = load_file(str(tmp_path / "whole" / CACHE_FILE))
+    task = setup_preference(Config.model_validate(raw))  # the untouched model, the same pairs
+    pairs = task.prepare.__self__.splits["train"]
+    n = cache["train"].shape[0]
+    assert n == len(pairs) == 6
+    with torch.no_grad():
+        logps, _ = answer_logps(task.model.eval(), pair_batch(pairs, list(range(n)), task.tokenizer.pad_token_id))
+    torch.testing.assert_close(cache["train"], torch.stack([logps[:n], logps[n:]], 1), rtol=0, atol=1e-5)
+
+    part = tmp_path / "part"
+    stopped = run_training(Config.model_validate(raw), part, show_progress=False, should_stop=stop_after(2))
+    assert stopped["status"] == "interrupted"
+    stamp = (part / CACHE_FILE).stat().st_mtime_ns
+    resumed = run_training(Config.model_validate(raw), part, resume="auto", show_progress=False)
+    assert resumed["status"] == "completed" and (part / CACHE_FILE).stat().st_mtime_ns == stamp
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed", "memory_mb")} for r in rows]  # noqa: E731
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert strip(read(part)) == strip(read(tmp_path / "whole"))
+    assert resumed["final"] == whole["final"]
+    assert whole["before"]["eval_reward_margin"] == 0.0 and whole["final"]["pref_accuracy"] >= 0.5
+
