@@ -18,6 +18,8 @@ from pathlib import Path
 EMBEDDED_ORIGIN = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
                    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 PIPELINE = {"classification": "text-classification", "causal_lm": "text-generation", "chat": "text-generation"}
+# the card's results table (summary.json has every measure)
+CARD_METRICS = ("loss", "accuracy", "macro_f1", "perplexity", "token_accuracy", "gen_stop_rate", "gen_chrf", "gen_rouge_l")
 VERSIONED = ("tunelab", "torch", "transformers", "peft", "tokenizers", "safetensors", "bitsandbytes")
 
 
@@ -74,8 +76,7 @@ def _front_matter(summary: dict, cfg, adapter: bool) -> list[str]:
 
 def _metrics_table(summary: dict) -> list[str]:
     before, final = summary.get("before") or {}, summary.get("final") or {}
-    keys = [k for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and k not in ("rows", "supervised_tokens", "tokens")]
+    keys = [k for k in CARD_METRICS if isinstance(final.get(k), (int, float)) and not isinstance(final.get(k), bool)]
     if not keys:
         return ["No evaluation was run (no eval data)." if not final else "No scalar metrics."]
     out = ["| metric | before training | after training |", "|---|---|---|"]

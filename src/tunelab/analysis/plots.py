@@ -215,9 +215,15 @@ def memory_figure(rows: list[dict]) -> Figure | None:
     return fig
 
 
+# of the generation measures (eval_gen_*), these get a panel; the rest are in the generations section
+GEN_PANELS = ("eval_gen_stop_rate", "eval_gen_chrf", "eval_gen_rouge_l", "eval_gen_cross_similarity",
+              "eval_gen_repeated_4gram_share")
+
+
 def eval_metric_keys(rows: list[dict]) -> tuple[list[str], dict[str, float]]:
     """The eval metrics worth a panel (eval_loss is on the loss panel), and the constant ones with their value."""
-    keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval_") and k != "eval_loss"))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval_") and k != "eval_loss"
+                              and (not k.startswith("eval_gen_") or k in GEN_PANELS)))
     varying, constant = [], {}
     for k in keys:
         values = [v for _, v in series(rows, k)]
@@ -243,7 +249,7 @@ def eval_metric_figure(rows: list[dict], key: str) -> Figure | None:
     if before:
         ax.plot([s for s, _ in before], [v for _, v in before], "s", color="gray", markersize=7, label="before training")
     mark_non_finite(ax, bad)
-    finish(ax, wants_log([v for _, v in pts]) and name in ("perplexity",))
+    finish(ax, wants_log([v for _, v in pts + before]) and name in ("perplexity",))
     return fig
 
 

@@ -126,12 +126,21 @@ def _header(run_dir: Path, summary: dict, cfg: dict) -> tuple[str, str]:
 
 def _before_after(summary: dict) -> str | None:
     final, before = summary.get("final") or {}, summary.get("before") or {}
+    from tunelab.model_card import CARD_METRICS
+
     keys = [k for k in final if isinstance(final[k], (int, float)) and not isinstance(final[k], bool)]
     if not keys:
         return None
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td class=num>{_esc(before.get('eval_' + k, ''))}</td>"
-                   f"<td class=num>{_esc(final[k])}</td></tr>" for k in keys)
-    return f"<table><tr><th>metric</th><th>before</th><th>after</th></tr>{rows}</table>"
+
+    def rows(ks):
+        return "".join(f"<tr><th>{html.escape(k)}</th><td class=num>{_esc(before.get('eval_' + k, ''))}</td>"
+                       f"<td class=num>{_esc(final[k])}</td></tr>" for k in ks)
+
+    head = "<tr><th>metric</th><th>before</th><th>after</th></tr>"
+    main, rest = [k for k in keys if k in CARD_METRICS] or keys, [k for k in keys if k not in CARD_METRICS]
+    more = (f"<details><summary>{len(rest)} more measures</summary><table>{head}{rows(rest)}</table></details>"
+            if rest and main != keys else "")
+    return f"<table>{head}{rows(main)}</table>{more}"
 
 
 def _curves(rows: list[dict], run_dir: Path, cfg: dict) -> list[str]:

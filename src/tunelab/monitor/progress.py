@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 LIBRARY_LOGGERS = ("py.warnings", "transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub", "torch",
-                   "DeepSpeed", "datasets")
+                   "DeepSpeed", "datasets", "absl", "rouge_score", "sacrebleu")
 TRAIN_KEYS = ("loss", "lr", "grad_norm")
 
 
