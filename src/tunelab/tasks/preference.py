@@ -159,8 +159,9 @@ def load_policy(cfg):
         return str(start), tokenizer, model
     source = plain_source(resolve_model(str(start) if start is not None else cfg.model.name))
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    pickles = {"allow_pickle": True} if getattr(cfg.model, "allow_pickle", False) else {}  # the key is new (issue 13)
     model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                           allow_pickle=cfg.model.allow_pickle, quantization=quantization_for(cfg.method))
+                           quantization=quantization_for(cfg.method), **pickles)
     return source.path, tokenizer, model
 
 
