@@ -23,26 +23,33 @@ SKIP = {"export_check.json"}
 
 
 def _card(src, folder: Path) -> str:
-    """final/README.md when the run wrote one, else a short card naming the base and the library."""
+    """final/README.md (tunelab's card, or peft's), else a short one; its `base_model` made portable
+    (peft writes this machine's path there) and tagged `tunelab`."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    if (folder / "README.md").is_file():
-        return (folder / "README.md").read_text(encoding="utf-8")
     base = None
     if src.is_adapter:
         from tunelab.models.adapters import read_adapter_info
-        from tunelab.model_card import base_model_hub_id
+        from tunelab.models.base_ref import peft_base_name, portable_reference
 
-        base = base_model_hub_id(str(read_adapter_info(folder).get("base_model")))
-    data = ModelCardData(library_name="peft" if src.is_adapter else "transformers", base_model=base,
-                         tags=["tunelab"])
-    body = f"---\n{data.to_yaml()}\n---\n\n# {(src.run_dir or folder).resolve().name}\n\nFine-tuned with tunelab.\n"
-    return str(ModelCard(body))
+        info = read_adapter_info(folder)
+        base = peft_base_name(info.get("base") or portable_reference(str(info.get("base_model"))))
+    if (folder / "README.md").is_file():
+        card = ModelCard((folder / "README.md").read_text(encoding="utf-8"))
+    else:
+        data = ModelCardData(library_name="peft" if src.is_adapter else "transformers")
+        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {(src.run_dir or folder).resolve().name}\n\n"
+                         "Fine-tuned with tunelab.\n")
+    if base is not None:
+        card.data.base_model = base
+    card.data.tags = sorted(set(card.data.tags or []) - {t for t in card.data.tags or [] if "/" in t and
+                                                          t.startswith("base_model:")} | {"tunelab"})
+    return str(card)
 
 
 def plan_push(path: str | Path, repo_id: str, gguf_dirs: list[str | Path] | None = None) -> dict:
     """What `push` would send: {"repo_id", "operations" (CommitOperationAdd), "files", "card"}."""
-    from huggingface_hub import CommitOperationAdd, ModelCard
+    from huggingface_hub import CommitOperationAdd
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -53,7 +60,6 @@ def plan_push(path: str | Path, repo_id: str, gguf_dirs: list[str | Path] | None
         raise InputError("give the repo as owner/name", field="REPO_ID")
     src = locate(path)
     card = _card(src, src.folder)
-    ModelCard(card)  # parses the YAML header: a broken card fails here, before anything is sent
     ops = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))]
     for f in sorted(src.folder.rglob("*")):
         rel = f.relative_to(src.folder).as_posix()

@@ -24,6 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from tunelab.errors import InputError
+from tunelab.models.base_ref import peft_base_name, portable_reference, resolve_reference
 from tunelab.models.anatomy import head_modules_with_params
 from tunelab.models.load import load_causal_lm, load_classifier, quiet_transformers
 from tunelab.models.quantization import QLORA_SKIP_MODULES, keep_4bit_trainable, nf4_config, quiet_bitsandbytes
@@ -147,6 +148,7 @@ def adapter_info(cfg, labels: list[str] | None) -> dict:
     info = {
         "format": "peft", "method": cfg.method, "task": cfg.task,
         "base_model": base_reference(cfg.model.name),
+        "base": portable_reference(cfg.model.name, cfg.model.revision),  # what loads it elsewhere (models.base_ref)
         "trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision,
         "lora": json.loads(cfg.lora.model_dump_json()),
         "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
@@ -165,7 +167,13 @@ def adapter_saver(save_final, cfg, labels: list[str] | None = None):
         gen = getattr(model, "generation_config", None)
         if cfg.task != "classification" and gen is not None:
             gen.save_pretrained(out)
-        (out / ADAPTER_INFO).write_text(json.dumps(adapter_info(cfg, labels), indent=1), encoding="utf-8")
+        info = adapter_info(cfg, labels)
+        (out / ADAPTER_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
+        peft_cfg = out / "adapter_config.json"  # peft wrote this machine's absolute path of the base there
+        if peft_cfg.is_file():
+            data = json.loads(peft_cfg.read_text())
+            data["base_model_name_or_path"] = peft_base_name(info["base"])
+            peft_cfg.write_text(json.dumps(data, indent=2), encoding="utf-8")
         if cfg.lora.merge:
             merge_adapter(out, out / "merged")
 
@@ -190,11 +198,12 @@ def read_adapter_info(adapter_dir: Path) -> dict:
     return json.loads((Path(adapter_dir) / ADAPTER_INFO).read_text())
 
 
-def load_base(info: dict, *, quantized: bool = False):
+def load_base(info: dict, *, quantized: bool = False, where: Path | None = None):
     """The base model an adapter was trained on, rebuilt from `tunelab_adapter.json` (fp32 or NF4)."""
     from tunelab.models.registry import resolve_model
 
-    source = resolve_model(info["base_model"])
+    name = resolve_reference(info["base"], where) if info.get("base") else info["base_model"]
+    source = resolve_model(name)
     quant = nf4_config(info["quantization"]["skip_modules"]) if quantized and info.get("quantization") else None
     common = {"trust_remote_code": info.get("trust_remote_code", False), "revision": info.get("revision"),
               "quantization": quant}
@@ -226,7 +235,7 @@ def load_adapter(path: str | Path, *, merge: bool = False, quantized: bool | Non
         raise ValueError("merge into a 4-bit base would re-quantise it; merge into the fp32 base instead")
     quiet_transformers()
     quiet_bitsandbytes()
-    base = load_base(info, quantized=quantized)
+    base = load_base(info, quantized=quantized, where=adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     if getattr(base.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         base.config.pad_token_id = tokenizer.pad_token_id
