@@ -98,3 +98,61 @@ def test_header_says_what_is_trained():
                           "task": "classification · method lora", "params": "1.2k trainable of 22.7M (0.0053%)"})
     assert lines[0] == "tunelab train · runs/x" and lines[1].split() == ["model", "minilm", "(BertForSequenceClassification)"]
     assert clock(59.6) == "0:01:00" and clock(None) == "--:--" and clock(90061) == "1d 1:01:01"
+
+
+DRIVER = r'''
+import logging, sys, time, warnings
+sys.path.insert(0, {src!r})
+from tunelab.monitor.progress import Progress
+logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+p = Progress(40, log_file={log!r})
+for s in range(1, 41):
+    p.step_done(s, 0.5 * s)
+    if s % 5 == 0:
+        p.update(s, {{"step": s, "loss": 1.0 / s, "lr": 1e-4, "grad_norm": 0.5, "elapsed": 0.5 * s}})
+    if s % 10 == 0:
+        p.update(s, {{"step": s, "eval_loss": 0.9, "eval_accuracy": 0.5 + s / 100}})
+    if s == 20:
+        logging.getLogger("tunelab").warning("health at step 20: a warning of ours, above the display")
+        warnings.warn("a FutureWarning from some library", FutureWarning)
+        logging.getLogger("transformers").warning("transformers chatter")
+    time.sleep(0.03)
+p.close(); p.finish()
+print("DONE", file=sys.stderr)
+time.sleep(30)
+'''
+
+
+@pytest.mark.skipif(__import__("shutil").which("tmux") is None, reason="tmux is not installed")
+@pytest.mark.parametrize("columns", [80, 120])
+def test_in_a_real_terminal_warnings_never_tear_the_display(tmp_path, columns):
+    """tmux is a real terminal: what capture-pane shows is what a person sees."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    script = tmp_path / "drive.py"
+    script.write_text(DRIVER.format(src=src, log=str(tmp_path / "warnings.log")))
+    name = f"tunelab-test-{columns}-{tmp_path.name}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", str(columns), "-y", "30",
+                    f"{sys.executable} {script}"], check=True)
+    try:
+        deadline, screen = time.monotonic() + 60, ""
+        while "DONE" not in screen and time.monotonic() < deadline:
+            time.sleep(0.3)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+    lines = [ln.rstrip() for ln in screen.splitlines() if ln.strip()]
+    assert "DONE" in screen, screen
+    assert all(len(ln) <= columns for ln in lines)
+    status = [ln for ln in lines if ln.startswith("step ")]
+    assert len(status) == 1 and status[0].startswith("step 40/40") and "eta 0:00:00" in status[0], screen
+    assert sum(ln.startswith("eval @ step") for ln in lines) == 1  # one eval line, updated in place
+    ours = [i for i, ln in enumerate(lines) if "health at step 20" in ln]
+    assert len(ours) == 1 and ours[0] < lines.index(status[0]), screen  # printed above the display, whole
+    assert "FutureWarning" not in screen and "chatter" not in screen
+    assert screen.count("library warnings go to") == 1
+    assert "transformers chatter" in (tmp_path / "warnings.log").read_text()

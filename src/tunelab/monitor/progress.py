@@ -56,8 +56,12 @@ def train_text(row: dict) -> str:
     return "  ".join(f"{k} {fmt_value(k, row[k])}" for k in TRAIN_KEYS if k in row)
 
 
+GEN_SHOWN = ("gen_stop_rate", "gen_chrf", "gen_rouge_l")  # of the generation measures; summary.json has all
+
+
 def eval_text(row: dict) -> str:
-    metrics = sorted(((k.removeprefix("eval_"), v) for k, v in row.items() if k.startswith("eval_")),
+    metrics = sorted(((k.removeprefix("eval_"), v) for k, v in row.items() if k.startswith("eval_")
+                      and (not k.startswith("eval_gen_") or k.removeprefix("eval_") in GEN_SHOWN)),
                      key=lambda kv: kv[0] != "loss")  # loss first, then the rest in their order
     return f"eval @ step {row.get('step', 0)}  " + "  ".join(f"{k} {fmt_value(k, v)}" for k, v in metrics)
 
@@ -258,6 +262,8 @@ class LibraryNoise:
         self.handler = logging.FileHandler(self.path, delay=True, encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
         self.handler.addFilter(self._first)
+        # first: importing transformers (for its bars) configures its logger, whose handler we then replace
+        self._bars = _progress_bars(False)  # transformers' "Writing model shards" bars would tear the display too
         self.saved = []
         for name in LIBRARY_LOGGERS:
             lg = logging.getLogger(name)
@@ -267,7 +273,6 @@ class LibraryNoise:
         self._warnings_filters = warnings.filters[:]
         warnings.simplefilter("default")  # each distinct warning once per place, then into the file
         logging.captureWarnings(True)
-        self._bars = _progress_bars(False)  # transformers' "Writing model shards" bars would tear the display too
 
     def _first(self, record) -> bool:
         if not self.announced:
