@@ -121,6 +121,8 @@ def _already_done(out: Path, as_json: bool) -> bool:
         return False
     if summary.get("status") not in ("completed", "early_stopped"):
         return False
+    if not (Path(out) / "report.html").exists():
+        return False  # stopped between summary.json and its report: run_training writes the report
     typer.echo(f"{out} already finished ({summary['status']}, {summary.get('steps')} steps); nothing to resume",
                err=as_json)
     if as_json:
