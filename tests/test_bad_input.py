@@ -456,7 +456,7 @@ MODEL_CASES = [
     model_case("truncated_safetensors",
                lambda ws: (ws.model("model-src"), ws.model(files={"model.safetensors": truncated_weights}))[1],
                "model.safetensors field 'model.name'", "safetensors"),
-    model_case("config_json_not_json", lambda ws: ws.model(files={"config.json": "{not json"}), "model field 'model.name'", "JSON"),
+    model_case("config_json_not_json", lambda ws: ws.model(files={"config.json": "{not json"}), "config.json field 'model.name'", "JSON"),
     model_case("config_json_unknown_type", lambda ws: ws.model(files={"config.json": '{"model_type": "no-such-arch"}'}),
                "model field 'model.name'", "no-such-arch"),
     model_case("no_tokenizer", lambda ws: ws.model(drop=("tokenizer*", "special_tokens_map.json", "vocab.txt")),

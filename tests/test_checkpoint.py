@@ -116,7 +116,7 @@ def test_disk_full_during_a_run_is_a_clear_failure_and_resumable(toy_classificat
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", fills_up)
-    with pytest.raises(RunFailure, match=r"step-000008 \(No space left on device\); the previous checkpoint step-000004 is intact"):
+    with pytest.raises(RunFailure, match=r"checkpoint step-000008 in .* \(No space left on device\); intact: checkpoint step-000004 and"):
         run_training(Config.model_validate(raw), tmp_path / "run", show_progress=False)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000004"]
     assert ckpt.verify(tmp_path / "run" / "checkpoints" / "step-000004") is None

@@ -15,10 +15,37 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
 from tunelab.errors import InputError, RunFailure
 
-app = typer.Typer(rich_markup_mode=None, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage errors (an unknown flag, `--nproc 0`, a missing argument) as one line and exit 2, like
+    every other input error, instead of click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        click = typer.core._click  # typer vendors its own click; its exceptions are these
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help(), err=True)
+            sys.exit(2)
+        except click.exceptions.UsageError as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.ClickException as e:
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(rich_markup_mode=None, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, cls=OneLineUsageErrors,
                   help="Fine-tune pre-trained language models on your own data.")
 data_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Check and clean data files before training.")
 app.add_typer(data_app, name="data")
@@ -119,8 +146,8 @@ def _already_done(out: Path, as_json: bool) -> bool:
         summary = json.loads((Path(out) / "summary.json").read_text())
     except (OSError, ValueError):
         return False
-    if summary.get("status") not in ("completed", "early_stopped"):
-        return False
+    if not isinstance(summary, dict) or summary.get("status") not in ("completed", "early_stopped"):
+        return False  # a damaged summary.json: the resume itself says so
     if not (Path(out) / "report.html").exists():
         return False  # stopped between summary.json and its report: run_training writes the report
     typer.echo(f"{out} already finished ({summary['status']}, {summary.get('steps')} steps); nothing to resume",
@@ -179,14 +206,22 @@ def train(
                        f"{f' --nproc {world}' if world > 1 else ''}", err=True)
             raise typer.Exit(130)
         if status == "diverged":
-            typer.echo(f"training diverged: {summary['skipped_steps']} steps had NaN/Inf loss or gradients "
-                       "(lr too high? try a lower optim.lr or precision fp32); last good checkpoint kept in "
-                       f"{run_dir}/checkpoints", err=True)
+            typer.echo(_diverged_line(summary), err=True)
             raise typer.Exit(1)
         _print_before_after(summary, err=as_json)
         typer.echo(_final_line(summary), err=as_json)
 
     _guard(go)
+
+
+def _diverged_line(summary: dict) -> str:
+    """What a diverged run says: the rows behind the NaN/Inf steps, and a checkpoint only if one exists."""
+    examples = summary.get("nonfinite_examples") or []
+    rows = f"; the non-finite steps came from {', '.join(examples[:6])}{' ...' if len(examples) > 6 else ''}" if examples else ""
+    ckpt = summary.get("last_good_checkpoint")
+    kept = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint was saved before the fault"
+    return (f"training diverged: {summary['skipped_steps']} steps had NaN/Inf loss or gradients{rows} "
+            f"(check those rows; else lower optim.lr or use precision fp32); {kept}")
 
 
 def _relaunch(cfg, config: Path, set_: list[str], output_dir: Optional[Path], resume: Optional[str],

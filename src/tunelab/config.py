@@ -9,6 +9,7 @@ line and exit 2.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -65,6 +66,8 @@ class ModelConfig(Section):
     max_length: int = Field(128, gt=0, le=1_000_000)
     trust_remote_code: bool = False
     revision: str | None = None
+    allow_pickle: bool = Field(False, description="Load .bin/.pt pickle weights (with weights_only) when a folder has "
+                               "no safetensors; off: pickles can run code, so they are refused.")
 
 
 class DataConfig(Section):
@@ -388,7 +391,8 @@ class Config(Section):
             for i, a in enumerate(names):
                 for b in names[i + 1:]:
                     if cols[a] == cols[b]:
-                        raise RuleError(f"data.{b}", f"data.{a} and data.{b} both name the column '{cols[a]}': "
+                        given = b if b in d.model_fields_set else a
+                        raise RuleError(f"data.{given}", f"data.{a} and data.{b} both name the column '{cols[a]}': "
                                         "each must name a different column")
         else:
             for key in ("labels", "label_column", "text_pair_column"):
@@ -518,11 +522,9 @@ def _yaml_number_fix(raw: Any) -> Any:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a config file; relative data paths resolve against the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError("expected a config file, found a folder", file=path)
-    if not path.is_file():
-        raise InputError("config file not found", file=path)
+    from tunelab.data.readers import check_data_file
+
+    path = check_data_file(path, "config file")  # a folder, a FIFO, a symlink loop: refused before reading
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -624,18 +626,17 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     def resolve(p: str | None) -> str | None:
         if p is None:
             return None
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() else (base / q).resolve())
+        q = Path(p).expanduser()  # absolute, but links not followed: errors name the path the user gave
+        return os.path.normpath(q if q.is_absolute() else base.absolute() / q)
 
     cfg.data.train = resolve(cfg.data.train)
     cfg.data.eval = resolve(cfg.data.eval)
     cfg.probe.data = resolve(cfg.probe.data)
     cfg.regularization.ewc_data = resolve(cfg.regularization.ewc_data)
     cfg.regularization.replay_data = resolve(cfg.regularization.replay_data)
-    cfg.eval.generate.prompts = resolve(cfg.eval.generate.prompts)
     local = (base / cfg.model.name).expanduser()
     if cfg.model.name.startswith((".", "/", "~")) or local.is_dir():
-        cfg.model.name = str(local.resolve()) if not Path(cfg.model.name).is_absolute() else cfg.model.name
+        cfg.model.name = os.path.normpath(local.absolute()) if not Path(cfg.model.name).is_absolute() else cfg.model.name
     return cfg
 
 

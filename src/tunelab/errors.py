@@ -51,3 +51,8 @@ class RunFailure(Exception):
 
 class OutOfMemory(RunFailure):
     """Training ran out of memory at the current micro-batch size."""
+
+
+class DiskFull(RunFailure):
+    """A write failed for lack of space or quota (or an I/O error): the line names what is intact and
+    how to resume."""

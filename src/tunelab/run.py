@@ -24,17 +24,20 @@ from tunelab.device import to_device
 from tunelab.config import Config, dump_config
 from tunelab.distributed import (ALONE, Group, SharedRunIO, check_resume_world_size, check_supported, init_from_env,
                                  replicas_for)
-from tunelab.errors import InputError, OutOfMemory
+from tunelab.durable import is_disk_full, reason
+from tunelab.errors import DiskFull, InputError, OutOfMemory
 from tunelab.evaluate import generation_run
 from tunelab.evaluate.probe import compare, probe_generation_for, probe_measures, read_probe_texts
-from tunelab.final_weights import BASE, check_best_or_base, choose_final, save_base, versus_base, worse_message
 from tunelab.models.adapt import apply_method
+from tunelab.models.checks import check_tokenizer_fits
 from tunelab.models.load import count_params
 from tunelab.monitor.health import HealthMonitor, summarize
 from tunelab.monitor.loggers import check_loggers, open_loggers
 from tunelab.monitor.metrics_log import read_metrics
 from tunelab.monitor.progress import Progress, header_info, header_lines
-from tunelab.run_dir import RunDir, default_output_dir, peak_memory_mb, prepare_run_dir, start_over, trim_metrics
+from tunelab.run_dir import (RunDir, RunLock, check_checkpoint_fits, check_same_run, default_output_dir, peak_memory_mb,
+                             prepare_run_dir, refuse_existing_run, start_over, trim_metrics, write_failure, write_final,
+                             write_summary)
 from tunelab.tasks import TaskRun, setup_task
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.early_stop import BestTracker
@@ -146,10 +149,12 @@ def setup(cfg: Config, world_size: int = 1) -> Recipe:
     torch.manual_seed(cfg.train.seed)
     check_loggers(cfg.monitor.loggers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    task, model, mixout_layers = _adapt(cfg, setup_task(cfg), device)
+    task = setup_task(cfg)
+    check_tokenizer_fits(task.tokenizer, task.model, cfg.model.name)
+    load_note = getattr(task.model, "tunelab_load_note", None)
+    task, model, mixout_layers = _adapt(cfg, task, device)
     if task.evaluate is not None and task.metric not in task.info.get("metric_names", (task.metric,)):
         raise InputError(f"'{task.metric}' is not an eval metric of this task", field="checkpoint.metric")
-    check_best_or_base(cfg.checkpoint.final, cfg.train.eval_before, task.evaluate is not None)
     probe_texts = probe_before = probe_generation = None
     if cfg.probe.data:
         probe_texts = read_probe_texts(cfg.probe.data, cfg.data.text_column, cfg.probe.max_rows)
@@ -184,6 +189,8 @@ def setup(cfg: Config, world_size: int = 1) -> Recipe:
         early_stopping=cfg.early_stopping.enabled and task.evaluate is not None, base_lr=o.lr,
         penalty=penalty, unfreeze=unfreezer, scaler=grad_scaler(precision, device),
     )
+    if load_note:  # said once the whole setup succeeded: a bad input stays one line
+        log.info("%s", load_note)
     return Recipe(cfg=cfg, task=task, model=model, optimizer=optimizer, scheduler=scheduler,
                   tracker=BestTracker(task.metric, task.mode, cfg.checkpoint.min_delta, cfg.early_stopping.patience),
                   settings=settings, autocast=autocast, precision=precision, device=device,
@@ -200,6 +207,8 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
     every process restores the checkpoint into its own replica, with its own RNG state.
     """
     io = None
+    if resume_from is not None:  # before anything in the run dir changes
+        check_checkpoint_fits(resume_from, r.model)
     if group.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
@@ -234,8 +243,6 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
     elif io is not None:
         dump_config(r.cfg, out / "config.yaml")
         (out / "param_groups.json").write_text(json.dumps(describe_groups(r.optimizer), indent=1))
-        if r.cfg.checkpoint.final == "best_or_base":  # the untouched weights, should no evaluation beat them
-            save_base(io.ckpt_root, r.model, r.optimizer)
         if r.cfg.train.eval_before and r.task.evaluate is not None:
             before = {**eval_row(r.task.evaluate(r.model), state, 0.0), "before_training": True}
             generation_run.add_before(r.task.generation, r.model, before)
@@ -316,7 +323,6 @@ def train(r: Recipe, io: RunDir | None, state: LoopState, group: Group = ALONE) 
 def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_start: float) -> dict:
     """final/ (best or last weights), the final evaluation and probe, summary.json, report.html."""
     out, task, model = io.root, r.task, r.model
-    train_peak = round(peak_memory_mb(r.device), 1)  # before the final evaluation, final/ and the report
     secs = state.train_seconds - state.eval_seconds  # rates count training time only
     summary = {
         "status": state.status, "task": r.cfg.task, "method": r.cfg.method, "steps": state.step,
@@ -335,27 +341,21 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
                  "checkpoint": io.best_checkpoint},
         "before": before, "data": task.info,
     }
-    vs = summary["versus_base"] = versus_base(r.tracker, before)
-    summary["worse_than_base"] = vs["worse_than_base"] if vs is not None else None
     if state.status in ("completed", "early_stopped"):
         # the evaluation stored with the shipped weights, when their checkpoint holds one
         final_eval = None
-        summary["final_weights"], shipped = choose_final(r.cfg.checkpoint.final, io.ckpt_root, io.best_checkpoint,
-                                                         state.step, vs)
-        if summary["final_weights"] != "last":
-            ckpt.load_weights(shipped, model)
-        if summary["final_weights"] != BASE and shipped.is_dir():  # the base's evaluation is run below
-            final_eval = _stored_eval(io, shipped)
-        if summary["worse_than_base"]:
-            vs["message"] = worse_message(vs, summary["final_weights"])
-            log.warning("%s", vs["message"])
+        if r.cfg.checkpoint.final == "best" and io.best_checkpoint and (io.ckpt_root / io.best_checkpoint).is_dir():
+            ckpt.load_weights(io.ckpt_root / io.best_checkpoint, model)
+            summary["final_weights"] = io.best_checkpoint
+            final_eval = _stored_eval(io, io.ckpt_root / io.best_checkpoint)
+        else:
+            summary["final_weights"] = "last"
+            last = io.ckpt_root / ckpt.checkpoint_name(state.step)
+            if last.is_dir():
+                final_eval = _stored_eval(io, last)
         if r.mixout_layers:
             remove_mixout(model)
-        tmp_final = out / ".tmp-final"
-        shutil.rmtree(tmp_final, ignore_errors=True)
-        task.save_final(model.cpu() if r.device.type != "cpu" else model, tmp_final)
-        shutil.rmtree(out / "final", ignore_errors=True)
-        os.replace(tmp_final, out / "final")
+        write_final(out, lambda tmp: task.save_final(model.cpu() if r.device.type != "cpu" else model, tmp))
         model.to(r.device)
         if task.evaluate is not None:
             summary["final"] = final_eval if final_eval is not None else task.evaluate(model)
@@ -369,9 +369,14 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
     summary["best"]["metrics"] = next(
         (row for row in read_metrics(out / "metrics.jsonl")
          if row.get("step") == r.tracker.best_step and r.tracker.metric in row and not row.get("before_training")), None)
-    summary["health"] = summarize(read_metrics(out / "metrics.jsonl"))
-    summary["peak_memory_mb"] = round(peak_memory_mb(r.device), 1)  # so far; the whole process's after the report
-    summary["train_peak_memory_mb"] = train_peak
+    rows = read_metrics(out / "metrics.jsonl")
+    summary["health"] = summarize(rows)
+    if state.skipped_steps or state.status == "diverged":  # which rows gave the NaN/Inf losses, and what is safe
+        bad = [e for row in rows if row.get("event") == "nonfinite_step" for e in row.get("examples", [])]
+        summary["nonfinite_examples"] = list(dict.fromkeys(bad))[:20]
+        intact, _ = ckpt.find_resumable(io.ckpt_root)
+        summary["last_good_checkpoint"] = str(intact) if intact is not None else None
+    summary["peak_memory_mb"] = round(peak_memory_mb(r.device), 1)
     summary["wall_seconds"] = round(time.monotonic() - wall_start, 3)
     summary["run_dir"] = str(out)
     summary["loggers"] = dict(io.loggers.status)  # {name: "ok" | "failed: reason"}
@@ -382,33 +387,17 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
             write_model_card(out / "final", summary, r.cfg)
         except Exception as e:
             log.warning("final/README.md (the model card) not written: %s", e)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_summary(out, summary)
     try:
         from tunelab.analysis.report import write_report
 
         write_report(out)
-    except Exception as e:  # a report must never cost the run
+    except Exception as e:  # a report must never cost the run; a full disk is said, as for any write
+        if is_disk_full(e):
+            raise DiskFull(f"disk full while writing report.html in {out} ({reason(e)}); the run finished: final/ and "
+                           f"summary.json are intact; free space, then `tunelab report {out}` writes it") from None
         log.warning("report.html not written: %s", e)
-    peak = round(peak_memory_mb(r.device), 1)  # the whole process's peak: the report loads weights and plots
-    if peak != summary["peak_memory_mb"]:
-        summary["peak_memory_mb"] = peak
-        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     io.progress.finish()  # library warnings back to the terminal (they went to RUN/warnings.log)
-    return summary
-
-
-def finish_missing_report(out: Path) -> dict | None:
-    """Write report.html for a finished run that lacks it (stopped after summary.json); its summary, else None."""
-    try:
-        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if summary.get("status") not in ("completed", "early_stopped") or (out / "report.html").exists():
-        return None
-    from tunelab.analysis.report import write_report
-
-    write_report(out)
-    log.info("%s had finished without its report (stopped after summary.json); report.html written", out)
     return summary
 
 
@@ -423,18 +412,30 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     group = init_from_env()
     check_supported(cfg, group.world_size)
     out = group.broadcast(Path(output_dir) if output_dir else default_output_dir(config_path))
-    if resume == "auto":  # a run killed between summary.json and report.html: finish the report
-        done = group.broadcast(finish_missing_report(out) if group.is_main else None)
-        if done is not None:
-            group.close()
-            return done
     resume_from = prepare_run_dir(out, resume)
     if resume_from is not None:
         check_resume_world_size(ckpt.load_state(resume_from)["loop"].get("world_size", 1), group.world_size, resume_from)
+        check_same_run(out, cfg, resume_from)
     group.barrier()  # every process has judged the run dir before rank 0 writes into it
+    lock = RunLock(out) if group.is_main else None
+    try:
+        return _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, should_stop, wall_start,
+                           callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, should_stop, wall_start,
+                callbacks=None) -> dict:
+    """run_training once the run dir is judged: setup, then (holding the run dir's lock) train and save."""
     retries = []
     while True:
         recipe = setup(cfg, group.world_size)
+        if lock is not None:
+            lock.acquire()  # after the setup (a bad input leaves nothing), before anything is written
+            if resume is None and not retries:
+                refuse_existing_run(out)  # another run started and ended here since prepare_run_dir
         if resume == "auto" and resume_from is None and not group.rank and (out / "metrics.jsonl").exists():
             # only now that config, data and model have loaded: a bad input must leave the dir as it was
             log.warning("resume: no intact checkpoint in %s; the run starts over", out)
@@ -442,7 +443,10 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
         if group.rank:  # the same initial weights everywhere, but each process its own dropout stream
             random.seed(cfg.train.seed + 7919 * group.rank)
             torch.manual_seed(cfg.train.seed + 7919 * group.rank)
-        io, state, before = open_run(recipe, out, resume_from, show_progress, should_stop, group, callbacks)
+        try:
+            io, state, before = open_run(recipe, out, resume_from, show_progress, should_stop, group, callbacks)
+        except OSError as e:  # config.yaml, param_groups.json, metrics.jsonl on a full disk
+            raise write_failure(out, "the run dir's files", e) from None
         try:
             state = train(recipe, io, state, group)
             break
@@ -459,7 +463,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     group.close()
     if retries:
         summary["auto_batch"] = retries
-        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        write_summary(out, summary)
     return summary
 
 

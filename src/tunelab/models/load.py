@@ -1,7 +1,7 @@
 """Load a tokenizer and a sequence-classification model from a resolved source, safely.
 
-Safety rules: safetensors only (a `.bin`/`.pt` checkpoint is refused unless the folder has no
-safetensors, and then loaded by transformers with `weights_only`); `trust_remote_code` only when
+Safety rules: safetensors only (a `.bin`/`.pt` checkpoint is refused unless the config sets
+model.allow_pickle, and then loaded by transformers with `weights_only`); `trust_remote_code` only when
 the config says so; hub access only for hub ids.
 """
 
@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from tunelab.errors import InputError
+from tunelab.models import checks
 from tunelab.models.registry import ModelSource
 
 log = logging.getLogger("tunelab")
@@ -27,13 +28,14 @@ def quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _check_weights(source: ModelSource) -> None:
+def _check_weights(source: ModelSource, allow_pickle: bool = False) -> None:
     if source.is_hub or source.gguf_file:
         return
     folder = Path(source.path)
+    checks.check_config_json(folder)
     if _check_safetensors(folder, field="model.name"):
         return
-    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    pickles = checks.refuse_pickles(folder, allow_pickle)
     if pickles:
         log.warning(
             "%s holds only pickle weights (%s): loading them with weights_only=True. "
@@ -51,8 +53,10 @@ def _check_safetensors(folder: Path, field: str | None = None) -> bool:
     files = sorted(folder.glob("*.safetensors"))
     for f in files:
         try:
-            with safe_open(f, framework="pt"):
-                pass
+            with safe_open(f, framework="pt") as st:
+                if not list(st.keys()):
+                    raise InputError("the safetensors file holds no tensors; re-download or re-save the model",
+                                     file=f, field=field)
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"not a valid safetensors file ({_first_line(e)}); re-download or re-save the model",
                              file=f, field=field) from None
@@ -76,12 +80,15 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False, revi
     quiet_transformers()
     if not (source.is_hub or source.gguf_file or trust_remote_code):
         _check_tokenizer_files(Path(source.path), field="model.name")
+        checks.check_config_json(Path(source.path))
+        checks.check_tokenizer_json(Path(source.path))
     try:
         tok = AutoTokenizer.from_pretrained(
             source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code, revision=revision
         )
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the tokenizer: {_first_line(e)}", file=source.path, field="model.name") from None
+    except Exception as e:  # tokenizers' Rust errors, a broken vocab, a garbage GGUF: the files' fault
+        where = Path(source.path) / source.gguf_file if source.gguf_file else source.path
+        raise InputError(f"cannot load the tokenizer: {_first_line(e)}", file=where, field="model.name") from None
     return tok
 
 
@@ -92,6 +99,7 @@ def load_classifier(
     trust_remote_code: bool = False,
     revision: str | None = None,
     quantization=None,
+    allow_pickle: bool = False,
 ):
     """A sequence-classification model with a fresh head sized for `label_names`.
 
@@ -101,10 +109,10 @@ def load_classifier(
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
-    _check_weights(source)
+    _check_weights(source, allow_pickle)
     id2label = {i: n for i, n in enumerate(label_names)}
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             source.path,
             gguf_file=source.gguf_file,
             num_labels=len(label_names),
@@ -115,9 +123,20 @@ def load_classifier(
             revision=revision,
             dtype="float32",
             quantization_config=quantization,
+            output_loading_info=True,
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except InputError:
+        raise
+    except Exception as e:  # transformers raises many types for a broken folder (a list config.json: AttributeError)
         raise InputError(f"cannot load the model: {_first_line(e)}", file=source.path, field="model.name") from None
+    return _checked(model, info, source, new_head_ok=True)
+
+
+def _checked(model, info: dict, source: ModelSource, *, new_head_ok: bool):
+    """The loading report and the weights checked (models.checks); the new-head line kept on the model
+    as `tunelab_load_note`, said once the whole setup has succeeded."""
+    model.tunelab_load_note = checks.check_loading_info(info, source.path, new_head_ok=new_head_ok)
+    checks.check_finite(model, source.path)
     return model
 
 
@@ -146,18 +165,21 @@ def count_params(model) -> tuple[int, int]:
 
 
 def load_causal_lm(source: ModelSource, *, trust_remote_code: bool = False, revision: str | None = None,
-                   quantization=None):
+                   quantization=None, allow_pickle: bool = False):
     """A causal LM in fp32 from a plain source (GGUF sources go through models.gguf.plain_source first);
     `quantization` as for `load_classifier`."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    _check_weights(source)
+    _check_weights(source, allow_pickle)
     try:
-        return AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code,
-                                                    revision=revision, dtype="float32",
-                                                    quantization_config=quantization)
-    except (OSError, ValueError, RuntimeError) as e:
+        model, info = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                                           revision=revision, dtype="float32",
+                                                           quantization_config=quantization, output_loading_info=True)
+    except InputError:
+        raise
+    except Exception as e:
         raise InputError(f"cannot load the model: {_first_line(e)}", file=source.path, field="model.name") from None
+    return _checked(model, info, source, new_head_ok=False)
 
 

@@ -7,6 +7,8 @@ their `__init__` may import heavy optional dependencies we never install.
 
 from __future__ import annotations
 
+import errno
+
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -65,6 +67,11 @@ def resolve_model(name: str) -> ModelSource:
     if name in EMBEDDED:
         return EMBEDDED[name]()
     path = Path(name).expanduser()
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError("model path is a symbolic link loop", field="model.name", file=path) from None
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
             return ModelSource(name, str(path.parent), gguf_file=path.name)

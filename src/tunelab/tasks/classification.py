@@ -67,6 +67,7 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
     source = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     model = load_classifier(source, names, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                            allow_pickle=cfg.model.allow_pickle,
                             quantization=quantization_for(cfg.method))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if model.config.pad_token_id is None:
@@ -76,6 +77,7 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
     if cut:
         log.warning("%d of %d training texts are longer than %d tokens and were truncated", cut, len(train_ex), max_len)
     labels = list(train_ex.labels)
+    sources = list(train_ex.source)
     n_train = len(train_feats)
     epoch_subset = epoch_size = None
     if cfg.regularization.replay_data and cfg.regularization.replay_ratio > 0:
@@ -86,6 +88,7 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
         replay_feats, _ = encode(replay_ex, tokenizer, max_len)
         train_feats = train_feats + replay_feats
         labels += replay_ex.labels
+        sources += replay_ex.source
         epoch_subset, epoch_size = replay_schedule(n_train, len(replay_feats), cfg.regularization.replay_ratio,
                                                    cfg.train.seed)
 
@@ -117,7 +120,7 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
         model=model,
         tokenizer=tokenizer,
         train=TrainSet(lengths=[len(f["input_ids"]) for f in train_feats], collate=collate, count=len,
-                       epoch_subset=epoch_subset, epoch_size=epoch_size),
+                       epoch_subset=epoch_subset, epoch_size=epoch_size, sources=sources),
         loss_fn=classification_loss,
         evaluate=evaluate,
         save_final=save_final,

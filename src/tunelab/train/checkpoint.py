@@ -89,7 +89,7 @@ def save_checkpoint(root: Path, *, step: int, model, optimizer, scheduler, state
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}"
+    tmp = root / f".tmp-{checkpoint_name(step)}.pid{os.getpid()}"  # whose it is: retention removes only its own
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -190,5 +190,23 @@ def apply_retention(root: Path, *, keep_last: int, keep: set[str]) -> list[str]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     for tmp in root.glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _tmp_owner_gone(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     return removed
+
+
+def _tmp_owner_gone(tmp: Path) -> bool:
+    """Whether a `.tmp-step-N.pidP` folder is ours or its writer is dead: only those may be removed
+    (another live process's half-written checkpoint is not ours to delete)."""
+    _, _, pid = tmp.name.rpartition(".pid")
+    if not pid.isdigit():
+        return True  # an older layout's leftover
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False

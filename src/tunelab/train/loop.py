@@ -140,6 +140,13 @@ def optimizer_step(optimizer, scheduler, params, s: LoopSettings, state: LoopSta
     return grad_norm, lr, finite
 
 
+def window_examples(window: list[list[int]], train, limit: int = 20) -> list[str]:
+    """The examples of an accumulation window, as "file:line" where the task knows it, else "#index"."""
+    idx = [i for micro in window for i in micro][:limit]
+    src = train.sources
+    return [src[i] if src is not None and i < len(src) else f"#{i}" for i in idx]
+
+
 def train_row(state: LoopState, s: LoopSettings, epoch: float, lr: float, grad_norm: float, penalty: float) -> dict:
     """One metrics.jsonl training row: means since the last row, counters, and the last step's lr and norm."""
     row = {"step": state.step, "epoch": round(epoch, 4),
@@ -184,6 +191,8 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
                 penalty = reg.item()
             grad_norm, lr, finite = optimizer_step(optimizer, scheduler, params, s, state, window_loss)
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            if not finite:  # name the rows behind it: a NaN/Inf loss is often one broken example, not the lr
+                io.log({"step": state.step + 1, "event": "nonfinite_step", "examples": window_examples(window, task.train)})
             state.step += 1
             state.window += 1
             epoch = state.epoch + state.window / len(windows)

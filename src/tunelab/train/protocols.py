@@ -36,6 +36,7 @@ class TrainSet:
     epoch_subset: Callable[[int], list[int]] | None = None  # examples of epoch e (replay mixing)
     epoch_size: int | None = None  # examples per epoch when epoch_subset is set
 
+    sources: list[str] | None = None  # "file:line" per example index, to name the rows behind a NaN/Inf loss
     def examples_per_epoch(self) -> int:
         return self.epoch_size if self.epoch_size is not None else len(self.lengths)
 
