@@ -25,6 +25,8 @@ from tunelab.tasks.preference import pair_batch, setup_preference
 from tunelab.tasks.preference_logps import CACHE_FILE, adapter_off_logps, answer_logps
 from tunelab.train.preference_losses import PreferenceLoss, loss_from_config
 
+torch.set_num_threads(1)  # hidden-32 models: a second thread only waits for its core on a shared 2-core box
+
 PAIRS = [
     {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "Six, I think."},
     {"prompt": "Name a color.", "chosen": "Red.", "rejected": "Apple."},
@@ -240,7 +242,8 @@ def steps(raw: dict, tmp_path: Path, optimizer="sgd", **settings):
     from tunelab.train.loop import LoopSettings, LoopState, train_loop
 
     class NullIO:
-        rows: list = []
+        def __init__(self):
+            self.rows = []
 
         def log(self, row):
             self.rows.append(row)
@@ -258,25 +261,26 @@ def steps(raw: dict, tmp_path: Path, optimizer="sgd", **settings):
     if task.prepare is not None:
         tmp_path.mkdir(parents=True, exist_ok=True)
         task.prepare(model, tmp_path, ALONE, nullcontext)
+    start = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     s = LoopSettings(total_steps=1, max_grad_norm=None, seed=0, log_every=1, eval_every=None, save_every=None,
                      early_stopping=False, **settings)
     io = NullIO()
     train_loop(model, opt, sched, task, s, LoopState(), BestTracker("eval_loss", "min"), io, nullcontext)
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}, io.rows
+    end = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    return end, io.rows, start
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_accumulation_gives_the_one_large_batch_step(model_dir, tmp_path, method):
     train = write_jsonl(tmp_path / "p.jsonl", PAIRS[:4])
     raw = raw_config(model_dir, train, method=method, **({"lora": {"r": 4, "dropout": 0.0}} if method == "lora" else {}))
-    one, rows_one = steps(raw, tmp_path / "a", batch_size=4, grad_accum=1)
-    accum, rows_acc = steps(raw, tmp_path / "b", batch_size=1, grad_accum=4)
+    one, rows_one, start = steps(raw, tmp_path / "a", batch_size=4, grad_accum=1)
+    accum, rows_acc, _ = steps(raw, tmp_path / "b", batch_size=1, grad_accum=4)
     for k in one:
         torch.testing.assert_close(accum[k], one[k], rtol=1e-5, atol=1e-6)
-    assert max((one[k] - v).abs().max().item() for k, v in steps(raw, tmp_path / "c", batch_size=2,
-                                                                 grad_accum=1)[0].items()) > 1e-4  # half the batch: another step
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # the step moved the weights
     for key in ("loss", "reward_margin", "pref_accuracy", "logp_chosen", "kl_ref"):
         assert rows_acc[0][key] == pytest.approx(rows_one[0][key], rel=1e-5, abs=1e-7), key
     assert rows_one[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # policy = reference at the first step
@@ -316,3 +320,87 @@ def test_reference_cache_equals_recomputed_and_a_resume_reads_it(model_dir, tmp_
     assert resumed["final"] == whole["final"]
     assert whole["before"]["eval_reward_margin"] == 0.0 and whole["final"]["pref_accuracy"] >= 0.5
 
+
+
+# ----------------------------------------------------------------------------------- SFT -> DPO
+
+
+def test_sft_run_then_dpo_from_its_final_adapter(model_dir, tmp_path):
+    """A tunelab chat SFT run with LoRA; DPO starts from its final/ (the adapter merged into the base):
+    the DPO LoRA policy's reference (adapter off) and the full-DPO start are the SFT model, not the base."""
+    from tunelab.models.adapters import load_adapter
+    from tunelab.run import run_training
+    from transformers import AutoModelForCausalLM
+
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]}
+                                                    for p in PAIRS if isinstance(p["prompt"], str)])
+    sft = run_training(Config.model_validate({
+        "task": "chat", "model": {"name": str(model_dir), "max_length": 64}, "data": {"train": str(sft_data), "eval_split": 0.0},
+        "method": "lora", "lora": {"r": 4, "dropout": 0.0}, "optim": {"lr": 5e-2},
+        "train": {"max_steps": 3, "batch_size": 4, "eval_before": False}, "early_stopping": {"enabled": False}}),
+        tmp_path / "sft", show_progress=False)
+    assert sft["status"] == "completed" and (tmp_path / "sft" / "final" / "adapter_config.json").is_file()
+    sft_model, tok, _ = load_adapter(tmp_path / "sft" / "final", merge=True)
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    pairs_file = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    pairs, _ = encode_pairs(read_preference_data(pairs_file), tok, 64)
+    batch = pair_batch(pairs, list(range(len(pairs))), tok.pad_token_id)
+    with torch.no_grad():
+        want, _ = answer_logps(sft_model.eval(), batch)
+        assert (want - answer_logps(base, batch)[0]).abs().max() > 1e-3  # SFT moved the model
+
+    from tunelab.models.adapt import apply_method
+
+    for method, name in (("lora", tmp_path / "sft"), ("full", tmp_path / "sft" / "final")):  # a run dir or its final/
+        cfg = Config.model_validate(raw_config(name, pairs_file, method=method,
+                                               **({"lora": {"r": 4}} if method == "lora" else {})))
+        task = setup_preference(cfg)
+        model = apply_method(task.model, cfg)
+        with torch.no_grad():
+            got = adapter_off_logps(model, batch) if method == "lora" else answer_logps(model.eval(), batch)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert task.info["reference"] == ("adapter_off" if method == "lora" else "cached")
+
+
+# ------------------------------------------------------------------------------------- health
+
+
+def pref_rows(before: dict, evals: list[dict], prefix="eval_") -> list[dict]:
+    rows = [{"step": 0, "before_training": True, **{prefix + k: v for k, v in before.items()}}]
+    rows += [{"step": 10 * (i + 1), **{prefix + k: v for k, v in e.items()}} for i, e in enumerate(evals)]
+    return rows
+
+
+def kinds(rows: list[dict]) -> list[str]:
+    monitor = HealthMonitor()
+    return [e.kind for row in rows for e in monitor.observe(row)]
+
+
+def test_health_events_for_the_known_dpo_failures():
+    start = {"loss": 0.693, "reward_margin": 0.0, "logp_chosen": -2.0, "logp_rejected": -2.1, "kl_ref": 0.0}
+    healthy = [{**start, "loss": 0.5, "reward_margin": 0.8, "logp_chosen": -1.95, "logp_rejected": -2.4, "kl_ref": 0.01}]
+    assert kinds(pref_rows(start, healthy)) == []
+    # chosen falling 0.05 (under the bar), then 0.3 nats/token while the margin grows: displacement, once
+    displaced = [{**start, "reward_margin": 0.5, "logp_chosen": -2.05}, {**start, "reward_margin": 1.5, "logp_chosen": -2.3},
+                 {**start, "reward_margin": 2.0, "logp_chosen": -2.6}]
+    assert kinds(pref_rows(start, displaced)) == ["likelihood_displacement"]
+    # both fall but the margin shrinks: not displacement (the pairs are not being separated at all)
+    assert kinds(pref_rows(start, [{**start, "reward_margin": -0.2, "logp_chosen": -2.5}])) == []
+    # exploding margins on train rows
+    train = [{"step": i + 1, "loss": 0.1, "lr": 1e-5, "grad_norm": 1.0, "reward_margin": m, "logp_chosen": -2.0,
+              "logp_rejected": -3.0, "kl_ref": 0.1} for i, m in enumerate([1.0, 5.0, 12.0, 25.0, 40.0])]
+    assert kinds(train) == ["margin_explosion"]
+    assert kinds(train[:3]) == []
+    # reference-free (no kl_ref): drift of the chosen answers' log-prob by more than 1 nat/token
+    free = {k: v for k, v in start.items() if k != "kl_ref"}
+    assert kinds(pref_rows(free, [{**free, "logp_chosen": -1.5, "logp_rejected": -2.9, "reward_margin": 0.2}])) == []
+    assert kinds(pref_rows(free, [{**free, "logp_chosen": -0.8, "logp_rejected": -2.9, "reward_margin": 0.9}])) == [
+        "reference_free_drift"]
+    # the same move with a reference (DPO rows carry kl_ref) is not reference-free drift
+    assert "reference_free_drift" not in kinds(pref_rows(start, [{**start, "logp_chosen": -3.5, "logp_rejected": -4.0,
+                                                                    "reward_margin": -0.1}]))
+    # a resumed run's monitor, rebuilt from the rows, does not fire again
+    rows = pref_rows(start, displaced)
+    replayed = HealthMonitor.replay(rows)
+    assert replayed.observe({"step": 99, "eval_loss": 0.6, "eval_reward_margin": 3.0, "eval_logp_chosen": -3.0,
+                             "eval_logp_rejected": -5.0, "eval_kl_ref": 0.3}) == []

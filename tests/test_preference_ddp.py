@@ -6,6 +6,7 @@ DDP's forward) — and the logged rewards, margin and accuracy are summed over b
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 from conftest import tiny_chat_tokenizer_build, tiny_llama_build, write_jsonl
 
 pytestmark = pytest.mark.multiprocess
+torch.set_num_threads(1)  # hidden-32 models: a second thread only waits on a shared 2-core box
 
 STEP_SCRIPT = textwrap.dedent('''
     import json, sys
@@ -96,7 +98,8 @@ def test_two_processes_step_like_one_process_over_the_same_pairs(tmp_path):
     script.write_text(STEP_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            str(tmp_path / "cases.json"), str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # hidden-32 models: one thread per process is faster
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run-full" / "reference_logps.safetensors").is_file()
 
