@@ -24,19 +24,20 @@ VERSIONED = ("tunelab", "torch", "transformers", "peft", "tokenizers", "safetens
 
 
 def base_model_name(name: str) -> str:
-    """A model as a person names it: the embedded name, a Hub id, or a local folder's own name."""
-    if name in EMBEDDED_ORIGIN or not name.startswith(("/", ".", "~")) and not Path(name).is_absolute():
-        return name
-    return Path(name).expanduser().name
+    """A model as a person names it: the embedded name, a Hub id, or a local folder's portable name
+    (relative to $TUNELAB_MODEL_ROOT, else its own name), never this machine's absolute path."""
+    from tunelab.models.base_ref import portable_reference
+
+    ref = portable_reference(name)
+    return {"embedded": ref.get("name"), "hub": ref.get("id")}.get(ref["kind"]) or ref.get("relative") or ref["name"]
 
 
 def base_model_hub_id(name: str) -> str | None:
     """The Hub id for the card's `base_model` field, when there is one (local folders have none)."""
-    if name in EMBEDDED_ORIGIN:
-        return EMBEDDED_ORIGIN[name]
-    if "/" in name and not name.startswith(("/", ".", "~")) and not Path(name).exists():
-        return name
-    return None
+    from tunelab.models.base_ref import portable_reference
+
+    ref = portable_reference(name)
+    return EMBEDDED_ORIGIN.get(ref.get("name")) if ref["kind"] == "embedded" else ref.get("id")
 
 
 def training_command(argv: list[str] | None = None) -> str | None:
