@@ -60,3 +60,22 @@ def alpaca_smollm2_missing(data: Path) -> str | None:
     except InputError as e:
         return e.one_line()
     return None
+
+
+def step_clock():
+    """(callback, clock) for a transformers Trainer: clock["start"] at the first step's start,
+    clock["end"] at the last step's end, so a peer's throughput excludes its setup as tunelab's does."""
+    import time
+
+    from transformers import TrainerCallback
+
+    clock: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            clock.setdefault("start", time.monotonic())
+
+        def on_step_end(self, args, state, control, **kw):
+            clock["end"] = time.monotonic()
+
+    return Clock(), clock

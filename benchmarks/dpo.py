@@ -37,11 +37,10 @@ import random
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import alpaca_smollm2_missing, in_child, write_result  # noqa: E402
+from benchutil import alpaca_smollm2_missing, in_child, step_clock, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -104,18 +103,11 @@ def run_tunelab(method: str, train: str, evalf: str, a: dict, out: str) -> dict:
 def run_trl(method: str, model_dir: str, train: str, evalf: str, a: dict, out: str) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(0)
-    clock: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            clock.setdefault("start", time.monotonic())
-
-        def on_step_end(self, args, state, control, **kw):
-            clock["end"] = time.monotonic()
+    callback, clock = step_clock()
 
     cfg = DPOConfig(output_dir=out, num_train_epochs=1, max_steps=a["max_steps"] or -1,
                     per_device_train_batch_size=a["batch"], per_device_eval_batch_size=a["batch"],
@@ -132,7 +124,7 @@ def run_trl(method: str, model_dir: str, train: str, evalf: str, a: dict, out: s
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     data = load_dataset("json", data_files={"train": train, "eval": evalf})
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=data["train"], eval_dataset=data["eval"],
-                         processing_class=tok, peft_config=peft_config, callbacks=[Clock()])
+                         processing_class=tok, peft_config=peft_config, callbacks=[callback])
     trainer.train()
     logs = [r for r in trainer.state.log_history if "num_tokens" in r]
     seconds = clock["end"] - clock["start"]

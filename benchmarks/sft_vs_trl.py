@@ -26,11 +26,10 @@ import os
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import in_child, write_result  # noqa: E402
+from benchutil import in_child, step_clock, write_result  # noqa: E402
 from sft_alpaca import DATA, REPO, train_once, write_conversations  # noqa: E402
 
 LR, MAX_LENGTH, BATCH = 5e-5, 512, 4
@@ -53,18 +52,11 @@ def run_tunelab(train_path: str, steps: int, out: str) -> dict:
 def run_trl(model_dir: str, pairs_path: str, steps: int, out: str) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(0)
-    clock: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            clock.setdefault("start", time.monotonic())
-
-        def on_step_end(self, args, state, control, **kw):
-            clock["end"] = time.monotonic()
+    callback, clock = step_clock()
 
     cfg = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
                     weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, bf16=True, use_cpu=True,
@@ -73,7 +65,7 @@ def run_trl(model_dir: str, pairs_path: str, steps: int, out: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = load_dataset("json", data_files=pairs_path, split="train")
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[callback])
     trainer.train()
     logs = [r for r in trainer.state.log_history if "num_tokens" in r]
     tokens = logs[-1]["num_tokens"]
