@@ -2,13 +2,16 @@
 
     python benchmarks/plan_accuracy.py            # all cases that can run here
     python benchmarks/plan_accuracy.py --cases minilm-sentiment smollm2-chat
+    python benchmarks/plan_accuracy.py --cases minilm-sentiment-ddp2 --out benchmarks/results/plan_accuracy_ddp.json
 
 For each case the plan (with `--measure-steps 3`) and the real run each happen in their own
 spawned process, so the run's peak (max RSS on CPU) is its own. The run trains `max_steps`
 steps (the plan is made for the same config). Reported per case: planned vs measured peak
 memory (the plan's peak: measured steps + the largest micro-batch's extra activations; and the
 plain component sum), their ratios, planned vs measured training seconds per optimizer step, and the plan's
-own cost in seconds. Cases that need ../shared/datasets or an embedded model that is missing
+own cost in seconds. `-ddpN` cases plan with `--nproc N` and train with `tunelab train --nproc N`
+(torchrun, gloo on the CPU); the measured peak is rank 0's (summary.json), the plan's is per process
+(DDP ranks hold the same states; rank 0 also evaluates). Cases that need ../shared/datasets or an embedded model that is missing
 are skipped with a reason. Writes benchmarks/results/plan_accuracy.json (or `--out`).
 """
 
@@ -78,24 +81,37 @@ CASES = {
     "minilm-sst2-b32x128": (_sst2, {}, "sst2"),
     "minilm-sst2-b32x128-checkpointing": (_sst2, {"train__gradient_checkpointing": True}, "sst2"),
     "smollm2-chat": (_chat, {}, "alpaca_eval_gpt4"),
+    "minilm-sentiment-ddp2": (_sentiment, {"_nproc": 2}, "embedded minilm"),
 }
 
 
-def _plan(raw: dict) -> dict:
+def _plan(raw: dict, nproc: int = 1) -> dict:
     from tunelab.config import Config
     from tunelab.plan.planner import make_plan
 
     start = time.monotonic()
-    plan = make_plan(Config.model_validate(raw), measure_steps=3, suggestions=False)
+    plan = make_plan(Config.model_validate(raw), measure_steps=3, suggestions=False, nproc=nproc)
     plan["plan_seconds"] = round(time.monotonic() - start, 1)
     return plan
 
 
-def _run(raw: dict, out: str) -> dict:
+def _run(raw: dict, out: str, nproc: int = 1) -> dict:
     from tunelab.config import Config
     from tunelab.run import run_training
 
-    s = run_training(Config.model_validate(raw), out, show_progress=False)
+    if nproc > 1:  # the real command, under torchrun: rank 0 writes summary.json
+        import subprocess
+
+        import yaml
+
+        config = Path(out).with_suffix(".yaml")
+        config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        exe = Path(sys.executable).with_name("tunelab")
+        subprocess.run([str(exe), "train", str(config), "--nproc", str(nproc), "--output-dir", out, "--no-progress"],
+                       check=True, stdout=subprocess.DEVNULL)
+        s = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+    else:
+        s = run_training(Config.model_validate(raw), out, show_progress=False)
     return {k: s[k] for k in ("steps", "train_seconds", "peak_memory_mb", "precision", "status")}
 
 
@@ -128,13 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped ({why})", flush=True)
             results.append({"case": name, "skipped": why})
             continue
+        over = dict(over)
+        nproc = over.pop("_nproc", 1)
         with tempfile.TemporaryDirectory(prefix="tunelab-plan-") as tmp:
             raw = build(Path(tmp), **over)
-            plan = in_child(_plan, raw)
-            run = in_child(_run, raw, str(Path(tmp) / "run"))
+            plan = in_child(_plan, raw, nproc)
+            run = in_child(_run, raw, str(Path(tmp) / "run"), nproc)
         planned_step = plan["time"]["train_seconds"] / plan["steps"]["total"]
         measured_step = run["train_seconds"] / run["steps"]
-        row = {"case": name, "precision": run["precision"], "steps": run["steps"],
+        row = {"case": name, "processes": nproc, "precision": run["precision"], "steps": run["steps"],
                "planned_peak_mb": plan["memory_mb"]["peak"], "measured_peak_mb": run["peak_memory_mb"],
                "peak_ratio": round(plan["memory_mb"]["peak"] / run["peak_memory_mb"], 3),
                "planned_peak_analytic_mb": plan["memory_mb"]["peak_analytic"],

@@ -45,7 +45,7 @@ def test_zero_paper_large_models():
     assert _zero(1e12, 1024)[0] == 16000
 
 
-def test_fsdp_shards_like_zero3_and_offload_moves_the_optimizer_to_the_host():
+def test_fsdp_shards_like_zero3_and_offload_moves_states_to_the_host():
     z3 = memory.model_states(7.5e9, 7.5e9, strategy="zero3", n=64)
     fs = memory.model_states(7.5e9, 7.5e9, strategy="fsdp", n=64)
     assert z3 == fs
@@ -53,6 +53,9 @@ def test_fsdp_shards_like_zero3_and_offload_moves_the_optimizer_to_the_host():
     assert off["optimizer"] == off["master_weights"] == 0
     assert off["cpu"] == pytest.approx(12 * 7.5e9 / 4)
     assert off["model_states"] == pytest.approx(2 * 7.5e9 + 2 * 7.5e9 / 4)
+    # FSDP2's CPUOffloadPolicy: sharded parameters, gradients and optimizer state all on the host
+    fsdp_off = memory.model_states(7.5e9, 7.5e9, strategy="fsdp", n=4, offload=True, layout="autocast")
+    assert fsdp_off["model_states"] == 0 and fsdp_off["cpu"] == pytest.approx(16 * 7.5e9 / 4)
 
 
 def test_qlora_bits_and_the_65b_base():
@@ -162,14 +165,14 @@ def _probe_vs_formula(config, amp, s=256, b=2):
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_activation_formula_agrees_with_the_probe(impl):
     """The formula against the fake-tensor probe (real saved tensors) on tiny Llama and GPT-2, fp32 and
-    bf16 autocast: within 3% for Llama, 9% for GPT-2 (README: Planning states the figures)."""
+    bf16 autocast: 0.6-2.7% above it (README: "Planning for other hardware" states the figures)."""
     from transformers import GPT2Config, LlamaConfig
 
     llama = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
                         num_key_value_heads=4, vocab_size=512)
     gpt2 = GPT2Config(n_embd=256, n_layer=2, n_head=8, vocab_size=512, n_positions=512, activation_function="gelu",
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    for config, tol in [(llama, 0.03), (gpt2, 0.09)]:
+    for config, tol in [(llama, 0.03), (gpt2, 0.03)]:
         config._attn_implementation = impl
         for amp in (None, torch.bfloat16):
             assert _probe_vs_formula(config, amp) == pytest.approx(1.0, abs=tol), (config.model_type, amp)
@@ -287,9 +290,9 @@ def test_config_yaml_values_with_flags_overriding(toy_classification, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--gpu", "Z80"], "--gpu"), (["--strategy", "zero4"], "--strategy"), (["--offload"], "--offload"),
-    (["--method", "prefix"], "--method"), (["--lora-targets", "nope_proj", "--method", "lora"], "nope_proj")])
+    (["--method", "prefix"], "--method"), (["--precision", "fp16", "--strategy", "fsdp", "--gpus", "2"], "--precision"), (["--lora-targets", "nope_proj", "--method", "lora"], "nope_proj")])
 def test_bad_flags_are_one_line_exit_2(llama_json, args, needle):
-    res = CliRunner().invoke(app, ["plan", "--model", llama_json, *args, "--json"])
+    res = CliRunner().invoke(app, ["plan", "--model", llama_json, *args])
     assert res.exit_code == 2, res.output
     assert needle in res.output and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
 

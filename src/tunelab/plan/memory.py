@@ -14,8 +14,10 @@ Frozen parameters (LoRA/QLoRA bases) have weights only. tunelab's own single-dev
 training keeps fp32 parameters and computes under autocast (`layout="autocast"`: weights 4 bytes,
 gradients 4, moments 8, no separate master: the same 16 bytes, split differently); DeepSpeed's
 bf16/fp16 engine keeps the ZeRO layout (`layout="zero"`). fp32 training is 4 + 4 + 8 in both.
-`offload` moves what the strategy keeps in the optimizer (master + moments) to host memory
-(ZeRO-Offload); it is reported as `cpu_bytes`, not counted against the device.
+`offload` (`distributed.cpu_offload`) moves to host memory what each strategy offloads: DeepSpeed's
+ZeRO-Offload the optimizer partition (master + moments), FSDP2's CPUOffloadPolicy the sharded
+parameters, gradients and optimizer state; it is reported as `cpu_bytes`, not counted against the
+device.
 
 QLoRA (Dettmers et al. 2023): NF4 stores 4 bits per weight plus one absmax per 64-weight block;
 fp32 absmax costs 32/64 = 0.5 bits (4.5 in all); double quantisation stores the absmax in 8 bits
@@ -71,8 +73,10 @@ def model_states(total: float, trainable: float, *, precision: str = "bf16", str
         out[key] = value / n if short in shard else value
     cpu = 0.0
     if offload:
-        cpu = out["master_weights"] + out["optimizer"]
-        out["master_weights"] = out["optimizer"] = 0.0
+        moved = ("weights", "gradients", "master_weights", "optimizer") if strategy == "fsdp" else (
+            "master_weights", "optimizer")
+        cpu = sum(out[k] for k in moved)
+        out.update({k: 0.0 for k in moved})
     out["model_states"] = sum(out[k] for k in ("weights", "gradients", "master_weights", "optimizer"))
     out["cpu"] = cpu
     return out

@@ -55,10 +55,17 @@ class Spec:
 
 
 def layout_for(strategy: str) -> str:
-    """How a strategy keeps mixed-precision parameters: DeepSpeed's ZeRO engine holds 16-bit weights and
-    gradients plus an fp32 master copy; DDP and FSDP2 (as tunelab runs them) keep fp32 parameters and
-    compute under autocast / a bf16 mixed-precision policy."""
+    """How a strategy keeps mixed-precision parameters (as tunelab's distributed.strategy runs them):
+    DeepSpeed's bf16 engine (zero1/2/3) holds 16-bit weights and gradients plus an fp32 master copy in
+    the optimizer partition; DDP and FSDP2 keep fp32 parameters (FSDP2's sharded ones are the master)."""
     return "zero" if strategy.startswith("zero") else "autocast"
+
+
+def computes_under_autocast(strategy: str) -> bool:
+    """DDP (and one process) runs fp32 modules under torch.autocast: an fp32 residual stream, a 16-bit
+    cast of each projection's input and of each weight. FSDP2's MixedPrecisionPolicy(param_dtype=bf16)
+    and DeepSpeed's bf16 engine run 16-bit modules instead."""
+    return strategy == "ddp"
 
 
 class Model:
@@ -110,8 +117,8 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
                                  quantized=params["quantized"])
     act_bytes = 4 if spec.precision == "fp32" else 2
     # tunelab's autocast keeps the residual stream (embeddings + residual adds) in fp32: norm inputs too
-    autocast = layout == "autocast" and act_bytes == 2
-    norm_bytes = 4 if layout == "autocast" else act_bytes
+    autocast = computes_under_autocast(spec.strategy) and act_bytes == 2
+    norm_bytes = 4 if autocast else act_bytes
     acts = memory.activations(model.shape, spec.seq_len, spec.batch_size, act_bytes=act_bytes,
                               norm_bytes=norm_bytes, attention=spec.attention,
                               checkpointing=spec.gradient_checkpointing, autocast=autocast)
@@ -154,6 +161,9 @@ def check_spec(spec: Spec) -> None:
     if spec.offload and spec.strategy == "ddp":
         raise InputError("--offload needs a sharding strategy (zero1, zero2, zero3 or fsdp); ddp keeps "
                          "everything on the device", field="--offload")
+    if spec.precision == "fp16" and spec.strategy != "ddp":
+        raise InputError("fp16 does not combine with sharding (distributed.strategy refuses it): use bf16 or "
+                         "--strategy ddp", field="--precision")
     if spec.attention not in ("sdpa", "flash", "eager"):
         raise InputError("--attention must be sdpa, flash or eager", field="--attention")
 

@@ -23,7 +23,9 @@ COMM_ORDER = {"ddp": 0, "zero1": 1, "zero2": 2, "fsdp": 3, "zero3": 4}
 QLORA_STRATEGIES = ("ddp",)  # 4-bit bases are not sharded by tunelab's strategies
 
 
-def _strategies(method: str, devices: int) -> list[tuple[str, bool]]:
+def _strategies(method: str, devices: int, precision: str) -> list[tuple[str, bool]]:
+    if precision == "fp16":  # sharding refuses fp16
+        return [("ddp", False)]
     if devices == 1:
         return [("ddp", False)] + ([("zero3", False), ("zero3", True)] if method != "qlora" else [])
     names = QLORA_STRATEGIES if method == "qlora" else memory.STRATEGIES
@@ -49,7 +51,7 @@ def recommend(model: Model, spec: Spec, *, methods=None, limit: int = 6) -> list
     found = []
     for method in methods:
         for ckpt in (False, True):
-            for strategy, offload in _strategies(method, spec.devices):
+            for strategy, offload in _strategies(method, spec.devices, spec.precision):
                 cand = with_changes(spec, method=method, strategy=strategy, offload=offload,
                                     gradient_checkpointing=ckpt)
                 p = largest_fitting(model, cand)
@@ -120,12 +122,13 @@ def command(model: Model, spec: Spec) -> str:
     if spec.strategy != "ddp":
         sets.append(f"distributed.strategy={spec.strategy}")
         if spec.offload:
-            sets.append("distributed.offload=true")
+            sets.append("distributed.cpu_offload=true")
     words = ["tunelab", "train", spec.config_path or "CONFIG.yaml"]
     if spec.devices > 1:
         words += ["--nproc", str(spec.gpus)]
-    if spec.nodes > 1:
-        words += ["--nnodes", str(spec.nodes)]
     for s in sets:
         words += ["--set", s]
-    return " ".join(shlex.quote(w) for w in words)
+    line = " ".join(shlex.quote(w) for w in words)
+    if spec.nodes > 1:  # the same line on every node, each with its own rank (train's multi-node flags)
+        line += f" --nnodes {spec.nodes} --node-rank $NODE_RANK --master-addr $MASTER_ADDR"
+    return line
