@@ -106,3 +106,18 @@ def test_load_and_generate_a_causal_lm(tmp_path):
                              max_new_tokens=5)
     assert out["reply"] == again["reply"] and out["new_tokens"] <= 5
     assert out["prompt_text"].endswith("<|im_start|>assistant\n")
+
+
+def test_evaluate_a_causal_lm_on_chat_records(tmp_path):
+    import math
+
+    tok = tiny_chat_tokenizer_build()
+    folder = tmp_path / "lm"
+    tiny_llama_build(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    convs = [{"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]},
+             {"messages": [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}]}]
+    m = tunelab.evaluate(folder, convs)
+    assert m["rows"] == 2 and m["supervised_tokens"] > 0
+    assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+    assert m["loss"] == pytest.approx(math.log(len(tok)), rel=0.05)  # an untrained model: about uniform

