@@ -141,9 +141,13 @@ def test_train_json_logger_failure_recorded_and_the_model_card(toy_classificatio
     raw["train"].update({"epochs": 1, "max_steps": 2})
     raw["monitor"] = {"loggers": ["tensorboard", "mlflow"]}
     run = tmp_path / "run"
-    res = runner.invoke(app, ["train", str(write_config(tmp_path, raw)), "-o", str(run), "--json", "--no-progress"])
+    res = runner.invoke(app, ["train", str(write_config(tmp_path, raw)), "-o", str(run), "--json"])
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.stdout)  # stdout is the JSON object alone
+    summary = json.loads(res.stdout)  # stdout is the JSON object alone; the display and the header are on stderr
+    head = res.stderr.splitlines()
+    assert head[0] == f"tunelab train · {run}" and head[1].split()[0] == "model" and "trainable of" in res.stderr
+    assert "steps      2" in res.stderr and "64 train rows · 16 eval rows" in res.stderr
+    assert any(ln.startswith("step 2/2  100%") and "eta 0:00:00" in ln for ln in head)  # piped: plain lines
     assert summary == json.loads((run / "summary.json").read_text())
     assert summary["loggers"] == {"tensorboard": "ok",
                                   "mlflow": "failed: tracking server unreachable at http://mlflow:5000"}
