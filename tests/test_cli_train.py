@@ -64,11 +64,11 @@ def test_train_writes_the_run_dir_contract(toy_classification, tmp_path):
     assert metrics["accuracy"] == pytest.approx(summary["final"]["accuracy"])
     assert metrics["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-4)
 
-    # a second train into the same dir is refused; --resume auto on a finished run too
+    # a second train into the same dir is refused; --resume auto on a finished run says so and exits 0 (requeued jobs)
     res = runner.invoke(app, ["train", str(toy_classification["dir"] / "config.yaml"), "-o", str(out)])
     assert res.exit_code == 2 and "already holds a run" in res.output
     res = runner.invoke(app, ["train", str(toy_classification["dir"] / "config.yaml"), "-o", str(out), "--resume", "auto"])
-    assert res.exit_code == 2 and "already finished" in res.output
+    assert res.exit_code == 0 and "already finished" in res.output and "nothing to resume" in res.output
 
 
 def test_early_stopping_stops_after_patience(toy_classification, tmp_path):
