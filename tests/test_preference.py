@@ -360,6 +360,14 @@ def test_sft_run_then_dpo_from_its_final_adapter(model_dir, tmp_path):
             got = adapter_off_logps(model, batch) if method == "lora" else answer_logps(model.eval(), batch)[0]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
         assert task.info["reference"] == ("adapter_off" if method == "lora" else "cached")
+    # the DPO adapter trained on the SFT adapter reloads: its base is the SFT run's model, merged
+    dpo = run_training(Config.model_validate(raw_config(tmp_path / "sft", pairs_file, method="lora", lora={"r": 4})),
+                       tmp_path / "dpo", show_progress=False)
+    assert dpo["status"] == "completed"
+    reloaded, _, info = load_adapter(tmp_path / "dpo" / "final", merge=True)
+    with torch.no_grad():
+        moved = (answer_logps(reloaded.eval(), batch)[0] - want).abs().max().item()
+    assert 0 < moved < 1.0, moved  # the SFT model plus two DPO steps, not the base
 
 
 # ------------------------------------------------------------------------------------- health

@@ -198,11 +198,29 @@ def read_adapter_info(adapter_dir: Path) -> dict:
     return json.loads((Path(adapter_dir) / ADAPTER_INFO).read_text())
 
 
+def tunelab_start(name: str | Path) -> Path | None:
+    """The model folder of a tunelab run named by its run dir or its final/ (a full model folder or a
+    tunelab adapter); None when `name` is no folder. Preference tuning starts from one (SFT -> DPO),
+    and an adapter trained on top of it names it as its base."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return None
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file() and (path / "final").is_dir():
+        path = path / "final"
+    return path
+
+
 def load_base(info: dict, *, quantized: bool = False, where: Path | None = None):
     """The base model an adapter was trained on, rebuilt from `tunelab_adapter.json` (fp32 or NF4)."""
     from tunelab.models.registry import resolve_model
 
-    name = resolve_reference(info["base"], where) if info.get("base") else info["base_model"]
+    start = tunelab_start((info.get("base") or {}).get("path") or info["base_model"])
+    if start is not None and (start / ADAPTER_INFO).is_file():  # trained on a tunelab LoRA run (SFT -> DPO)
+        return load_adapter(start, merge=True)[0]
+    if start is not None and (start / "config.json").is_file():  # a run dir's final/ here, as at training
+        name = str(start)
+    else:
+        name = resolve_reference(info["base"], where) if info.get("base") else info["base_model"]
     source = resolve_model(name)
     quant = nf4_config(info["quantization"]["skip_modules"]) if quantized and info.get("quantization") else None
     common = {"trust_remote_code": info.get("trust_remote_code", False), "revision": info.get("revision"),

@@ -135,22 +135,12 @@ def preference_metrics(model, batches, loss_fn) -> dict:
     return {"loss": sums["loss"] / max(sums["pairs"], 1.0), **measures_row(sums), "pairs": int(sums["pairs"])}
 
 
-def _sft_start(name: str) -> Path | None:
-    """The folder of a tunelab run (or its final/) when `name` is one; None for other model names."""
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        return None
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file() and (path / "final").is_dir():
-        path = path / "final"
-    return path
-
-
 def load_policy(cfg):
     """(model source path, tokenizer, model): the starting model, a tunelab SFT adapter merged into its base."""
-    start = _sft_start(cfg.model.name)
-    if start is not None and (start / "adapter_config.json").is_file():
-        from tunelab.models.adapters import load_adapter
+    from tunelab.models.adapters import load_adapter, tunelab_start
 
+    start = tunelab_start(cfg.model.name)
+    if start is not None and (start / "adapter_config.json").is_file():
         if cfg.method == "qlora":
             raise InputError("QLoRA on top of a LoRA adapter would quantise the merged model, which cannot be done in "
                              "memory: run `tunelab merge RUN -o DIR` and set model.name: DIR", field="model.name")
