@@ -208,7 +208,9 @@ def _drift_section(run_dir: Path, top: int) -> tuple[str, dict | None, str | Non
     if d is None:
         return f"<h2>weight drift</h2><p>not computed: {html.escape(why or 'unknown reason')}</p>", None, why
     o = d["overall"]
-    parts = [f"<h2>weight drift</h2><p>against base {html.escape(d['base'])} "
+    from tunelab.model_card import base_model_name
+
+    parts = [f"<h2>weight drift</h2><p>against base {html.escape(base_model_name(d['base']))} "
              f"({'LoRA adapter' if d['kind'] == 'lora' else 'full fine-tune'}): relative change "
              f"{_esc(o['relative_change'])}, cosine {_cos(o['cosine'])}, over {o['tensors']} tensors</p>"]
     fig = plots.drift_figure(d.get("layers") or [])

@@ -338,7 +338,8 @@ def header_info(recipe, out: Path, resumed_step: int | None = None) -> dict:
     effective = recipe.world_size * t.batch_size * t.grad_accum
     steps = f"{recipe.settings.total_steps}"
     if recipe.per_epoch:
-        steps += f" ({recipe.settings.total_steps / recipe.per_epoch:.3g} epochs of {recipe.per_epoch})"
+        epochs = recipe.settings.total_steps / recipe.per_epoch
+        steps += f" ({epochs:.3g} epoch{'' if epochs == 1 else 's'} of {recipe.per_epoch})"
     if resumed_step:
         steps += f", resuming at {resumed_step}"
     return {
