@@ -17,11 +17,7 @@ from pathlib import Path
 
 import yaml
 
-try:
-    from tunelab.durable import write_atomic  # never half a page (the reliability work)
-except ImportError:  # until tunelab.durable is committed: a plain write
-    def write_atomic(path, text):
-        Path(path).write_text(text, encoding="utf-8")
+from tunelab.durable import write_atomic
 from tunelab.errors import InputError
 from tunelab.monitor.health import summarize
 from tunelab.monitor.metrics_log import read_metrics
