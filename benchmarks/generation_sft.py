@@ -1,15 +1,16 @@
 """Generation health on a real chat SFT: SmolLM2-135M-Instruct on real short instruction/answer pairs,
 a sane recipe and a deliberately bad one, judged by what they generate (issue 16).
 
-    python benchmarks/generation_sft.py            # about 5-8 minutes on 2 quiet cores
+    python benchmarks/generation_sft.py            # both recipes, SmolLM2 (minutes; run it on a quiet machine)
+    python benchmarks/generation_sft.py --model DIR --prompts 4 --max-new-tokens 8 --out /tmp/x.json  # smoke test
 
 Takes the records of ../shared/datasets/alpaca_eval_gpt4/gpt4.model_outputs.json whose answer is
 short (<= 300 characters: the whole answer fits the reply budget, so the stop rate means
 something), writes them as OpenAI chat JSONL in a temporary folder (the sentences never enter
 this repository: the JSON holds measures and events only), and runs tunelab's chat recipe twice:
 
-- sane: the first 48 pairs, 2 epochs, lr 3e-5 cosine;
-- bad: the first 24 pairs, 12 epochs, lr 1e-3 constant (memorise a handful of answers at a lr
+- sane: the first 48 pairs, 3 epochs, lr 5e-5 cosine;
+- bad: the first 24 pairs, 8 epochs, lr 1e-3 constant (memorise a handful of answers at a lr
   far too high for full fine-tuning).
 
 Both generate for the same 16 held-out prompts (greedy and sampled at T 0.7, seed 0, 64 new
@@ -37,10 +38,10 @@ GEN_KINDS = ("never_stops", "mode_collapse", "repetition", "template_leakage")
 MEASURES = ("stop_rate", "length_mean", "length_ratio", "distinct_2", "cross_similarity", "repeated_4gram_share",
             "loop_rate", "leakage_rate", "chrf", "rouge_l")
 RECIPES = {
-    "sane": {"train_rows": 48, "optim": {"lr": 3e-5, "weight_decay": 0.0},
-             "schedule": {"name": "cosine", "warmup_ratio": 0.1}, "epochs": 2},
+    "sane": {"train_rows": 48, "optim": {"lr": 5e-5, "weight_decay": 0.0},
+             "schedule": {"name": "cosine", "warmup_ratio": 0.1}, "epochs": 3},
     "bad": {"train_rows": 24, "optim": {"lr": 1e-3, "weight_decay": 0.0},
-            "schedule": {"name": "constant", "warmup_steps": 0}, "epochs": 12},
+            "schedule": {"name": "constant", "warmup_steps": 0}, "epochs": 8},
 }
 
 
@@ -71,6 +72,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--only", choices=sorted(RECIPES), default=None)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="Another chat model, e.g. to smoke-test the script.")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "generation_sft.json")
     args = ap.parse_args()
     missing = alpaca_smollm2_missing(DATA)
@@ -90,7 +92,7 @@ def main() -> int:
             if args.only and name != args.only:
                 continue
             write_alpaca_conversations(records[: recipe["train_rows"]], tmp / f"train_{name}.jsonl")
-            raw = {"task": "chat", "model": {"name": "smollm2-135m-instruct", "max_length": 256},
+            raw = {"task": "chat", "model": {"name": args.model, "max_length": 256},
                    "data": {"train": str(tmp / f"train_{name}.jsonl"), "eval": str(tmp / "eval.jsonl")},
                    "optim": recipe["optim"], "schedule": recipe["schedule"],
                    "train": {"epochs": recipe["epochs"], "batch_size": 4, "log_every": 2, "precision": "auto"},
@@ -99,7 +101,8 @@ def main() -> int:
             results[name] = {"train_conversations": recipe["train_rows"], "config": raw,
                              **side(in_child(train_once, raw, str(tmp / f"run_{name}")))}
     result = {
-        "benchmark": "generation_sft", "model": "smollm2-135m-instruct (GGUF Q4_1, de-quantized to fp32)",
+        "benchmark": "generation_sft", "model": args.model + (" (GGUF Q4_1, de-quantized to fp32)" if
+                                                              args.model == "smollm2-135m-instruct" else ""),
         "data": "alpaca_eval_gpt4 records with answers <= 300 characters; held-out prompts are the last "
                 f"{len(held)}, disjoint from both training sets", "held_out_prompts": len(held),
         "max_new_tokens": args.max_new_tokens, "runs": results,
