@@ -42,6 +42,8 @@ ACCELERATORS = {a.name: a for a in [
     # AWS publishes no A10G datasheet; 70 dense bf16 TFLOPS is the figure used in NVIDIA/AWS-derived
     # A10 vs A10G comparisons (e.g. Baseten's), below the A10's own 125 (datasheet: 250 with sparsity).
     Accelerator("A10G", 24, 70.0, 31.2, "AWS G5 / A10 vs A10G comparisons (no vendor datasheet)"),
+    # NVIDIA T4 datasheet: 16 GB; mixed-precision (FP16/FP32) tensor 65 TFLOPS, FP32 8.1; no bf16.
+    Accelerator("T4", 16, 65.0, 8.1, "NVIDIA T4 datasheet (fp16 only: no bf16 tensor cores)"),
     # NVIDIA L4 datasheet: FP16/BF16 tensor 242 TFLOPS with sparsity -> 121 dense; FP32 30.3 TFLOPS.
     Accelerator("L4", 24, 121.0, 30.3, "NVIDIA L4 datasheet"),
     # NVIDIA Ada Lovelace architecture whitepaper (RTX 4090): FP16/BF16 tensor with FP32 accumulate

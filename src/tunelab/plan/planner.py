@@ -25,6 +25,7 @@ measured peaks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -32,11 +33,12 @@ import torch
 
 from tunelab.config import Config
 from tunelab.errors import InputError
+from tunelab.plan.memory import nf4_bits
 from tunelab.plan.probe import meta_model, probe
 from tunelab.train.loop import evaluation_due
 
 MB = 2**20
-NF4_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 weights + fp32 per 256 absmax (double quant)
+NF4_BITS = nf4_bits()  # 4.127: 4-bit codes + 8-bit absmax per 64 weights + fp32 per 256 absmax (double quant)
 
 
 # ---------------------------------------------------------------- data as the loop will batch it
@@ -247,7 +249,7 @@ def measure(cfg: Config, steps: int) -> dict:
     from tunelab.train.loop import LoopState, train_loop
 
     r = setup(cfg)
-    r.task.evaluate = None
+    r.task = dataclasses.replace(r.task, evaluate=None)  # task values are frozen
     r.settings.total_steps, r.settings.log_every = steps + 1, 1
     r.settings.eval_every = r.settings.save_every = None
     r.settings.early_stopping = False
