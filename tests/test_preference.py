@@ -272,18 +272,26 @@ def steps(raw: dict, tmp_path: Path, optimizer="sgd", **settings):
     return end, io.rows, start
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_accumulation_gives_the_one_large_batch_step(model_dir, tmp_path, method):
+@pytest.mark.parametrize("method, loss", [("full", "dpo"), ("lora", "dpo"), ("lora", "ipo"), ("full", "orpo"),
+                                          ("full", "simpo")])
+def test_accumulation_gives_the_one_large_batch_step(model_dir, tmp_path, method, loss):
     train = write_jsonl(tmp_path / "p.jsonl", PAIRS[:4])
-    raw = raw_config(model_dir, train, method=method, **({"lora": {"r": 4, "dropout": 0.0}} if method == "lora" else {}))
+    raw = raw_config(model_dir, train, method=method, preference={"loss": loss},
+                     **({"lora": {"r": 4, "dropout": 0.0}} if method == "lora" else {}))
     one, rows_one, start = steps(raw, tmp_path / "a", batch_size=4, grad_accum=1)
     accum, rows_acc, _ = steps(raw, tmp_path / "b", batch_size=1, grad_accum=4)
     for k in one:
         torch.testing.assert_close(accum[k], one[k], rtol=1e-5, atol=1e-6)
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # the step moved the weights
-    for key in ("loss", "reward_margin", "pref_accuracy", "logp_chosen", "kl_ref"):
-        assert rows_acc[0][key] == pytest.approx(rows_one[0][key], rel=1e-5, abs=1e-7), key
-    assert rows_one[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # policy = reference at the first step
+    reference_free = loss in ("orpo", "simpo")
+    assert ("kl_ref" in rows_one[0]) is not reference_free
+    assert (tmp_path / "a" / CACHE_FILE).is_file() is (method == "full" and not reference_free)
+    for key in ("loss", "reward_margin", "pref_accuracy", "logp_chosen", *(() if reference_free else ("kl_ref",))):
+        assert rows_acc[0][key] == pytest.approx(rows_one[0][key], rel=1e-5, abs=2e-5), key  # fp32 sums, other padding
+    if loss == "dpo":
+        assert rows_one[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # policy = reference at the first step
+    if loss == "ipo":
+        assert rows_one[0]["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-6)  # h = 0 at the first step
 
 
 def test_reference_cache_equals_recomputed_and_a_resume_reads_it(model_dir, tmp_path):
