@@ -102,3 +102,12 @@ def test_generation_off(tmp_path, llama):
                                                   eval={"generate": {"n": 0}}))
     assert "generation" not in summary and not (run / "generations.json").exists()
     assert not any("eval_gen_stop_rate" in r for r in rows)
+
+
+def test_a_missing_prompts_file_is_one_line_and_leaves_nothing(tmp_path, llama):
+    cfg = _config(tmp_path, llama, conversations(4), eval={"generate": {"prompts": "nope.jsonl"}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    res = CliRunner().invoke(app, ["train", str(path), "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert res.exit_code == 2 and "eval.generate.prompts" in res.output and "nope.jsonl" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "run").exists()
