@@ -186,3 +186,18 @@ def test_model_card_for_an_adapter_names_the_base_by_hub_id(tmp_path):
     assert "pipeline_tag: text-generation" in card and "| perplexity | 12.2000 | 4.5000 |" in card
     assert "tunelab train chat.yaml -o runs/x" in card and "PeftModel.from_pretrained" in card
     assert "- training rows: 30" in card and "- evaluation rows: 5" in card
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "{tmp}/missing.yaml"], ["plan", "{tmp}/missing.yaml"], ["eval", "{tmp}/missing", "--data", "{tmp}/d.csv"],
+    ["generate", "{tmp}/missing", "--prompt", "hi"], ["merge", "{tmp}/missing", "-o", "{tmp}/m"],
+    ["drift", "{tmp}/missing"], ["report", "{tmp}/missing"], ["compare", "{tmp}/missing"],
+    ["export", "{tmp}/missing"], ["data", "check", "{tmp}/missing.jsonl"], ["init", "nonsense"],
+    ["config", "--key", "zzz"],
+], ids=lambda a: " ".join(a[:2]))
+def test_every_verb_says_an_input_error_as_json_under_json(tmp_path, args):
+    res = runner.invoke(app, [a.format(tmp=tmp_path) for a in args] + ["--json"])
+    assert res.exit_code == 2, res.output
+    error = json.loads(res.stdout)["error"]
+    assert error["kind"] == "input" and error["exit_code"] == 2 and error["message"]
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error: ")
