@@ -327,6 +327,8 @@ def test_reference_cache_equals_recomputed_and_a_resume_reads_it(model_dir, tmp_
     assert strip(read(part)) == strip(read(tmp_path / "whole"))
     assert resumed["final"] == whole["final"]
     assert whole["before"]["eval_reward_margin"] == 0.0 and whole["final"]["pref_accuracy"] >= 0.5
+    page = (tmp_path / "whole" / "report.html").read_text()
+    assert all(f"data-plot='preference_{k}'" in page for k in ("reward_chosen", "reward_margin", "pref_accuracy", "kl_ref"))
 
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from tunelab.analysis.report_preference import preference_section
 from tunelab.durable import write_atomic
 from tunelab.errors import InputError
 from tunelab.monitor.health import summarize
@@ -275,6 +276,10 @@ def render_report(run_dir: str | Path, *, drift: bool = True, drift_top: int = 1
         section, drift_summary, drift_skipped = _drift_section(run_dir, drift_top)
         sections.append("drift")
         parts.append(section)
+    pref = preference_section(rows)  # task: preference (analysis/report_preference.py)
+    if pref:
+        sections.append("preference")
+        parts.append(pref)
     gens = _generations_section(run_dir)
     if gens:
         sections.append("generations")
