@@ -288,6 +288,30 @@ class MonitorConfig(Section):
                                    "instead of a warning and a 'failed' entry in summary.json's loggers.")
 
 
+class DistributedConfig(Section):
+    """How several processes (`tunelab train --nproc N`, N > 1) share the model (README: which strategy when).
+    Alone, none of this applies."""
+
+    strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = Field(
+        "ddp", description="ddp: a full copy per process (torch DDP); fsdp: parameters, gradients and optimizer "
+        "state sharded per transformer block (torch FSDP2); zero1/zero2/zero3: DeepSpeed ZeRO sharding the "
+        "optimizer state / also the gradients / also the parameters.")
+    cpu_offload: bool = Field(False, description="fsdp, zero*: keep the sharded optimizer state (and under "
+                              "fsdp/zero3 the parameters) in host memory.")
+    reshard_after_forward: bool = Field(True, description="fsdp: free each block's gathered parameters after its "
+                                        "forward (gather again for backward); false keeps them: faster, more memory.")
+
+    @model_validator(mode="after")
+    def _options_of_the_strategy(self) -> "DistributedConfig":
+        if self.cpu_offload and self.strategy == "ddp":
+            raise RuleError("cpu_offload", "distributed.cpu_offload needs a sharded strategy (ddp keeps everything "
+                            "on each device): set distributed.strategy fsdp, zero1, zero2 or zero3, or remove it")
+        if not self.reshard_after_forward and self.strategy != "fsdp":
+            raise RuleError("reshard_after_forward", "distributed.reshard_after_forward applies to strategy fsdp "
+                            f"only, not '{self.strategy}': remove it")
+        return self
+
+
 class Config(Section):
     task: Literal["classification", "causal_lm", "chat", "preference"] = "classification"
     model: ModelConfig = ModelConfig()
@@ -307,6 +331,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     preference: PreferenceConfig = PreferenceConfig()
     monitor: MonitorConfig = MonitorConfig()
+    distributed: DistributedConfig = DistributedConfig()
     versions: dict[str, str] | None = Field(None, description="Written into the run dir by tunelab; ignored on load.")
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from tunelab.device import to_device
 from tunelab.config import Config, dump_config
 from tunelab.distributed import (ALONE, Group, SharedRunIO, check_resume_world_size, check_supported, init_from_env,
                                  replicas_for)
+from tunelab.distributed.sharded import ShardedRunIO, check_resume_strategy, shard_before_optimizer
 from tunelab.durable import is_disk_full, reason
 from tunelab.errors import DiskFull, InputError, OutOfMemory
 from tunelab.evaluate import generation_run
@@ -77,6 +78,7 @@ class Recipe:
     probe_before: dict | None = None
     probe_generation: object = None  # evaluate.generation.GenerationEval on the probe's prompts (chat, causal_lm)
     world_size: int = 1  # processes training together (DDP); train.batch_size is per process
+    sharding: object = None  # distributed.sharded.ShardedRun under distributed.strategy fsdp / zero1-3
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -139,7 +141,7 @@ def _under(autocast, evaluate):
     return evaluate_at_precision
 
 
-def setup(cfg: Config, world_size: int = 1) -> Recipe:
+def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recipe:
     """Data, model, method, optimizer, schedule, loop settings. Writes nothing.
 
     With `world_size` processes an optimizer step takes world_size x grad_accum micro-batches, so an
@@ -169,6 +171,12 @@ def setup(cfg: Config, world_size: int = 1) -> Recipe:
                                   cfg.train.grad_accum * world_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
 
+    # fsdp shards the model here (its optimizer takes the sharded parameters); zero* after the optimizer
+    sharding = shard_before_optimizer(cfg, model, task.loss_fn, group or ALONE, precision, device)
+    if sharding is not None and task.generation is not None:
+        log.warning("generation measures (eval.generate) are not taken under distributed.strategy %s yet",
+                    sharding.strategy)
+        task.generation = None
     o, sch = cfg.optim, cfg.schedule
     groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, head_lr=o.head_lr or o.lr * o.head_lr_multiplier,
                           layer_lr_decay=o.layer_lr_decay)
@@ -180,6 +188,8 @@ def setup(cfg: Config, world_size: int = 1) -> Recipe:
         unfreezer = GradualUnfreezer(model, cfg.unfreeze.every, cfg.unfreeze.unit)
         unfreezer(0, 0)
         trainable, _ = count_params(model)
+    if sharding is not None:
+        sharding.start(model, task.loss_fn, optimizer, precision)
     penalty = make_penalty(model, l2sp=cfg.regularization.l2sp, ewc=cfg.regularization.ewc,
                            fisher_batches=fisher_batches(task, cfg), loss_fn=task.loss_fn)
     t = cfg.train
@@ -196,7 +206,7 @@ def setup(cfg: Config, world_size: int = 1) -> Recipe:
                   settings=settings, autocast=autocast, precision=precision, device=device,
                   trainable=trainable, total=total, per_epoch=per_epoch, mixout_layers=mixout_layers,
                   probe_texts=probe_texts, probe_before=probe_before, world_size=world_size,
-                  probe_generation=probe_generation)
+                  probe_generation=probe_generation, sharding=sharding)
 
 
 def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool, should_stop,
@@ -207,8 +217,12 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
     every process restores the checkpoint into its own replica, with its own RNG state.
     """
     io = None
+    if r.sharding is not None:
+        r.sharding.ckpt_root = out / "checkpoints"  # every process writes its checkpoint shards there
     if resume_from is not None:  # before anything in the run dir changes
-        check_checkpoint_fits(resume_from, r.model)
+        check_resume_strategy(resume_from, r.sharding.strategy if r.sharding is not None else "ddp")
+        if r.sharding is None:
+            check_checkpoint_fits(resume_from, r.model)
     if group.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
@@ -234,17 +248,22 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
                                      rank=group.rank)
+        if r.sharding is not None:  # every process reads its shard of the weights and optimizer state
+            r.sharding.replicas.load_shards(resume_from / ckpt.SHARDS, r.optimizer)
         state = LoopState(**{**saved["loop"], "status": "running"})
         r.tracker.load_state_dict(saved["tracker"])
         if io is not None:
             io.best_checkpoint = saved.get("best_checkpoint")
             before = next((row for row in read_metrics(out / "metrics.jsonl") if row.get("before_training")), None)
         log.info("resumed from %s at step %d/%d", resume_from, state.step, r.settings.total_steps)
-    elif io is not None:
+    elif r.sharding is not None and r.cfg.train.eval_before and r.task.evaluate is not None:
+        # the weights are in pieces: every process joins the evaluation, rank 0 writes as below
+        before = {**eval_row(r.sharding.replicas.on_main(r.task.evaluate, r.model), state, 0.0), "before_training": True}
+    if resume_from is None and io is not None:
         dump_config(r.cfg, out / "config.yaml")
         (out / "param_groups.json").write_text(json.dumps(describe_groups(r.optimizer), indent=1))
         if r.cfg.train.eval_before and r.task.evaluate is not None:
-            before = {**eval_row(r.task.evaluate(r.model), state, 0.0), "before_training": True}
+            before = before or {**eval_row(r.task.evaluate(r.model), state, 0.0), "before_training": True}
             generation_run.add_before(r.task.generation, r.model, before)
             io.log(before)
     return io, state, before
@@ -297,14 +316,21 @@ def train(r: Recipe, io: RunDir | None, state: LoopState, group: Group = ALONE) 
     SharedRunIO (rank 0 writes; `io` is None on the other ranks).
     """
     loop_io = io if group.world_size == 1 else SharedRunIO(io, group)
-    replicas = replicas_for(r.model, r.task.loss_fn, group)
+    if r.sharding is None:
+        replicas = replicas_for(r.model, r.task.loss_fn, group)
+    else:  # fsdp / zero*: the engine's replicas; every process writes its checkpoint shard
+        replicas = r.sharding.replicas
+        loop_io = ShardedRunIO(loop_io, r.sharding, r.optimizer, r.sharding.ckpt_root)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, loop_io.request_stop)
     try:
-        return train_loop(r.model, r.optimizer, r.scheduler, r.task, r.settings, state, r.tracker, loop_io,
-                          r.autocast, replicas)
+        state = train_loop(r.model, r.optimizer, r.scheduler, r.task, r.settings, state, r.tracker, loop_io,
+                           r.autocast, replicas)
+        if r.sharding is not None:
+            r.sharding.gather_held()
+        return state
     except torch.OutOfMemoryError:
         raise OutOfMemory(OOM_FIXES.format(bs=r.settings.batch_size)) from None
     except RuntimeError as e:
@@ -341,18 +367,24 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
                  "checkpoint": io.best_checkpoint},
         "before": before, "data": task.info,
     }
+    if r.sharding is not None:  # the bytes of parameters, gradients and optimizer state each process held
+        summary["sharding"] = r.sharding.summary()
     if state.status in ("completed", "early_stopped"):
         # the evaluation stored with the shipped weights, when their checkpoint holds one
         final_eval = None
         if r.cfg.checkpoint.final == "best" and io.best_checkpoint and (io.ckpt_root / io.best_checkpoint).is_dir():
-            ckpt.load_weights(io.ckpt_root / io.best_checkpoint, model)
+            shipped = io.ckpt_root / io.best_checkpoint
+            if r.sharding is None:
+                ckpt.load_weights(shipped, model)
             summary["final_weights"] = io.best_checkpoint
-            final_eval = _stored_eval(io, io.ckpt_root / io.best_checkpoint)
+            final_eval = _stored_eval(io, shipped)
         else:
             summary["final_weights"] = "last"
-            last = io.ckpt_root / ckpt.checkpoint_name(state.step)
-            if last.is_dir():
-                final_eval = _stored_eval(io, last)
+            shipped = io.ckpt_root / ckpt.checkpoint_name(state.step)
+            if shipped.is_dir():
+                final_eval = _stored_eval(io, shipped)
+        if r.sharding is not None:  # the sharded model cannot leave its process group: final/ from the files
+            model = r.sharding.plain_model(shipped)
         if r.mixout_layers:
             remove_mixout(model)
         write_final(out, lambda tmp: task.save_final(model.cpu() if r.device.type != "cpu" else model, tmp))
@@ -431,7 +463,7 @@ def _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, shoul
     """run_training once the run dir is judged: setup, then (holding the run dir's lock) train and save."""
     retries = []
     while True:
-        recipe = setup(cfg, group.world_size)
+        recipe = setup(cfg, group.world_size, group)
         if lock is not None:
             lock.acquire()  # after the setup (a bad input leaves nothing), before anything is written
             if resume is None and not retries:

@@ -358,19 +358,20 @@ class RunDir:
         self.progress.step_done(step, loop_seconds)
 
     def save(self, state: LoopState, tracker: BestTracker, is_best: bool, metrics: dict | None = None,
-             rank_rng: list[dict] | None = None) -> None:
+             rank_rng: list[dict] | None = None, shards: Path | None = None) -> None:
         """Checkpoint the run; `metrics` is the full evaluation of these weights when one just ran.
 
         The evaluation travels inside the checkpoint so the final summary can report it for the
         weights it ships without evaluating them a second time. `rank_rng`: every process's RNG
-        state when several train together (tunelab.distributed.SharedRunIO gathers them).
+        state when several train together (tunelab.distributed.SharedRunIO gathers them). `shards`: the
+        folder a sharded run's processes wrote their parts into (distributed.sharded.ShardedRunIO).
         """
         best = ckpt.checkpoint_name(state.step) if is_best else self.best_checkpoint
         payload = {"loop": state.to_dict(), "tracker": tracker.state_dict(), "best_checkpoint": best,
                    "eval": metrics, "eval_key": self.eval_key}
         try:
             ckpt.save_checkpoint(self.ckpt_root, step=state.step, model=self.model, optimizer=self.optimizer,
-                                 scheduler=self.scheduler, state=payload, rank_rng=rank_rng)
+                                 scheduler=self.scheduler, state=payload, rank_rng=rank_rng, shards=shards)
         except Exception as e:  # torch and safetensors report a full disk as RuntimeError / SafetensorError
             if not is_write_error(e):
                 raise

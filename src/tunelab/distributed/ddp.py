@@ -29,7 +29,7 @@ import torch
 from tunelab.distributed.group import Group
 from tunelab.errors import InputError
 from tunelab.train import checkpoint as ckpt
-from tunelab.train.protocols import OneProcess
+from tunelab.train.protocols import OneProcess, clip_and_step
 
 
 class LossModule(torch.nn.Module):
@@ -97,6 +97,9 @@ class DataParallel:
         """
         return self.group.broadcast(fn(*args) if self.group.is_main else None)
 
+    def clip_and_step(self, optimizer, params, max_norm: float | None, loss_finite: bool) -> tuple[float, bool]:
+        return clip_and_step(optimizer, params, max_norm, loss_finite)  # DDP's gradients are whole, equal everywhere
+
 
 def replicas_for(model: torch.nn.Module, loss_fn: Callable, group: Group):
     return DataParallel(model, loss_fn, group) if group.world_size > 1 else OneProcess(model, loss_fn)
@@ -139,6 +142,9 @@ def check_supported(cfg, world_size: int) -> None:
     """Refuse, at load time, the options that do not work with several processes yet."""
     if world_size <= 1:
         return
+    from tunelab.distributed.sharded import check_strategy
+
+    check_strategy(cfg, world_size)
     if cfg.train.auto_batch:
         raise InputError("train.auto_batch cannot retry an out-of-memory step with several processes yet; "
                          "set train.auto_batch: false or train with one process", field="train.auto_batch")

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
+SHARDS = "shards"  # a sharded run's weights and optimizer state, written by every process (tunelab.distributed)
 PREFIX = "step-"
 
 
@@ -82,10 +83,13 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(root: Path, *, step: int, model, optimizer, scheduler, state: dict,
-                    rank_rng: list[dict] | None = None) -> Path:
+                    rank_rng: list[dict] | None = None, shards: Path | None = None) -> Path:
     """Write a complete checkpoint atomically and return its folder.
 
     `rank_rng`: the RNG state of every process when several train together (rank 0 writes for all).
+    `shards`: a folder every process of a sharded run (fsdp, zero*) wrote its part of the weights
+    and optimizer state into; it is moved in as `shards/` (instead of weights.safetensors and
+    optimizer.pt) and its files join the manifest.
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
@@ -94,21 +98,24 @@ def save_checkpoint(root: Path, *, step: int, model, optimizer, scheduler, state
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        weights = trainable_state(model, optimizer)
-        for name, t in weights.items():
-            if not torch.isfinite(t).all():
-                raise FloatingPointError(f"refusing to save a checkpoint: parameter {name} holds NaN/Inf")
-        save_file(weights, str(tmp / "weights.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if shards is not None:
+            os.replace(shards, tmp / SHARDS)
+        else:
+            weights = trainable_state(model, optimizer)
+            for name, t in weights.items():
+                if not torch.isfinite(t).all():
+                    raise FloatingPointError(f"refusing to save a checkpoint: parameter {name} holds NaN/Inf")
+            save_file(weights, str(tmp / "weights.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         if rank_rng is not None and len(rank_rng) > 1:
             torch.save(rank_rng, tmp / "rng_ranks.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         files = {}
-        for f in sorted(tmp.iterdir()):
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             _fsync(f)
-            files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            files[f.relative_to(tmp).as_posix()] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
         _fsync(tmp / MANIFEST)
         if final.exists():
@@ -156,13 +163,18 @@ def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore weights, optimizer, scheduler and RNG (this rank's); return the loop state."""
-    weights = load_file(str(path / "weights.safetensors"))
-    missing = [k for k in weights if k not in dict(model.named_parameters())]
-    if missing:
-        raise ValueError(f"checkpoint {path} holds parameters the model lacks: {missing[:3]}")
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    """Restore weights, optimizer, scheduler and RNG (this rank's); return the loop state.
+
+    A sharded checkpoint's weights and optimizer state (`shards/`) are read by every process
+    together (tunelab.distributed: load_shards), not here.
+    """
+    if not (path / SHARDS).is_dir():
+        weights = load_file(str(path / "weights.safetensors"))
+        missing = [k for k in weights if k not in dict(model.named_parameters())]
+        if missing:
+            raise ValueError(f"checkpoint {path} holds parameters the model lacks: {missing[:3]}")
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if rank:  # another process of a data-parallel run: its own generators (rank 0's are rng.pt)
         set_rng_state(torch.load(path / "rng_ranks.pt", weights_only=True)[rank])

@@ -110,31 +110,27 @@ def eval_row(metrics: dict, state: LoopState, epoch: float) -> dict:
 
 
 def optimizer_step(optimizer, scheduler, params, s: LoopSettings, state: LoopState,
-                   window_loss: float) -> tuple[float, float, bool]:
+                   window_loss: float, replicas: Replicas) -> tuple[float, float, bool]:
     """Clip, step, zero the grads and advance the schedule for one accumulation window.
 
     Returns (pre-clip grad norm, the lr this step used, whether the step was finite). A step whose
     loss or gradient norm is not finite is skipped and counted; under fp16 an overflow is the
     GradScaler's business (it skips the step and lowers the scale), not divergence.
     """
-    if s.scaler is not None:
-        s.scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or float("inf")).item()
     g0 = optimizer.param_groups[0]
     lr = g0["lr"] * s.base_lr / g0["initial_lr"] if s.base_lr else g0["lr"]
     if s.scaler is not None:
+        s.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or float("inf")).item()
         old_scale = s.scaler.get_scale()
         s.scaler.step(optimizer)
         s.scaler.update()
         if s.scaler.get_scale() < old_scale:
             state.skipped_steps += 1
         finite = math.isfinite(window_loss)
-    elif math.isfinite(grad_norm) and math.isfinite(window_loss):
-        optimizer.step()
-        finite = True
-    else:
-        state.skipped_steps += 1
-        finite = False
+    else:  # the replicas clip and step: a sharded engine (DeepSpeed) owns its partitioned gradients
+        grad_norm, finite = replicas.clip_and_step(optimizer, params, s.max_grad_norm, math.isfinite(window_loss))
+        state.skipped_steps += not finite
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return grad_norm, lr, finite
@@ -189,7 +185,7 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
                 reg = s.penalty(model)
                 scale(reg).backward()
                 penalty = reg.item()
-            grad_norm, lr, finite = optimizer_step(optimizer, scheduler, params, s, state, window_loss)
+            grad_norm, lr, finite = optimizer_step(optimizer, scheduler, params, s, state, window_loss, replicas)
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
             if not finite:  # name the rows behind it: a NaN/Inf loss is often one broken example, not the lr
                 io.log({"step": state.step + 1, "event": "nonfinite_step", "examples": window_examples(window, task.train)})

@@ -9,6 +9,7 @@ out of it: the loop imports nothing from tasks/ or distributed/.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,19 @@ class Replicas(Protocol):
     def sum(self, *values): ...
     def any(self, flag: bool) -> bool: ...
     def on_main(self, fn, *args): ...
+    def clip_and_step(self, optimizer, params, max_norm: float | None, loss_finite: bool) -> tuple[float, bool]: ...
+
+
+def clip_and_step(optimizer, params, max_norm: float | None, loss_finite: bool) -> tuple[float, bool]:
+    """Clip the gradients to `max_norm` (global 2-norm), then step unless the loss or the norm is not
+    finite; returns (pre-clip norm, whether the step was taken). Sharded gradients (FSDP's DTensors)
+    clip by the norm over all processes, which torch computes; the returned norm is that full one."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if loss_finite and math.isfinite(norm):
+        optimizer.step()
+        return norm, True
+    return norm, False
 
 
 class OneProcess:
@@ -116,3 +130,6 @@ class OneProcess:
 
     def on_main(self, fn: Callable, *args):
         return fn(*args)
+
+    def clip_and_step(self, optimizer, params, max_norm: float | None, loss_finite: bool) -> tuple[float, bool]:
+        return clip_and_step(optimizer, params, max_norm, loss_finite)
