@@ -104,13 +104,18 @@ def _guard(fn, *args, **kwargs):
         raise typer.Exit(1)
 
 
-def _json_error(kind: str, message: str, code: int, **where) -> None:
-    """Under --json an error is also one JSON object on stdout (a script reads stdout; a person, stderr):
-    {"error": {"kind": input|failure|internal, "message", "exit_code", "file", "line", "field"}}."""
+def _json_requested() -> bool:
+    """Whether the running verb was given --json (its `as_json` parameter)."""
     from typer._click.globals import get_current_context  # typer vendors click
 
     ctx = get_current_context(silent=True)
-    if ctx is None or not ctx.params.get("as_json") or _rank_prefix():
+    return bool(ctx is not None and ctx.params.get("as_json"))
+
+
+def _json_error(kind: str, message: str, code: int, **where) -> None:
+    """Under --json an error is also one JSON object on stdout (a script reads stdout; a person, stderr):
+    {"error": {"kind": input|failure|internal, "message", "exit_code", "file", "line", "field"}}."""
+    if not _json_requested() or _rank_prefix():
         return
     where = {k: v for k, v in where.items() if v is not None}
     typer.echo(json.dumps({"error": {"kind": kind, "message": " ".join(str(message).split()), "exit_code": code, **where}}))
@@ -242,6 +247,7 @@ def _relaunch(cfg, config: Path, set_: list[str], output_dir: Optional[Path], re
     # no --nproc for the workers: torchrun's own parser would take it for its --nproc-per-node
     args = ["train", str(config), *[a for item in set_ for a in ("--set", item)], "--output-dir", str(out)]
     args += (["--resume", resume] if resume else []) + (["--no-progress"] if no_progress else [])
+    args += ["--json"] if _json_requested() else []  # rank 0 prints summary.json's object
     return launch(nproc, (["--debug"] if _state["debug"] else []) + args, debug=_state["debug"])
 
 
