@@ -6,6 +6,7 @@ Exit codes: 0 done; 2 bad input (one line naming file, line and field, no traceb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -192,7 +193,10 @@ def train(
         try:
             if nproc > 1 and not under_torchrun:
                 raise typer.Exit(_relaunch(cfg, config, set_, output_dir, resume, no_progress, nproc))
-            summary = run_training(cfg, output_dir, config_path=config, resume=resume, show_progress=not no_progress)
+            # under --json stdout holds the JSON alone: whatever a library prints meanwhile goes to stderr
+            with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+                summary = run_training(cfg, output_dir, config_path=config, resume=resume,
+                                       show_progress=not no_progress)
         except InputError as e:
             if e.file is not None or not e.field:
                 raise
