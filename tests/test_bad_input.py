@@ -24,11 +24,19 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import typer.main
+import typer.testing
 from typer.testing import CliRunner
 
 from tunelab.cli import app
 
 runner = CliRunner()
+_COMMAND = typer.main.get_command(app)  # built once: typer rebuilds it on every invoke (~70% of a case's time)
+
+
+@pytest.fixture(autouse=True)
+def _command_built_once(monkeypatch):
+    monkeypatch.setattr(typer.testing, "_get_command", lambda _app: _COMMAND)
 
 ROWS = [
     ("the movie was great fun", "pos"),

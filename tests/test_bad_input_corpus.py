@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 
 import pytest
+import typer.main
+import typer.testing
 from typer.testing import CliRunner
 
 from test_bad_input import (BASE, FOLDER, MISSING_MODEL, OBJS, Case, Workspace, _snapshot, csv_with, json_array,
@@ -25,6 +27,12 @@ from tunelab.cli import app
 from tunelab.config import Config, _numeric
 
 runner = CliRunner()
+_COMMAND = typer.main.get_command(app)  # built once: typer rebuilds it on every invoke (~70% of a case's time)
+
+
+@pytest.fixture(autouse=True)
+def _command_built_once(monkeypatch):
+    monkeypatch.setattr(typer.testing, "_get_command", lambda _app: _COMMAND)
 
 
 def cfg_case(id: str, text: str, loc: str, *says: str, args: tuple = (), files: dict | None = None) -> Case:

@@ -17,8 +17,15 @@ from tunelab.export.check import ExportMismatch
 from tunelab.export.run_export import export_run
 
 runner = CliRunner()
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second thread only adds contention on a shared 2-core machine (6x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,9 @@ def _guard(fn, *args, **kwargs):
     except Exception as e:
         if _state["debug"]:
             traceback.print_exc()
-        typer.echo(f"{_rank_prefix()}internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback; please report it)", err=True)
+        what = " ".join(str(e).split())[:300]  # one line, whatever the exception held
+        typer.echo(f"{_rank_prefix()}internal error: {type(e).__name__}: {what} (rerun with --debug for the traceback; "
+                   "please report it)", err=True)
         _json_error("internal", f"{type(e).__name__}: {e}", 1)
         raise typer.Exit(1)
 

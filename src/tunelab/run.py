@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import os
 import random
 import shutil
@@ -246,8 +247,13 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
         r.task.prepare(r.model, out, group, r.autocast)
     state, before = LoopState(world_size=r.world_size), None
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
-                                     rank=group.rank)
+        try:
+            saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
+                                         rank=group.rank)
+        except pickle.UnpicklingError:  # weights_only refused an object: never run a checkpoint's code
+            raise InputError("a checkpoint file holds objects other than tensors and numbers (refused by "
+                             "weights_only): it was not written by tunelab; resume from another checkpoint",
+                             file=resume_from) from None
         if r.sharding is not None:  # every process reads its shard of the weights and optimizer state
             r.sharding.replicas.load_shards(resume_from / ckpt.SHARDS, r.optimizer)
         state = LoopState(**{**saved["loop"], "status": "running"})
