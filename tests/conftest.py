@@ -92,6 +92,18 @@ def toy_classification(tmp_path, tiny_bert) -> dict:
     return {"dir": tmp_path, "config": cfg}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on one torch thread: on a shared 2-core machine a second thread only adds contention
+    (measured 6x slower for the tiny Llama). Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def needs_shared():
     return pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason="../shared/datasets is not present")
 

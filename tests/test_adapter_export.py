@@ -16,14 +16,8 @@ from tunelab.cli import app
 from tunelab.errors import InputError
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_adapter(root: Path, monkeypatch) -> tuple[Path, Path]:

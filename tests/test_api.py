@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import tunelab
 from conftest import sentiment_rows, tiny_chat_tokenizer_build, tiny_llama_build
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -17,15 +17,8 @@ from tunelab.export.check import ExportMismatch
 from tunelab.export.run_export import export_run
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second thread only adds contention on a shared 2-core machine (6x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +123,7 @@ def test_ollama_export_modelfile_renders_like_training(tiny_model, tmp_path):
 
 
 def test_unsupported_architecture_is_an_input_error(tmp_path, tiny_bert):
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="writes causal LMs"):
         export_run(tiny_bert, tmp_path / "x", "gguf", ["f16"])
 
 

@@ -178,6 +178,37 @@ def test_activation_formula_agrees_with_the_probe(impl):
             assert _probe_vs_formula(config, amp) == pytest.approx(1.0, abs=tol), (config.model_type, amp)
 
 
+def test_lora_activation_formula_agrees_with_the_probe():
+    """Under LoRA the frozen projections keep nothing and the adapted ones their (dropout) inputs:
+    against the probe on a peft-wrapped tiny Llama (all projections, or q/v) and GPT-2 (c_attn),
+    LoRA dropout 0.05, fp32 and bf16 autocast: within 12% (README states the spread)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, LlamaConfig
+
+    from tunelab.plan.probe import probe_loss
+
+    llama = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
+                        num_key_value_heads=4, vocab_size=512)
+    gpt2 = GPT2Config(n_embd=256, n_layer=2, n_head=8, vocab_size=512, n_positions=512, activation_function="gelu",
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    s, b = 256, 2
+    for config, targets in [(llama, "auto"), (llama, ["q_proj", "v_proj"]), (gpt2, ["c_attn"])]:
+        for amp in (None, torch.bfloat16):
+            meta = arch.build_meta(config, "causal_lm")
+            info = arch.lora_params(meta, "causal_lm", targets, 8)
+            peft_model = get_peft_model(meta, LoraConfig(r=8, target_modules=info["targets"], lora_dropout=0.05))
+            measured = probe_loss(peft_model, lambda f: f.get_base_model().base_model(
+                input_ids=torch.zeros(b, s, dtype=torch.long), use_cache=False).last_hidden_state.float().sum(),
+                amp).saved_bytes
+            act, shape = (2 if amp else 4), arch.shape_of(config, "causal_lm")
+            f = memory.activations(shape, s, b, act_bytes=act, norm_bytes=4, autocast=amp is not None, mask_bytes=act,
+                                   lora={"roles": info["roles"], "r": 8, "dropout": 0.05})["kept"]
+            f += shape.layers * act * b * s * s  # the CPU sdpa's materialised causal mask
+            c = arch.counts(arch.build_meta(config, "causal_lm"), "causal_lm")
+            f += 2 * (c["matmul"] - c["output_projection"]) if amp else 0  # autocast's weight copies
+            assert f / measured == pytest.approx(1.0, abs=0.12), (config.model_type, targets, amp)
+
+
 def test_flops_per_token_against_torch_flop_counter():
     """6P + 12 L s d per token (full) against FlopCounterMode on a real forward + backward; LoRA's 4P + 6P_a."""
     from transformers import LlamaConfig

@@ -225,12 +225,9 @@ def load(run_or_final: str | Path, kind: str | None = None):
 
 
 def _kind(folder: Path) -> str:
-    info = folder / "tunelab_adapter.json"
-    if info.is_file():
-        return "classifier" if json.loads(info.read_text()).get("task") == "classification" else "causal_lm"
-    cfg = folder / "config.json"
-    archs = json.loads(cfg.read_text()).get("architectures") or [] if cfg.is_file() else []
-    return "classifier" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
+    from tunelab.export.source import is_classifier
+
+    return "classifier" if is_classifier(folder) else "causal_lm"
 
 
 def evaluate(model_or_run: str | Path, data, *, text_column: str = "text", label_column: str = "label",

@@ -42,6 +42,9 @@ def locate(path: str | Path) -> Source:
 
 def load_merged(src: Source):
     """(model, tokenizer) in fp32, eval mode, any adapter merged into its fp32 base."""
+    if is_classifier(src.folder):
+        raise InputError("GGUF / Ollama export writes causal LMs; this is a classifier "
+                         "(use tunelab merge for a plain Hugging Face folder)", file=src.folder)
     if src.is_adapter:
         from tunelab.models.adapters import load_adapter
 
@@ -51,6 +54,19 @@ def load_merged(src: Source):
 
         model, tokenizer = load_saved_causal_lm(src.folder)
     return model.float().eval(), tokenizer
+
+
+def is_classifier(folder: Path) -> bool:
+    """Whether a model or adapter folder holds a sequence classifier (the adapter's task, else the
+    model's architecture): exports take causal LMs only, and the API loads each with its own class."""
+    import json
+
+    info = folder / "tunelab_adapter.json"
+    if info.is_file():
+        return json.loads(info.read_text()).get("task") == "classification"
+    cfg = folder / "config.json"
+    archs = (json.loads(cfg.read_text()).get("architectures") or []) if cfg.is_file() else []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
 def training_prompts(src: Source, tokenizer, n: int = 3) -> list[str]:

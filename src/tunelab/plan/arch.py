@@ -175,7 +175,43 @@ def lora_params(model: nn.Module, task: str, targets, r: int) -> dict:
             for s in set(names) & set(FUSED_SLICES):
                 total += r * (fan_in + fan_out // 3)
                 adapted += 1
-    return {"targets": names, "adapted_layers": adapted, "params": total}
+    return {"targets": names, "adapted_layers": adapted, "params": total,
+            "roles": sorted(adapted_roles(model, task, names))}
+
+
+def adapted_roles(model: nn.Module, task: str, names: list[str]) -> set[str]:
+    """The roles (q, k, v, qkv, o, gate, up, down) of a layer's projections that `names` adapt, read
+    from the first transformer block's module paths (BERT's three `dense`, GPT-2's two `c_proj`)."""
+    roles = set()
+    block = [n for n in linear_layers(model, task) if _first_block(n)]
+    for full in block:
+        leaf = full.rsplit(".", 1)[-1]
+        if leaf not in names and not (leaf == "c_attn" and set(names) & set(FUSED_SLICES)):
+            continue
+        attn = "attn" in full or "attention" in full
+        if leaf in ("q_proj", "query"):
+            roles.add("q")
+        elif leaf in ("k_proj", "key"):
+            roles.add("k")
+        elif leaf in ("v_proj", "value"):
+            roles.add("v")
+        elif leaf in ("c_attn", "qkv_proj", "query_key_value", "Wqkv"):
+            roles.add("qkv")
+        elif leaf in ("o_proj", "out_proj") or (attn and leaf in ("c_proj", "dense")):
+            roles.add("o")
+        elif leaf == "gate_proj":
+            roles.add("gate")
+        elif leaf in ("up_proj", "c_fc", "fc1", "gate_up_proj") or (leaf == "dense" and "intermediate" in full):
+            roles.add("up")
+        else:  # down_proj, fc2, the MLP's c_proj, BERT's output.dense
+            roles.add("down")
+    return roles
+
+
+def _first_block(name: str) -> bool:
+    """A module inside the first repeated block (a path with a `.0.` index)."""
+    parts = name.split(".")
+    return any(p == "0" for p in parts[:-1])
 
 
 def head_params(model: nn.Module, task: str) -> int:

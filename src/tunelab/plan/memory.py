@@ -125,16 +125,69 @@ def layer_activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_
     return attn + mlp + norms
 
 
+def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: int, dropout: float,
+                           act_bytes: int = 2, norm_bytes: int | None = None, attention: str = "sdpa",
+                           autocast: bool = False, mask_bytes: int = 1, softmax_fp32: bool = True) -> float:
+    """One layer's saved bytes when only LoRA adapters train: what backward needs to pass gradients
+    through the frozen layer and to the adapters, term by term as in `layer_activations`.
+
+    A frozen projection saves nothing (its input gradient needs only its weight); an adapted one
+    saves its input for lora_A (its dropout output and mask under LoRA dropout; autocast's 16-bit
+    copy; in fp32 the one input tensor its siblings share) and lora_A's r-wide output for lora_B.
+    Attention keeps Q, K, V (and its output under fused kernels), activation functions and the gated
+    product their inputs, frozen norms their input. `roles`: the adapted projections of a layer
+    (q, k, v, qkv for a fused c_attn, o, gate, up, down).
+    """
+    norm_bytes = act_bytes if norm_bytes is None else norm_bytes
+    sb, h, i = s * b, shape.hidden, shape.intermediate
+    q_dim = shape.heads * shape.head_dim
+    kv_dim = shape.kv_heads * shape.head_dim if attention == "flash" else q_dim
+    fan_in = {"q": h, "k": h, "v": h, "qkv": h, "o": q_dim, "gate": h, "up": h, "down": i}
+    groups = [("q", "k", "v", "qkv"), ("o",), ("gate", "up"), ("down",)]
+    shared = {"o": attention != "eager"}  # fused attention saves its output, which o_proj reads
+    total = 0.0
+    for group in groups:
+        saved = shared.get(group[0], False)
+        for role in group:
+            if role not in roles:
+                continue
+            total += act_bytes * sb * r  # lora_A's output, for lora_B
+            if dropout > 0:
+                total += (act_bytes + mask_bytes) * sb * fan_in[role]
+            elif autocast or not saved:
+                total += act_bytes * sb * fan_in[role]
+                saved = True
+    total += act_bytes * sb * (q_dim + 2 * kv_dim)  # Q, K, V
+    if attention == "eager":
+        scores = shape.heads * s * s * b
+        total += act_bytes * scores + (4 * scores if softmax_fp32 and act_bytes != 4 else 0)
+        if shape.attention_dropout > 0:
+            total += mask_bytes * scores + act_bytes * scores
+    else:
+        total += act_bytes * sb * q_dim + 4 * shape.heads * s * b  # output + log-sum-exp
+    total += act_bytes * sb * i * (3 if shape.gated_mlp else 1)  # act input (+ act output, up output)
+    drop_h = mask_bytes if shape.hidden_dropout > 0 else 0
+    total += 2 * drop_h * sb * h
+    total += 2 * (4 if shape.norm == "rmsnorm" else norm_bytes) * sb * h  # frozen norms: their input
+    return total
+
+
 def activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes: int | None = None,
                 attention: str = "sdpa", checkpointing: bool = False, autocast: bool = False,
-                mask_bytes: int = 1, softmax_fp32: bool = True) -> dict:
-    """All layers' saved activations, with full recomputation or without; the final norm and head input."""
+                mask_bytes: int = 1, softmax_fp32: bool = True, lora: dict | None = None) -> dict:
+    """All layers' saved activations, with full recomputation or without; the final norm and head input.
+    `lora`: {"roles", "r", "dropout"} when only adapters train (`lora_layer_activations`)."""
     norm_bytes = act_bytes if norm_bytes is None else norm_bytes
-    one = layer_activations(shape, s, b, act_bytes=act_bytes, norm_bytes=norm_bytes, attention=attention,
-                            autocast=autocast, mask_bytes=mask_bytes, softmax_fp32=softmax_fp32)
+    common = dict(act_bytes=act_bytes, norm_bytes=norm_bytes, attention=attention, autocast=autocast,
+                  mask_bytes=mask_bytes, softmax_fp32=softmax_fp32)
+    one = layer_activations(shape, s, b, **common) if lora is None else lora_layer_activations(
+        shape, s, b, roles=set(lora["roles"]), r=lora["r"], dropout=lora["dropout"], **common)
     per_norm = (4 + norm_bytes) if shape.norm == "rmsnorm" else norm_bytes
     embed_drop = mask_bytes if shape.hidden_dropout > 0 else 0
-    head_in = (per_norm + act_bytes + embed_drop) * s * b * shape.hidden  # final norm, head input, embedding dropout
+    # the final norm, the head's input (a frozen head under LoRA keeps none), the embedding dropout mask
+    head_in = (per_norm + act_bytes + embed_drop) * s * b * shape.hidden
+    if lora is not None:
+        head_in = ((4 if shape.norm == "rmsnorm" else norm_bytes) + embed_drop) * s * b * shape.hidden
     if checkpointing:  # each layer's input kept; one layer recomputed at a time in backward
         kept = shape.layers * norm_bytes * s * b * shape.hidden
         return {"per_layer": one, "kept": kept + head_in, "recompute": one, "total": kept + head_in + one}

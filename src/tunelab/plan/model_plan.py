@@ -32,6 +32,7 @@ class Spec:
     method: str = "full"
     lora_r: int = 8
     lora_targets: list[str] | str = "auto"
+    lora_dropout: float = 0.05  # tunelab's lora.dropout default
     seq_len: int = 2048
     batch_size: int = 1  # micro-batch per device
     grad_accum: int = 1
@@ -119,9 +120,13 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     # tunelab's autocast keeps the residual stream (embeddings + residual adds) in fp32: norm inputs too
     autocast = computes_under_autocast(spec.strategy) and act_bytes == 2
     norm_bytes = 4 if autocast else act_bytes
+    lora = None
+    if spec.method != "full":
+        lora = {"roles": model.lora(spec.lora_targets, spec.lora_r)["roles"], "r": spec.lora_r,
+                "dropout": spec.lora_dropout}
     acts = memory.activations(model.shape, spec.seq_len, spec.batch_size, act_bytes=act_bytes,
                               norm_bytes=norm_bytes, attention=spec.attention,
-                              checkpointing=spec.gradient_checkpointing, autocast=autocast)
+                              checkpointing=spec.gradient_checkpointing, autocast=autocast, lora=lora)
     if autocast and spec.strategy == "ddp":  # autocast's 16-bit copy of each matmul weight, kept for backward
         casts = model.counts["output_projection"] if spec.method == "qlora" else model.counts["matmul"]
         states["weights"] += 2 * casts
