@@ -58,6 +58,21 @@ def test_fsdp_shards_like_zero3_and_offload_moves_states_to_the_host():
     assert fsdp_off["model_states"] == 0 and fsdp_off["cpu"] == pytest.approx(16 * 7.5e9 / 4)
 
 
+@pytest.mark.parametrize("strategy,shares", [
+    ("fsdp", (0.5, 0.5, 0.5)), ("zero1", (1.0, 1.0, 0.5)), ("zero2", (1.0, 0.5, 0.5)), ("zero3", (0.5, 0.5, 0.5))])
+def test_fp32_shares_match_what_the_sharded_processes_hold(strategy, shares):
+    """The per-rank shares tests/test_sharding.py measures from the tensors 2 CPU processes hold (fp32):
+    weights P x 4 bytes, gradients P x 4, optimizer 2P x 4 under FSDP2 and 3P x 4 under DeepSpeed
+    (moments + its fp32 partition copy), each times its share; the planner's fp32 states must agree."""
+    from tunelab.plan.model_plan import layout_for
+
+    p = 1e6
+    m = memory.model_states(p, p, precision="fp32", strategy=strategy, n=2, layout=layout_for(strategy))
+    whole = (4 * p, 4 * p, (2 if strategy == "fsdp" else 3) * 4 * p)
+    held = (m["weights"], m["gradients"], m["optimizer"] + m["master_weights"])
+    assert [h / w for h, w in zip(held, whole)] == list(shares)
+
+
 def test_qlora_bits_and_the_65b_base():
     """Dettmers et al. 2023: NF4 + double quantisation 4.127 bits per parameter, 4.5 without; 65B ~ 33.5 GB."""
     assert round(memory.nf4_bits(), 3) == 4.127

@@ -13,7 +13,8 @@ divides what a stage partitions by N:
 Frozen parameters (LoRA/QLoRA bases) have weights only. tunelab's own single-device and DDP
 training keeps fp32 parameters and computes under autocast (`layout="autocast"`: weights 4 bytes,
 gradients 4, moments 8, no separate master: the same 16 bytes, split differently); DeepSpeed's
-bf16/fp16 engine keeps the ZeRO layout (`layout="zero"`). fp32 training is 4 + 4 + 8 in both.
+bf16/fp16 engine keeps the ZeRO layout (`layout="zero"`). fp32 training is 4 + 4 + 8 without
+DeepSpeed and 4 + 4 + 12 with it (its optimizer partition holds an fp32 copy even of fp32 weights).
 `offload` (`distributed.cpu_offload`) moves to host memory what each strategy offloads: DeepSpeed's
 ZeRO-Offload the optimizer partition (master + moments), FSDP2's CPUOffloadPolicy the sharded
 parameters, gradients and optimizer state; it is reported as `cpu_bytes`, not counted against the
@@ -62,7 +63,8 @@ def model_states(total: float, trainable: float, *, precision: str = "bf16", str
     if strategy not in SHARDED:
         raise ValueError(f"unknown strategy {strategy!r}")
     half = precision in ("bf16", "fp16") and layout == "zero"
-    wbytes, gbytes, mbytes = (2, 2, 4) if half else (4, 4, 0)
+    wbytes, gbytes = (2, 2) if half else (4, 4)
+    mbytes = 4 if layout == "zero" else 0  # DeepSpeed's fp32 partition exists in fp32 training too
     frozen_plain = total - trainable - quantized
     items = {"weights": (trainable + frozen_plain) * wbytes + quantized * nf4_bits(double_quant) / 8,
              "gradients": trainable * gbytes, "master_weights": trainable * mbytes, "optimizer": trainable * 8}
