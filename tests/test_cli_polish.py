@@ -114,6 +114,7 @@ def test_init_writes_a_commented_starter_that_loads(tmp_path, task):
 def finished_run(root: Path) -> Path:
     root.mkdir()
     (root / "summary.json").write_text(json.dumps({"status": "completed", "steps": 16, "run_dir": str(root)}))
+    (root / "report.html").write_text("<!doctype html>")
     return root
 
 
