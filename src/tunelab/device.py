@@ -17,5 +17,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def run_device() -> torch.device:
+    """Where a run trains: the GPU when torch sees one (one per process under DDP), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device

@@ -11,7 +11,6 @@ import fcntl
 import json
 import logging
 import os
-import resource
 import shutil
 import socket
 import threading
@@ -25,6 +24,7 @@ from tunelab.monitor.loggers import LoggerSet
 from tunelab.durable import is_disk_full, is_write_error, looks_full, reason, write_atomic
 from tunelab.monitor.metrics_log import MetricsLog, read_metrics, repair_metrics
 from tunelab.monitor.progress import Progress
+from tunelab.process_memory import memory_now_mb, peak_memory_mb  # noqa: F401 (run.py's import path)
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.early_stop import BestTracker
 from tunelab.train.loop import LoopState
@@ -288,22 +288,6 @@ def trim_metrics(path: Path, step: int) -> None:
         log.warning("resume: %s", note)
     rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def memory_now_mb(device: torch.device) -> float:
-    """Memory held now, for the metrics rows' `memory_mb`: what the CUDA caching allocator reserves on a
-    GPU, the process's resident set on the CPU (the report plots it over time)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_reserved(device) / 2**20
-    from tunelab.plan.planner import runtime_bytes
-
-    return runtime_bytes() / 2**20
 
 
 class RunDir:

@@ -40,8 +40,9 @@ def classification_metrics(preds: list[int], labels: list[int], names: list[str]
 
 
 @torch.no_grad()
-def predict(model, batches, *, autocast) -> tuple[float, list[int], list[int]]:
-    """Summed cross-entropy, predictions and labels over an iterable of padded batches."""
+def predict(model, batches) -> tuple[float, list[int], list[int]]:
+    """Summed cross-entropy, predictions and labels over an iterable of padded batches (at the caller's
+    precision: the run wraps its whole evaluation in the training autocast)."""
     was_training = model.training
     model.eval()
     loss_sum, preds, labels = 0.0, [], []
@@ -50,8 +51,7 @@ def predict(model, batches, *, autocast) -> tuple[float, list[int], list[int]]:
         for batch in batches:
             batch = to_device(batch, device)
             y = batch.pop("labels")
-            with autocast():
-                logits = model(**batch).logits.float()
+            logits = model(**batch).logits.float()
             loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
             preds += logits.argmax(-1).tolist()
             labels += y.tolist()

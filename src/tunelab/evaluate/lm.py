@@ -10,7 +10,6 @@ labels times the number of supervised tokens (tests/test_causal_lm.py checks it)
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 
@@ -41,8 +40,9 @@ def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def lm_metrics(model, batches, autocast=nullcontext) -> dict:
-    """Eval loss (mean per supervised token), perplexity and next-token accuracy on supervised tokens."""
+def lm_metrics(model, batches) -> dict:
+    """Eval loss (mean per supervised token), perplexity and next-token accuracy on supervised tokens
+    (at the caller's precision: the run wraps its whole evaluation in the training autocast)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
@@ -50,8 +50,7 @@ def lm_metrics(model, batches, autocast=nullcontext) -> dict:
     try:
         for batch in batches:
             batch = to_device(batch, device)
-            with autocast():
-                logits, targets = supervised_logits(model, batch)
+            logits, targets = supervised_logits(model, batch)
             loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             correct += int((logits.argmax(-1) == targets).sum())
             n += int(targets.numel())

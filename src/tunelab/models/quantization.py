@@ -11,6 +11,8 @@ import logging
 import torch
 from torch import nn
 
+from tunelab.device import run_device
+
 # heads that are created (or resized) by tunelab and must stay in full precision under QLoRA
 QLORA_SKIP_MODULES = ["classifier", "score", "lm_head"]
 
@@ -23,7 +25,7 @@ def quiet_bitsandbytes() -> None:
 
 def compute_dtype(device: torch.device | None = None) -> torch.dtype:
     """bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or run_device()
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     try:

@@ -35,7 +35,11 @@ from tunelab.config import Config
 from tunelab.errors import InputError
 from tunelab.plan.memory import nf4_bits
 from tunelab.plan.probe import meta_model, probe
+from tunelab.device import run_device
+from tunelab.process_memory import available_bytes, runtime_bytes  # one /proc reader, shared with the run
+from tunelab.train import sizes
 from tunelab.train.loop import evaluation_due
+from tunelab.train.sizes import usable_max_length
 
 MB = 2**20
 NF4_BITS = nf4_bits()  # 4.127: 4-bit codes + 8-bit absmax per 64 weights + fp32 per 256 absmax (double quant)
@@ -51,7 +55,11 @@ def data_profile(cfg: Config) -> dict:
 
     source = resolve_model(cfg.model.name)
     tok = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    max_len = cfg.model.max_length
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file,
+                                              trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    max_len = usable_max_length(cfg.model.max_length, model_config)  # the length training will use
     packed = False
     if cfg.task == "classification":
         from tunelab.data.classification import load_train_eval
@@ -150,26 +158,6 @@ def param_bytes(model, cfg: Config) -> dict:
             "optimizer": trainable * 8, "regularizers": trainable * 4 * copies}
 
 
-def _proc_bytes(path: str, key: str) -> int | None:
-    """A "Key:   N kB" line of a Linux /proc file, in bytes; None where there is no such file or line."""
-    try:
-        with open(path) as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-    except (OSError, StopIteration):
-        return None
-
-
-def runtime_bytes() -> int:
-    """This process's resident memory now: the interpreter with torch and transformers imported."""
-    return _proc_bytes("/proc/self/status", "VmRSS") or 0
-
-
-def available_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return _proc_bytes("/proc/meminfo", "MemAvailable")
-
-
 # ---------------------------------------------------------------- the plan
 
 
@@ -182,7 +170,7 @@ def autocast_dtype_for(cfg: Config, device: torch.device, total_params: int):
 
 def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
     """Memory and FLOPs of a config on a data profile (no real computation); `runtime`: the process baseline."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device()
     model = meta_model(cfg, profile["num_labels"])
     pb = param_bytes(model, cfg)
     precision, amp = autocast_dtype_for(cfg, device, pb["total_params"])
@@ -294,7 +282,7 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
         est["memory"]["peak"] += est["memory"]["ddp_buckets"]
     shapes = profile["shapes"]
     windows = math.ceil(len(shapes) / (cfg.train.grad_accum * nproc))
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * windows))
+    total_steps = sizes.total_steps(windows, cfg.train.epochs, cfg.train.max_steps)
     epochs = total_steps / windows
     n_evals = 0
     if profile["eval_tokens"]:  # the loop's own rule

@@ -9,13 +9,11 @@ normalisation makes accumulation equal to one large batch.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from tunelab.errors import InputError
-from tunelab.data.chat_template import IGNORE_INDEX
 from tunelab.evaluate.generation_run import generation_for, held_out_data, with_generation
 from tunelab.evaluate.lm import lm_metrics, supervised_loss
 from tunelab.models.gguf import end_of_turn_id, plain_source
@@ -23,6 +21,7 @@ from tunelab.models.load import load_causal_lm, load_tokenizer
 from tunelab.models.quantization import quantization_for
 from tunelab.models.registry import resolve_model
 from tunelab.train.protocols import TaskRun, TrainSet
+from tunelab.train.sizes import eval_batch_size, usable_max_length
 
 log = logging.getLogger("tunelab")
 
@@ -30,8 +29,9 @@ METRIC_NAMES = ["eval_loss", "eval_perplexity", "eval_token_accuracy"]
 
 
 def n_supervised(example) -> int:
-    """Supervised next-token targets of one example (labels[0] is never a target)."""
-    return sum(1 for t in example.labels[1:] if t != IGNORE_INDEX)
+    """Supervised next-token targets of one example (labels[0] is never a target, so its label is
+    always IGNORE_INDEX and the example's own count is the count of targets)."""
+    return example.supervised()
 
 
 def batcher(examples, pad_id: int, packing: bool, max_length: int):
@@ -117,14 +117,14 @@ def lm_saver(tokenizer, eos_id: int | None, pad_id: int):
     return save_final
 
 
-def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
+def setup_causal_lm(cfg) -> TaskRun:
     """Model, tokenizer, encoded data and the loss/eval/save functions for task causal_lm or chat."""
     source = plain_source(resolve_model(cfg.model.name))
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
                            allow_pickle=cfg.model.allow_pickle,
                            quantization=quantization_for(cfg.method))
-    max_len = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", cfg.model.max_length))
+    max_len = usable_max_length(cfg.model.max_length, model.config)
     if cfg.task == "chat" and not tokenizer.chat_template:
         raise InputError("the model's tokenizer has no chat template; use task: causal_lm, or a chat model",
                          field="model.name", file=source.path)
@@ -149,10 +149,10 @@ def setup_causal_lm(cfg, autocast=nullcontext) -> TaskRun:
 
     evaluate = None
     if eval_ex:
-        bs = cfg.train.eval_batch_size or cfg.train.batch_size * 2
+        bs = eval_batch_size(cfg.train)
 
         def evaluate(model) -> dict:
-            return lm_metrics(model, eval_batches(eval_ex, pad_id, cfg.data.packing, max_len, bs), autocast)
+            return lm_metrics(model, eval_batches(eval_ex, pad_id, cfg.data.packing, max_len, bs))
 
         evaluate = with_generation(evaluate, generation)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tunelab.models.load import load_classifier, load_tokenizer
 from tunelab.models.quantization import quantization_for
 from tunelab.models.registry import resolve_model
 from tunelab.train.protocols import TaskRun, TrainSet
+from tunelab.train.sizes import eval_batch_size, usable_max_length
 
 log = logging.getLogger("tunelab")
 
@@ -29,9 +29,9 @@ def classification_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return torch.nn.functional.cross_entropy(logits, labels, reduction="sum"), labels.numel()
 
 
-def evaluator(features, labels, names, pad_id, batch_size, autocast=nullcontext):
+def evaluator(features, labels, names, pad_id, batch_size):
     def evaluate(model) -> dict:
-        loss_sum, preds, ys = predict(model, make_batches(features, labels, pad_id, batch_size), autocast=autocast)
+        loss_sum, preds, ys = predict(model, make_batches(features, labels, pad_id, batch_size))
         metrics = classification_metrics(preds, ys, names)
         metrics["loss"] = loss_sum / max(1, len(ys))
         return metrics
@@ -61,7 +61,7 @@ def data_quality(train_ex: Examples, eval_ex: Examples | None) -> dict:
     return q
 
 
-def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
+def setup_classification(cfg) -> TaskRun:
     train_ex, eval_ex, names = load_train_eval(cfg.data, cfg.train.seed)
     quality = data_quality(train_ex, eval_ex)
     source = resolve_model(cfg.model.name)
@@ -72,7 +72,7 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id
-    max_len = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", cfg.model.max_length))
+    max_len = usable_max_length(cfg.model.max_length, model.config)
     train_feats, cut = encode(train_ex, tokenizer, max_len)
     if cut:
         log.warning("%d of %d training texts are longer than %d tokens and were truncated", cut, len(train_ex), max_len)
@@ -99,8 +99,8 @@ def setup_classification(cfg, autocast=nullcontext) -> TaskRun:
     eval_info = {}
     if eval_ex is not None:
         eval_feats, _ = encode(eval_ex, tokenizer, max_len)
-        bs = cfg.train.eval_batch_size or cfg.train.batch_size * 2
-        evaluate = evaluator(eval_feats, eval_ex.labels, names, pad_id, bs, autocast)
+        bs = eval_batch_size(cfg.train)
+        evaluate = evaluator(eval_feats, eval_ex.labels, names, pad_id, bs)
         eval_batches = partial(make_batches, eval_feats, eval_ex.labels, pad_id, bs)
         eval_info = {"eval_rows": len(eval_ex), "eval_label_counts": label_counts(eval_ex, names)}
 

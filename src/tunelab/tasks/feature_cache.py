@@ -11,12 +11,13 @@ with the frozen backbone run each step.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
 from tunelab.device import model_device, to_device
 from tunelab.evaluate.classification import classification_metrics
-from tunelab.train.protocols import TaskRun, TrainSet
+from tunelab.train.protocols import TaskRun
 from tunelab.models.anatomy import head_modules_with_params
 
 log = logging.getLogger("tunelab")
@@ -50,7 +51,8 @@ def head_inputs(model: torch.nn.Module, batches) -> torch.Tensor | None:
 
 
 def cache_features(task: TaskRun, model: torch.nn.Module, eval_batches, batch_size: int) -> TaskRun:
-    """A TaskRun whose batches are cached head inputs; unchanged when the head cannot be cached."""
+    """A new TaskRun whose batches are cached head inputs (every other field carried, the replay
+    schedule included); `task` itself when the head cannot be cached."""
     n = len(task.train.lengths)
     order = list(range(n))
     train_batches = [task.train.collate(order[i : i + batch_size]) for i in range(0, n, batch_size)]
@@ -81,10 +83,8 @@ def cache_features(task: TaskRun, model: torch.nn.Module, eval_batches, batch_si
         metrics["loss"] = torch.nn.functional.cross_entropy(logits, eval_labels).item()
         return metrics
 
-    # same lengths as the token batches, so the epoch order (grouped by length) is the same
-    task.train = TrainSet(lengths=task.train.lengths, collate=collate, count=len)
-    task.loss_fn = loss_fn
-    if eval_feats is not None:
-        task.evaluate = evaluate
-    task.info["feature_cache"] = {"train": list(feats.shape), "eval": list(eval_feats.shape) if eval_feats is not None else None}
-    return task
+    # same lengths (and epoch schedule) as the token batches, so the epoch order is the same
+    shapes = {"train": list(feats.shape), "eval": list(eval_feats.shape) if eval_feats is not None else None}
+    return replace(task, train=replace(task.train, collate=collate, count=len), loss_fn=loss_fn,
+                   evaluate=evaluate if eval_feats is not None else task.evaluate,
+                   info={**task.info, "feature_cache": shapes})

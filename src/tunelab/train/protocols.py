@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tunelab.train.loop import LoopState
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSet:
     """Encoded training data the loop can batch without knowing the task.
 
@@ -36,13 +36,13 @@ class TrainSet:
     count: Callable[[list[int]], int]
     epoch_subset: Callable[[int], list[int]] | None = None  # examples of epoch e (replay mixing)
     epoch_size: int | None = None  # examples per epoch when epoch_subset is set
-
     sources: list[str] | None = None  # "file:line" per example index, to name the rows behind a NaN/Inf loss
+
     def examples_per_epoch(self) -> int:
         return self.epoch_size if self.epoch_size is not None else len(self.lengths)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskRun:
     """What a task hands the loop: model, data, loss, evaluation, how to save. A value: a step that
     changes one part (the device wrapper, feature caching, LoRA's saver) builds a new one with
