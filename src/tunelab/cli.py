@@ -100,9 +100,7 @@ def _guard(fn, *args, **kwargs):
     except Exception as e:
         if _state["debug"]:
             traceback.print_exc()
-        what = " ".join(str(e).split())[:300]  # one line, whatever the exception held
-        typer.echo(f"{_rank_prefix()}internal error: {type(e).__name__}: {what} (rerun with --debug for the traceback; "
-                   "please report it)", err=True)
+        typer.echo(f"{_rank_prefix()}internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback; please report it)", err=True)
         _json_error("internal", f"{type(e).__name__}: {e}", 1)
         raise typer.Exit(1)
 
@@ -143,9 +141,8 @@ def _final_line(summary: dict) -> str:
     run_dir = summary["run_dir"]
     failed = {k: v for k, v in (summary.get("loggers") or {}).items() if v != "ok"}
     loggers = ("; loggers " + ", ".join(f"{k} {v}" for k, v in summary["loggers"].items())) if summary.get("loggers") else ""
-    line = (f"{summary['status']} in {summary.get('wall_seconds') or 0:.0f}s: "
-            f"{summary.get('samples_per_second') or 0:.1f} samples/s, peak memory {summary.get('peak_memory_mb') or 0:.0f} MB"
-            f"{loggers}\n  model  {run_dir}/final\n  report {run_dir}/report.html")
+    line = (f"{summary['status']} in {summary['wall_seconds']:.0f}s: {summary['samples_per_second']:.1f} samples/s, "
+            f"peak memory {summary['peak_memory_mb']:.0f} MB{loggers}\n  model  {run_dir}/final\n  report {run_dir}/report.html")
     return line + ("\n  warning: a logger failed, so its tracking is incomplete (metrics.jsonl has every row)" if failed else "")
 
 
@@ -178,6 +175,11 @@ def train(
                               "processes): relaunches under torchrun. train.batch_size is per process."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json's object at the end (stdout); the "
                                  "human lines go to stderr."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines training together (torchrun's rendezvous); "
+                               "run the same command on each with its --node-rank; --nproc is per machine."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's rank among --nnodes (0 writes the run dir)."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Host name or address of node 0 (--nnodes > 1)."),
+    master_port: int = typer.Option(29500, "--master-port", min=1, max=65535, help="A free port on node 0."),
 ):
     """Fine-tune a model; writes config.yaml, metrics.jsonl, checkpoints/, final/, summary.json, report.html."""
 
@@ -194,8 +196,9 @@ def train(
         from tunelab.run import run_training
 
         try:
-            if nproc > 1 and not under_torchrun:
-                raise typer.Exit(_relaunch(cfg, config, set_, output_dir, resume, no_progress, nproc))
+            if (nproc > 1 or nnodes > 1) and not under_torchrun:
+                nodes = _nodes(nnodes, node_rank, master_addr, master_port)
+                raise typer.Exit(_relaunch(cfg, config, set_, output_dir, resume, no_progress, nproc, nodes))
             # under --json stdout holds the JSON alone: whatever a library prints meanwhile goes to stderr
             with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
                 summary = run_training(cfg, output_dir, config_path=config, resume=resume,
@@ -236,8 +239,21 @@ def _diverged_line(summary: dict) -> str:
             f"(check those rows; else lower optim.lr or use precision fp32); {kept}")
 
 
+def _nodes(nnodes: int, node_rank: int, master_addr: Optional[str], master_port: int):
+    """The multi-node rendezvous of `tunelab train --nnodes M`, checked before any process starts; None alone."""
+    from tunelab.distributed.launch import Nodes
+
+    if nnodes == 1:
+        return None
+    if master_addr is None:
+        raise InputError("--nnodes > 1 needs --master-addr (node 0's host name or address, the same on every node)")
+    if node_rank >= nnodes:
+        raise InputError(f"--node-rank {node_rank} is not below --nnodes {nnodes}: give each machine 0 .. {nnodes - 1}")
+    return Nodes(nnodes, node_rank, master_addr, master_port)
+
+
 def _relaunch(cfg, config: Path, set_: list[str], output_dir: Optional[Path], resume: Optional[str],
-              no_progress: bool, nproc: int) -> int:
+              no_progress: bool, nproc: int, nodes=None) -> int:
     """`tunelab train ... --nproc N`: the same command as N processes under torchrun; their exit code.
 
     Everything that can be judged here is, before any process starts: the config, --nproc against
@@ -249,13 +265,13 @@ def _relaunch(cfg, config: Path, set_: list[str], output_dir: Optional[Path], re
     from tunelab.run_dir import default_output_dir
 
     check_nproc(nproc)
-    check_supported(cfg, nproc)
+    check_supported(cfg, nproc * (nodes.nnodes if nodes else 1))
     out = output_dir or default_output_dir(config)
     # no --nproc for the workers: torchrun's own parser would take it for its --nproc-per-node
     args = ["train", str(config), *[a for item in set_ for a in ("--set", item)], "--output-dir", str(out)]
     args += (["--resume", resume] if resume else []) + (["--no-progress"] if no_progress else [])
     args += ["--json"] if _json_requested() else []  # rank 0 prints summary.json's object
-    return launch(nproc, (["--debug"] if _state["debug"] else []) + args, debug=_state["debug"])
+    return launch(nproc, (["--debug"] if _state["debug"] else []) + args, debug=_state["debug"], nodes=nodes)
 
 
 @app.command()

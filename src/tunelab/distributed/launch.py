@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 from tunelab.errors import InputError
 
@@ -31,8 +32,24 @@ def check_nproc(nproc: int) -> None:
                          f"use --nproc {limit} or fewer")
 
 
-def launch(nproc: int, cli_args: list[str], debug: bool = False) -> int:
-    """Run `python -m tunelab.cli <cli_args>` as `nproc` processes under torchrun; their exit code."""
+@dataclass(frozen=True)
+class Nodes:
+    """Several machines (`--nnodes`): torchrun's static rendezvous at node 0's address and port; each
+    machine runs the same command with its own node rank. Global rank 0 (on node 0) writes the run
+    dir, so the output dir (and its checkpoints) must be on a filesystem every node shares."""
+
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    def torchrun_args(self) -> list[str]:
+        return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", f"--master-addr={self.master_addr}",
+                f"--master-port={self.master_port}"]
+
+
+def launch(nproc: int, cli_args: list[str], debug: bool = False, nodes: Nodes | None = None) -> int:
+    """Run `python -m tunelab.cli <cli_args>` as `nproc` processes (per node) under torchrun; their exit code."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -46,7 +63,8 @@ def launch(nproc: int, cli_args: list[str], debug: bool = False) -> int:
         for name in ("", "torch", "torch.distributed"):  # torch's loggers print through their own handlers
             for handler in logging.getLogger(name).handlers:
                 handler.addFilter(lambda record: not record.name.startswith("torch.distributed"))
-    args = parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "tunelab.cli", *cli_args])
+    where = nodes.torchrun_args() if nodes is not None else ["--standalone"]
+    args = parse_args([*where, f"--nproc_per_node={nproc}", "-m", "tunelab.cli", *cli_args])
     try:
         run(args)
     except ChildFailedError as e:

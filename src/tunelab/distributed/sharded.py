@@ -177,9 +177,13 @@ class ShardedRun:
                                   precision=precision, cpu_offload=self.cfg.distributed.cpu_offload)
         self.replicas = ZeroReplicas(start_engine(model, loss_fn, optimizer, self.group, config), self.group, stage)
 
-    def gather_held(self) -> None:
-        """Every process's bytes held, on rank 0 (collective)."""
-        self.ranks = self.group.gather(self.replicas.held.row(self.group.rank))
+    def gather_held(self, device: torch.device | None = None) -> None:
+        """Every process's bytes held and peak memory so far, on rank 0 (collective)."""
+        from tunelab.run_dir import peak_memory_mb
+
+        row = {**self.replicas.held.row(self.group.rank),
+               "peak_memory_mb": round(peak_memory_mb(device or torch.device("cpu")), 1)}
+        self.ranks = self.group.gather(row)
 
     def summary(self) -> dict:
         return {"strategy": self.strategy, "cpu_offload": self.cfg.distributed.cpu_offload,
