@@ -100,7 +100,9 @@ def _guard(fn, *args, **kwargs):
     except Exception as e:
         if _state["debug"]:
             traceback.print_exc()
-        typer.echo(f"{_rank_prefix()}internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback; please report it)", err=True)
+        what = " ".join(str(e).split())[:300]  # one line, whatever the exception held
+        typer.echo(f"{_rank_prefix()}internal error: {type(e).__name__}: {what} (rerun with --debug for the traceback; "
+                   "please report it)", err=True)
         _json_error("internal", f"{type(e).__name__}: {e}", 1)
         raise typer.Exit(1)
 
@@ -141,8 +143,9 @@ def _final_line(summary: dict) -> str:
     run_dir = summary["run_dir"]
     failed = {k: v for k, v in (summary.get("loggers") or {}).items() if v != "ok"}
     loggers = ("; loggers " + ", ".join(f"{k} {v}" for k, v in summary["loggers"].items())) if summary.get("loggers") else ""
-    line = (f"{summary['status']} in {summary['wall_seconds']:.0f}s: {summary['samples_per_second']:.1f} samples/s, "
-            f"peak memory {summary['peak_memory_mb']:.0f} MB{loggers}\n  model  {run_dir}/final\n  report {run_dir}/report.html")
+    line = (f"{summary['status']} in {summary.get('wall_seconds') or 0:.0f}s: "
+            f"{summary.get('samples_per_second') or 0:.1f} samples/s, peak memory {summary.get('peak_memory_mb') or 0:.0f} MB"
+            f"{loggers}\n  model  {run_dir}/final\n  report {run_dir}/report.html")
     return line + ("\n  warning: a logger failed, so its tracking is incomplete (metrics.jsonl has every row)" if failed else "")
 
 

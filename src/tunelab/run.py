@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import pickle
 import os
 import random
 import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from tunelab.device import to_device
+from tunelab.device import run_device, to_device
 from tunelab.config import Config, dump_config
 from tunelab.distributed import (ALONE, Group, SharedRunIO, check_resume_world_size, check_supported, init_from_env,
                                  replicas_for)
@@ -41,6 +41,7 @@ from tunelab.run_dir import (RunDir, RunLock, check_checkpoint_fits, check_same_
                              write_summary)
 from tunelab.tasks import TaskRun, setup_task
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import sizes
 from tunelab.train.early_stop import BestTracker
 from tunelab.train.loop import LoopSettings, LoopState, eval_row, train_loop, windows_per_epoch
 from tunelab.train.optim import build_optimizer, describe_groups, param_groups
@@ -111,19 +112,19 @@ def fisher_batches(task, cfg) -> list | None:
 def _adapt(cfg: Config, task: TaskRun, device: torch.device) -> tuple[TaskRun, torch.nn.Module, int]:
     """Apply the method and the model-side options; returns the task, the model, mixout layer count."""
     model = apply_method(task.model, cfg).to(device)
-    task.model = model
+    task = replace(task, model=model)
     if device.type != "cpu":  # batches are built on the CPU; the loop gets them where the model is
         collate = task.train.collate
-        task.train.collate = lambda idx: to_device(collate(idx), device)
+        task = replace(task, train=replace(task.train, collate=lambda idx: to_device(collate(idx), device)))
     if cfg.method == "feature_extraction" and cfg.feature_extraction.cache_features and cfg.task == "classification":
         from tunelab.tasks.feature_cache import cache_features
 
         eval_batches = task.eval_batches() if task.eval_batches is not None else None
-        task = cache_features(task, model, eval_batches, cfg.train.eval_batch_size or 2 * cfg.train.batch_size)
+        task = cache_features(task, model, eval_batches, sizes.eval_batch_size(cfg.train))
     if cfg.method in ("lora", "qlora"):  # final/ = PEFT adapter + how to rebuild the base (+ merged/ on request)
         from tunelab.models.adapters import adapter_saver
 
-        task.save_final = adapter_saver(task.save_final, cfg, task.info.get("labels"))
+        task = replace(task, save_final=adapter_saver(task.save_final, cfg, task.info.get("labels")))
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     mixout_layers = apply_mixout(model, cfg.regularization.mixout) if cfg.regularization.mixout else 0
@@ -150,7 +151,7 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     check_loggers(cfg.monitor.loggers)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device()
     task = setup_task(cfg)
     check_tokenizer_fits(task.tokenizer, task.model, cfg.model.name)
     load_note = getattr(task.model, "tunelab_load_note", None)
@@ -166,17 +167,17 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
     precision = resolve_precision(cfg.train.precision, device, total)
     autocast = autocast_factory(precision, device)
     if task.evaluate is not None:  # evaluation runs at the training precision too
-        task.evaluate = _under(autocast, task.evaluate)
+        task = replace(task, evaluate=_under(autocast, task.evaluate))
     per_epoch = windows_per_epoch(task.train.examples_per_epoch(), cfg.train.batch_size,
                                   cfg.train.grad_accum * world_size)
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+    total_steps = sizes.total_steps(per_epoch, cfg.train.epochs, cfg.train.max_steps)
 
     # fsdp shards the model here (its optimizer takes the sharded parameters); zero* after the optimizer
     sharding = shard_before_optimizer(cfg, model, task.loss_fn, group or ALONE, precision, device)
     if sharding is not None and task.generation is not None:
         log.warning("generation measures (eval.generate) are not taken under distributed.strategy %s yet",
                     sharding.strategy)
-        task.generation = None
+        task = replace(task, generation=None)
     o, sch = cfg.optim, cfg.schedule
     groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, head_lr=o.head_lr or o.lr * o.head_lr_multiplier,
                           layer_lr_decay=o.layer_lr_decay)
@@ -246,8 +247,13 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
         r.task.prepare(r.model, out, group, r.autocast)
     state, before = LoopState(world_size=r.world_size), None
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
-                                     rank=group.rank)
+        try:
+            saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
+                                         rank=group.rank)
+        except pickle.UnpicklingError:  # weights_only refused an object: never run a checkpoint's code
+            raise InputError("a checkpoint file holds objects other than tensors and numbers (refused by "
+                             "weights_only): it was not written by tunelab; resume from another checkpoint",
+                             file=resume_from) from None
         if r.sharding is not None:  # every process reads its shard of the weights and optimizer state
             r.sharding.replicas.load_shards(resume_from / ckpt.SHARDS, r.optimizer)
         state = LoopState(**{**saved["loop"], "status": "running"})
