@@ -29,6 +29,7 @@ from tunelab.durable import is_disk_full, reason
 from tunelab.errors import DiskFull, InputError, OutOfMemory
 from tunelab.evaluate import generation_run
 from tunelab.evaluate.probe import compare, probe_generation_for, probe_measures, read_probe_texts
+from tunelab.final_weights import BASE, check_best_or_base, choose_final, save_base, versus_base, worse_message
 from tunelab.models.adapt import apply_method
 from tunelab.models.checks import check_tokenizer_fits
 from tunelab.models.load import count_params
@@ -158,6 +159,7 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
     task, model, mixout_layers = _adapt(cfg, task, device)
     if task.evaluate is not None and task.metric not in task.info.get("metric_names", (task.metric,)):
         raise InputError(f"'{task.metric}' is not an eval metric of this task", field="checkpoint.metric")
+    check_best_or_base(cfg.checkpoint.final, cfg.train.eval_before, task.evaluate is not None)
     probe_texts = probe_before = probe_generation = None
     if cfg.probe.data:
         probe_texts = read_probe_texts(cfg.probe.data, cfg.data.text_column, cfg.probe.max_rows)
@@ -268,6 +270,8 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
     if resume_from is None and io is not None:
         dump_config(r.cfg, out / "config.yaml")
         (out / "param_groups.json").write_text(json.dumps(describe_groups(r.optimizer), indent=1))
+        if r.cfg.checkpoint.final == "best_or_base":  # the untouched weights, should no evaluation beat them
+            save_base(io.ckpt_root, r.model, r.optimizer)
         if r.cfg.train.eval_before and r.task.evaluate is not None:
             before = before or {**eval_row(r.task.evaluate(r.model), state, 0.0), "before_training": True}
             generation_run.add_before(r.task.generation, r.model, before)
@@ -355,6 +359,7 @@ def train(r: Recipe, io: RunDir | None, state: LoopState, group: Group = ALONE) 
 def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_start: float) -> dict:
     """final/ (best or last weights), the final evaluation and probe, summary.json, report.html."""
     out, task, model = io.root, r.task, r.model
+    train_peak = round(peak_memory_mb(r.device), 1)  # before the final evaluation, final/ and the report
     secs = state.train_seconds - state.eval_seconds  # rates count training time only
     summary = {
         "status": state.status, "task": r.cfg.task, "method": r.cfg.method, "steps": state.step,
@@ -373,24 +378,24 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
                  "checkpoint": io.best_checkpoint},
         "before": before, "data": task.info,
     }
+    vs = summary["versus_base"] = versus_base(r.tracker, before)
+    summary["worse_than_base"] = vs["worse_than_base"] if vs is not None else None
     if r.sharding is not None:  # the bytes of parameters, gradients and optimizer state each process held
         summary["sharding"] = r.sharding.summary()
     if state.status in ("completed", "early_stopped"):
         # the evaluation stored with the shipped weights, when their checkpoint holds one
         final_eval = None
-        if r.cfg.checkpoint.final == "best" and io.best_checkpoint and (io.ckpt_root / io.best_checkpoint).is_dir():
-            shipped = io.ckpt_root / io.best_checkpoint
-            if r.sharding is None:
-                ckpt.load_weights(shipped, model)
-            summary["final_weights"] = io.best_checkpoint
+        summary["final_weights"], shipped = choose_final(r.cfg.checkpoint.final, io.ckpt_root, io.best_checkpoint,
+                                                         state.step, vs)
+        if summary["final_weights"] != "last" and r.sharding is None:
+            ckpt.load_weights(shipped, model)
+        if summary["final_weights"] != BASE and shipped.is_dir():  # the base's evaluation is run below
             final_eval = _stored_eval(io, shipped)
-        else:
-            summary["final_weights"] = "last"
-            shipped = io.ckpt_root / ckpt.checkpoint_name(state.step)
-            if shipped.is_dir():
-                final_eval = _stored_eval(io, shipped)
         if r.sharding is not None:  # the sharded model cannot leave its process group: final/ from the files
             model = r.sharding.plain_model(shipped)
+        if summary["worse_than_base"]:
+            vs["message"] = worse_message(vs, summary["final_weights"])
+            log.warning("%s", vs["message"])
         if r.mixout_layers:
             remove_mixout(model)
         write_final(out, lambda tmp: task.save_final(model.cpu() if r.device.type != "cpu" else model, tmp))
@@ -414,7 +419,8 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         summary["nonfinite_examples"] = list(dict.fromkeys(bad))[:20]
         intact, _ = ckpt.find_resumable(io.ckpt_root)
         summary["last_good_checkpoint"] = str(intact) if intact is not None else None
-    summary["peak_memory_mb"] = round(peak_memory_mb(r.device), 1)
+    summary["peak_memory_mb"] = round(peak_memory_mb(r.device), 1)  # so far; the whole process's after the report
+    summary["train_peak_memory_mb"] = train_peak
     summary["wall_seconds"] = round(time.monotonic() - wall_start, 3)
     summary["run_dir"] = str(out)
     summary["loggers"] = dict(io.loggers.status)  # {name: "ok" | "failed: reason"}
@@ -435,7 +441,26 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
             raise DiskFull(f"disk full while writing report.html in {out} ({reason(e)}); the run finished: final/ and "
                            f"summary.json are intact; free space, then `tunelab report {out}` writes it") from None
         log.warning("report.html not written: %s", e)
+    peak = round(peak_memory_mb(r.device), 1)  # the whole process's peak: the report loads weights and plots
+    if peak != summary["peak_memory_mb"]:
+        summary["peak_memory_mb"] = peak
+        write_summary(out, summary)
     io.progress.finish()  # library warnings back to the terminal (they went to RUN/warnings.log)
+    return summary
+
+
+def finish_missing_report(out: Path) -> dict | None:
+    """Write report.html for a finished run that lacks it (stopped after summary.json); its summary, else None."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") not in ("completed", "early_stopped") or (out / "report.html").exists():
+        return None
+    from tunelab.analysis.report import write_report
+
+    write_report(out)
+    log.info("%s had finished without its report (stopped after summary.json); report.html written", out)
     return summary
 
 
@@ -450,6 +475,11 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     group = init_from_env()
     check_supported(cfg, group.world_size)
     out = group.broadcast(Path(output_dir) if output_dir else default_output_dir(config_path))
+    if resume == "auto":  # a run killed between summary.json and report.html: finish the report
+        done = group.broadcast(finish_missing_report(out) if group.is_main else None)
+        if done is not None:
+            group.close()
+            return done
     resume_from = prepare_run_dir(out, resume)
     if resume_from is not None:
         check_resume_world_size(ckpt.load_state(resume_from)["loop"].get("world_size", 1), group.world_size, resume_from)

@@ -94,6 +94,8 @@ def notices(summary: dict) -> list[str]:
     if health.get("events"):
         out.append(("warn", f"{health['events']} training-health event(s): "
                             + ", ".join(f"{k} x{n}" for k, n in health.get("counts", {}).items())))
+    if summary.get("worse_than_base"):  # the message names what final/ holds (tunelab.final_weights)
+        out.append(("bad", (summary.get("versus_base") or {}).get("message", "this fine-tune is worse than its base")))
     probe = summary.get("probe") or {}
     if probe.get("forgetting_flag"):
         out.append(("warn", f"forgetting probe: {probe.get('message', '')}"))
@@ -112,7 +114,8 @@ def _header(run_dir: Path, summary: dict, cfg: dict) -> tuple[str, str]:
                                   f"({summary.get('trainable_percent', 0):.3g}%)" if summary.get("total_params") else None),
              ("precision / device", f"{summary['precision']} / {summary.get('device', '?')}" if summary.get("precision") else None),
              ("tokens/s", summary.get("tokens_per_second")), ("samples/s", summary.get("samples_per_second")),
-             ("peak memory MB", summary.get("peak_memory_mb")), ("wall seconds", summary.get("wall_seconds"))]
+             ("peak memory MB", summary.get("peak_memory_mb")),
+             ("train peak memory MB", summary.get("train_peak_memory_mb")), ("wall seconds", summary.get("wall_seconds"))]
     loggers = summary.get("loggers")
     if loggers:
         facts.append(("loggers", ", ".join(f"{k}: {v}" for k, v in loggers.items())))
