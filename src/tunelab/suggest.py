@@ -5,7 +5,8 @@ Keys: first the names other tools use for the same thing (the transformers Train
 LLaMA-Factory: `learning_rate` -> `optim.lr`, `per_device_train_batch_size` -> `train.batch_size`,
 `sequence_len` -> `model.max_length`), then close spellings within the section the key was in,
 then close spellings anywhere. Every suggestion is checked against the schema, so it always
-names a key that exists.
+names a key that exists. The schema (tunelab.config.Config) is passed in: config.py calls this
+module, so this module does not import it back.
 """
 
 from __future__ import annotations
@@ -68,12 +69,9 @@ def _section_type(annotation):
     return None
 
 
-def schema_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[dict]:
-    """Every config key: {key, type, default, description}, sections walked recursively, in file order."""
-    if model is None:
-        from tunelab.config import Config
-
-        model = Config
+def schema_keys(model: type[BaseModel], prefix: str = "") -> list[dict]:
+    """Every config key of `model` (tunelab.config.Config): {key, type, default, description}, sections
+    walked recursively, in file order."""
     out = []
     for name, field in model.model_fields.items():
         if name == "versions":
@@ -102,12 +100,12 @@ def _plain(v):
         return str(v)
 
 
-def suggest_key(loc: tuple) -> str | None:
-    """The key a person probably meant by the unknown key at `loc` (a tuple of parts), or None."""
+def suggest_key(loc: tuple, schema: type[BaseModel]) -> str | None:
+    """The key of `schema` a person probably meant by the unknown key at `loc` (a tuple of parts), or None."""
     parts = [str(p) for p in loc]
     if not parts:
         return None
-    keys = [k["key"] for k in schema_keys()]
+    keys = [k["key"] for k in schema_keys(schema)]
     sections = {k.split(".")[0] for k in keys if "." in k}
     valid = set(keys) | sections
     name, parent = parts[-1], ".".join(parts[:-1])
@@ -132,11 +130,11 @@ def suggest_key(loc: tuple) -> str | None:
     return leaves[close[0]] if close else None
 
 
-def unknown_key_message(loc: tuple) -> str:
+def unknown_key_message(loc: tuple, schema: type[BaseModel]) -> str:
     """The whole message for an unknown key: what it probably is, and where every key is listed."""
     parts = [str(p) for p in loc]
     hint = HINTS.get(parts[-1].lower()) if parts else None
-    guess = suggest_key(loc)
+    guess = suggest_key(loc, schema)
     said = f"unknown key; did you mean {guess}?" if guess else "unknown key (check the spelling)"
     if hint:
         said += f" ({hint})"

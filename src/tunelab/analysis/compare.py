@@ -93,9 +93,10 @@ def _load(run: Path, name: str) -> dict:
 
 
 def _defaults() -> dict:
+    from tunelab.config import Config
     from tunelab.suggest import schema_keys
 
-    return {k["key"]: k["default"] for k in schema_keys() if k["default"] != "(required)"}
+    return {k["key"]: k["default"] for k in schema_keys(Config) if k["default"] != "(required)"}
 
 
 def compare_runs(paths: list[Path]) -> dict:

@@ -49,7 +49,7 @@ def portable_reference(model_name: str, revision: str | None = None) -> dict:
 def peft_base_name(ref: dict) -> str:
     """What PEFT's adapter_config.json names as the base: portable, for plain-peft users too."""
     if ref["kind"] == "embedded":
-        from tunelab.model_card import EMBEDDED_ORIGIN
+        from tunelab.models.registry import EMBEDDED_ORIGIN
 
         return EMBEDDED_ORIGIN.get(ref["name"], ref["name"])
     if ref["kind"] == "hub":

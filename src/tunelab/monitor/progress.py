@@ -308,30 +308,10 @@ def header_lines(info: dict) -> list[str]:
     return lines
 
 
-def human_count(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
-def data_rows(info: dict) -> tuple[int | None, int | None]:
-    """(train rows, eval rows) from a task's info dict (classification or LM)."""
-    train = info.get("train_rows")
-    if train is None and isinstance(info.get("train"), dict):
-        train = info["train"].get("examples")
-    evals = info.get("eval_rows")
-    if evals is None and isinstance(info.get("eval"), dict):
-        evals = info["eval"].get("examples")
-    return train, evals
-
-
 def header_info(recipe, out: Path, resumed_step: int | None = None) -> dict:
     """What the header says about a run about to train (a run.Recipe and its run dir)."""
     cfg, t = recipe.cfg, recipe.cfg.train
-    from tunelab.model_card import base_model_name
+    from tunelab.model_card import base_model_name, data_rows, human_count
 
     train_rows, eval_rows = data_rows(recipe.task.info or {})
     pct = 100 * recipe.trainable / recipe.total if recipe.total else 0.0
