@@ -262,11 +262,13 @@ CONFIG_CASES = [
 # ---------------------------------------------------------------- data files
 
 
-def data_case(id: str, files: dict, loc: str, *says: str, data: str = "", check: bool = True) -> list[Case]:
+def data_case(id: str, files: dict, loc: str, *says: str, data: str = "", check: bool = True,
+              task: str = "classification") -> list[Case]:
     """A bad data file, run through `tunelab train` and (if `check`) `tunelab data check`.
 
     `files` maps names to contents (text, bytes, or a function that writes the path); the first
-    is data.train. `data` holds extra lines for the config's data section.
+    is data.train. `data` holds extra lines for the config's data section. Chat and plain-text data
+    (`task` chat / causal_lm) are read after the tokenizer loads, so they go through `data check` alone.
     """
     train_name = next(iter(files))
 
@@ -282,8 +284,11 @@ def data_case(id: str, files: dict, loc: str, *says: str, data: str = "", check:
         return ws.train_args(cfg)
 
     def build_check(ws: Workspace) -> list[str]:
-        return ["data", "check", str(write_all(ws))]
+        lm = {"chat": ["--task", "chat"], "causal_lm": ["--task", "text"]}.get(task, [])
+        return ["data", "check", str(write_all(ws)), *lm]
 
+    if task != "classification":
+        return [Case(f"check-{id}", build_check, loc, says)]
     cases = [Case(f"train-{id}", build_train, loc, says)]
     if check:
         cases.append(Case(f"check-{id}", build_check, loc, says))

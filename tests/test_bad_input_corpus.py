@@ -21,8 +21,8 @@ import typer.main
 import typer.testing
 from typer.testing import CliRunner
 
-from test_bad_input import (BASE, FOLDER, MISSING_MODEL, OBJS, Case, Workspace, _snapshot, csv_with, json_array,
-                            jsonl_with, location_pattern, parquet)
+from test_bad_input import (BASE, FOLDER, MISSING_MODEL, OBJS, Case, Workspace, _snapshot, csv_with, data_case,
+                            json_array, jsonl_with, location_pattern, parquet)
 from tunelab.cli import app
 from tunelab.config import Config, _numeric
 
@@ -253,34 +253,6 @@ def config_path_cases() -> list[Case]:
 
 # ---------------------------------------------------------------- data files
 
-def data_cases(id: str, files: dict, loc: str, *says: str, data: str = "", task: str = "classification",
-               check: bool = True) -> list[Case]:
-    """A bad data file through `tunelab train` (and `tunelab data check` when `check`)."""
-    train_name = next(iter(files))
-
-    def write_all(ws: Workspace) -> Path:
-        for name, content in files.items():
-            ws.write(name, content)
-        return ws.root / train_name
-
-    def build_train(ws: Workspace) -> list[str]:
-        write_all(ws)
-        extra = "".join(f"  {line}\n" for line in data.splitlines())
-        return ws.train_args(ws.write("cfg.yaml", f"task: {task}\nmodel:\n  name: {MISSING_MODEL}\ndata:\n"
-                                                  f"  train: {train_name}\n{extra}"))
-
-    def build_check(ws: Workspace) -> list[str]:
-        lm = {"chat": ["--task", "chat"], "causal_lm": ["--task", "text"]}.get(task, [])
-        return ["data", "check", str(write_all(ws)), *lm]
-
-    if task != "classification":  # chat/text data is read after the tokenizer loads: `data check` reads it alone
-        return [Case(f"check-{id}", build_check, loc, says)]
-    cases = [Case(f"train-{id}", build_train, loc, says)]
-    if check:
-        cases.append(Case(f"check-{id}", build_check, loc, says))
-    return cases
-
-
 def fifo(path: Path) -> None:
     os.mkfifo(path)
 
@@ -312,125 +284,125 @@ def chat_file(bad_line: str, at: int = 2) -> str:
 DATA = [
     # non-regular files and links
     *[c for suffix in ("csv", "jsonl", "json", "tsv", "parquet")
-      for c in data_cases(f"fifo_{suffix}", {f"train.{suffix}": fifo}, f"train.{suffix}", "FIFO")],
-    *[c for suffix in ("csv", "jsonl") for c in data_cases(f"symlink_loop_{suffix}", {f"train.{suffix}": symlink_loop},
+      for c in data_case(f"fifo_{suffix}", {f"train.{suffix}": fifo}, f"train.{suffix}", "FIFO")],
+    *[c for suffix in ("csv", "jsonl") for c in data_case(f"symlink_loop_{suffix}", {f"train.{suffix}": symlink_loop},
                                                            f"train.{suffix}", "symbolic link loop")],
-    *data_cases("device_csv", {"train.csv": to_dev_null}, "train.csv", "device"),
-    *data_cases("fifo_txt_causal_lm", {"train.txt": fifo}, "train.txt", "FIFO", task="causal_lm", check=False),
-    *data_cases("eval_fifo", {"train.csv": csv_with(), "eval.csv": fifo}, "eval.csv", "FIFO", data="eval: eval.csv",
+    *data_case("device_csv", {"train.csv": to_dev_null}, "train.csv", "device"),
+    *data_case("fifo_txt_causal_lm", {"train.txt": fifo}, "train.txt", "FIFO", task="causal_lm", check=False),
+    *data_case("eval_fifo", {"train.csv": csv_with(), "eval.csv": fifo}, "eval.csv", "FIFO", data="eval: eval.csv",
                 check=False),
     # NUL bytes anywhere
-    *data_cases("nul_after_8k_csv", {"train.csv": csv_with({3: f"{PAD}\x00,neg"})}, "train.csv:3", "NUL"),
-    *data_cases("nul_after_8k_jsonl", {"train.jsonl": jsonl_with({5: json.dumps({"text": PAD, "label": "pos"}) + "\x00"})},
+    *data_case("nul_after_8k_csv", {"train.csv": csv_with({3: f"{PAD}\x00,neg"})}, "train.csv:3", "NUL"),
+    *data_case("nul_after_8k_jsonl", {"train.jsonl": jsonl_with({5: json.dumps({"text": PAD, "label": "pos"}) + "\x00"})},
                 "train.jsonl:5", "NUL"),
-    *data_cases("nul_at_end_tsv", {"train.tsv": "text\tlabel\n" + f"{PAD}\tpos\n" * 3 + "a\x00\tneg\n"}, "train.tsv:5", "NUL"),
-    *data_cases("nul_in_json", {"train.json": json_array(OBJS[:3]) + "\x00"}, "train.json:6", "NUL"),
-    *data_cases("nul_in_txt", {"train.txt": "a paragraph\n\n" + PAD + "\n\x00\n"}, "train.txt:4", "NUL", task="causal_lm",
+    *data_case("nul_at_end_tsv", {"train.tsv": "text\tlabel\n" + f"{PAD}\tpos\n" * 3 + "a\x00\tneg\n"}, "train.tsv:5", "NUL"),
+    *data_case("nul_in_json", {"train.json": json_array(OBJS[:3]) + "\x00"}, "train.json:6", "NUL"),
+    *data_case("nul_in_txt", {"train.txt": "a paragraph\n\n" + PAD + "\n\x00\n"}, "train.txt:4", "NUL", task="causal_lm",
                 check=False),
     # JSON shapes
-    *data_cases("json_trailing_comma", {"train.json": json_array(OBJS).replace("}\n]", "},\n]")}, "train.json:9",
+    *data_case("json_trailing_comma", {"train.json": json_array(OBJS).replace("}\n]", "},\n]")}, "train.json:9",
                 "trailing comma"),
-    *data_cases("json_trailing_comma_one_line", {"train.json": json.dumps(OBJS)[:-1] + ",]"}, "train.json:1",
+    *data_case("json_trailing_comma_one_line", {"train.json": json.dumps(OBJS)[:-1] + ",]"}, "train.json:1",
                 "trailing comma"),
-    *data_cases("json_double_comma", {"train.json": json_array(OBJS).replace("},\n", "},,\n", 1)}, "train.json:2",
+    *data_case("json_double_comma", {"train.json": json_array(OBJS).replace("},\n", "},,\n", 1)}, "train.json:2",
                 "invalid JSON"),
-    *data_cases("jsonl_deep_nesting", {"train.jsonl": jsonl_with({2: '{"text": ' + "[" * 100000 + "]" * 100000 + "}"})},
+    *data_case("jsonl_deep_nesting", {"train.jsonl": jsonl_with({2: '{"text": ' + "[" * 100000 + "]" * 100000 + "}"})},
                 "train.jsonl:2", "invalid JSON"),
-    *data_cases("json_deep_nesting", {"train.json": "[" * 100000 + "]" * 100000}, "train.json:1", "invalid JSON"),
-    *data_cases("jsonl_huge_integer", {"train.jsonl": jsonl_with({3: '{"text": "a", "label": ' + "9" * 5000 + "}"})},
+    *data_case("json_deep_nesting", {"train.json": "[" * 100000 + "]" * 100000}, "train.json:1", "invalid JSON"),
+    *data_case("jsonl_huge_integer", {"train.jsonl": jsonl_with({3: '{"text": "a", "label": ' + "9" * 5000 + "}"})},
                 "train.jsonl:3", "invalid JSON"),
-    *data_cases("jsonl_array_line", {"train.jsonl": jsonl_with({2: "[1, 2]"})}, "train.jsonl:2", "JSON object"),
-    *data_cases("jsonl_string_line", {"train.jsonl": jsonl_with({4: '"just text"'})}, "train.jsonl:4", "JSON object"),
+    *data_case("jsonl_array_line", {"train.jsonl": jsonl_with({2: "[1, 2]"})}, "train.jsonl:2", "JSON object"),
+    *data_case("jsonl_string_line", {"train.jsonl": jsonl_with({4: '"just text"'})}, "train.jsonl:4", "JSON object"),
     # lone surrogates
-    *data_cases("jsonl_lone_surrogate", {"train.jsonl": jsonl_with({3: '{"text": "bad \\ud800 char", "label": "pos"}'})},
+    *data_case("jsonl_lone_surrogate", {"train.jsonl": jsonl_with({3: '{"text": "bad \\ud800 char", "label": "pos"}'})},
                 "train.jsonl:3", "lone surrogate"),
-    *data_cases("jsonl_low_surrogate", {"train.jsonl": jsonl_with({6: '{"text": "x\\udfff", "label": "neg"}'})},
+    *data_case("jsonl_low_surrogate", {"train.jsonl": jsonl_with({6: '{"text": "x\\udfff", "label": "neg"}'})},
                 "train.jsonl:6", "lone surrogate"),
-    *data_cases("jsonl_surrogate_in_label", {"train.jsonl": jsonl_with({2: '{"text": "ok", "label": "\\udc80"}'})},
+    *data_case("jsonl_surrogate_in_label", {"train.jsonl": jsonl_with({2: '{"text": "ok", "label": "\\udc80"}'})},
                 "train.jsonl:2", "lone surrogate"),
-    *data_cases("json_lone_surrogate", {"train.json": json_array(OBJS[:2] + [{"text": "\ud800", "label": "pos"}] + OBJS[2:])},
+    *data_case("json_lone_surrogate", {"train.json": json_array(OBJS[:2] + [{"text": "\ud800", "label": "pos"}] + OBJS[2:])},
                 "train.json:4", "lone surrogate"),
-    *data_cases("json_data_key_surrogate", {"train.json": json.dumps({"data": OBJS[:2] + [{"text": "\udfff", "label": "pos"}]})},
+    *data_case("json_data_key_surrogate", {"train.json": json.dumps({"data": OBJS[:2] + [{"text": "\udfff", "label": "pos"}]})},
                 "train.json record 2", "lone surrogate"),
     # overlong lines
-    *data_cases("csv_line_over_limit", {"train.csv": csv_with({4: "y" * 40_000_001 + ",pos"})}, "train.csv:4", "40,000,000"),
-    *data_cases("txt_line_over_limit", {"train.txt": "short\n\n" + "z" * 10_000_001 + "\n"}, "train.txt:3", "10,000,000",
+    *data_case("csv_line_over_limit", {"train.csv": csv_with({4: "y" * 40_000_001 + ",pos"})}, "train.csv:4", "40,000,000"),
+    *data_case("txt_line_over_limit", {"train.txt": "short\n\n" + "z" * 10_000_001 + "\n"}, "train.txt:3", "10,000,000",
                 task="causal_lm", check=False),
-    *data_cases("txt_paragraph_over_limit", {"train.txt": "short\n\n" + ("w" * 1_000_000 + "\n") * 11}, "train.txt:3",
+    *data_case("txt_paragraph_over_limit", {"train.txt": "short\n\n" + ("w" * 1_000_000 + "\n") * 11}, "train.txt:3",
                 "paragraph", task="causal_lm", check=False),
-    *data_cases("chat_content_over_limit",
+    *data_case("chat_content_over_limit",
                 {"train.jsonl": chat_file(chat_line([{"role": "user", "content": "q" * 10_000_001},
                                                      {"role": "assistant", "content": "a"}]))},
                 "train.jsonl:2 field 'messages[0].content'", "10,000,000", task="chat", check=False),
     # missing-value labels
     *[c for i, v in enumerate(MISSING_SPELLINGS)
-      for c in data_cases(f"csv_missing_label_{i}", {"train.csv": csv_with({4: f"fine film,{v}"})},
+      for c in data_case(f"csv_missing_label_{i}", {"train.csv": csv_with({4: f"fine film,{v}"})},
                           "train.csv:4 field 'label'", "missing value", check=False)],
     *[c for i, v in enumerate(MISSING_SPELLINGS[:6])
-      for c in data_cases(f"jsonl_missing_label_{i}", {"train.jsonl": jsonl_with({3: json.dumps({"text": "t", "label": v})})},
+      for c in data_case(f"jsonl_missing_label_{i}", {"train.jsonl": jsonl_with({3: json.dumps({"text": "t", "label": v})})},
                           "train.jsonl:3 field 'label'", "missing value", check=False)],
-    *data_cases("eval_missing_label", {"train.csv": csv_with(), "eval.csv": csv_with({2: "x,NULL"})}, "eval.csv:2 field 'label'",
+    *data_case("eval_missing_label", {"train.csv": csv_with(), "eval.csv": csv_with({2: "x,NULL"})}, "eval.csv:2 field 'label'",
                 "missing value", data="eval: eval.csv", check=False),
-    *data_cases("eval_split_leaves_a_class_empty", {"train.csv": csv_with()}, "cfg.yaml:6 field 'data.eval_split'",
+    *data_case("eval_split_leaves_a_class_empty", {"train.csv": csv_with()}, "cfg.yaml:5 field 'data.eval_split'",
                 "no training rows", data="eval_split: 0.9", check=False),
     # chat structure
-    *data_cases("chat_tool_calls", {"train.jsonl": chat_file(chat_line([
+    *data_case("chat_tool_calls", {"train.jsonl": chat_file(chat_line([
         {"role": "user", "content": "weather?"},
         {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function"}]},
         {"role": "assistant", "content": "sunny"}]))}, "train.jsonl:2 field 'messages[1].tool_calls'", "tool calls",
         task="chat", check=False),
-    *data_cases("chat_function_call", {"train.jsonl": chat_file(chat_line([
+    *data_case("chat_function_call", {"train.jsonl": chat_file(chat_line([
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "function_call": {"name": "f"}}]))},
         "train.jsonl:2 field 'messages[1].function_call'", "tool calls", task="chat", check=False),
-    *data_cases("chat_tool_role", {"train.jsonl": chat_file(chat_line([
+    *data_case("chat_tool_role", {"train.jsonl": chat_file(chat_line([
         {"role": "user", "content": "q"}, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "a"}]))},
         "train.jsonl:2 field 'messages[1].role'", "unknown role", task="chat", check=False),
-    *data_cases("chat_system_late", {"train.jsonl": chat_file(chat_line([
+    *data_case("chat_system_late", {"train.jsonl": chat_file(chat_line([
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"}]), 3)},
         "train.jsonl:3 field 'messages[2]'", "system", task="chat", check=False),
-    *data_cases("chat_assistant_first", {"train.jsonl": chat_file(chat_line([{"role": "assistant", "content": "a"}]))},
+    *data_case("chat_assistant_first", {"train.jsonl": chat_file(chat_line([{"role": "assistant", "content": "a"}]))},
                 "train.jsonl:2 field 'messages[0]'", "from the user", task="chat", check=False),
-    *data_cases("chat_content_list", {"train.jsonl": chat_file(chat_line([
+    *data_case("chat_content_list", {"train.jsonl": chat_file(chat_line([
         {"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": "a"}]))},
         "train.jsonl:2 field 'messages[0].content'", "string", task="chat", check=False),
-    *data_cases("chat_content_null", {"train.jsonl": chat_file(chat_line([
+    *data_case("chat_content_null", {"train.jsonl": chat_file(chat_line([
         {"role": "user", "content": "q"}, {"role": "assistant", "content": None}]))},
         "train.jsonl:2 field 'messages[1].content'", "string", task="chat", check=False),
-    *data_cases("chat_weight_two", {"train.jsonl": chat_file(chat_line([
+    *data_case("chat_weight_two", {"train.jsonl": chat_file(chat_line([
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]))},
         "train.jsonl:2 field 'messages[1].weight'", "0 or 1", task="chat", check=False),
-    *data_cases("chat_weight_true", {"train.jsonl": chat_file(chat_line([
+    *data_case("chat_weight_true", {"train.jsonl": chat_file(chat_line([
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": True}]))},
         "train.jsonl:2 field 'messages[1].weight'", "0 or 1", task="chat", check=False),
-    *data_cases("chat_weight_on_user", {"train.jsonl": chat_file(chat_line([
+    *data_case("chat_weight_on_user", {"train.jsonl": chat_file(chat_line([
         {"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]))},
         "train.jsonl:2 field 'messages[0].weight'", "assistant messages only", task="chat", check=False),
-    *data_cases("chat_messages_a_string", {"train.jsonl": chat_file('{"messages": "hi"}')},
+    *data_case("chat_messages_a_string", {"train.jsonl": chat_file('{"messages": "hi"}')},
                 "train.jsonl:2 field 'messages'", "list of messages", task="chat", check=False),
-    *data_cases("chat_message_a_number", {"train.jsonl": chat_file('{"messages": [5]}')},
+    *data_case("chat_message_a_number", {"train.jsonl": chat_file('{"messages": [5]}')},
                 "train.jsonl:2 field 'messages[0]'", "message object", task="chat", check=False),
-    *data_cases("chat_role_missing", {"train.jsonl": chat_file(chat_line([{"content": "q"}]))},
+    *data_case("chat_role_missing", {"train.jsonl": chat_file(chat_line([{"content": "q"}]))},
                 "train.jsonl:2 field 'messages[0].role'", "missing", task="chat", check=False),
-    *data_cases("chat_role_a_number", {"train.jsonl": chat_file(chat_line([{"role": 1, "content": "q"}]))},
+    *data_case("chat_role_a_number", {"train.jsonl": chat_file(chat_line([{"role": 1, "content": "q"}]))},
                 "train.jsonl:2 field 'messages[0].role'", "unknown role", task="chat", check=False),
-    *data_cases("chat_lone_surrogate", {"train.jsonl": chat_file('{"messages": [{"role": "user", "content": "\\ud83d"}, '
+    *data_case("chat_lone_surrogate", {"train.jsonl": chat_file('{"messages": [{"role": "user", "content": "\\ud83d"}, '
                                                                  '{"role": "assistant", "content": "a"}]}')},
                 "train.jsonl:2", "lone surrogate", task="chat", check=False),
-    *data_cases("sharegpt_unknown_from", {"train.jsonl": '{"conversations": [{"from": "bot", "value": "x"}]}\n'},
+    *data_case("sharegpt_unknown_from", {"train.jsonl": '{"conversations": [{"from": "bot", "value": "x"}]}\n'},
                 "train.jsonl:1 field 'conversations[0].from'", "unknown role", task="chat", check=False),
-    *data_cases("alpaca_output_number", {"train.jsonl": '{"instruction": "do", "output": 5}\n'},
+    *data_case("alpaca_output_number", {"train.jsonl": '{"instruction": "do", "output": 5}\n'},
                 "train.jsonl:1 field 'output'", "string", task="chat", check=False),
-    *data_cases("prompt_completion_list_mismatch", {"train.jsonl": '{"prompt": 5, "completion": "a"}\n'},
+    *data_case("prompt_completion_list_mismatch", {"train.jsonl": '{"prompt": 5, "completion": "a"}\n'},
                 "train.jsonl:1 field 'prompt'", "string", task="chat", check=False),
-    *data_cases("text_record_not_string", {"train.jsonl": '{"text": 42}\n'}, "train.jsonl:1 field 'text'", "string",
+    *data_case("text_record_not_string", {"train.jsonl": '{"text": 42}\n'}, "train.jsonl:1 field 'text'", "string",
                 task="causal_lm", check=False),
-    *data_cases("text_record_null", {"train.jsonl": '{"text": null}\n'}, "train.jsonl:1 field 'text'", "null",
+    *data_case("text_record_null", {"train.jsonl": '{"text": null}\n'}, "train.jsonl:1 field 'text'", "null",
                 task="causal_lm", check=False),
     # CSV oddities
-    *data_cases("csv_header_duplicate_after_strip", {"train.csv": "text, text\na,b\n"}, "train.csv:1 field 'text'", "twice"),
-    *data_cases("csv_unclosed_quote_at_end", {"train.csv": csv_with({9: '"never closed,pos'})}, "train.csv:9", "never closed"),
-    *data_cases("tsv_too_few_fields", {"train.tsv": "text\tlabel\na\tpos\nb\n"}, "train.tsv:3", "1 fields"),
-    *data_cases("parquet_text_list", {"train.parquet": parquet({"text": [["a"], ["b"]], "label": ["pos", "neg"]})},
+    *data_case("csv_header_duplicate_after_strip", {"train.csv": "text, text\na,b\n"}, "train.csv:1 field 'text'", "twice"),
+    *data_case("csv_unclosed_quote_at_end", {"train.csv": csv_with({9: '"never closed,pos'})}, "train.csv:9", "never closed"),
+    *data_case("tsv_too_few_fields", {"train.tsv": "text\tlabel\na\tpos\nb\n"}, "train.tsv:3", "1 fields"),
+    *data_case("parquet_text_list", {"train.parquet": parquet({"text": [["a"], ["b"]], "label": ["pos", "neg"]})},
                 "train.parquet record 0 field 'text'", "list"),
 ]
 

@@ -25,15 +25,19 @@ def _is_head(name: str) -> bool:
     return any(part in HEAD_PARTS for part in name.split(".")[:2])
 
 
+def _read_json(path: Path, field: str | None):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path.name} is not valid JSON ({str(e).splitlines()[0][:120]})", file=path, field=field) from None
+
+
 def check_config_json(folder: Path, field: str | None = "model.name") -> None:
     """config.json must be a JSON object, and the attention heads must divide the hidden size."""
     path = folder / "config.json"
     if not path.is_file():
         return
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"config.json is not valid JSON ({str(e).splitlines()[0][:120]})", file=path, field=field) from None
+    cfg = _read_json(path, field)
     if not isinstance(cfg, dict):
         raise InputError(f"config.json must be a JSON object, found a {type(cfg).__name__}", file=path, field=field)
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
@@ -51,10 +55,7 @@ def check_tokenizer_json(folder: Path, field: str | None = "model.name") -> None
     path = folder / "tokenizer.json"
     if not path.is_file():
         return
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"tokenizer.json is not valid JSON ({str(e).splitlines()[0][:120]})", file=path, field=field) from None
+    obj = _read_json(path, field)
     if not isinstance(obj, dict) or "model" not in obj:
         raise InputError("tokenizer.json is not a tokenizers file (no 'model' entry)", file=path, field=field)
 
