@@ -18,6 +18,7 @@ from tunelab.cli import app
 from tunelab.config import Config, load_config
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only adds contention
 
 
 def all_commands():
