@@ -455,8 +455,9 @@ def finish_missing_report(out: Path) -> dict | None:
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if summary.get("status") not in ("completed", "early_stopped") or (out / "report.html").exists():
-        return None
+    if not isinstance(summary, dict) or summary.get("status") not in ("completed", "early_stopped") or (
+            out / "report.html").exists():
+        return None  # a damaged summary.json: prepare_run_dir says so
     from tunelab.analysis.report import write_report
 
     write_report(out)
