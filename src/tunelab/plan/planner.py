@@ -343,21 +343,22 @@ def suggest(cfg: Config, profile: dict, memory: dict, precision: str) -> list[di
     """Each memory lever not already in use, with the peak it would give (same data, same probes)."""
     out = []
     for label, change in LEVERS:
-        raw = cfg.model_dump(mode="json")
+        # what the user set, not every default: validators judge a section "set" by its presence
+        raw = cfg.model_dump(mode="json", exclude_unset=True)
         if label.startswith("train.precision") and precision != "fp32":
             continue
         if change is None:
             if cfg.train.batch_size < 2:
                 continue
-            raw["train"]["batch_size"] = cfg.train.batch_size // 2
-            raw["train"]["grad_accum"] = cfg.train.grad_accum * 2
+            raw.setdefault("train", {}).update(batch_size=cfg.train.batch_size // 2, grad_accum=cfg.train.grad_accum * 2)
         else:
             section, value = next(iter(change.items()))
+            current = getattr(cfg, section)
             if isinstance(value, dict):
-                if all(raw[section].get(k) == v for k, v in value.items()):
+                if all(getattr(current, k) == v for k, v in value.items()):
                     continue
-                raw[section].update(value)
-            elif raw[section] == value or (value == "lora" and raw[section] == "qlora"):
+                raw.setdefault(section, {}).update(value)
+            elif current == value or (value == "lora" and current == "qlora"):
                 continue
             else:
                 raw[section] = value
