@@ -14,38 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
-WORDS = (
-    "the a movie film was great fun terrible boring awful lovely good bad not very really i loved hated it "
-    "plot acting music story ending actors and but so too this that".split()
-)
-
-
-def tiny_bert_folder(path: Path, num_labels: int = 2) -> Path:
-    """A 2-layer BERT (hidden 32) with a WordPiece tokenizer trained here; saved as an HF folder."""
-    import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tk.train_from_iterator([" ".join(WORDS)] * 3, trainer)
-    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                  sep_token="[SEP]", mask_token="[MASK]")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tk.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
-    model = BertForSequenceClassification(cfg)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
+# the builders live in tiny_models.py; imported here so `from conftest import ...` keeps working
+from tiny_models import (CHAT_CORPUS, CHAT_SPECIAL_TOKENS, CHATML_TEMPLATE_NO_MARKERS, WORDS,  # noqa: E402,F401
+                         tiny_bert_folder, tiny_chat_tokenizer_build, tiny_llama_build)
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
@@ -108,55 +79,9 @@ def needs_shared():
     return pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason="../shared/datasets is not present")
 
 
-# --- chat SFT fixtures: a ChatML tokenizer trained here and a tiny Llama -----------------------
-
-CHATML_TEMPLATE_NO_MARKERS = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_CORPUS = [
-    "system user assistant You are a helpful assistant.",
-    "What is two plus two? Four. And three plus three? Six.",
-    "Write a short poem about the sea. The sea is blue and wide, it sings at every tide.",
-    "Translate hello to French. Bonjour. Thank you! You are welcome.",
-    "Name a color. Red. Name a fruit. Apple. Tell me a story about a cat and a dog.",
-]
-
-
-def tiny_chat_tokenizer_build():
-    """A byte-level BPE (like SmolLM2's) with the ChatML special tokens at ids 0-2, no generation markers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=CHAT_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(CHAT_CORPUS * 3, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = CHATML_TEMPLATE_NO_MARKERS
-    return tok
-
-
 @pytest.fixture(scope="session")
 def tiny_chat_tokenizer():
     return tiny_chat_tokenizer_build()
-
-
-def tiny_llama_build(vocab_size: int, seed: int = 0, attn_implementation: str = "sdpa"):
-    """LlamaForCausalLM, hidden 32, 2 layers, 4 heads, intermediate 64, random weights, eval mode."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256,
-                      bos_token_id=None, eos_token_id=2, pad_token_id=0)
-    cfg._attn_implementation = attn_implementation
-    return LlamaForCausalLM(cfg).eval()
 
 
 def stop_after(n_steps: int):

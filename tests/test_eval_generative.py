@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import sentiment_rows, write_jsonl
-from test_causal_lm import conversations, tiny_llama_folder
+from tiny_models import conversations, tiny_llama_folder
 from tunelab.cli import app
 
 

@@ -9,7 +9,8 @@ import json
 import yaml
 from typer.testing import CliRunner
 
-from test_causal_lm import conversations, tiny_llama_folder, write_jsonl
+from conftest import write_jsonl
+from tiny_models import conversations, tiny_llama_folder
 from tunelab.cli import app
 
 import pytest

