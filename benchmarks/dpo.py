@@ -6,7 +6,8 @@
 Pairs: alpaca_eval's 805 instructions, answered by GPT-4 (../shared/datasets/alpaca_eval_gpt4,
 chosen) and by text-davinci-003 (../shared/datasets/alpaca_eval_davinci003, rejected), shuffled
 with seed 0 (the files are grouped by source), the first `--train` for training and the next
-`--held-out` for evaluation. Each side trains the embedded SmolLM2-135M-Instruct with DPO (beta
+`--held-out` for evaluation (pairs whose prompt takes more than half of `--max-length` are left out
+first, and counted). Each side trains the embedded SmolLM2-135M-Instruct with DPO (beta
 0.1) on the same pairs, rendered with its chat template, lr 5e-6 (lora: 5e-5) constant, `--batch`
 pairs a step, bf16 autocast on the CPU (fp32 master weights), one epoch (or `--max-steps`), in its
 own spawned process (peak memory = that process's max RSS; tunelab's includes its evaluations and
@@ -37,6 +38,7 @@ import random
 import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,8 +53,9 @@ LR = {"lora": 5e-5, "full": 5e-6}
 SIDES = ("tunelab-lora", "tunelab-full", "trl-lora", "trl-full")
 
 
-def make_pairs(n_train: int, n_held: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) pairs of the same instruction: GPT-4's answer chosen, text-davinci-003's rejected."""
+def make_pairs(n_train: int, n_held: int, fits=lambda pair: True) -> tuple[list[dict], list[dict], int]:
+    """(train, held-out, dropped) pairs of the same instruction: GPT-4's answer chosen, text-davinci-003's
+    rejected; `fits(pair)` false drops a pair (a prompt too long for max_length is an input error in tunelab)."""
     good = json.loads(CHOSEN.read_text(encoding="utf-8"))
     bad = {r["instruction"]: r["output"] for r in json.loads(REJECTED.read_text(encoding="utf-8"))}
     pairs = [{"prompt": [{"role": "user", "content": r["instruction"]}],
@@ -61,7 +64,8 @@ def make_pairs(n_train: int, n_held: int) -> tuple[list[dict], list[dict]]:
              for r in good if r["instruction"] in bad and r["output"].strip() and bad[r["instruction"]].strip()
              and r["output"].strip() != bad[r["instruction"]].strip()]
     random.Random(0).shuffle(pairs)
-    return pairs[:n_train], pairs[n_train : n_train + n_held]
+    kept = [p for p in pairs if fits(p)]
+    return kept[:n_train], kept[n_train : n_train + n_held], len(pairs) - len(kept)
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
@@ -76,7 +80,16 @@ def held_out(metrics: dict | None) -> dict | None:
              "kl_ref", "loss")}
 
 
+def threads(a: dict) -> None:
+    """The side's torch thread count (--threads): the same for both tools; 1 on a box shared with other work."""
+    if a["threads"]:
+        import torch
+
+        torch.set_num_threads(a["threads"])
+
+
 def run_tunelab(method: str, train: str, evalf: str, a: dict, out: str) -> dict:
+    threads(a)
     from tunelab.config import Config
     from tunelab.monitor.metrics_log import read_metrics
     from tunelab.run import run_training
@@ -101,6 +114,7 @@ def run_tunelab(method: str, train: str, evalf: str, a: dict, out: str) -> dict:
 
 
 def run_trl(method: str, model_dir: str, train: str, evalf: str, a: dict, out: str) -> dict:
+    threads(a)
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,6 +161,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per side (default torch's own)")
     ap.add_argument("--trl-eval", action="store_true", help="also evaluate TRL's sides on the held-out pairs")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dpo.json")
     args = ap.parse_args()
@@ -165,8 +180,17 @@ def main() -> int:
     from tunelab.models.registry import resolve_model
 
     model_dir = plain_source(resolve_model("smollm2-135m-instruct")).path
-    train, held = make_pairs(args.train, args.held_out)
-    a = {"max_length": args.max_length, "batch": args.batch, "max_steps": args.max_steps, "trl_eval": args.trl_eval}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def fits(pair: dict) -> bool:  # the prompt leaves at least half of max_length to the answers
+        text = tok.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"]) <= args.max_length // 2
+
+    train, held, dropped = make_pairs(args.train, args.held_out, fits)
+    a = {"max_length": args.max_length, "batch": args.batch, "max_steps": args.max_steps, "trl_eval": args.trl_eval,
+         "threads": args.threads}
     results = {}
     with tempfile.TemporaryDirectory(prefix="tunelab-dpo-") as tmp:
         tmp = Path(tmp)
@@ -174,17 +198,20 @@ def main() -> int:
         write_jsonl(held, tmp / "held_out.jsonl")
         for side in sides:
             tool, method = side.split("-")
+            t0 = time.monotonic()
             if tool == "tunelab":
                 r = in_child(run_tunelab, method, str(tmp / "train.jsonl"), str(tmp / "held_out.jsonl"), a, str(tmp / side))
             else:
                 r = in_child(run_trl, method, model_dir, str(tmp / "train.jsonl"), str(tmp / "held_out.jsonl"), a,
                              str(tmp / side))
+            r["wall_seconds_side"] = round(time.monotonic() - t0, 1)
             results[side] = r
             after = (r.get("held_out_after") or {}).get("pref_accuracy")
             print(f"{side}: {r['tokens_per_second']:.1f} tokens/s, {r['steps']} steps, peak RSS {r['peak_rss_mb']:.0f} MB"
                   + (f", held-out accuracy after {after:.3f}" if after is not None else ""), flush=True)
-    result = {"benchmark": "dpo", "pairs": {"train": len(train), "held_out": len(held)}, "max_length": args.max_length,
-              "batch_pairs": args.batch, "max_steps": args.max_steps, "beta": BETA, "lr": LR,
+    result = {"benchmark": "dpo", "pairs": {"train": len(train), "held_out": len(held),
+                                            "dropped_long_prompts": dropped}, "max_length": args.max_length,
+              "batch_pairs": args.batch, "max_steps": args.max_steps, "beta": BETA, "lr": LR, "threads": args.threads,
               "precision": "bf16 autocast, fp32 master weights", "sides": results,
               "versions": library_versions() | ({"trl": __import__("trl").__version__} if importlib.util.find_spec("trl") else {}),
               "machine": {"cpus": os.cpu_count(), "load_average_1min_end": round(os.getloadavg()[0], 2)}}
