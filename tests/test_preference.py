@@ -272,12 +272,12 @@ def steps(raw: dict, tmp_path: Path, optimizer="sgd", **settings):
     return end, io.rows, start
 
 
-@pytest.mark.parametrize("method, loss", [("full", "dpo"), ("lora", "dpo"), ("lora", "ipo"), ("full", "orpo"),
+@pytest.mark.parametrize("method, loss", [("full", "dpo"), ("lora", "dpo"), ("qlora", "dpo"), ("lora", "ipo"), ("full", "orpo"),
                                           ("full", "simpo")])
 def test_accumulation_gives_the_one_large_batch_step(model_dir, tmp_path, method, loss):
     train = write_jsonl(tmp_path / "p.jsonl", PAIRS[:4])
     raw = raw_config(model_dir, train, method=method, preference={"loss": loss},
-                     **({"lora": {"r": 4, "dropout": 0.0}} if method == "lora" else {}))
+                     **({"lora": {"r": 4, "dropout": 0.0}} if method in ("lora", "qlora") else {}))
     one, rows_one, start = steps(raw, tmp_path / "a", batch_size=4, grad_accum=1)
     accum, rows_acc, _ = steps(raw, tmp_path / "b", batch_size=1, grad_accum=4)
     for k in one:
