@@ -83,7 +83,7 @@ def test_the_run_builds_the_same_penalty_at_batch_sizes_4_and_16(toy_classificat
         with torch.no_grad():
             for p in anchored_params(r.model).values():
                 p.add_(1.0)
-        return float(r.settings.penalty(r.model)) * 2
+        return float(r.settings.penalty(r.model).detach()) * 2
 
     small, large = fisher_total(4), fisher_total(16)
     assert small > 0 and large == pytest.approx(small, rel=1e-3)
