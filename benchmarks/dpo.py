@@ -94,7 +94,7 @@ def run_tunelab(method: str, train: str, evalf: str, a: dict, out: str) -> dict:
     from tunelab.monitor.metrics_log import read_metrics
     from tunelab.run import run_training
 
-    raw = {"task": "preference", "model": {"name": "smollm2-135m-instruct", "max_length": a["max_length"]},
+    raw = {"task": "preference", "model": {"name": a["model"], "max_length": a["max_length"]},
            "data": {"train": train, "eval": evalf}, "method": method,
            "preference": {"loss": "dpo", "beta": BETA},
            "optim": {"lr": LR[method], "weight_decay": 0.0}, "schedule": {"name": "constant", "warmup_steps": 0},
@@ -153,6 +153,16 @@ def run_trl(method: str, model_dir: str, train: str, evalf: str, a: dict, out: s
     return result
 
 
+def why_skipped(model: str, sides: list[str]) -> str | None:
+    """Why the benchmark cannot run here (a peer's package, the data or the embedded model missing), or None."""
+    missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
+    if missing and any(s.startswith("trl") for s in sides):
+        return f"pip install {' '.join(missing)}"
+    if not (CHOSEN.is_file() and REJECTED.is_file()):
+        return f"{CHOSEN} or {REJECTED} is missing"
+    return alpaca_smollm2_missing(CHOSEN) if model == "smollm2-135m-instruct" else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=600)
@@ -161,6 +171,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a chat model folder instead (a smoke test of "
+                    "the script with a tiny model)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per side (default torch's own)")
     ap.add_argument("--trl-eval", action="store_true", help="also evaluate TRL's sides on the held-out pairs")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dpo.json")
@@ -169,9 +181,7 @@ def main() -> int:
     if unknown := sorted(set(sides) - set(SIDES)):
         print(f"unknown side(s) {unknown}; choose from {', '.join(SIDES)}")
         return 2
-    missing = [m for m in ("trl", "datasets") if any(s.startswith("trl") for s in sides) and importlib.util.find_spec(m) is None]
-    why = (f"pip install {' '.join(missing)}" if missing else None) or (f"{REJECTED} is missing" if not REJECTED.is_file()
-                                                                        else alpaca_smollm2_missing(CHOSEN))
+    why = why_skipped(args.model, sides)
     if why:
         print(f"skipped: {why}")
         return 0
@@ -179,7 +189,7 @@ def main() -> int:
     from tunelab.models.gguf import plain_source
     from tunelab.models.registry import resolve_model
 
-    model_dir = plain_source(resolve_model("smollm2-135m-instruct")).path
+    model_dir = plain_source(resolve_model(args.model)).path
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -190,8 +200,9 @@ def main() -> int:
 
     train, held, dropped = make_pairs(args.train, args.held_out, fits)
     a = {"max_length": args.max_length, "batch": args.batch, "max_steps": args.max_steps, "trl_eval": args.trl_eval,
-         "threads": args.threads}
+         "threads": args.threads, "model": args.model}
     results = {}
+    result = {"benchmark": "dpo", "model": args.model, "complete": False, "sides": results}
     with tempfile.TemporaryDirectory(prefix="tunelab-dpo-") as tmp:
         tmp = Path(tmp)
         write_jsonl(train, tmp / "train.jsonl")
@@ -206,10 +217,11 @@ def main() -> int:
                              str(tmp / side))
             r["wall_seconds_side"] = round(time.monotonic() - t0, 1)
             results[side] = r
+            write_result(args.out, result)  # each side as it ends: an interrupted run keeps what it measured
             after = (r.get("held_out_after") or {}).get("pref_accuracy")
             print(f"{side}: {r['tokens_per_second']:.1f} tokens/s, {r['steps']} steps, peak RSS {r['peak_rss_mb']:.0f} MB"
                   + (f", held-out accuracy after {after:.3f}" if after is not None else ""), flush=True)
-    result = {"benchmark": "dpo", "pairs": {"train": len(train), "held_out": len(held),
+    result |= {"complete": True, "pairs": {"train": len(train), "held_out": len(held),
                                             "dropped_long_prompts": dropped}, "max_length": args.max_length,
               "batch_pairs": args.batch, "max_steps": args.max_steps, "beta": BETA, "lr": LR, "threads": args.threads,
               "precision": "bf16 autocast, fp32 master weights", "sides": results,
