@@ -659,6 +659,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     cfg.probe.data = resolve(cfg.probe.data)
     cfg.regularization.ewc_data = resolve(cfg.regularization.ewc_data)
     cfg.regularization.replay_data = resolve(cfg.regularization.replay_data)
+    cfg.eval.generate.prompts = resolve(cfg.eval.generate.prompts)
     local = (base / cfg.model.name).expanduser()
     if cfg.model.name.startswith((".", "/", "~")) or local.is_dir():
         cfg.model.name = os.path.normpath(local.absolute()) if not Path(cfg.model.name).is_absolute() else cfg.model.name

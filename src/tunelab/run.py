@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import os
+import pickle
 import random
 import shutil
 import signal
