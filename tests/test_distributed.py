@@ -180,7 +180,7 @@ def test_nproc_2_writes_one_run_dir_and_learns(reference_run):
     out = reference_run["out"]
     assert reference_run["code"] == 0, reference_run["stderr"][-3000:]
     assert reference_run["stdout"].count("completed in") == 1  # rank 0 alone reports
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "final", "metrics.jsonl",
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.yaml", "final", "metrics.jsonl",
                                                      "param_groups.json", "report.html", "summary.json"]
     rows = rows_of(out)
     keys = row_keys(out)

@@ -26,7 +26,7 @@ RUNNER = textwrap.dedent("""
         real = checkpoint._fsync
         def fsync(path):
             real(path)
-            if path.name == "optimizer.pt" and path.parent.name == ".tmp-" + checkpoint.checkpoint_name(int(at)):
+            if path.name == "optimizer.pt" and path.parent.name.startswith(".tmp-" + checkpoint.checkpoint_name(int(at)) + ".pid"):
                 os.kill(os.getpid(), signal.SIGKILL)
         checkpoint._fsync = fsync
     from tunelab.cli import main

@@ -121,7 +121,10 @@ def test_non_finite_gradients_are_flagged_before_the_loop_stops_the_run(toy_clas
     summary = run_training(Config.model_validate(raw), tmp_path / "run", show_progress=False)
     assert summary["status"] == "diverged" and summary["steps"] == 11 and summary["skipped_steps"] == 5
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    events = [(r["step"], r["event"], r.get("kind")) for r in rows if "event" in r]
+    # each skipped step also leaves a row naming the examples that produced it (issue 13)
+    assert [r["step"] for r in rows if r.get("event") == "nonfinite_step"] == [7, 8, 9, 10, 11]
+    assert all(r["examples"] for r in rows if r.get("event") == "nonfinite_step")
+    events = [(r["step"], r["event"], r.get("kind")) for r in rows if "event" in r and r["event"] != "nonfinite_step"]
     assert events == [(7, "health", "divergence_risk"), (11, "diverged", None)]
     assert summary["health"]["counts"] == {"divergence_risk": 1}
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))

@@ -190,8 +190,10 @@ def test_final_best_under_gradual_unfreezing_ships_the_best_steps_weights(toy_cl
     raw = copy.deepcopy(toy_classification["config"])
     raw["unfreeze"] = {"every": 2, "unit": "steps"}
     raw["train"].update({"eval_every": 2, "epochs": 2, "eval_before": False})
-    # eval loss, maximised: an early evaluation (before most blocks unfreeze) stays the best
-    raw["checkpoint"] = {"final": "best", "metric": "eval_loss", "mode": "max"}
+    # an improvement bar no later evaluation can clear: the first evaluation (before most blocks
+    # unfreeze) stays the best (eval_loss with mode max did this until such a config was refused)
+    raw["checkpoint"] = {"final": "best", "metric": "eval_loss", "mode": "min", "min_delta": 1e6}
+    raw["early_stopping"] = {"enabled": False}
     out = tmp_path / "run"
     s = run_training(Config.model_validate(raw), out, show_progress=False)
     assert s["best"]["step"] < s["steps"] - 4  # blocks were unfrozen (and trained) after the best step

@@ -10,7 +10,22 @@ The Python API (the same functions the `tunelab` command calls; README "Python A
 Errors in the input raise `tunelab.InputError` (file, line, field), as the CLI reports them.
 """
 
+import os as _os
+
 from tunelab.errors import InputError, RunFailure
+
+
+def _name_deepspeeds_accelerator_on_cpu_machines() -> None:
+    """DeepSpeed, imported by accelerate (hence by peft and the zero strategies), prints "Setting
+    accelerator to CPU" to stdout through its own handler on every import where it finds no GPU: it
+    tears the live display and breaks `--json` stdout. Naming the accelerator it would pick anyway
+    keeps it quiet. Only where no NVIDIA or AMD GPU driver is visible; a user's own setting wins."""
+    gpu = any(_os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/kfd"))
+    if not gpu:
+        _os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+_name_deepspeeds_accelerator_on_cpu_machines()
 
 __version__ = "0.1.0"
 
