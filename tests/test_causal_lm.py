@@ -237,3 +237,32 @@ def test_gguf_converted_once_with_tied_embeddings(tmp_path, monkeypatch):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     assert "<|im_start|>" in tok.chat_template
+
+
+def test_non_finite_steps_of_a_packed_chat_run_name_their_conversations_file_and_line(tmp_path, tiny_llama,
+                                                                                      monkeypatch):
+    """Issue 13: the rows behind a NaN/Inf step are named as file:line also for chat data, where a
+    training unit packs several conversations: every conversation of the step's units is named."""
+    import torch
+    import yaml
+
+    from tunelab.config import load_config
+    from tunelab.monitor.metrics_log import read_metrics
+    from tunelab.run import run_training
+
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, iter(range(1, 1000))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: real_clip(params, max_norm) * (float("nan") if next(calls) > 1 else 1.0))
+    config = chat_config(tmp_path, str(tiny_llama), epochs=1, log_every=1)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["packing"] = True
+    raw["eval"] = {"generate": {"n": 0}}
+    config.write_text(yaml.safe_dump(raw))
+    summary = run_training(load_config(config), tmp_path / "run", show_progress=False)
+    assert summary["status"] == "diverged"
+    bad = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "nonfinite_step"]
+    assert [r["step"] for r in bad] == [2, 3, 4, 5, 6]
+    places = [p.strip() for r in bad for e in r["examples"] for p in e.split(",")]
+    assert places and all(p.startswith(str(tmp_path / "train.jsonl") + ":") for p in places)
+    lines = {int(p.rsplit(":", 1)[1]) for p in places}
+    assert lines <= set(range(1, 25)) and len(lines) > len(bad)  # packed: more conversations than steps

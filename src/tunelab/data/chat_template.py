@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tunelab.data.chat import ChatData, Message
 from tunelab.errors import InputError
@@ -42,6 +42,7 @@ CHATML_TEMPLATE = (
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids (the loss shifts); -100 = not supervised; labels[0] is always -100
+    source: str | None = field(default=None, compare=False)  # "file:line" of the conversation or text
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -240,8 +241,10 @@ def encode_dataset(data: ChatData, tokenizer, max_length: int, overflow: str = "
     examples: list[EncodedExample] = []
     dropped, truncated, dropped_sources = 0, 0, []
     if data.kind == "text":
-        for text in data.texts:
+        for text, source in zip(data.texts, data.sources or [None] * len(data.texts)):
             chunks = encode_text(text, tokenizer, max_length)
+            for chunk in chunks:
+                chunk.source = source
             truncated += len(chunks) > 1
             examples += chunks
     else:
@@ -257,6 +260,7 @@ def encode_dataset(data: ChatData, tokenizer, max_length: int, overflow: str = "
                     dropped_sources.append(source)
                 continue
             truncated += full_length > max_length
+            ex.source = source
             examples.append(ex)
     tokens = sum(len(e) for e in examples)
     supervised = sum(e.supervised() for e in examples)

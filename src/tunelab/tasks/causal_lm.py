@@ -146,6 +146,9 @@ def setup_causal_lm(cfg) -> TaskRun:
     units, collate = batcher(train_ex, pad_id, cfg.data.packing, max_len)
     unit_tokens = [sum(len(train_ex[j].input_ids) for j in u) for u in units]
     unit_sup = [sum(n_supervised(train_ex[j]) for j in u) for u in units]
+    # a packed unit holds several examples: a NaN/Inf step names all of their file:line places
+    unit_sources = [", ".join(dict.fromkeys(train_ex[j].source for j in u if train_ex[j].source)) or f"#{i}"
+                    for i, u in enumerate(units)]
 
     evaluate = None
     if eval_ex:
@@ -159,7 +162,8 @@ def setup_causal_lm(cfg) -> TaskRun:
     return TaskRun(
         model=model,
         tokenizer=tokenizer,
-        train=TrainSet(lengths=unit_tokens, collate=collate, count=lambda idx: sum(unit_sup[i] for i in idx)),
+        train=TrainSet(lengths=unit_tokens, collate=collate, count=lambda idx: sum(unit_sup[i] for i in idx),
+                       sources=unit_sources),
         loss_fn=supervised_loss,
         evaluate=evaluate,
         save_final=lm_saver(tokenizer, eos_id, pad_id),
