@@ -203,3 +203,17 @@ def test_every_verb_says_an_input_error_as_json_under_json(tmp_path, args):
     error = json.loads(res.stdout)["error"]
     assert error["kind"] == "input" and error["exit_code"] == 2 and error["message"]
     assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("args", [["eval", "x", "--bogus", "--json"], ["plan", "--json", "--nproc", "0", "c.yaml"],
+                                  ["data", "check", "--json"]], ids=lambda a: " ".join(a[:3]))
+def test_a_usage_error_under_json_is_json_too(args):
+    """An unknown flag, a bad value or a missing argument never reaches the verb: the group says it,
+    as one stderr line and, under --json, one JSON object on stdout (kind usage)."""
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    error = json.loads(res.stdout)["error"]
+    assert error["kind"] == "usage" and error["exit_code"] == 2 and error["message"]
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error: ")
+    plain = runner.invoke(app, [a for a in args if a != "--json"])
+    assert plain.exit_code == 2 and plain.stdout == ""

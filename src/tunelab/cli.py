@@ -28,6 +28,14 @@ class OneLineUsageErrors(typer.core.TyperGroup):
         click = typer.core._click  # typer vendors its own click; its exceptions are these
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+
+        def usage_error(message: str, code: int) -> None:
+            click.echo(f"error: {message}", err=True)
+            if "--json" in argv:  # the verb never ran, so its own --json handling cannot say it
+                click.echo(json.dumps({"error": {"kind": "usage", "message": message, "exit_code": code}}))
+            sys.exit(code)
+
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
@@ -35,11 +43,9 @@ class OneLineUsageErrors(typer.core.TyperGroup):
             sys.exit(2)
         except click.exceptions.UsageError as e:
             where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-            click.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
-            sys.exit(e.exit_code)
+            usage_error(f"{' '.join(e.format_message().split())}{where}", e.exit_code)
         except click.exceptions.ClickException as e:
-            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
-            sys.exit(e.exit_code)
+            usage_error(" ".join(e.format_message().split()), e.exit_code)
         except typer.Abort:
             click.echo("aborted", err=True)
             sys.exit(130)
