@@ -29,8 +29,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import in_child, step_clock, write_result  # noqa: E402
-from sft_alpaca import DATA, REPO, train_once, write_conversations  # noqa: E402
+from benchutil import in_child, step_clock, write_alpaca_conversations, write_result  # noqa: E402
+from sft_alpaca import DATA, REPO, train_once  # noqa: E402
 
 LR, MAX_LENGTH, BATCH = 5e-5, 512, 4
 
@@ -95,7 +95,7 @@ def main() -> int:
     records = records[: a.train]
     with tempfile.TemporaryDirectory(prefix="tunelab-sft-trl-") as tmp:
         tmp = Path(tmp)
-        write_conversations(records, tmp / "train.jsonl")
+        write_alpaca_conversations(records, tmp / "train.jsonl")
         with (tmp / "pairs.jsonl").open("w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps({"prompt": [{"role": "user", "content": r["instruction"]}],
