@@ -82,6 +82,9 @@ class DataConfig(Section):
     label_column: str = "label"
     labels: list[str] | None = Field(None, min_length=2, description="Allowed label names, in id order; inferred when absent.")
     max_rows: int | None = Field(None, gt=0)
+    header: bool | None = Field(None, description="CSV/TSV: whether the first row names the columns; unset: detected "
+                                "(a first row naming none of the columns, whose last field recurs as a label below, is "
+                                "data). Without a header the columns are text[, text pair], label, in that order.")
 
     @field_validator("labels")
     @classmethod
@@ -420,7 +423,7 @@ class Config(Section):
                         raise RuleError(f"data.{given}", f"data.{a} and data.{b} both name the column '{cols[a]}': "
                                         "each must name a different column")
         else:
-            for key in ("labels", "label_column", "text_pair_column"):
+            for key in ("labels", "label_column", "text_pair_column", "header"):
                 if self._given("data", key):
                     raise RuleError(f"data.{key}", f"data.{key} applies to classification only; task '{self.task}' "
                                     "reads conversations or text records: remove it")

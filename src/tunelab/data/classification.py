@@ -141,13 +141,16 @@ def load_examples(
     label_names: list[str] | None = None,
     declared: bool = False,
     max_rows: int | None = None,
+    header: bool | None = None,
 ) -> tuple[Examples, list[str]]:
     """Read and validate a labelled file. With `label_names`, labels must be in it (eval files).
 
-    Returns the examples and the label names in id order.
+    `header` (CSV/TSV): True, False (the columns are text[, text pair], label in that order) or None
+    to detect it (readers._has_header). Returns the examples and the label names in id order.
     """
     path = Path(path)
-    records = read_records(path, fmt)
+    columns = [text_column] + ([text_pair_column] if text_pair_column else []) + [label_column]
+    records = read_records(path, fmt, header=header, columns=columns)
     if max_rows is not None:
         records = records[:max_rows]
     texts, pairs, raw, source = [], [] if text_pair_column else None, [], []
@@ -183,6 +186,7 @@ def load_train_eval(data_cfg, seed: int) -> tuple[Examples, Examples | None, lis
         text_pair_column=data_cfg.text_pair_column,
         fmt=data_cfg.format,
         declared=declared,
+        header=data_cfg.header,
     )
     train, names = load_examples(data_cfg.train, label_names=data_cfg.labels, max_rows=data_cfg.max_rows, **common)
     present = sorted(set(train.labels))

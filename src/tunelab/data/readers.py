@@ -96,8 +96,13 @@ def check_data_file(path: str | Path, what: str = "data file") -> Path:
     return path
 
 
-def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
-    """Read every record of a data file; raise InputError at the first thing that is not data."""
+def read_records(path: str | Path, fmt: str = "auto", *, header: bool | None = True,
+                 columns: list[str] | None = None) -> list[Record]:
+    """Read every record of a data file; raise InputError at the first thing that is not data.
+
+    CSV/TSV only: `header` False reads a file without a header row, its fields named `columns` in
+    order; None detects it (see `_has_header`). Other formats ignore both.
+    """
     path = check_data_file(path)
     fmt = detect_format(path, fmt)
     if fmt == "parquet":
@@ -111,7 +116,7 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
         elif fmt == "json":
             records = _read_json(path, text)
         else:
-            records = _read_delimited(path, text, "\t" if fmt == "tsv" else ",")
+            records = _read_delimited(path, text, "\t" if fmt == "tsv" else ",", header, columns)
     if not records:
         raise InputError("no records in the file (it holds only a header or blank lines)", file=path)
     return records
@@ -259,7 +264,22 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _read_delimited(path: Path, text: str, delimiter: str) -> list[Record]:
+def _has_header(first: list[str], rest: list[list[str]], columns: list[str] | None) -> bool:
+    """Header detection (data.header: auto). The first row is read as data only when all of these
+    hold: it names none of the expected `columns`, it has exactly as many fields, and its last field
+    (the label, in a headerless file) occurs again in that place in the rows after it, as a label
+    does (AG News' `text<TAB>label-name` rows). A header with other names ("review, sentiment") fails
+    the last test and stays a header, so its missing-column error says what to set."""
+    if not columns:
+        return True
+    if {f.strip() for f in first} & set(columns) or len(first) != len(columns):
+        return True
+    label = first[-1].strip()
+    return not any(len(r) == len(first) and r[-1].strip() == label for r in rest)
+
+
+def _read_delimited(path: Path, text: str, delimiter: str, has_header: bool | None = True,
+                    columns: list[str] | None = None) -> list[Record]:
     csv.field_size_limit(MAX_FIELD_CHARS)
     lines = _lines(text)
     # TSV files (SST-2 among them) use no quoting: a lone `"` inside a sentence is a character.
@@ -270,7 +290,22 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> list[Record]:
     except StopIteration:
         raise InputError("file is empty", file=path) from None
     except csv.Error as e:
-        raise InputError(f"unreadable header ({e})", file=path, line=1) from None
+        raise InputError(f"unreadable {'header' if has_header else 'first row'} ({e})", file=path, line=1) from None
+    if has_header is None:
+        sample = csv.reader(lines[1:1001], delimiter=delimiter, quoting=quoting)
+        try:
+            rest = list(sample)
+        except csv.Error:  # a malformed row: the reading below names its line
+            rest = []
+        has_header = _has_header(header, rest, columns)
+    if not has_header:  # the first row is data: read again from line 1, fields named by `columns`
+        if not columns:
+            raise InputError("a file without a header needs its column names", file=path, field="data.header")
+        if len(header) != len(columns):
+            raise InputError(f"first row has {len(header)} fields; without a header they are read as "
+                             f"{', '.join(columns)} ({len(columns)})", file=path, line=1, field="data.header")
+        reader = csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=True)
+        header = list(columns)
     header = [h.strip() for h in header]
     if len(set(header)) != len(header):
         dup = next(h for h in header if header.count(h) > 1)
