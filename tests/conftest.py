@@ -18,6 +18,13 @@ SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 from tiny_models import (CHAT_CORPUS, CHAT_SPECIAL_TOKENS, CHATML_TEMPLATE_NO_MARKERS, WORDS,  # noqa: E402,F401
                          tiny_bert_folder, tiny_chat_tokenizer_build, tiny_llama_build)
 
+@pytest.fixture(autouse=True)
+def own_data_cache(tmp_path_factory, monkeypatch):
+    """Each test its own encoded-data cache (tunelab.data.cache): a test never reads another test's
+    entries (nor the user's ~/.cache), and the GGUF conversions in $TUNELAB_CACHE stay shared."""
+    monkeypatch.setenv("TUNELAB_DATA_CACHE", str(tmp_path_factory.mktemp("data_cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert"))

@@ -619,6 +619,10 @@ from tunelab.cli_runs import register as _register_runs  # noqa: E402  (compare,
 
 _register_runs(app, _guard)
 
+from tunelab.cli_cache import register as _register_cache  # noqa: E402  (cache ls, cache clear)
+
+_register_cache(app, _guard)
+
 
 def main() -> None:
     app()

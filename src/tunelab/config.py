@@ -96,6 +96,9 @@ class DataConfig(Section):
         "truncate", description="chat/causal_lm: what to do with an example longer than model.max_length.")
     packing: bool | None = Field(
         None, description="chat/causal_lm: pack several examples into one row (default true); not for classification.")
+    cache: bool = Field(True, description="Keep the encoded data in the data cache ($TUNELAB_DATA_CACHE, else "
+                        "$TUNELAB_CACHE/encoded): later runs, resumes, plan and every rank read it instead of "
+                        "tokenizing again (`tunelab cache ls|clear`).")
 
 
 class OptimConfig(Section):

@@ -30,15 +30,14 @@ def settings_from(section) -> GenerationSettings:
                               seed=section.seed, batch_size=section.batch_size, every=section.every)
 
 
-def held_out_data(data, all_examples: list, held: list):
-    """The ChatData of the held-out examples (data.eval_split), when examples map one to one onto records."""
+def held_out_at(data, n_examples: int, keep: list[int]):
+    """The ChatData of the records at indices `keep`, when the `n_examples` encoded examples map one
+    to one onto records (None when records were dropped or chunked)."""
     from tunelab.data.chat import ChatData
 
     items = data.conversations if data.kind == "conversations" else data.texts
-    if len(items) != len(all_examples):  # dropped or chunked records: no one-to-one map
+    if len(items) != n_examples:  # dropped or chunked records: no one-to-one map
         return None
-    ids = {id(e) for e in held}
-    keep = [i for i, e in enumerate(all_examples) if id(e) in ids]
     picked = [items[i] for i in keep]
     sources = [data.sources[i] for i in keep]
     if data.kind == "conversations":

@@ -1,0 +1,368 @@
+"""Tokenize once: encoded training and eval data kept on disk, keyed by everything that changes it.
+
+A run, its resume, `tunelab plan` and every rank of a multi-process run encode the same files with
+the same tokenizer: the first one writes the result here and the others read it back.
+
+Storage: numpy memmaps (flat little-endian arrays plus a JSON manifest), not Arrow. Encoded rows
+are ragged integer lists, and what reads them needs random access by row and all lengths at once
+(epoch order, length grouping and packing are computed from lengths alone). A flat int32 array of
+tokens with an int64 offsets array gives both with no copy (`lengths = diff(offsets)`, row i =
+`values[off[i]:off[i+1]]`), is appended to chunk by chunk while encoding without knowing the row
+count up front, and needs only numpy to read: opening an entry costs no `datasets`/pyarrow import
+(about a second) and a row read no Arrow ListArray -> Python conversion. Checksums are taken while
+writing, so validating an entry is one sequential read.
+
+Layout under `data_cache_root()` ($TUNELAB_DATA_CACHE, else $TUNELAB_CACHE/encoded, else
+~/.cache/tunelab/encoded): one folder per key (a sha256 over the fingerprint parts) holding the
+arrays and `manifest.json` (format, key, the parts, rows, each file's bytes and sha256, the
+encoder's statistics). An entry is built in a `.tmp-*` folder, the manifest written last, then the
+folder renamed into place, so a killed build never leaves a folder that looks complete. An entry
+whose manifest is missing or unreadable, of another format, or whose files' sizes or checksums
+differ from the manifest is moved aside, deleted and rebuilt: never used. Builders of the same key
+take a file lock, so concurrent ranks encode once and the others wait, then read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger("tunelab")
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+_CODE_MODULES = ("readers.py", "chat.py", "chat_template.py", "classification.py", "cache.py", "encoded.py",
+                 "preference.py")
+
+
+def data_cache_root() -> Path:
+    """Where encoded data lives: $TUNELAB_DATA_CACHE, else <$TUNELAB_CACHE or ~/.cache/tunelab>/encoded."""
+    own = os.environ.get("TUNELAB_DATA_CACHE")
+    if own:
+        return Path(own).expanduser()
+    from tunelab.models.gguf import cache_root
+
+    return cache_root() / "encoded"
+
+
+# ----------------------------------------------------------------------------------- fingerprint
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_stamp(path: str | Path) -> dict:
+    """A data file's identity: resolved path, size, mtime and a sha256 of its content (a file edited
+    in place within the mtime resolution, or copied with its mtime kept, still changes the key)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256_file(p)}
+
+
+def tokenizer_stamp(tokenizer) -> str:
+    """A hash of what makes a tokenizer encode as it does: its serialized fast tokenizer (vocabulary,
+    merges, normalizer, pre/post-processors, added tokens), chat template, special tokens, padding
+    and truncation sides and its class. The folder it was loaded from is left out: a copied model
+    folder encodes the same."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = {
+        "class": type(tokenizer).__name__,
+        "backend": backend.to_str() if backend is not None else None,
+        "vocab": None if backend is not None else sorted(tokenizer.get_vocab().items()),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": getattr(tokenizer, "special_tokens_map", {}),
+        "sides": [getattr(tokenizer, "padding_side", None), getattr(tokenizer, "truncation_side", None)],
+        "flags": {k: getattr(tokenizer, k, None) for k in ("add_bos_token", "add_eos_token", "clean_up_tokenization_spaces")},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_stamp() -> str:
+    """The tunelab version and a hash of the modules that read and encode data: a change to the
+    encoding code changes the key even where the version number was not raised."""
+    from tunelab import __version__
+
+    here = Path(__file__).parent
+    h = hashlib.sha256(f"{__version__}:{FORMAT}".encode())
+    for name in _CODE_MODULES:
+        if (here / name).is_file():
+            h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def entry_key(parts: dict) -> str:
+    """The key of an entry: sha256 over the canonical JSON of every part (plus the code stamp)."""
+    blob = json.dumps({**parts, "code": code_stamp()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+class StoreWriter:
+    """Appends rows chunk by chunk to one entry's files: ragged int columns sharing one offsets
+    array, per-row int columns, and string columns (UTF-8 bytes + their own offsets)."""
+
+    def __init__(self, folder: Path, ragged: dict[str, str], columns: dict[str, str], strings: tuple[str, ...] = ()):
+        self.folder, self.ragged, self.columns, self.strings = folder, ragged, columns, strings
+        self.rows, self._tokens, self._chars = 0, 0, {s: 0 for s in strings}
+        self._files: dict[str, tuple] = {}
+        names = ["offsets.i8", *(f"{c}.{d}" for c, d in ragged.items()), *(f"{c}.{d}" for c, d in columns.items()),
+                 *(f"{s}.utf8" for s in strings), *(f"{s}.offsets.i8" for s in strings)]
+        for name in names:
+            self._files[name] = (open(folder / name, "wb"), hashlib.sha256(), [0])
+        self._write("offsets.i8", np.zeros(1, dtype="<i8"))
+        for s in strings:
+            self._write(f"{s}.offsets.i8", np.zeros(1, dtype="<i8"))
+
+    def _write(self, name: str, arr: np.ndarray) -> None:
+        f, h, size = self._files[name]
+        data = np.ascontiguousarray(arr).tobytes()
+        f.write(data)
+        h.update(data)
+        size[0] += len(data)
+
+    def add(self, chunk: dict[str, list]) -> None:
+        """One chunk of rows: `chunk[c]` a list of int lists (ragged), ints (columns) or strs (strings)."""
+        first = next(iter(self.ragged))
+        n = len(chunk[first])
+        lengths = np.fromiter((len(r) for r in chunk[first]), dtype="<i8", count=n)
+        for c, dtype in self.ragged.items():
+            rows = chunk[c]
+            if any(len(a) != len(b) for a, b in zip(rows, chunk[first])):
+                raise ValueError(f"ragged column {c} is not aligned with {first}")
+            flat = np.fromiter((t for r in rows for t in r), dtype=_dtype(dtype), count=int(lengths.sum()))
+            self._write(f"{c}.{dtype}", flat)
+        self._write("offsets.i8", self._tokens + np.cumsum(lengths))
+        self._tokens += int(lengths.sum())
+        for c, dtype in self.columns.items():
+            self._write(f"{c}.{dtype}", np.asarray(chunk[c], dtype=_dtype(dtype)))
+        for s in self.strings:
+            encoded = [x.encode("utf-8") for x in chunk[s]]
+            self._write(f"{s}.utf8", np.frombuffer(b"".join(encoded), dtype=np.uint8))
+            ends = self._chars[s] + np.cumsum([len(b) for b in encoded], dtype="<i8")
+            self._write(f"{s}.offsets.i8", ends)
+            self._chars[s] = int(ends[-1]) if len(ends) else self._chars[s]
+        self.rows += n
+
+    def finish(self, key: str, parts: dict, meta: dict) -> dict:
+        """Close the files (fsynced) and write the manifest, last."""
+        files = {}
+        for name, (f, h, size) in self._files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            files[name] = {"bytes": size[0], "sha256": h.hexdigest()}
+        manifest = {"format": FORMAT, "key": key, "rows": self.rows, "tokens": self._tokens, "parts": parts,
+                    "ragged": self.ragged, "columns": self.columns, "strings": list(self.strings), "files": files,
+                    "meta": meta, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        tmp = self.folder / (MANIFEST + ".part")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.folder / MANIFEST)
+        return manifest
+
+    def abort(self) -> None:
+        for f, _, _ in self._files.values():
+            f.close()
+
+
+def _dtype(code: str) -> np.dtype:
+    return np.dtype({"i4": "<i4", "i8": "<i8", "u1": "u1"}[code])
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+class Store:
+    """An opened, validated entry: memory-mapped arrays, read on demand."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        self.folder, self.manifest = folder, manifest
+        self.rows: int = manifest["rows"]
+        self.meta: dict = manifest["meta"]
+        self._maps: dict[str, np.ndarray] = {}
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    def _map(self, name: str, dtype: str) -> np.ndarray:
+        if name not in self._maps:
+            path = self.folder / name
+            size = self.manifest["files"][name]["bytes"]
+            self._maps[name] = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+        return self._maps[name]
+
+    def offsets(self) -> np.ndarray:
+        return self._map("offsets.i8", "<i8")
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets())
+
+    def ragged(self, column: str) -> np.ndarray:
+        """The flat values of a ragged column (row i: [offsets[i], offsets[i+1]))."""
+        dtype = self.manifest["ragged"][column]
+        return self._map(f"{column}.{dtype}", _dtype(dtype).str)
+
+    def column(self, column: str) -> np.ndarray:
+        dtype = self.manifest["columns"][column]
+        return self._map(f"{column}.{dtype}", _dtype(dtype).str)
+
+    def string(self, column: str, i: int) -> str:
+        ends = self._map(f"{column}.offsets.i8", "<i8")
+        data = self._map(f"{column}.utf8", "u1")
+        return bytes(data[ends[i] : ends[i + 1]]).decode("utf-8")
+
+
+def validate(folder: Path, key: str) -> tuple[dict | None, str | None]:
+    """(manifest, None) for an intact entry, else (None, why it is not)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "no manifest (a build that did not finish)"
+    except (OSError, ValueError) as e:
+        return None, f"unreadable manifest ({type(e).__name__})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("key") != key:
+        return None, "manifest of another format or key"
+    for name, want in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != want["bytes"]:
+            return None, f"{name} is missing or has the wrong size"
+        if _sha256_file(path) != want["sha256"]:
+            return None, f"{name} does not match its checksum"
+    return manifest, None
+
+
+@contextmanager
+def _locked(root: Path, key: str):
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".lock-{key}", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _discard(folder: Path) -> None:
+    """Move a folder aside (atomically), then delete it: no reader sees it half deleted."""
+    aside = folder.parent / f".bad-{folder.name}-{os.getpid()}"
+    try:
+        os.rename(folder, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def open_or_build(parts: dict, layout: dict, build: Callable[[StoreWriter], dict], what: str = "data") -> Store:
+    """The intact entry for `parts`, building it with `build(writer) -> meta` when there is none.
+
+    `layout`: {"ragged": {name: dtype}, "columns": {name: dtype}, "strings": (names...)}. An
+    exception in `build` (bad input) leaves nothing behind.
+    """
+    root = data_cache_root()
+    key = entry_key(parts)
+    final = root / key
+    with _locked(root, key):
+        if final.exists():
+            manifest, why = validate(final, key)
+            if manifest is not None:
+                log.info("%s: encoded data read from the cache (%s)", what, final)
+                return Store(final, manifest)
+            log.warning("%s: the data cache entry %s is damaged (%s); encoding again", what, final, why)
+            _discard(final)
+        tmp = root / f".tmp-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        writer = StoreWriter(tmp, layout.get("ragged", {}), layout.get("columns", {}), tuple(layout.get("strings", ())))
+        try:
+            meta = build(writer)
+            manifest = writer.finish(key, parts, meta)
+            os.rename(tmp, final)
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("%s: encoded data cached in %s", what, final)
+        return Store(final, manifest)
+
+
+def prepare(cfg) -> list[Path]:
+    """Encode a config's training and eval data into the cache now, so that training (every rank)
+    only reads it: for a launcher or rank 0 to call before the process group starts, so no rank
+    waits out a collective timeout while another tokenizes. Loads the tokenizer and the model's
+    config, not its weights. Returns the entries' folders; [] when there is nothing to cache (data.cache
+    false, or a task whose data is not cached). Raises InputError for bad data, as training would."""
+    if not cfg.data.cache:
+        return []
+    if cfg.task in ("chat", "causal_lm"):
+        from tunelab.tasks.causal_lm import prepare_lm_data
+
+        return prepare_lm_data(cfg)
+    return []
+
+
+# ----------------------------------------------------------------------------------- ls / clear
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def list_entries() -> list[dict]:
+    """Every encoded-data entry: key, state (ok / damaged / building), bytes, rows, what it encodes."""
+    root = data_cache_root()
+    out = []
+    if not root.is_dir():
+        return out
+    for folder in sorted(root.iterdir()):
+        if not folder.is_dir():
+            continue
+        entry = {"key": folder.name, "path": str(folder), "bytes": _folder_bytes(folder)}
+        if folder.name.startswith((".tmp-", ".bad-")):
+            entry["state"] = "building" if folder.name.startswith(".tmp-") else "deleting"
+        else:
+            try:
+                m = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+                entry.update(state="ok", rows=m.get("rows"), tokens=m.get("tokens"), created=m.get("created"),
+                             encoder=m.get("parts", {}).get("encoder"),
+                             files=[f.get("path") for f in m.get("parts", {}).get("files", [])])
+            except (OSError, ValueError, AttributeError):
+                entry["state"] = "damaged"
+        out.append(entry)
+    return out
+
+
+def clear_entries() -> dict:
+    """Delete every encoded-data entry (not the GGUF conversions); {removed, bytes}."""
+    root = data_cache_root()
+    removed, freed = 0, 0
+    for entry in list_entries():
+        if entry["state"] == "building":
+            continue  # another process is writing it; its rename would fail on a missing parent otherwise
+        freed += entry["bytes"]
+        shutil.rmtree(entry["path"], ignore_errors=True)
+        removed += 1
+    return {"removed": removed, "bytes": freed, "root": str(root)}
+
+
+__all__ = ["prepare", "data_cache_root", "file_stamp", "tokenizer_stamp", "entry_key", "open_or_build", "Store",
+           "StoreWriter", "validate", "list_entries", "clear_entries"]
