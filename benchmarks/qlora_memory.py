@@ -58,7 +58,7 @@ def measure(method: str, model_name: str, batch: int, seq: int, steps: int, r: i
 
         model = load_causal_lm(plain_source(source), quantization=quantization_for(cfg.method))
     weights_mb = model.get_memory_footprint() / 2**20
-    model = apply_lora(model, cfg)
+    model = apply_lora(model, cfg.lora, method=cfg.method, task=cfg.task)
     rss_loaded = _rss_mb()
     trainable, total = count_params(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

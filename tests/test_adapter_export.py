@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def make_adapter(root: Path, monkeypatch) -> tuple[Path, Path]:
     """(base folder, adapter folder): a tiny Llama base under $TUNELAB_MODEL_ROOT and a LoRA adapter on it,
     written by the same adapter_saver a run's final/ goes through; lora_B set non-zero so it changes logits."""
-    from tunelab.config import config_from_dict
+    from tunelab.config import LoraConfig, ModelConfig
     from tunelab.models.adapters import adapter_saver, apply_lora
 
     monkeypatch.setenv("TUNELAB_MODEL_ROOT", str(root))
@@ -31,11 +31,10 @@ def make_adapter(root: Path, monkeypatch) -> tuple[Path, Path]:
     base = root / "llamas" / "base"
     tiny_llama_build(len(tok), seed=2).save_pretrained(base)
     tok.save_pretrained(base)
-    cfg = config_from_dict({"task": "chat", "model": {"name": str(base)}, "method": "lora",
-                            "data": {"train": "unused.jsonl"}, "lora": {"r": 4}})
+    model_cfg, lora = ModelConfig(name=str(base)), LoraConfig(r=4)
     from transformers import AutoModelForCausalLM
 
-    model = apply_lora(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), cfg)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), lora, task="chat")
     torch.manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -47,7 +46,7 @@ def make_adapter(root: Path, monkeypatch) -> tuple[Path, Path]:
         tok.save_pretrained(out)
 
     adapter = root / "run" / "final"
-    adapter_saver(save_final, cfg)(model, adapter)
+    adapter_saver(save_final, model_cfg, lora, method="lora", task="chat")(model, adapter)
     return base, adapter
 
 

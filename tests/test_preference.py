@@ -257,7 +257,7 @@ def steps(raw: dict, tmp_path: Path, optimizer="sgd", **settings):
     cfg = Config.model_validate(raw)
     torch.manual_seed(0)
     task = setup_preference(cfg)
-    model = apply_method(task.model, cfg)
+    model = apply_method(task.model, cfg.method, task=cfg.task, freeze_cfg=cfg.freeze, lora=cfg.lora)
     if task.prepare is not None:
         tmp_path.mkdir(parents=True, exist_ok=True)
         task.prepare(model, tmp_path, ALONE, nullcontext)
@@ -365,7 +365,7 @@ def test_sft_run_then_dpo_from_its_final_adapter(model_dir, tmp_path):
         cfg = Config.model_validate(raw_config(name, pairs_file, method=method,
                                                **({"lora": {"r": 4}} if method == "lora" else {})))
         task = setup_preference(cfg)
-        model = apply_method(task.model, cfg)
+        model = apply_method(task.model, cfg.method, task=cfg.task, freeze_cfg=cfg.freeze, lora=cfg.lora)
         with torch.no_grad():
             got = adapter_off_logps(model, batch) if method == "lora" else answer_logps(model.eval(), batch)[0]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

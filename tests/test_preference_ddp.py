@@ -42,7 +42,7 @@ STEP_SCRIPT = textwrap.dedent('''
         cfg = Config.model_validate(raw)
         torch.manual_seed(0)
         task = setup_preference(cfg)
-        model = apply_method(task.model, cfg)
+        model = apply_method(task.model, cfg.method, task=cfg.task, freeze_cfg=cfg.freeze, lora=cfg.lora)
         if task.prepare is not None:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             task.prepare(model, Path(run_dir), group, nullcontext)

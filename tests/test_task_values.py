@@ -43,7 +43,7 @@ def test_task_values_are_frozen_and_cache_features_leaves_its_input_alone(toy_cl
         task.evaluate = None
     with pytest.raises(dataclasses.FrozenInstanceError):
         task.train.collate = None
-    model = apply_method(task.model, cfg)
+    model = apply_method(task.model, cfg.method, task=cfg.task, freeze_cfg=cfg.freeze, lora=cfg.lora)
     collate, info = task.train.collate, dict(task.info)
     cached = cache_features(task, model, task.eval_batches(), 16)
     assert task.train.collate is collate and task.info == info  # the input is unchanged

@@ -383,10 +383,10 @@ def eval_(
         kind = model_kind(folder)
         check_fits(folder, kind, data, label_column)
         if kind == "causal_lm":
-            from tunelab.evaluate.generation import GenerationSettings
+            from tunelab.config import GenerateEvalConfig
             from tunelab.evaluate.saved_lm import evaluate_saved_lm, lm_eval_lines
 
-            settings = GenerationSettings(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            settings = GenerateEvalConfig(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
             out = evaluate_saved_lm(folder, data, max_length=max_length or 512, batch_size=batch_size or 8,
                                     settings=settings)
             typer.echo(json.dumps(out) if as_json else "\n".join(lm_eval_lines(out)))

@@ -436,6 +436,9 @@ class Config(Section):
             raise RuleError("optim.head_lr", "set optim.head_lr or optim.head_lr_multiplier, not both "
                             "(head_lr overrides the multiplier)")
         r = self.regularization
+        if r.mixout and m in ("lora", "qlora"):  # LoRA keeps the base frozen; Mixout swaps the base's weights
+            raise RuleError("regularization.mixout", f"Mixout acts on full weights; it does not combine with method "
+                            f"'{m}' (use method: full, or remove regularization.mixout)")
         if r.replay_ratio > 0 and not r.replay_data:
             raise RuleError("regularization.replay_ratio", "regularization.replay_ratio needs regularization.replay_data "
                             "(the file to replay): set it, or remove replay_ratio")

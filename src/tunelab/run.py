@@ -112,7 +112,7 @@ def fisher_batches(task, cfg) -> list | None:
 
 def _adapt(cfg: Config, task: TaskRun, device: torch.device) -> tuple[TaskRun, torch.nn.Module, int]:
     """Apply the method and the model-side options; returns the task, the model, mixout layer count."""
-    model = apply_method(task.model, cfg).to(device)
+    model = apply_method(task.model, cfg.method, task=cfg.task, freeze_cfg=cfg.freeze, lora=cfg.lora).to(device)
     task = replace(task, model=model)
     if device.type != "cpu":  # batches are built on the CPU; the loop gets them where the model is
         collate = task.train.collate
@@ -125,7 +125,8 @@ def _adapt(cfg: Config, task: TaskRun, device: torch.device) -> tuple[TaskRun, t
     if cfg.method in ("lora", "qlora"):  # final/ = PEFT adapter + how to rebuild the base (+ merged/ on request)
         from tunelab.models.adapters import adapter_saver
 
-        task = replace(task, save_final=adapter_saver(task.save_final, cfg, task.info.get("labels")))
+        task = replace(task, save_final=adapter_saver(task.save_final, cfg.model, cfg.lora, method=cfg.method,
+                                                      task=cfg.task, labels=task.info.get("labels")))
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     mixout_layers = apply_mixout(model, cfg.regularization.mixout) if cfg.regularization.mixout else 0

@@ -14,11 +14,12 @@ changes nothing about the training itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tunelab.config import GenerateEvalConfig
 from tunelab.errors import InputError
 from tunelab.evaluate.generate import render_prompt, stop_token_ids
 from tunelab.evaluate.generation_metrics import ROW_KEYS, generation_metrics, reference_scores
@@ -44,16 +45,6 @@ class Prompt:
         if self.messages:
             return self.messages[-1]["content"]
         return self.text or ""
-
-
-@dataclass
-class GenerationSettings:
-    n: int = 16
-    max_new_tokens: int = 64
-    temperature: float = 0.7
-    seed: int = 0
-    batch_size: int = 8
-    every: str = "end"
 
 
 def prompts_from_chat_data(data, n: int) -> list[Prompt]:
@@ -177,7 +168,8 @@ class GenerationEval:
     markers; each call generates greedy and sampled replies with the model as it is now and keeps
     the result in `history`, so the summary and report show before vs after."""
 
-    def __init__(self, tokenizer, prompts: list[Prompt], settings: GenerationSettings):
+    def __init__(self, tokenizer, prompts: list[Prompt], settings: GenerateEvalConfig):
+        """`settings`: the config's eval.generate section (n, max_new_tokens, temperature, seed, batch_size)."""
         self.tokenizer = tokenizer
         self.prompts = prompts[: settings.n]
         self.settings = settings
@@ -215,10 +207,15 @@ class GenerationEval:
 
     def record(self) -> dict:
         """generations.json: settings, prompts, references and every evaluation (replies included)."""
-        return {"settings": self.settings.__dict__, "markers": self.markers,
+        return {"settings": settings_dict(self.settings), "markers": self.markers,
                 "prompts": [{"prompt": p.shown(), "messages": p.messages, "text": p.text, "source": p.source}
                             for p in self.prompts],
                 "references": self.references, "evaluations": self.history}
+
+
+def settings_dict(settings: GenerateEvalConfig) -> dict:
+    """The settings as written into summary.json and generations.json (the prompts file is named elsewhere)."""
+    return settings.model_dump(exclude={"prompts"})
 
 
 def compare_generations(before: dict, after: dict) -> dict:

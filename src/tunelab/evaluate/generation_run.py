@@ -18,16 +18,10 @@ import logging
 import os
 from pathlib import Path
 
-from tunelab.evaluate.generation import (GenerationEval, GenerationSettings, compare_generations,
-                                         prompts_from_chat_data, read_prompts)
+from tunelab.evaluate.generation import (GenerationEval, compare_generations, prompts_from_chat_data, read_prompts,
+                                         settings_dict)
 
 log = logging.getLogger("tunelab")
-
-
-def settings_from(section) -> GenerationSettings:
-    """GenerationSettings from a config's eval.generate section."""
-    return GenerationSettings(n=section.n, max_new_tokens=section.max_new_tokens, temperature=section.temperature,
-                              seed=section.seed, batch_size=section.batch_size, every=section.every)
 
 
 def held_out_at(data, n_examples: int, keep: list[int]):
@@ -63,7 +57,7 @@ def generation_for(cfg, tokenizer, eval_data) -> GenerationEval | None:
     if not prompts:
         log.warning("eval.generate: no prompts (no eval data, and eval.generate.prompts unset): nothing generated")
         return None
-    return GenerationEval(tokenizer, prompts, settings_from(section))
+    return GenerationEval(tokenizer, prompts, section)
 
 
 def with_generation(evaluate, gen: GenerationEval | None):
@@ -99,7 +93,7 @@ def finish(gen: GenerationEval | None, probe_gen: GenerationEval | None, model, 
         if summary.get("final") is not None:
             summary["final"].update(flat)
         before = next((e for e in gen.history if e["label"] == "before"), None)
-        summary["generation"] = {"settings": gen.settings.__dict__, "prompts": len(gen.prompts),
+        summary["generation"] = {"settings": settings_dict(gen.settings), "prompts": len(gen.prompts),
                                  "before": {m: before[m] for m in ("greedy", "sampled")} if before else None,
                                  "after": {m: result[m] for m in ("greedy", "sampled")},
                                  "compare": compare_generations(before, result) if before else None}

@@ -60,10 +60,8 @@ def probe_generation_for(cfg, tokenizer):
     if cfg.task == "classification" or not cfg.probe.generate_n:
         return None
     from tunelab.evaluate.generation import GenerationEval, read_prompts
-    from tunelab.evaluate.generation_run import settings_from
 
-    settings = settings_from(cfg.eval.generate)
-    settings.n = cfg.probe.generate_n
+    settings = cfg.eval.generate.model_copy(update={"n": cfg.probe.generate_n})
     return GenerationEval(tokenizer, read_prompts(cfg.probe.data, settings.n, "probe.data"), settings)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tunelab.config import GenerateEvalConfig
 from tunelab.errors import InputError
 
 CHAT_KEYS = ("messages", "conversations", "instruction", "prompt")
@@ -90,13 +91,13 @@ def _batches(examples: list, pad_id: int, batch_size: int):
 
 
 def evaluate_saved_lm(model_dir: str | Path, data: str | Path, *, max_length: int = 512, batch_size: int = 8,
-                      settings=None) -> dict:
+                      settings: GenerateEvalConfig | None = None) -> dict:
     """Loss, perplexity and token accuracy on the supervised tokens of `data` (the masks training
     uses: assistant turns of conversations, every token of plain text), and the generation measures
     (greedy and sampled) on its first `settings.n` prompts."""
     from tunelab.data.chat import read_chat_data
     from tunelab.data.chat_template import encode_dataset
-    from tunelab.evaluate.generation import GenerationEval, GenerationSettings, prompts_from_chat_data
+    from tunelab.evaluate.generation import GenerationEval, prompts_from_chat_data, settings_dict
     from tunelab.evaluate.lm import lm_metrics
     from tunelab.models.gguf import end_of_turn_id
     from tunelab.models.saved import load_saved_causal_lm
@@ -114,11 +115,11 @@ def evaluate_saved_lm(model_dir: str | Path, data: str | Path, *, max_length: in
     out = {"model": str(model_dir), "data": str(data), "kind": chat.kind, "rows": len(chat),
            **lm_metrics(model, _batches(examples, pad_id, batch_size)),
            "dropped_overflow": stats["dropped_overflow"], "truncated": stats["truncated"]}
-    settings = settings or GenerationSettings()
+    settings = settings or GenerateEvalConfig()
     if settings.n:
         gen = GenerationEval(tok, prompts_from_chat_data(chat, settings.n), settings)
         result = gen(model, "eval")
-        out["generation"] = {"settings": settings.__dict__, "greedy": result["greedy"], "sampled": result["sampled"],
+        out["generation"] = {"settings": settings_dict(settings), "greedy": result["greedy"], "sampled": result["sampled"],
                              "samples": [{"prompt": p.shown(), "reference": p.reference, "greedy": g, "sampled": s}
                                          for p, g, s in zip(gen.prompts, result["replies"]["greedy"],
                                                             result["replies"]["sampled"])]}

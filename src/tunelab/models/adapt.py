@@ -54,14 +54,17 @@ def inference_mode_backbone(model: nn.Module) -> None:
             module.p = 0.0  # attention modules read their dropout's p at call time too
 
 
-def apply_method(model: nn.Module, cfg) -> nn.Module:
-    """Return the model ready for its method (may wrap it, e.g. in a peft model)."""
-    method = cfg.method
+def apply_method(model: nn.Module, method: str, *, task: str, freeze_cfg=None, lora=None) -> nn.Module:
+    """Return the model ready for `method` (may wrap it, e.g. in a peft model).
+
+    `freeze_cfg` is the config's freeze section (config.FreezeConfig), read by method freeze; `lora`
+    its lora section (config.LoraConfig), read by lora/qlora; `task` tells LoRA which modules form
+    the head. (models/ sits below config.py, so the sections are taken as they come, not imported.)"""
     if method == "full":
         return model
     if method == "freeze":
-        f = cfg.freeze
-        if not (f.embeddings or f.blocks or f.all_but_head):
+        f = freeze_cfg
+        if f is None or not (f.embeddings or f.blocks or f.all_but_head):
             raise InputError("method 'freeze' needs freeze.embeddings, freeze.blocks or freeze.all_but_head", field="freeze")
         freeze(model, embeddings=f.embeddings, blocks=f.blocks, all_but_head=f.all_but_head)
         return model
@@ -72,5 +75,7 @@ def apply_method(model: nn.Module, cfg) -> nn.Module:
     if method in ("lora", "qlora"):
         from tunelab.models.adapters import apply_lora
 
-        return apply_lora(model, cfg)
+        if lora is None:
+            raise ValueError(f"method {method} needs the config's lora section")
+        return apply_lora(model, lora, method=method, task=task)
     raise InputError(f"unknown method {method!r}", field="method")

@@ -94,33 +94,29 @@ def resolve_targets(model: nn.Module, target_modules, exclude: list[str]) -> lis
 # ---------------------------------------------------------------- apply
 
 
-def apply_lora(model: nn.Module, cfg) -> nn.Module:
-    """Wrap `model` in a peft LoRA/DoRA model; only adapters (and a new head) stay trainable."""
-    quiet_bitsandbytes()
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+def apply_lora(model: nn.Module, lora, *, method: str = "lora", task: str = "causal_lm") -> nn.Module:
+    """Wrap `model` in a peft LoRA/DoRA model; only adapters (and a new head) stay trainable.
 
-    lc = cfg.lora
-    # these act on the base's own weights, which LoRA keeps frozen: say so instead of silently
-    # unfreezing the base (gradual unfreezing) or swapping weights under the adapters (Mixout)
-    if cfg.unfreeze.every:
-        raise InputError(f"gradual unfreezing trains base weights; it does not combine with method {cfg.method}",
-                         field="unfreeze.every")
-    if cfg.regularization.mixout:
-        raise InputError(f"Mixout acts on full weights; it does not combine with method {cfg.method}",
-                         field="regularization.mixout")
-    heads = head_modules(model, cfg.task)
-    targets = resolve_targets(model, lc.target_modules, heads)
+    `lora` is the config's lora section (config.LoraConfig: r, alpha, dropout, target_modules,
+    rslora, dora); `method` (lora or qlora) and `task` decide the head and
+    whether the base must already be 4-bit. Combinations that act on the base's own weights
+    (gradual unfreezing, Mixout) are refused by the config's cross-field rules (config.py)."""
+    quiet_bitsandbytes()
+    from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    heads = head_modules(model, task)
+    targets = resolve_targets(model, lora.target_modules, heads)
     if getattr(model, "is_loaded_in_4bit", False):
         # freezes the base and keeps norms/heads in fp32; gradient checkpointing is a separate choice
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_trainable(model)
-    elif cfg.method == "qlora":
+    elif method == "qlora":
         raise InputError("method qlora needs a base loaded in 4-bit (the task setup did not quantise it)",
                          field="method")
-    classification = cfg.task == "classification"
-    peft_cfg = LoraConfig(
-        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
-        exclude_modules=heads or None, use_rslora=lc.rslora, use_dora=lc.dora, bias="none",
+    classification = task == "classification"
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        exclude_modules=heads or None, use_rslora=lora.rslora, use_dora=lora.dora, bias="none",
         task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
         modules_to_save=heads if classification else None,
     )
@@ -144,37 +140,41 @@ def base_reference(model_name: str) -> str:
     return str(path.resolve()) if path.exists() else model_name
 
 
-def adapter_info(cfg, labels: list[str] | None) -> dict:
+def adapter_info(model, lora, *, method: str, task: str, labels: list[str] | None) -> dict:
+    """What `tunelab_adapter.json` holds: how to rebuild the base (`model`: the config's model
+    section, config.ModelConfig), the adapter's settings (`lora`: its lora section), the
+    quantisation of a QLoRA base, and the label names."""
     info = {
-        "format": "peft", "method": cfg.method, "task": cfg.task,
-        "base_model": base_reference(cfg.model.name),
-        "base": portable_reference(cfg.model.name, cfg.model.revision),  # what loads it elsewhere (models.base_ref)
-        "trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision,
-        "lora": json.loads(cfg.lora.model_dump_json()),
+        "format": "peft", "method": method, "task": task,
+        "base_model": base_reference(model.name),
+        "base": portable_reference(model.name, model.revision),  # what loads it elsewhere (models.base_ref)
+        "trust_remote_code": model.trust_remote_code, "revision": model.revision,
+        "lora": json.loads(lora.model_dump_json()),
         "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
-                         "skip_modules": QLORA_SKIP_MODULES} if cfg.method == "qlora" else None,
+                         "skip_modules": QLORA_SKIP_MODULES} if method == "qlora" else None,
     }
     if labels is not None:
         info["labels"] = list(labels)
     return info
 
 
-def adapter_saver(save_final, cfg, labels: list[str] | None = None):
-    """Wrap a task's `save_final`: the adapter, the tokenizer, tunelab_adapter.json, and `merged/` on request."""
+def adapter_saver(save_final, model_cfg, lora, *, method: str, task: str, labels: list[str] | None = None):
+    """Wrap a task's `save_final`: the adapter, the tokenizer, tunelab_adapter.json, and `merged/`
+    when `lora.merge`."""
 
     def save(model, out: Path) -> None:
         save_final(model, out)  # PeftModel.save_pretrained writes the adapter only
         gen = getattr(model, "generation_config", None)
-        if cfg.task != "classification" and gen is not None:
+        if task != "classification" and gen is not None:
             gen.save_pretrained(out)
-        info = adapter_info(cfg, labels)
+        info = adapter_info(model_cfg, lora, method=method, task=task, labels=labels)
         (out / ADAPTER_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
         peft_cfg = out / "adapter_config.json"  # peft wrote this machine's absolute path of the base there
         if peft_cfg.is_file():
             data = json.loads(peft_cfg.read_text())
             data["base_model_name_or_path"] = peft_base_name(info["base"])
             peft_cfg.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        if cfg.lora.merge:
+        if lora.merge:
             merge_adapter(out, out / "merged")
 
     return save

@@ -52,10 +52,10 @@ def meta_model(cfg, num_labels: int | None):
             model = AutoModelForSequenceClassification.from_config(config)
         else:
             model = AutoModelForCausalLM.from_config(config)
-    method_cfg = cfg.model_copy(update={"method": "lora"}) if cfg.method == "qlora" else cfg
+    method = "lora" if cfg.method == "qlora" else cfg.method
     with warnings.catch_warnings():  # peft still calls transformers' deprecated gradient-checkpointing names
         warnings.simplefilter("ignore", FutureWarning)
-        model = apply_method(model, method_cfg)
+        model = apply_method(model, method, task=cfg.task, freeze_cfg=cfg.freeze, lora=cfg.lora)
         if cfg.train.gradient_checkpointing:
             from tunelab.run import enable_gradient_checkpointing
 
