@@ -99,6 +99,8 @@ class DataConfig(Section):
     cache: bool = Field(True, description="Keep the encoded data in the data cache ($TUNELAB_DATA_CACHE, else "
                         "$TUNELAB_CACHE/encoded): later runs, resumes, plan and every rank read it instead of "
                         "tokenizing again (`tunelab cache ls|clear`).")
+    num_proc: int = Field(1, ge=1, le=256, description="Worker processes encoding the data the first time (chunks of "
+                          "records, batched fast-tokenizer calls); the result does not depend on it.")
 
 
 class OptimConfig(Section):

@@ -184,16 +184,22 @@ def encode_conversation(messages: list[Message], tokenizer, max_length: int, ove
 
 
 def encode_within(messages: list[Message], tokenizer, max_length: int,
-                  overflow: str = "truncate") -> tuple[EncodedExample | None, int]:
+                  overflow: str = "truncate", rendered: tuple[str, dict] | None = None) -> tuple[EncodedExample | None, int]:
     """encode_conversation, plus the untruncated token count. With a fast tokenizer only the turns
     that start before the cut are rendered for their spans, so a long conversation costs linear time
-    (the prefix renders of every turn would cost O(turns^2): 286 s for 4000 messages)."""
+    (the prefix renders of every turn would cost O(turns^2): 286 s for 4000 messages).
+
+    `rendered`: (the conversation's rendered text, its fast-tokenizer encoding with offsets), when a
+    batched tokenizer call made them already (data.parallel)."""
     if overflow not in OVERFLOW_MODES or not getattr(tokenizer, "is_fast", False):
         full = encode_full(messages, tokenizer)
         return _cut(full, max_length, overflow), len(full)
     require_template(tokenizer)
-    text = _render(tokenizer, messages, add_generation_prompt=False)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if rendered is not None:
+        text, enc = rendered
+    else:
+        text = _render(tokenizer, messages, add_generation_prompt=False)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     n, stop = len(enc["input_ids"]), None
     if n > max_length:
         if overflow == "drop":  # dropped whole: no need to find its spans
@@ -207,7 +213,7 @@ def encode_within(messages: list[Message], tokenizer, max_length: int,
     return _cut(EncodedExample(ids, labels), max_length, overflow), n
 
 
-def encode_text(text: str, tokenizer, max_length: int) -> list[EncodedExample]:
+def encode_text(text: str, tokenizer, max_length: int, ids: list[int] | None = None) -> list[EncodedExample]:
     """Plain text for domain adaptation: every token supervised except the first of the text.
 
     The tokenizer's own special tokens are added (BOS when it uses one) and EOS is appended, so
@@ -217,7 +223,7 @@ def encode_text(text: str, tokenizer, max_length: int) -> list[EncodedExample]:
     """
     if max_length < 2:
         raise InputError("max_length must be at least 2", field="max_length")
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"] if ids is None else ids)
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
@@ -231,29 +237,66 @@ def encode_text(text: str, tokenizer, max_length: int) -> list[EncodedExample]:
     return chunks
 
 
-def encode_dataset(data: ChatData, tokenizer, max_length: int, overflow: str = "truncate") -> tuple[list[EncodedExample], dict]:
+def _conversation_chunk(chunk: list, tokenizer, max_length: int, overflow: str) -> list:
+    """[(example or None, untruncated length, source)] for [(messages, source)]: each conversation
+    rendered alone, the chunk tokenized in one batched fast-tokenizer call."""
+    rendered = [None] * len(chunk)
+    if getattr(tokenizer, "is_fast", False) and overflow in OVERFLOW_MODES:
+        texts = []
+        for messages, source in chunk:
+            try:
+                texts.append(_render(tokenizer, messages, add_generation_prompt=False))
+            except InputError as e:
+                raise _located(e, source) from None
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        rendered = [(t, {"input_ids": enc["input_ids"][k], "offset_mapping": enc["offset_mapping"][k]})
+                    for k, t in enumerate(texts)]
+    out = []
+    for (messages, source), r in zip(chunk, rendered):
+        try:
+            ex, full_length = encode_within(messages, tokenizer, max_length, overflow, rendered=r)
+        except InputError as e:
+            raise _located(e, source) from None
+        out.append((ex, full_length, source))
+    return out
+
+
+def _text_chunk(chunk: list, tokenizer, max_length: int) -> list:
+    """[(chunks of the text, source)] for [(text, source)], tokenized in one batched call."""
+    ids = tokenizer([t for t, _ in chunk], add_special_tokens=True)["input_ids"]
+    return [(encode_text(t, tokenizer, max_length, ids=i), source) for (t, source), i in zip(chunk, ids)]
+
+
+def encode_dataset(data: ChatData, tokenizer, max_length: int, overflow: str = "truncate",
+                   num_proc: int = 1) -> tuple[list[EncodedExample], dict]:
     """Encode every conversation (or text) of a data file; return the examples and their statistics.
 
     Stats: examples, dropped_overflow (conversations dropped for length), truncated (cut but kept;
     for texts: texts split into several chunks), tokens, supervised_tokens, supervised_share,
-    dropped_sources (the first 20 dropped conversations' file:line).
+    dropped_sources (the first 20 dropped conversations' file:line). `num_proc` worker processes
+    encode chunks of records (data.parallel); the result does not depend on it.
     """
+    from functools import partial
+
+    from tunelab.data.parallel import map_chunks
+
     examples: list[EncodedExample] = []
     dropped, truncated, dropped_sources = 0, 0, []
     if data.kind == "text":
-        for text, source in zip(data.texts, data.sources or [None] * len(data.texts)):
-            chunks = encode_text(text, tokenizer, max_length)
+        items = list(zip(data.texts, data.sources or [None] * len(data.texts)))
+        for chunks, source in map_chunks(partial(_text_chunk, tokenizer=tokenizer, max_length=max_length), items,
+                                         num_proc, "encoding texts"):
             for chunk in chunks:
                 chunk.source = source
             truncated += len(chunks) > 1
             examples += chunks
     else:
         require_template(tokenizer)
-        for messages, source in zip(data.conversations, data.sources):
-            try:
-                ex, full_length = encode_within(messages, tokenizer, max_length, overflow)
-            except InputError as e:
-                raise _located(e, source) from None
+        if overflow not in OVERFLOW_MODES:
+            raise InputError(f"overflow must be one of {list(OVERFLOW_MODES)}, got {overflow!r}", field="overflow")
+        items = list(zip(data.conversations, data.sources))
+        fn = partial(_conversation_chunk, tokenizer=tokenizer, max_length=max_length, overflow=overflow)
+        for ex, full_length, source in map_chunks(fn, items, num_proc, "encoding conversations"):
             if ex is None:
                 dropped += 1
                 if len(dropped_sources) < 20:

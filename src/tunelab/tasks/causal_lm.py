@@ -105,7 +105,8 @@ def encode_file(path: str, cfg, tokenizer, max_length: int, task: str):
 
     data = read_limited(path, cfg, task)
     warnings = check_template(tokenizer, data.conversations) if data.kind == "conversations" else []
-    examples, stats = encode_dataset(data, tokenizer, max_length, overflow=cfg.data.overflow)
+    examples, stats = encode_dataset(data, tokenizer, max_length, overflow=cfg.data.overflow,
+                                     num_proc=cfg.data.num_proc)
     if not examples:
         raise InputError(f"no example left after encoding ({stats})", file=path, field="data.train")
     if not any(n_supervised(e) for e in examples):
