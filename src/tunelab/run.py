@@ -22,9 +22,10 @@ import torch
 
 from tunelab.device import run_device, to_device
 from tunelab.config import Config, dump_config
-from tunelab.distributed import (ALONE, Group, SharedRunIO, check_resume_world_size, check_supported, init_from_env,
+from tunelab.distributed import (ALONE, Group, SharedRunIO, check_supported, init_from_env,
                                  replicas_for)
-from tunelab.distributed.sharded import ShardedRunIO, check_resume_strategy, shard_before_optimizer
+from tunelab.distributed.reshard import check_resume_layout, load_model_states, weights_format
+from tunelab.distributed.sharded import ShardedRunIO, shard_before_optimizer
 from tunelab.durable import is_disk_full, reason
 from tunelab.errors import DiskFull, InputError, OutOfMemory
 from tunelab.evaluate import generation_run
@@ -223,10 +224,8 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
     io = None
     if r.sharding is not None:
         r.sharding.ckpt_root = out / "checkpoints"  # every process writes its checkpoint shards there
-    if resume_from is not None:  # before anything in the run dir changes
-        check_resume_strategy(resume_from, r.sharding.strategy if r.sharding is not None else "ddp")
-        if r.sharding is None:
-            check_checkpoint_fits(resume_from, r.model)
+    if resume_from is not None and r.sharding is None and weights_format(resume_from) == "plain":
+        check_checkpoint_fits(resume_from, r.model)  # before anything in the run dir changes
     if group.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
@@ -248,18 +247,19 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
             io.loggers.add("callbacks", callbacks)
     if r.task.prepare is not None:  # once-per-run work kept in the run dir (preference: reference log-probs)
         r.task.prepare(r.model, out, group, r.autocast)
-    state, before = LoopState(world_size=r.world_size), None
+    layout = {"world_size": r.world_size, "grad_accum": r.cfg.train.grad_accum, "batch_size": r.cfg.train.batch_size}
+    state, before = LoopState(**layout), None
     if resume_from is not None:
         try:
             saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
-                                         rank=group.rank)
+                                         rank=group.rank, weights=False)
+            # the weights and optimizer state, whatever wrote them: this strategy and world size or another
+            load_model_states(resume_from, r.model, r.optimizer, r.sharding)
         except pickle.UnpicklingError:  # weights_only refused an object: never run a checkpoint's code
             raise InputError("a checkpoint file holds objects other than tensors and numbers (refused by "
                              "weights_only): it was not written by tunelab; resume from another checkpoint",
                              file=resume_from) from None
-        if r.sharding is not None:  # every process reads its shard of the weights and optimizer state
-            r.sharding.replicas.load_shards(resume_from / ckpt.SHARDS, r.optimizer)
-        state = LoopState(**{**saved["loop"], "status": "running"})
+        state = LoopState(**{**saved["loop"], "status": "running", **layout})  # maybe resharded
         r.tracker.load_state_dict(saved["tracker"])
         if io is not None:
             io.best_checkpoint = saved.get("best_checkpoint")
@@ -484,7 +484,9 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
             return done
     resume_from = prepare_run_dir(out, resume)
     if resume_from is not None:
-        check_resume_world_size(ckpt.load_state(resume_from)["loop"].get("world_size", 1), group.world_size, resume_from)
+        reshard_note = check_resume_layout(resume_from, cfg, group.world_size)
+        if reshard_note and group.is_main:
+            log.info("%s", reshard_note)
         check_same_run(out, cfg, resume_from)
     group.barrier()  # every process has judged the run dir before rank 0 writes into it
     lock = RunLock(out) if group.is_main else None

@@ -152,10 +152,3 @@ def check_supported(cfg, world_size: int) -> None:
         raise InputError("gradual unfreezing changes which parameters train, which DDP fixes at the start; "
                          "remove unfreeze.every or train with one process", field="unfreeze.every")
 
-
-def check_resume_world_size(saved: int, current: int, checkpoint) -> None:
-    """A checkpoint's position (window of the epoch) counts world_size x grad_accum micro-batches."""
-    if saved != current:
-        hint = f"--nproc {saved}" if saved > 1 else "one process (no --nproc)"
-        raise InputError(f"this run was trained with {saved} process(es) and cannot continue with {current}: "
-                         f"the micro-batches of each step depend on it; resume with {hint}", file=checkpoint)

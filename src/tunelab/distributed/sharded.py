@@ -211,18 +211,6 @@ def shard_before_optimizer(cfg, model: torch.nn.Module, loss_fn, group: Group, p
     return run
 
 
-def check_resume_strategy(checkpoint: Path, strategy: str) -> None:
-    """A checkpoint continues only under the strategy that wrote it (the files differ)."""
-    written = ("fsdp" if (checkpoint / SHARDS / ".metadata").is_file() else "zero") if is_sharded_checkpoint(checkpoint) \
-        else "ddp"
-    wanted = "zero" if strategy.startswith("zero") else ("fsdp" if strategy == "fsdp" else "ddp")
-    if written != wanted:
-        said = {"fsdp": "distributed.strategy fsdp", "zero": "distributed.strategy zero1/zero2/zero3 (the same stage)",
-                "ddp": "distributed.strategy ddp or one process"}[written]
-        raise InputError(f"this checkpoint was written under {said} and cannot continue under '{strategy}'; "
-                         f"resume with {said}", file=checkpoint)
-
-
 class ShardedRunIO:
     """The loop's io for a sharded run: as distributed.ddp.SharedRunIO (rank 0 logs and writes),
     except that a checkpoint's weights and optimizer state are written by every process, each its

@@ -162,25 +162,34 @@ def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0, weights: bool = True) -> dict:
     """Restore weights, optimizer, scheduler and RNG (this rank's); return the loop state.
 
-    A sharded checkpoint's weights and optimizer state (`shards/`) are read by every process
-    together (tunelab.distributed: load_shards), not here.
+    `weights=False`: the weights and optimizer state are restored by the caller (tunelab.distributed
+    .reshard: a sharded checkpoint's `shards/` read by every process together, or a checkpoint
+    written with another number of processes or strategy). A rank the checkpoint's run did not have
+    (resumed with more processes) keeps the RNG stream it was seeded with.
     """
-    if not (path / SHARDS).is_dir():
-        weights = load_file(str(path / "weights.safetensors"))
-        missing = [k for k in weights if k not in dict(model.named_parameters())]
-        if missing:
-            raise ValueError(f"checkpoint {path} holds parameters the model lacks: {missing[:3]}")
-        model.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if weights and not (path / SHARDS).is_dir():
+        load_weights_and_optimizer(path, model, optimizer)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if rank:  # another process of a data-parallel run: its own generators (rank 0's are rng.pt)
-        set_rng_state(torch.load(path / "rng_ranks.pt", weights_only=True)[rank])
-    else:
+    if rank == 0:
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    elif (path / "rng_ranks.pt").is_file():  # another process of a data-parallel run: its own generators
+        ranks = torch.load(path / "rng_ranks.pt", weights_only=True)
+        if rank < len(ranks):
+            set_rng_state(ranks[rank])
     return load_state(path)
+
+
+def load_weights_and_optimizer(path: Path, model, optimizer) -> None:
+    """A whole (one-process or ddp) checkpoint's trainable weights and optimizer state, into a whole model."""
+    weights = load_file(str(path / "weights.safetensors"))
+    missing = [k for k in weights if k not in dict(model.named_parameters())]
+    if missing:
+        raise ValueError(f"checkpoint {path} holds parameters the model lacks: {missing[:3]}")
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
 
 
 def load_state(path: Path) -> dict:

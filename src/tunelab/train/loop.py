@@ -58,6 +58,10 @@ class LoopState:
     status: str = "running"  # completed | early_stopped | interrupted | diverged
     pending_stats: dict = field(default_factory=dict)  # task.train_stats sums since the last logged row
     world_size: int = 1  # processes training together: a window is world_size x grad_accum micro-batches
+    # the window's micro-batches (grad_accum per process, batch_size each), so a resume with another world
+    # size can keep them (distributed.reshard); 0: not recorded (a checkpoint of an older tunelab)
+    grad_accum: int = 0
+    batch_size: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
