@@ -14,8 +14,12 @@ def write(tmp_path, text):
 
 
 def test_defaults_follow_the_recipe(tmp_path):
+    from tunelab.defaults import SMALL_ENCODER_LR, resolved_defaults
+
     cfg = load_config(write(tmp_path, "data:\n  train: t.jsonl\n"))
-    assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0.01
+    # the lr is the model family's default (tunelab.defaults: minilm is a small encoder), with its reason recorded
+    assert cfg.optim.lr == SMALL_ENCODER_LR and cfg.optim.weight_decay == 0.01
+    assert resolved_defaults(cfg)["optim.lr"]["value"] == SMALL_ENCODER_LR
     assert 0.06 <= cfg.schedule.warmup_ratio <= 0.10 and cfg.schedule.name == "cosine"
     assert cfg.train.max_grad_norm == 1.0
     assert 0.1 <= cfg.data.eval_split <= 0.2

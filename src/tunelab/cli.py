@@ -348,9 +348,12 @@ def plan(
             return
         from tunelab.plan.planner import make_plan
 
+        from tunelab.defaults import default_lines, resolved_defaults
+
         result = make_plan(cfg, measure_steps=measure_steps, price_per_hour=price_per_hour,
                            suggestions=not no_suggestions, nproc=nproc)
-        typer.echo(json.dumps(result) if as_json else "\n".join(plan_lines(result)))
+        result["defaults"] = resolved_defaults(cfg)  # the keys tunelab chose because the config left them unset
+        typer.echo(json.dumps(result) if as_json else "\n".join(plan_lines(result) + default_lines(result["defaults"])))
 
     _guard(go)
 
@@ -618,6 +621,10 @@ _register_export(app, _guard)
 from tunelab.cli_runs import register as _register_runs  # noqa: E402  (compare, config, init)
 
 _register_runs(app, _guard)
+
+from tunelab.cli_lr import register as _register_lr  # noqa: E402  (lr-find)
+
+_register_lr(app, _guard)
 
 from tunelab.cli_cache import register as _register_cache  # noqa: E402  (cache ls, cache clear)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tunelab.errors import InputError
 
@@ -32,7 +32,7 @@ def _numeric(annotation) -> bool:
     """Whether a field's type takes numbers (int, float, a tuple of them, or one of those or None)."""
     if annotation in (int, float):
         return True
-    args = [a for a in get_args(annotation) if a is not type(None)]
+    args = [a for a in get_args(annotation) if a is not type(None) and get_origin(a) is not Literal]  # lr: auto
     return bool(args) and all(_numeric(a) for a in args)
 
 
@@ -104,7 +104,9 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(2e-5, gt=0, le=10)
+    lr: float | Literal["auto"] = Field(2e-5, description="The base learning rate; default per model family, size "
+                                        "and method (tunelab/defaults.py); auto: a learning-rate range test on the "
+                                        "model and data picks it (train/lr_find.py, `tunelab lr-find`).")
     weight_decay: float = Field(0.01, ge=0, le=10)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
@@ -113,6 +115,13 @@ class OptimConfig(Section):
     head_lr_multiplier: float = Field(20.0, gt=0, le=10_000, description="head lr = lr x this for the newly initialised "
                                       "classification head; chat/causal_lm default to 1 (their lm_head is pre-trained).")
     layer_lr_decay: float = Field(1.0, gt=0, le=1, description="ULMFiT-style factor per block below the top; 1 = off.")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_in_range(cls, v):
+        if v != "auto" and not 0 < v <= 10:
+            raise ValueError("must be > 0 and <= 10 (or auto)")
+        return v
 
     @field_validator("betas")
     @classmethod
@@ -341,6 +350,7 @@ class Config(Section):
     monitor: MonitorConfig = MonitorConfig()
     distributed: DistributedConfig = DistributedConfig()
     versions: dict[str, str] | None = Field(None, description="Written into the run dir by tunelab; ignored on load.")
+    _defaults: dict | None = PrivateAttr(None)  # what tunelab.defaults filled in (key -> value, why); None: not yet
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
@@ -591,7 +601,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = apply_overrides(_yaml_number_fix(raw), overrides)
     except InputError as e:
         raise InputError(e.message, file=path, line=e.line, where=e.where, field=e.field) from None
-    return _resolve_paths(validate_raw(raw, path=path, overrides=overrides, lines=lines), path.parent)
+    from tunelab.defaults import apply_defaults
+
+    return apply_defaults(_resolve_paths(validate_raw(raw, path=path, overrides=overrides, lines=lines), path.parent))
 
 
 def config_from_dict(raw: dict, base: str | Path | None = None) -> Config:
@@ -602,7 +614,9 @@ def config_from_dict(raw: dict, base: str | Path | None = None) -> Config:
 
     if not isinstance(raw, dict):
         raise InputError(f"config must be a mapping of sections (task, model, data, ...), got {type(raw).__name__}")
-    return _resolve_paths(validate_raw(_yaml_number_fix(copy.deepcopy(raw))), Path(base or Path.cwd()))
+    from tunelab.defaults import apply_defaults
+
+    return apply_defaults(_resolve_paths(validate_raw(_yaml_number_fix(copy.deepcopy(raw))), Path(base or Path.cwd())))
 
 
 def validate_raw(raw: dict, *, path: str | Path | None = None, overrides: list[str] = (),

@@ -22,6 +22,7 @@ import torch
 
 from tunelab.device import run_device, to_device
 from tunelab.config import Config, dump_config
+from tunelab.defaults import apply_defaults, eval_trust, resolved_defaults
 from tunelab.distributed import (ALONE, Group, SharedRunIO, check_supported, init_from_env,
                                  replicas_for)
 from tunelab.distributed.reshard import check_resume_layout, load_model_states, weights_format
@@ -82,6 +83,7 @@ class Recipe:
     probe_generation: object = None  # evaluate.generation.GenerationEval on the probe's prompts (chat, causal_lm)
     world_size: int = 1  # processes training together (DDP); train.batch_size is per process
     sharding: object = None  # distributed.sharded.ShardedRun under distributed.strategy fsdp / zero1-3
+    lr_find: dict | None = None  # optim.lr: auto - the range test's choice (summary.json lr_find)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -151,6 +153,7 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
     With `world_size` processes an optimizer step takes world_size x grad_accum micro-batches, so an
     epoch has that many times fewer steps.
     """
+    apply_defaults(cfg)  # once: load_config and config_from_dict have applied them already
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     check_loggers(cfg.monitor.loggers)
@@ -182,12 +185,8 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
         log.warning("generation measures (eval.generate) are not taken under distributed.strategy %s yet",
                     sharding.strategy)
         task = replace(task, generation=None)
-    o, sch = cfg.optim, cfg.schedule
-    groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, head_lr=o.head_lr or o.lr * o.head_lr_multiplier,
-                          layer_lr_decay=o.layer_lr_decay)
-    optimizer = build_optimizer(groups, betas=o.betas, eps=o.eps)
-    scheduler = build_scheduler(optimizer, total_steps=total_steps, name=sch.name, warmup_ratio=sch.warmup_ratio,
-                                warmup_steps=sch.warmup_steps, min_lr_ratio=sch.min_lr_ratio, decay_ratio=sch.decay_ratio)
+    base_lr = starting_lr(cfg, world_size, sharding is not None, precision)
+    optimizer, scheduler = build_optimization(cfg, model, total_steps, base_lr)
     unfreezer = None
     if cfg.unfreeze.every:
         unfreezer = GradualUnfreezer(model, cfg.unfreeze.every, cfg.unfreeze.unit)
@@ -201,7 +200,7 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
     settings = LoopSettings(
         batch_size=t.batch_size, grad_accum=t.grad_accum, total_steps=total_steps, max_grad_norm=t.max_grad_norm,
         seed=t.seed, log_every=t.log_every, eval_every=t.eval_every, save_every=cfg.checkpoint.save_every,
-        early_stopping=cfg.early_stopping.enabled and task.evaluate is not None, base_lr=o.lr,
+        early_stopping=cfg.early_stopping.enabled and task.evaluate is not None, base_lr=base_lr,
         penalty=penalty, unfreeze=unfreezer, scaler=grad_scaler(precision, device),
     )
     if load_note:  # said once the whole setup succeeded: a bad input stays one line
@@ -212,6 +211,69 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
                   trainable=trainable, total=total, per_epoch=per_epoch, mixout_layers=mixout_layers,
                   probe_texts=probe_texts, probe_before=probe_before, world_size=world_size,
                   probe_generation=probe_generation, sharding=sharding)
+
+
+def build_optimization(cfg: Config, model, total_steps: int, lr: float):
+    """AdamW over the parameter groups at base lr `lr`, and its schedule."""
+    o, sch = cfg.optim, cfg.schedule
+    groups = param_groups(model, lr=lr, weight_decay=o.weight_decay, head_lr=o.head_lr or lr * o.head_lr_multiplier,
+                          layer_lr_decay=o.layer_lr_decay)
+    optimizer = build_optimizer(groups, betas=o.betas, eps=o.eps)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, name=sch.name, warmup_ratio=sch.warmup_ratio,
+                                warmup_steps=sch.warmup_steps, min_lr_ratio=sch.min_lr_ratio, decay_ratio=sch.decay_ratio)
+    return optimizer, scheduler
+
+
+def starting_lr(cfg: Config, world_size: int, sharded: bool, precision: str) -> float:
+    """optim.lr, or under `auto` the family default (the range test replaces it before training)."""
+    if cfg.optim.lr != "auto":
+        return cfg.optim.lr
+    if precision == "fp16":
+        raise InputError("optim.lr: auto does not run under fp16 (its sweep would need the loss scaler): use "
+                         "train.precision bf16 or fp32, or give a number", field="optim.lr")
+    if sharded:
+        raise InputError("optim.lr: auto runs its range test on one process's model; under distributed.strategy "
+                         f"{cfg.distributed.strategy} give a number (`tunelab lr-find CONFIG` finds one)", field="optim.lr")
+    from tunelab.defaults import learning_rate, model_kind_and_size
+
+    return learning_rate(cfg.task, cfg.method, *model_kind_and_size(cfg.model.name)).value
+
+
+def with_found_lr(r: Recipe, out: Path | None, group: Group = ALONE) -> Recipe:
+    """optim.lr: auto - the range test's lr (RUN/lr_find.json or the user cache when its fingerprint
+    matches, else a fresh sweep, stored), a fresh optimizer and schedule at it, and a config that
+    says the number (config.yaml, the summary). The sweep restores weights, optimizer and RNG."""
+    from tunelab.train import lr_find
+
+    fp = lr_find.fingerprint(r.cfg, r.precision)
+    found = lr_find.load_cached(fp, out)
+    if found is None:
+        if group.world_size > 1:
+            raise InputError("optim.lr: auto: no stored range test for this model, data and method; with several "
+                             "processes run `tunelab lr-find CONFIG` first (its result is cached)", field="optim.lr")
+        log.info("optim.lr: auto - running the learning-rate range test")
+        found = lr_find.range_test(r.model, r.optimizer, r.task, r.autocast, base_lr=r.settings.base_lr,
+                                   batch_size=r.settings.batch_size, grad_accum=r.settings.grad_accum,
+                                   max_grad_norm=r.settings.max_grad_norm, seed=r.settings.seed)
+        found.update(fingerprint=fp, placeholder_lr=r.settings.base_lr)
+        found["source"] = "sweep"
+    else:
+        found["source"] = "cache"
+    if out is not None and group.is_main:
+        lr_find.store(found, out)
+    lr = found["lr"] or r.settings.base_lr
+    if found["lr"] is None:
+        log.warning("optim.lr: auto - the range test found no falling loss (%s); training at the default %.3g",
+                    found["rule"], lr)
+    cfg = r.cfg.model_copy(deep=True)
+    cfg.optim.lr = lr
+    cfg._defaults = {**(cfg._defaults or {}), "optim.lr": {
+        "value": lr, "why": f"optim.lr: auto - learning-rate range test ({found['rule']}; lr at the smoothed minimum "
+        f"{found['lr_min']}, steepest {found['lr_steepest']}; {lr_find.LR_FIND_FILE}, {found['source']})"}}
+    optimizer, scheduler = build_optimization(cfg, r.model, r.settings.total_steps, lr)
+    summary = {k: found.get(k) for k in ("lr", "rule", "lr_min", "lr_steepest", "source", "fingerprint")}
+    return replace(r, cfg=cfg, optimizer=optimizer, scheduler=scheduler, settings=replace(r.settings, base_lr=lr),
+                   lr_find={**summary, "steps": len(found["curve"])})
 
 
 def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool, should_stop,
@@ -377,8 +439,10 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         "skipped_steps": state.skipped_steps,
         "best": {"metric": r.tracker.metric, "value": r.tracker.best, "step": r.tracker.best_step,
                  "checkpoint": io.best_checkpoint},
-        "before": before, "data": task.info,
+        "before": before, "data": task.info, "defaults": resolved_defaults(r.cfg),
     }
+    if r.lr_find is not None:
+        summary["lr_find"] = r.lr_find
     vs = summary["versus_base"] = versus_base(r.tracker, before)
     summary["worse_than_base"] = vs["worse_than_base"] if vs is not None else None
     if r.sharding is not None:  # the bytes of parameters, gradients and optimizer state each process held
@@ -410,6 +474,7 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
             if summary["probe"]["forgetting_flag"]:
                 log.warning("forgetting probe: %s", summary["probe"]["message"])
         generation_run.finish(task.generation, r.probe_generation, model, io, state.step, summary)
+        summary["eval_trust"] = eval_trust(r.cfg, task.info, summary.get("final"))
     summary["best"]["metrics"] = next(
         (row for row in read_metrics(out / "metrics.jsonl")
          if row.get("step") == r.tracker.best_step and r.tracker.metric in row and not row.get("before_training")), None)
@@ -512,6 +577,8 @@ def _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, shoul
             # only now that config, data and model have loaded: a bad input must leave the dir as it was
             log.warning("resume: no intact checkpoint in %s; the run starts over", out)
             start_over(out)
+        if cfg.optim.lr == "auto":  # after start_over: a stored range test survives in the user cache
+            recipe = with_found_lr(recipe, out, group)
         if group.rank:  # the same initial weights everywhere, but each process its own dropout stream
             random.seed(cfg.train.seed + 7919 * group.rank)
             torch.manual_seed(cfg.train.seed + 7919 * group.rank)

@@ -149,6 +149,26 @@ def lr_figure(rows: list[dict], groups: list[dict] | None, base_lr: float | None
     return fig
 
 
+def lr_find_figure(found: dict | None) -> Figure | None:
+    """optim.lr: auto / `tunelab lr-find`: the range test's loss (raw and smoothed) over the swept lr, with
+    the chosen lr, the smoothed minimum and the steepest descent marked (RUN/lr_find.json)."""
+    curve = (found or {}).get("curve") or []
+    if len(curve) < 2:
+        return None
+    fig, ax = figure("learning-rate range test", xlabel="lr (log scale)", ylabel="training loss")
+    lrs = [c["lr"] for c in curve]
+    ax.plot(lrs, [c["loss"] for c in curve], color="#9ecae1", linewidth=1.0, label="loss per step")
+    ax.plot(lrs, [c["smoothed"] for c in curve], color="#1f77b4", linewidth=1.6, label="smoothed")
+    for key, style, label in (("lr", "-", "chosen"), ("lr_min", ":", "smoothed minimum"),
+                              ("lr_steepest", "--", "steepest descent")):
+        if isinstance(found.get(key), (int, float)):
+            ax.axvline(found[key], linestyle=style, color="#d62728" if key == "lr" else "#7f7f7f",
+                       label=f"{label} {found[key]:.2g}")
+    ax.set_xscale("log")
+    finish(ax, False)
+    return fig
+
+
 def merge_groups(groups: list[dict]) -> list[dict]:
     """One entry per lr: a group and its `.no_decay` twin (same lr, no weight decay) are drawn as one line."""
     out: dict[tuple, dict] = {}

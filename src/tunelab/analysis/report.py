@@ -99,6 +99,9 @@ def notices(summary: dict) -> list[str]:
     probe = summary.get("probe") or {}
     if probe.get("forgetting_flag"):
         out.append(("warn", f"forgetting probe: {probe.get('message', '')}"))
+    trust = summary.get("eval_trust") or {}
+    if trust.get("trust") in ("low", "moderate"):  # how far the numbers above generalise (tunelab.defaults)
+        out.append(("warn", f"evaluation trust {trust['trust']}: {trust.get('message', '')}"))
     return [f"<div class='notice {kind}'>{html.escape(text)}</div>" for kind, text in out]
 
 
@@ -151,8 +154,17 @@ def _curves(rows: list[dict], run_dir: Path, cfg: dict) -> list[str]:
             ("lr", "learning rate per parameter group", plots.lr_figure(rows, _groups(run_dir), optim.get("lr"))),
             ("grad_norm", "gradient norm and clip threshold", plots.grad_norm_figure(rows, train.get("max_grad_norm"))),
             ("throughput", "tokens per second", plots.throughput_figure(rows)),
-            ("memory", "memory over time", plots.memory_figure(rows))]
+            ("memory", "memory over time", plots.memory_figure(rows)),
+            ("lr_find", "learning-rate range test (optim.lr: auto)", plots.lr_find_figure(_json_file(run_dir / "lr_find.json")))]
     return [_img(plots.to_png(f), alt, name) for name, alt, f in figs if f is not None]
+
+
+def _json_file(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _eval_panels(rows: list[dict]) -> tuple[list[str], dict]:

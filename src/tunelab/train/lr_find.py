@@ -1,0 +1,211 @@
+"""Learning-rate range test (Smith 2017, "Cyclical Learning Rates for Training Neural Networks",
+section 3.3; fastai's `lr_find`): `optim.lr: auto` and `tunelab lr-find CONFIG`.
+
+On the real model and data: `steps` optimizer steps with the lr growing exponentially from
+`start_lr` to `end_lr` (every parameter group keeps its ratio to optim.lr: head multiplier,
+layer-wise decay), the training loss of each step recorded and smoothed with a bias-corrected
+exponential moving average (beta 0.98, as fastai). The sweep stops early once the smoothed loss
+exceeds `diverge` x its minimum, or a step is not finite.
+
+The rule that picks the lr (`pick_lr`): the lr at the minimum of the smoothed loss, divided by 10
+(fastai's `minimum` suggestion; Smith's advice to stay an order of magnitude below where the loss
+stops falling; the first 10% of the steps are left out, as fastai's plot leaves them out: the
+average of a few batches is one batch's noise) - never above the point of steepest descent within the two decades below that
+minimum (fastai's `steep`; further down the slope is batch noise on the initial plateau), which
+lies inside the stable, falling region by construction. A curve that never falls (the minimum at the first step) gives no choice: the run
+keeps the family default and says so.
+
+The model's trainable weights, the optimizer's state and hyperparameters, and the RNG states are
+snapshotted before and restored after (bit-identical), so a run with `lr: auto` trains exactly
+as one given the chosen number. The steps reuse the loop's own primitives (`backward_window`,
+the replicas' clip-and-step); there is no second training loop here.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.data.batching import epoch_batches
+from tunelab.train.loop import backward_window
+from tunelab.train.protocols import OneProcess
+
+LR_FIND_FILE = "lr_find.json"
+
+
+@dataclass(frozen=True)
+class RangeTest:
+    start_lr: float = 1e-7
+    end_lr: float = 1.0
+    steps: int = 60
+    smooth: float = 0.98
+    diverge: float = 4.0
+
+
+def lr_sweep(t: RangeTest) -> list[float]:
+    """The exponential sweep: start_lr * (end_lr / start_lr) ** (i / (steps - 1))."""
+    n = max(2, t.steps)
+    return [t.start_lr * (t.end_lr / t.start_lr) ** (i / (n - 1)) for i in range(n)]
+
+
+def smooth_losses(losses: list[float], beta: float) -> list[float]:
+    """Bias-corrected exponential moving average (fastai's Recorder smoothing)."""
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses, start=1):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def pick_lr(lrs: list[float], smoothed: list[float]) -> dict:
+    """The documented rule (module docstring): min(lr at the smoothed minimum / 10, lr of steepest
+    descent before the minimum). Returns the suggestions; `lr` is None when the loss never fell."""
+    if len(lrs) < 3:
+        return {"lr": None, "rule": "too few steps", "lr_min": None, "lr_steepest": None}
+    skip = max(1, len(smoothed) // 10)  # the average of the first few batches is one batch's noise
+    i_min = min(range(skip, len(smoothed)), key=smoothed.__getitem__)
+    if smoothed[i_min] >= smoothed[skip]:
+        return {"lr": None, "rule": "the loss never fell", "lr_min": None, "lr_steepest": None}
+    logs = [math.log(x) for x in lrs]
+    # the steepest descent within the two decades below the minimum: earlier slopes are batch noise on a plateau
+    near = [i for i in range(1, i_min) if lrs[i] >= lrs[i_min] / 100]
+    slopes = {i: (smoothed[i + 1] - smoothed[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in near}
+    i_steep = min(slopes, key=slopes.__getitem__) if slopes else i_min
+    lr_min, lr_steep = lrs[i_min], lrs[i_steep]
+    return {"lr": min(lr_min / 10, lr_steep), "rule": "min(lr at the smoothed minimum / 10, steepest descent below it)",
+            "lr_min": lr_min, "lr_steepest": lr_steep}
+
+
+def _snapshot(model, optimizer) -> dict:
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": rng, "training": model.training}
+
+
+def _restore(model, optimizer, snap: dict) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in snap["params"]:
+                p.copy_(snap["params"][n])
+    optimizer.load_state_dict(snap["optimizer"])
+    optimizer.zero_grad(set_to_none=True)
+    torch.set_rng_state(snap["rng"]["torch"])
+    random.setstate(snap["rng"]["python"])
+    if "cuda" in snap["rng"]:
+        torch.cuda.set_rng_state_all(snap["rng"]["cuda"])
+    model.train(snap["training"])
+
+
+def _windows(task, batch_size: int, grad_accum: int, seed: int, steps: int):
+    """Accumulation windows in the loop's own order (epoch 0, then 1, ...), as many as the sweep needs."""
+    epoch = 0
+    while True:
+        batches = epoch_batches(task.train.lengths, batch_size, seed=seed, epoch=epoch)
+        for i in range(0, len(batches), grad_accum):
+            yield batches[i : i + grad_accum]
+        epoch += 1
+
+
+def range_test(model, optimizer, task, autocast, *, base_lr: float, batch_size: int, grad_accum: int,
+               max_grad_norm: float | None, seed: int, test: RangeTest = RangeTest()) -> dict:
+    """Run the sweep on `model` with `optimizer`, restore both, return the curve and the choice."""
+    replicas = OneProcess(model, task.loss_fn)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ratios = [g.get("initial_lr", g["lr"]) / base_lr for g in optimizer.param_groups]
+    snap = _snapshot(model, optimizer)
+    lrs, losses = [], []
+    model.train()
+    try:
+        best = math.inf
+        for lr, window in zip(lr_sweep(test), _windows(task, batch_size, grad_accum, seed, test.steps)):
+            for g, k in zip(optimizer.param_groups, ratios):
+                g["lr"] = lr * k
+            units = sum(task.train.count(idx) for idx in window)
+            window_loss, _, _ = backward_window(window, units, task, replicas, autocast, lambda x: x)
+            loss = window_loss / max(1, units)
+            replicas.clip_and_step(optimizer, params, max_grad_norm, math.isfinite(loss))
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(loss):
+                break
+            lrs.append(lr)
+            losses.append(loss)
+            smoothed = smooth_losses(losses, test.smooth)[-1]
+            best = min(best, smoothed)
+            if len(losses) > 5 and smoothed > test.diverge * best:
+                break
+    finally:
+        _restore(model, optimizer, snap)
+    smoothed = smooth_losses(losses, test.smooth)
+    choice = pick_lr(lrs, smoothed)
+    return {"settings": asdict(test), "curve": [{"lr": a, "loss": b, "smoothed": c} for a, b, c in zip(lrs, losses, smoothed)],
+            **choice}
+
+
+def _stamp(path: str | None) -> list:
+    if not path:
+        return [None]
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [path]
+
+
+def fingerprint(cfg, precision: str, test: RangeTest = RangeTest()) -> str:
+    """What the sweep's result depends on: model, data, method and what shapes a step."""
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    parts = {"task": cfg.task, "model": [cfg.model.name, _stamp(cfg.model.name), cfg.model.max_length],
+             "data": [_stamp(d.train), d.max_rows, d.eval, d.eval_split, d.text_column, d.label_column,
+                      d.text_pair_column, d.header, d.format, d.packing],
+             "method": [cfg.method, cfg.lora.model_dump(), cfg.freeze.model_dump(), cfg.unfreeze.model_dump()],
+             "optim": [o.weight_decay, list(o.betas), o.eps, o.head_lr, o.head_lr_multiplier, o.layer_lr_decay],
+             "step": [t.batch_size, t.grad_accum, t.max_grad_norm, t.seed, precision], "test": asdict(test)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def cache_dir() -> Path:
+    """Where sweeps are kept across run dirs: $TUNELAB_LR_FIND_CACHE, else $TUNELAB_CACHE/lr_find (default
+    ~/.cache/tunelab/lr_find)."""
+    if os.environ.get("TUNELAB_LR_FIND_CACHE"):
+        return Path(os.environ["TUNELAB_LR_FIND_CACHE"]).expanduser()
+    return Path(os.environ.get("TUNELAB_CACHE") or "~/.cache/tunelab").expanduser() / "lr_find"
+
+
+def load_cached(fp: str, run_dir: Path | None) -> dict | None:
+    """A stored sweep with this fingerprint: RUN/lr_find.json first, then the user cache."""
+    for path in ([run_dir / LR_FIND_FILE] if run_dir is not None else []) + [cache_dir() / f"{fp}.json"]:
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(found, dict) and found.get("fingerprint") == fp and "curve" in found:
+            return found
+    return None
+
+
+def store(result: dict, run_dir: Path | None) -> None:
+    """RUN/lr_find.json (when there is a run dir) and the user cache; the cache is best effort."""
+    text = json.dumps(result, indent=1) + "\n"
+    targets = ([run_dir / LR_FIND_FILE] if run_dir is not None else []) + [cache_dir() / f"{result['fingerprint']}.json"]
+    for i, path in enumerate(targets):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            if i == 0 and run_dir is not None:
+                raise

@@ -1,0 +1,80 @@
+"""Defaults per model family, size and method (issue 20): applied only to keys the user left unset,
+recorded with their reason, visible in plan and summary; the eval-trust statement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.config import Config, config_from_dict
+from tunelab.defaults import (SMALL_ENCODER_LR, apply_defaults, eval_trust, learning_rate, model_kind_and_size,
+                              resolved_defaults)
+
+pytestmark = pytest.mark.unit
+
+
+def _cfg(**raw):
+    return config_from_dict({"data": {"train": "t.tsv"}, **raw})
+
+
+def test_each_family_and_method_gets_its_lr_with_a_reason():
+    assert _cfg().optim.lr == SMALL_ENCODER_LR  # minilm: a 22M encoder
+    assert _cfg(method="lora").optim.lr == 5e-4
+    assert _cfg(method="feature_extraction").optim.lr == 1e-3
+    chat = _cfg(task="chat", model={"name": "smollm2-135m-instruct"}, data={"train": "t.jsonl"})
+    assert chat.optim.lr == 1e-4 and chat.schedule.warmup_ratio == 0.03
+    assert _cfg(task="chat", method="qlora", model={"name": "smollm2-135m-instruct"},
+                data={"train": "t.jsonl"}).optim.lr == 2e-4
+    assert learning_rate("classification", "full", "encoder", 110_000_000).value == 2e-5  # BERT-base
+    assert learning_rate("classification", "full", "encoder", 335_000_000).value == 1e-5  # BERT-large
+    assert learning_rate("causal_lm", "full", "causal", 7_000_000_000).value == 2e-5
+    for key, d in resolved_defaults(_cfg()).items():
+        assert d["why"] and d["value"] is not None, key
+
+
+def test_keys_the_user_set_are_never_touched():
+    cfg = _cfg(optim={"lr": 3e-5}, schedule={"warmup_steps": 5}, checkpoint={"final": "best"})
+    assert cfg.optim.lr == 3e-5 and cfg.schedule.warmup_ratio == 0.06 and cfg.checkpoint.final == "best"
+    chosen = resolved_defaults(cfg)
+    assert "optim.lr" not in chosen and "checkpoint.final" not in chosen and "schedule.warmup_ratio" not in chosen
+    assert cfg.optim.head_lr_multiplier == 20.0  # at the user's 3e-5 the multiplier measured at 2e-5 applies
+    assert _cfg(optim={"head_lr": 1e-3}).optim.head_lr_multiplier == 20.0  # head_lr given: the multiplier is moot
+
+
+def test_a_resolved_config_reloads_to_the_same_values_and_resolves_nothing():
+    cfg = _cfg(data={"train": "t.tsv"})
+    dumped = json.loads(cfg.model_dump_json())
+    dumped["versions"] = {"tunelab": "x"}  # a run dir's config.yaml
+    again = apply_defaults(Config.model_validate(dumped))
+    assert again.optim.lr == cfg.optim.lr and again.checkpoint.final == cfg.checkpoint.final
+    assert resolved_defaults(again) == {}
+    # filled keys stay unset for the user: a variant that changes the method re-resolves its own lr
+    variant = cfg.model_dump(exclude_unset=True)
+    assert "lr" not in variant.get("optim", {})
+    assert config_from_dict({**variant, "method": "lora"}).optim.lr == 5e-4
+
+
+def test_selection_follows_where_the_eval_rows_come_from():
+    assert _cfg().checkpoint.final == "last"  # a split of the training file
+    assert _cfg(data={"train": "t.tsv", "eval": "e.tsv"}).checkpoint.final == "best"
+
+
+def test_size_from_a_folders_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12,
+                                                      "intermediate_size": 3072, "vocab_size": 30522}))
+    kind, n = model_kind_and_size(str(tmp_path))
+    assert kind == "encoder" and 100e6 < n < 120e6  # BERT-base: 110M
+    assert config_from_dict({"model": {"name": str(tmp_path)}, "data": {"train": "t.tsv"}}).optim.lr == 2e-5
+    assert model_kind_and_size("org/unknown-model") == (None, None)
+
+
+def test_eval_trust_says_how_far_to_trust_a_split():
+    cfg = _cfg()
+    t = eval_trust(cfg, {"eval_rows": 400}, {"accuracy": 0.86})
+    assert t["trust"] == "low" and t["same_distribution_as_training"] is True
+    assert t["accuracy_95ci"] == pytest.approx(1.96 * (0.86 * 0.14 / 400) ** 0.5, abs=1e-4)
+    assert "split of the training file" in t["message"]
+    big = eval_trust(_cfg(data={"train": "t.tsv", "eval": "e.tsv"}), {"eval_rows": 5000}, {"accuracy": 0.9})
+    assert big["trust"] == "fair" and big["same_distribution_as_training"] is None
+    assert eval_trust(cfg, {}, None) is None
