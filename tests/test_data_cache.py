@@ -92,7 +92,7 @@ def _chat_cfg(tmp_path: Path, model: Path, **data) -> "object":
 @pytest.fixture
 def encode_calls(monkeypatch):
     """Counts the real encodings (tasks.causal_lm.encode_file calls): a cache hit makes none."""
-    import tunelab.tasks.causal_lm as lm
+    import tunelab.tasks.lm_data as lm
 
     calls = []
     real = lm.encode_file

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from tunelab.errors import InputError
 
@@ -70,9 +71,39 @@ class ModelConfig(Section):
                                "no safetensors; off: pickles can run code, so they are refused.")
 
 
+class DataSource(Section):
+    """One source of a weighted mix: data.train (or data.eval) given as a list of these (chat, causal_lm)."""
+
+    path: str = Field(min_length=1)
+    weight: float = Field(1.0, gt=0, le=1_000_000, description="Share of each epoch: weight / sum of the weights; an "
+                          "epoch is one pass over the first source (data/mixing.py).")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="The source's name in summary.json "
+                             "and in its eval_<name>_loss; default the file's stem.")
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt"] = "auto"
+
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+def _file_or_sources(value) -> str:
+    return "[sources]" if isinstance(value, list) else "[file]"
+
+
+# a file, or a list of sources: the shape picks the branch, so an error names what is wrong in that shape
+# (the tags are bracketed so that _is_type_tag keeps them out of the field name)
+FileOrSources = Annotated[Union[Annotated[str, Field(min_length=1), Tag("[file]")],
+                                Annotated[list[DataSource], Field(min_length=1), Tag("[sources]")]],
+                          Discriminator(_file_or_sources)]
+
+
 class DataConfig(Section):
-    train: str = Field(min_length=1)
-    eval: str | None = None
+    train: FileOrSources = Field(description="A data file, or (chat, causal_lm) a list of sources "
+                                 "[{path, weight, name, format}] mixed by weight in each epoch.")
+    eval: FileOrSources | None = Field(None, description="An eval file, or a list of sources: each one's loss is "
+                                       "reported as eval_<name>_loss, beside eval_loss over all.")
+    mix_sampling: Literal["without_replacement", "with_replacement"] = Field(
+        "without_replacement", description="How a list of training sources is drawn each epoch: exact shares from "
+        "each source's shuffled order, cycling (without), or each row's source drawn by weight (with).")
     eval_split: float = Field(0.1, ge=0.0, lt=1.0, description="Share of train held out when no eval file is given.")
     format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet",
                     "openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt", "preference"] = Field(
@@ -374,6 +405,7 @@ class Config(Section):
             if "head_lr_multiplier" not in self.optim.model_fields_set:
                 self.optim.head_lr_multiplier = 1.0  # an LM's lm_head is pre-trained, not a new head
         self._conflicts()
+        self._source_rules()
         if self.unfreeze.every and self.method not in ("full",):
             raise RuleError("unfreeze.every", f"gradual unfreezing decides what trains itself; it cannot be combined "
                             f"with method '{self.method}' (use method: full, or remove unfreeze)")
@@ -402,6 +434,29 @@ class Config(Section):
             raise RuleError("data.packing", "task preference pads each pair (chosen and rejected side by side); "
                             "packing is not supported: remove data.packing")
         self.data.packing = False
+
+    def _source_rules(self) -> None:
+        """data.train / data.eval as lists of sources: chat and causal_lm only, distinct names, one mix."""
+        d, r = self.data, self.regularization
+        for key in ("train", "eval"):
+            sources = getattr(d, key)
+            if not isinstance(sources, list):
+                continue
+            if self.task not in ("chat", "causal_lm"):
+                raise RuleError(f"data.{key}", f"data.{key} as a list of sources applies to chat and causal_lm; for "
+                                f"{self.task} give one file (classification mixes a second file with "
+                                "regularization.replay_data)")
+            names = [s.label() for s in sources]
+            twice = next((n for n in names if names.count(n) > 1), None)
+            if twice:
+                raise RuleError(f"data.{key}", f"two sources of data.{key} are named '{twice}': give each a "
+                                "distinct name (name: ...)")
+        if isinstance(d.train, list) and r.replay_data:
+            raise RuleError("regularization.replay_data", "data.train is a list of sources: add the replay file to "
+                            "it as a source with its weight instead of regularization.replay_data")
+        if self._given("data", "mix_sampling") and not (isinstance(d.train, list) and len(d.train) > 1) and not r.replay_data:
+            raise RuleError("data.mix_sampling", "data.mix_sampling applies to several training sources (data.train "
+                            "as a list): remove it, or list the sources")
 
     def _given(self, section: str, key: str | None = None) -> bool:
         """Whether the user set a section (or one of its keys) to something that matters: a value
@@ -679,8 +734,13 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         q = Path(p).expanduser()  # absolute, but links not followed: errors name the path the user gave
         return os.path.normpath(q if q.is_absolute() else base.absolute() / q)
 
-    cfg.data.train = resolve(cfg.data.train)
-    cfg.data.eval = resolve(cfg.data.eval)
+    for key in ("train", "eval"):
+        value = getattr(cfg.data, key)
+        if isinstance(value, list):
+            for source in value:
+                source.path = resolve(source.path)
+        else:
+            setattr(cfg.data, key, resolve(value))
     cfg.probe.data = resolve(cfg.probe.data)
     cfg.regularization.ewc_data = resolve(cfg.regularization.ewc_data)
     cfg.regularization.replay_data = resolve(cfg.regularization.replay_data)

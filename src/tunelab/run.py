@@ -364,7 +364,8 @@ def eval_key(r: Recipe) -> str:
     import hashlib
 
     d = r.cfg.data
-    files = [f for f in (d.eval or d.train,) if f and Path(f).is_file()]
+    named = d.eval or d.train  # a file, or a list of sources (data mixing)
+    files = [f for f in ([s.path for s in named] if isinstance(named, list) else [named]) if f and Path(f).is_file()]
     stamp = [(str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
     parts = [r.cfg.task, d.eval, d.eval_split, d.max_rows, r.cfg.train.seed, r.cfg.model.max_length,
              d.text_column, d.label_column, r.precision, stamp]

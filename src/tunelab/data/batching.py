@@ -74,14 +74,10 @@ def replay_schedule(n_train: int, n_replay: int, ratio: float, seed: int):
     Training examples are indices [0, n_train), replay examples [n_train, n_train + n_replay).
     Each epoch uses every training example plus k = round(ratio / (1 - ratio) * n_train) replay
     examples, so replay makes up `ratio` of the epoch; they are drawn without replacement and
-    cycle through the whole replay set across epochs. Deterministic in (seed, epoch).
+    cycle through the whole replay set across epochs. Deterministic in (seed, epoch). This is the
+    two-source case of weighted mixing (data.mixing): [train weight 1 - ratio, replay weight ratio].
     """
-    k = round(ratio / (1 - ratio) * n_train) if n_replay else 0
-    perm = torch.randperm(n_replay, generator=torch.Generator().manual_seed(seed + 7)).tolist() if n_replay else []
+    from tunelab.data.mixing import mix_schedule
 
-    def subset(epoch: int) -> list[int]:
-        start = epoch * k
-        picked = [perm[(start + j) % n_replay] for j in range(k)] if n_replay else []
-        return list(range(n_train)) + [n_train + i for i in picked]
-
-    return subset, n_train + k
+    subset, size, _ = mix_schedule([n_train, n_replay], [1 - ratio, ratio], seed)
+    return subset, size

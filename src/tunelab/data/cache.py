@@ -314,7 +314,7 @@ def prepare(cfg) -> list[Path]:
     if not cfg.data.cache:
         return []
     if cfg.task in ("chat", "causal_lm"):
-        from tunelab.tasks.causal_lm import prepare_lm_data
+        from tunelab.tasks.lm_data import prepare_lm_data
 
         return prepare_lm_data(cfg)
     return []

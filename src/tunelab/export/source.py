@@ -93,6 +93,8 @@ def _run_prompts(src: Source, tokenizer, n: int) -> list[str]:
         return []
     cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
     data = (cfg.get("data") or {}).get("train")
+    if isinstance(data, list):  # sources mixed by weight: the prompts come from the first
+        data = data[0].get("path") if data and isinstance(data[0], dict) else None
     if not data or not Path(data).is_file() or cfg.get("task") == "classification":
         return []
     from tunelab.data.chat import read_chat_data

@@ -71,18 +71,17 @@ def data_profile(cfg: Config) -> dict:
         eval_tokens = sum(len(f["input_ids"]) for f in encode(evaluation, tok, max_len)[0]) if evaluation else 0
         num_labels = len(names)
     else:
-        from tunelab.tasks.causal_lm import read_and_encode, batcher, n_supervised, split_examples
+        from tunelab.data.encoded import lengths_of, supervised_of
+        from tunelab.tasks.causal_lm import batcher
+        from tunelab.tasks.lm_data import load_lm_data
 
-        _, examples, _, _ = read_and_encode(cfg.data.train, cfg, tok, max_len, cfg.task)
-        if cfg.data.eval:
-            _, held, _, _ = read_and_encode(cfg.data.eval, cfg, tok, max_len, cfg.task)
-        else:
-            examples, held = split_examples(examples, cfg.data.eval_split, cfg.train.seed)
+        lm = load_lm_data(cfg, tok, max_len, generating=False)  # the run's own data path (and cache)
         packed = bool(cfg.data.packing)
-        units, _ = batcher(examples, 0, packed, max_len)
-        lengths = [sum(len(examples[j].input_ids) for j in u) for u in units]
-        supervised = [sum(n_supervised(examples[j]) for j in u) for u in units]
-        eval_tokens = sum(len(e.input_ids) for e in held)
+        units, _ = batcher(lm.train, 0, packed, max_len, units=lm.units)
+        tokens, sup = lengths_of(lm.train), supervised_of(lm.train)
+        lengths = [sum(tokens[j] for j in u) for u in units]
+        supervised = [sum(sup[j] for j in u) for u in units]
+        eval_tokens = sum(sum(lengths_of(t)) for t in lm.evals.values())
         num_labels = None
     return rebatch({"units": len(lengths), "tokens": sum(lengths), "supervised_tokens": sum(supervised),
                     "lengths": lengths, "supervised": supervised, "eval_tokens": eval_tokens,

@@ -9,17 +9,20 @@ normalisation makes accumulation equal to one large batch.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
-import torch
 
 from tunelab.errors import InputError
-from tunelab.evaluate.generation_run import generation_for, held_out_at, with_generation
+from tunelab.evaluate.generation_run import generation_for, with_generation
 from tunelab.evaluate.lm import lm_metrics, supervised_loss
 from tunelab.models.gguf import end_of_turn_id, plain_source
 from tunelab.models.load import load_causal_lm, load_tokenizer
 from tunelab.models.quantization import quantization_for
 from tunelab.models.registry import resolve_model
+from tunelab.tasks.lm_speed import lm_speed
+from tunelab.tasks.lm_data import (load_lm_data, prepare_lm_data, read_and_encode, split_examples,  # noqa: F401
+                                   split_indices)
 from tunelab.train.protocols import TaskRun, TrainSet
 from tunelab.train.sizes import eval_batch_size, usable_max_length
 
@@ -34,15 +37,16 @@ def n_supervised(example) -> int:
     return example.supervised()
 
 
-def batcher(examples, pad_id: int, packing: bool, max_length: int):
+def batcher(examples, pad_id: int, packing: bool, max_length: int, units: list[list[int]] | None = None):
     """(units, collate): the training units (packs of examples, or single examples) and how to batch them.
 
-    `examples`: a table (data.encoded) or a list; packing reads only the lengths."""
+    `examples`: a table (data.encoded) or a list; packing reads only the lengths. `units`: the packs
+    made already (data mixing packs each source on its own)."""
     from tunelab.data.encoded import lengths_of
     from tunelab.data.packing import collate_packed, collate_padded, pack, stack_rows
 
     if packing:
-        units = pack(lengths_of(examples), max_length)
+        units = pack(lengths_of(examples), max_length) if units is None else units
 
         def collate(idx: list[int]) -> dict:
             rows = [collate_packed(examples, units[i]) for i in idx]
@@ -68,107 +72,34 @@ def eval_batches(examples, pad_id: int, packing: bool, max_length: int, batch_si
         yield collate(order[start : start + batch_size])
 
 
-def split_indices(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) example indices: `share` of n held out at random (at least 1, never all)."""
-    if share <= 0 or n < 2:
-        return list(range(n)), []
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g).tolist()
-    n_eval = min(n - 1, max(1, round(n * share)))
-    held = set(order[:n_eval])
-    return [i for i in range(n) if i not in held], sorted(held)
+def _joined(evals: dict):
+    """The eval tables as one (None when there is none)."""
+    if not evals:
+        return None
+    if len(evals) == 1:
+        return next(iter(evals.values()))
+    from tunelab.data.mixing import ConcatTable
+
+    return ConcatTable(list(evals.values()))
 
 
-def split_examples(examples, share: float, seed: int) -> tuple[list, list]:
-    train_idx, held_idx = split_indices(len(examples), share, seed)
-    if not held_idx:
-        return examples, []
-    return [examples[i] for i in train_idx], [examples[i] for i in held_idx]
+def evaluator(evals: dict, pad_id: int, packing: bool, max_len: int, batch_size: int):
+    """evaluate(model): lm_metrics over all eval tables; with several named ones also each one's loss
+    (eval_<name>_loss), and the overall measures weighted by each one's supervised tokens."""
 
+    def evaluate(model) -> dict:
+        parts = {name: lm_metrics(model, eval_batches(t, pad_id, packing, max_len, batch_size))
+                 for name, t in evals.items()}
+        if len(parts) == 1:
+            return next(iter(parts.values()))
+        n = sum(p["supervised_tokens"] for p in parts.values())
+        loss = sum(p["loss"] * p["supervised_tokens"] for p in parts.values()) / n if n else float("nan")
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)) if n else float("nan"),
+               "token_accuracy": sum(p["token_accuracy"] * p["supervised_tokens"] for p in parts.values()) / n
+               if n else float("nan"), "supervised_tokens": n}
+        return out | {f"{name}_loss": p["loss"] for name, p in parts.items()}
 
-def read_limited(path: str, cfg, task: str):
-    """The data file's records as ChatData, checked against the task, cut to data.max_rows."""
-    from tunelab.data.chat import read_chat_data
-
-    data = read_chat_data(path, fmt=cfg.data.format)
-    if task == "chat" and data.kind != "conversations":
-        raise InputError("task 'chat' needs conversations (openai, sharegpt, alpaca, prompt_completion); "
-                         "for plain text use task: causal_lm", file=path, field="data.format")
-    if cfg.data.max_rows:
-        data.conversations, data.texts = data.conversations[: cfg.data.max_rows], data.texts[: cfg.data.max_rows]
-    return data
-
-
-def encode_file(path: str, cfg, tokenizer, max_length: int, task: str):
-    """Read, check and encode a data file: (data, examples, stats, template warnings)."""
-    from tunelab.data.chat_template import check_template, encode_dataset
-
-    data = read_limited(path, cfg, task)
-    warnings = check_template(tokenizer, data.conversations) if data.kind == "conversations" else []
-    examples, stats = encode_dataset(data, tokenizer, max_length, overflow=cfg.data.overflow,
-                                     num_proc=cfg.data.num_proc)
-    if not examples:
-        raise InputError(f"no example left after encoding ({stats})", file=path, field="data.train")
-    if not any(n_supervised(e) for e in examples):
-        raise InputError("no supervised token in the data (no assistant turn survived truncation?)", file=path)
-    return data, examples, dict(stats), warnings
-
-
-def lm_cache_parts(path: str, cfg, tokenizer, max_length: int, task: str) -> dict:
-    """Everything that changes what encode_file returns (the data cache's fingerprint)."""
-    from tunelab.data.cache import file_stamp, tokenizer_stamp
-
-    return {"encoder": "lm", "task": task, "files": [file_stamp(path)], "format": cfg.data.format,
-            "max_rows": cfg.data.max_rows, "max_length": max_length, "overflow": cfg.data.overflow,
-            "tokenizer": tokenizer_stamp(tokenizer)}
-
-
-def read_and_encode(path: str, cfg, tokenizer, max_length: int, task: str):
-    """(data, table, stats, template warnings) of a data file; `table` (data.encoded) has the examples.
-
-    With data.cache (the default) the examples come from the encoded-data cache (data.cache), built
-    on the first run; `data` (the records, for generation prompts) is then None: read_limited reads it.
-    """
-    from tunelab.data.encoded import LM_LAYOUT, MemoryTable, StoreTable, write_examples
-
-    if not cfg.data.cache:
-        data, examples, stats, warnings = encode_file(path, cfg, tokenizer, max_length, task)
-        table, kind = MemoryTable(examples), data.kind
-    else:
-        from tunelab.data.cache import open_or_build
-
-        fresh = {}
-
-        def build(writer) -> dict:
-            fresh["data"], examples, stats, warnings = encode_file(path, cfg, tokenizer, max_length, task)
-            write_examples(writer, examples)
-            return {"kind": fresh["data"].kind, "stats": stats, "warnings": warnings}
-
-        store = open_or_build(lm_cache_parts(path, cfg, tokenizer, max_length, task), LM_LAYOUT, build, what=str(path))
-        table, data = StoreTable(store), fresh.get("data")
-        kind, stats, warnings = store.meta["kind"], dict(store.meta["stats"]), list(store.meta["warnings"])
-    table.kind = kind
-    if stats.get("dropped_overflow"):
-        log.warning("%s: %d examples longer than %d tokens were dropped (data.overflow: drop)",
-                    path, stats["dropped_overflow"], max_length)
-    if stats.get("truncated"):
-        log.warning("%s: %d examples longer than %d tokens were cut (data.overflow: truncate); "
-                    "raise model.max_length to keep them whole", path, stats["truncated"], max_length)
-    return data, table, stats, warnings
-
-
-def prepare_lm_data(cfg) -> list[Path]:
-    """Encode the training (and eval) file into the data cache as setup_causal_lm would, loading only
-    the tokenizer and the model's config (not its weights); the cache entries' folders."""
-    from transformers import AutoConfig
-
-    source = plain_source(resolve_model(cfg.model.name))
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.model.trust_remote_code,
-                                        revision=cfg.model.revision)
-    max_len = usable_max_length(cfg.model.max_length, config)
-    tables = [read_and_encode(path, cfg, tokenizer, max_len, cfg.task)[1] for path in (cfg.data.train, cfg.data.eval) if path]
-    return [t.store.folder for t in tables if hasattr(t, "store")]
+    return evaluate
 
 
 def _summary(examples) -> dict:
@@ -207,28 +138,14 @@ def setup_causal_lm(cfg) -> TaskRun:
     eos_id = eot if eot is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
 
-    data, train_ex, stats, warnings = read_and_encode(cfg.data.train, cfg, tokenizer, max_len, cfg.task)
-    for w in warnings:
-        log.warning("chat template: %s", w)
-    kind = train_ex.kind
-    generating = bool(cfg.eval.generate.n)
-    if cfg.data.eval:
-        eval_data, eval_ex, eval_stats, _ = read_and_encode(cfg.data.eval, cfg, tokenizer, max_len, cfg.task)
-        if generating and eval_data is None:  # encoded data came from the cache: the prompts from the file
-            eval_data = read_limited(cfg.data.eval, cfg, cfg.task)
-    else:
-        n_all = len(train_ex)
-        train_idx, held_idx = split_indices(n_all, cfg.data.eval_split, cfg.train.seed)
-        train_ex, eval_ex = (train_ex.subset(train_idx), train_ex.subset(held_idx)) if held_idx else (train_ex, [])
-        eval_stats = eval_data = None
-        if generating and held_idx:
-            eval_data = held_out_at(data if data is not None else read_limited(cfg.data.train, cfg, cfg.task),
-                                    n_all, held_idx)
-    generation = generation_for(cfg, tokenizer, eval_data) if len(eval_ex) else None
+    lm = load_lm_data(cfg, tokenizer, max_len, generating=bool(cfg.eval.generate.n))
+    train_ex = lm.train
+    generation = generation_for(cfg, tokenizer, lm.eval_data) if lm.evals else None
 
     from tunelab.data.encoded import lengths_of, supervised_of
 
-    units, collate = batcher(train_ex, pad_id, cfg.data.packing, max_len)
+    units, collate = batcher(train_ex, pad_id, cfg.data.packing, max_len, units=lm.units)
+    collate, loss_fn = lm_speed(cfg.train, model, collate, cfg.data.packing)  # packed attention, chunked loss
     lengths, supervised = lengths_of(train_ex), supervised_of(train_ex)
     unit_tokens = [sum(lengths[j] for j in u) for u in units]
     unit_sup = [sum(supervised[j] for j in u) for u in units]
@@ -237,29 +154,27 @@ def setup_causal_lm(cfg) -> TaskRun:
                     for i, u in enumerate(units)]
 
     evaluate = None
-    if len(eval_ex):
-        bs = eval_batch_size(cfg.train)
-
-        def evaluate(model) -> dict:
-            return lm_metrics(model, eval_batches(eval_ex, pad_id, cfg.data.packing, max_len, bs))
-
-        evaluate = with_generation(evaluate, generation)
-
+    if lm.evals:
+        evaluate = with_generation(evaluator(lm.evals, pad_id, cfg.data.packing, max_len, eval_batch_size(cfg.train)),
+                                   generation)
+    all_eval = _joined(lm.evals)
+    per_source = [f"eval_{name}_loss" for name in lm.evals if name]
     return TaskRun(
         model=model,
         tokenizer=tokenizer,
         train=TrainSet(lengths=unit_tokens, collate=collate, count=lambda idx: sum(unit_sup[i] for i in idx),
-                       sources=unit_sources),
-        loss_fn=supervised_loss,
+                       sources=unit_sources, epoch_subset=lm.epoch_subset, epoch_size=lm.epoch_size),
+        loss_fn=loss_fn,
         evaluate=evaluate,
         save_final=lm_saver(tokenizer, eos_id, pad_id),
         metric=cfg.checkpoint.metric or "eval_loss",
         mode=cfg.checkpoint.mode or "min",
-        info={"metric_names": METRIC_NAMES, "kind": kind, "model_source": source.path,
+        info={"metric_names": METRIC_NAMES + per_source, "kind": lm.kind, "model_source": source.path,
               "max_length": max_len, "packing": cfg.data.packing, "train_units": len(units),
-              "train": _summary(train_ex), "encode_stats": stats, "template_warnings": warnings,
-              "eval": _summary(eval_ex) if len(eval_ex) else None, "eval_encode_stats": eval_stats,
-              "eos_token_id": eos_id},
+              "train": _summary(train_ex), "encode_stats": lm.stats, "template_warnings": lm.warnings,
+              "eval": _summary(all_eval) if all_eval is not None else None, "eval_encode_stats": lm.eval_stats,
+              "eos_token_id": eos_id, **({"sources": lm.sources, "mix_sampling": cfg.data.mix_sampling}
+                                         if lm.sources else {})},
         generation=generation,
     )
 

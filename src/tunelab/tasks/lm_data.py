@@ -1,0 +1,275 @@
+"""The data of a causal-LM or chat run: read, encode (through the encoded-data cache), split off the
+eval share, and mix several sources by weight.
+
+`read_and_encode` is one file -> a table of encoded examples (data.encoded), read from the cache
+(data.cache) when an entry for the same inputs exists. `load_lm_data` is the whole config ->
+`LMData`: one training table (the sources laid end to end), its packs, the per-epoch mixing
+schedule (data.mixing) when there are several sources, and the eval tables, one per eval source.
+One source gives exactly what a single file always gave (no mixing schedule).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import InputError
+
+log = logging.getLogger("tunelab")
+
+
+def split_indices(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) example indices: `share` of n held out at random (at least 1, never all)."""
+    if share <= 0 or n < 2:
+        return list(range(n)), []
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g).tolist()
+    n_eval = min(n - 1, max(1, round(n * share)))
+    held = set(order[:n_eval])
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def split_examples(examples, share: float, seed: int) -> tuple[list, list]:
+    train_idx, held_idx = split_indices(len(examples), share, seed)
+    if not held_idx:
+        return examples, []
+    return [examples[i] for i in train_idx], [examples[i] for i in held_idx]
+
+
+def read_limited(path: str, cfg, task: str, fmt: str | None = None):
+    """The data file's records as ChatData, checked against the task, cut to data.max_rows."""
+    from tunelab.data.chat import read_chat_data
+
+    data = read_chat_data(path, fmt=_format(cfg, fmt))
+    if task == "chat" and data.kind != "conversations":
+        raise InputError("task 'chat' needs conversations (openai, sharegpt, alpaca, prompt_completion); "
+                         "for plain text use task: causal_lm", file=path, field="data.format")
+    if cfg.data.max_rows:
+        data.conversations, data.texts = data.conversations[: cfg.data.max_rows], data.texts[: cfg.data.max_rows]
+    return data
+
+
+def _format(cfg, fmt: str | None) -> str:
+    """A source's own record format, else data.format."""
+    return fmt if fmt not in (None, "auto") else cfg.data.format
+
+
+def encode_file(path: str, cfg, tokenizer, max_length: int, task: str, fmt: str | None = None):
+    """Read, check and encode a data file: (data, examples, stats, template warnings)."""
+    from tunelab.data.chat_template import check_template, encode_dataset
+
+    data = read_limited(path, cfg, task, fmt)
+    warnings = check_template(tokenizer, data.conversations) if data.kind == "conversations" else []
+    examples, stats = encode_dataset(data, tokenizer, max_length, overflow=cfg.data.overflow,
+                                     num_proc=cfg.data.num_proc)
+    if not examples:
+        raise InputError(f"no example left after encoding ({stats})", file=path, field="data.train")
+    if not any(e.supervised() for e in examples):
+        raise InputError("no supervised token in the data (no assistant turn survived truncation?)", file=path)
+    return data, examples, dict(stats), warnings
+
+
+def lm_cache_parts(path: str, cfg, tokenizer, max_length: int, task: str, fmt: str | None = None) -> dict:
+    """Everything that changes what encode_file returns (the data cache's fingerprint)."""
+    from tunelab.data.cache import file_stamp, tokenizer_stamp
+
+    return {"encoder": "lm", "task": task, "files": [file_stamp(path)], "format": _format(cfg, fmt),
+            "max_rows": cfg.data.max_rows, "max_length": max_length, "overflow": cfg.data.overflow,
+            "tokenizer": tokenizer_stamp(tokenizer)}
+
+
+def read_and_encode(path: str, cfg, tokenizer, max_length: int, task: str, fmt: str | None = None):
+    """(data, table, stats, template warnings) of a data file; `table` (data.encoded) has the examples.
+
+    With data.cache (the default) the examples come from the encoded-data cache (data.cache), built
+    on the first run; `data` (the records, for generation prompts) is then None: read_limited reads it.
+    """
+    from tunelab.data.encoded import LM_LAYOUT, MemoryTable, StoreTable, write_examples
+
+    if not cfg.data.cache:
+        data, examples, stats, warnings = encode_file(path, cfg, tokenizer, max_length, task, fmt)
+        table, kind = MemoryTable(examples), data.kind
+    else:
+        from tunelab.data.cache import open_or_build
+
+        fresh = {}
+
+        def build(writer) -> dict:
+            fresh["data"], examples, stats, warnings = encode_file(path, cfg, tokenizer, max_length, task, fmt)
+            write_examples(writer, examples)
+            return {"kind": fresh["data"].kind, "stats": stats, "warnings": warnings}
+
+        store = open_or_build(lm_cache_parts(path, cfg, tokenizer, max_length, task, fmt), LM_LAYOUT, build,
+                              what=str(path))
+        table, data = StoreTable(store), fresh.get("data")
+        kind, stats, warnings = store.meta["kind"], dict(store.meta["stats"]), list(store.meta["warnings"])
+    table.kind = kind
+    if stats.get("dropped_overflow"):
+        log.warning("%s: %d examples longer than %d tokens were dropped (data.overflow: drop)",
+                    path, stats["dropped_overflow"], max_length)
+    if stats.get("truncated"):
+        log.warning("%s: %d examples longer than %d tokens were cut (data.overflow: truncate); "
+                    "raise model.max_length to keep them whole", path, stats["truncated"], max_length)
+    return data, table, stats, warnings
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training or eval source: its file, record format, weight and name."""
+
+    path: str
+    fmt: str | None = None
+    weight: float = 1.0
+    name: str | None = None
+    split: bool = True  # whether data.eval_split holds out a share of it (not for the replay file)
+
+
+def train_sources(cfg) -> list[Source]:
+    """data.train as sources; regularization.replay_data adds the replay file at replay_ratio."""
+    d, r = cfg.data, cfg.regularization
+    if isinstance(d.train, list):
+        return [Source(s.path, s.format, s.weight, s.label()) for s in d.train]
+    if r.replay_data and r.replay_ratio > 0:  # replay is the two-source mix [train 1 - r, replay r]
+        return [Source(d.train, None, 1 - r.replay_ratio, Path(d.train).stem),
+                Source(r.replay_data, None, r.replay_ratio, "replay", split=False)]
+    return [Source(d.train)]
+
+
+def eval_sources(cfg) -> list[Source]:
+    d = cfg.data
+    if isinstance(d.eval, list):
+        return [Source(s.path, s.format, s.weight, s.label()) for s in d.eval]
+    return [Source(d.eval)] if d.eval else []
+
+
+@dataclass
+class LMData:
+    """A run's encoded data: `train` (sources end to end), `evals` {name: table} ('' for one
+    unnamed eval set), and for several training sources the packs and mixing schedule."""
+
+    train: object
+    evals: dict
+    kind: str | None
+    stats: dict
+    warnings: list
+    eval_stats: dict | None = None
+    eval_data: object = None  # ChatData the generation prompts come from
+    units: list | None = None
+    epoch_subset: object = None
+    epoch_size: int | None = None
+    sources: list | None = None  # per-source counts for summary.json
+
+
+def load_lm_data(cfg, tokenizer, max_len: int, generating: bool) -> LMData:
+    """Every source read and encoded (cache), the eval share held out per source, the mix planned."""
+    srcs = train_sources(cfg)
+    if len(srcs) == 1:
+        return _one_source(cfg, tokenizer, max_len, generating)
+    read = [read_and_encode(s.path, cfg, tokenizer, max_len, cfg.task, s.fmt) for s in srcs]
+    for w in dict.fromkeys(w for _, _, _, ws in read for w in ws):
+        log.warning("chat template: %s", w)
+    tables, evals, eval_data = [], {}, None
+    for s, (data, table, _, _) in zip(srcs, read):
+        keep, held = (split_indices(len(table), cfg.data.eval_split, cfg.train.seed) if s.split and not cfg.data.eval
+                      else (None, []))
+        if held:
+            evals[s.name] = table.subset(held)
+            if generating and eval_data is None:
+                from tunelab.evaluate.generation_run import held_out_at
+
+                eval_data = held_out_at(data if data is not None else read_limited(s.path, cfg, cfg.task, s.fmt),
+                                        len(table), held)
+            table = table.subset(keep)
+        tables.append(table)
+    eval_stats = None
+    if cfg.data.eval:
+        evals, eval_stats, eval_data = _eval_tables(cfg, tokenizer, max_len, generating)
+    return _mixed(cfg, srcs, tables, read, evals, eval_stats, eval_data, max_len)
+
+
+def _one_source(cfg, tokenizer, max_len: int, generating: bool) -> LMData:
+    """A single training file: what tunelab always did (no mixing schedule)."""
+    from tunelab.evaluate.generation_run import held_out_at
+
+    src = train_sources(cfg)[0]
+    data, train, stats, warnings = read_and_encode(src.path, cfg, tokenizer, max_len, cfg.task, src.fmt)
+    for w in warnings:
+        log.warning("chat template: %s", w)
+    kind, eval_stats, eval_data, evals = train.kind, None, None, {}
+    if cfg.data.eval:
+        evals, eval_stats, eval_data = _eval_tables(cfg, tokenizer, max_len, generating)
+    else:
+        n_all = len(train)
+        train_idx, held_idx = split_indices(n_all, cfg.data.eval_split, cfg.train.seed)
+        if held_idx:
+            train, evals = train.subset(train_idx), {"": train.subset(held_idx)}
+            if generating:
+                eval_data = held_out_at(data if data is not None else read_limited(src.path, cfg, cfg.task, src.fmt),
+                                        n_all, held_idx)
+    return LMData(train, evals, kind, stats, warnings, eval_stats, eval_data)
+
+
+def _eval_tables(cfg, tokenizer, max_len: int, generating: bool) -> tuple[dict, dict | None, object]:
+    """({name: table}, encode stats, ChatData for generation prompts) of data.eval (a file or sources)."""
+    srcs = eval_sources(cfg)
+    named = isinstance(cfg.data.eval, list) and len(srcs) > 1
+    evals, stats, eval_data = {}, None, None
+    for s in srcs:
+        data, table, st, _ = read_and_encode(s.path, cfg, tokenizer, max_len, cfg.task, s.fmt)
+        evals[s.name if named else ""] = table
+        stats = st if stats is None else stats
+        if generating and eval_data is None:  # prompts from the first eval source (re-read when it came cached)
+            eval_data = data if data is not None else read_limited(s.path, cfg, cfg.task, s.fmt)
+    return evals, stats if len(srcs) == 1 else None, eval_data
+
+
+def _mixed(cfg, srcs: list[Source], tables: list, read: list, evals: dict, eval_stats, eval_data,
+           max_len: int) -> LMData:
+    """The sources end to end, each packed on its own, and the per-epoch mix of their units."""
+    from tunelab.data.mixing import ConcatTable, mix_schedule
+    from tunelab.data.packing import pack
+
+    train = ConcatTable(tables)
+    units, sizes = [], []
+    for k, t in enumerate(tables):
+        start = int(train.offsets[k])
+        own = pack(t.lengths.tolist(), max_len) if cfg.data.packing else [[j] for j in range(len(t))]
+        units += [[start + j for j in u] for u in own]
+        sizes.append(len(own))
+    subset, size, counts = mix_schedule(sizes, [s.weight for s in srcs], cfg.train.seed, cfg.data.mix_sampling)
+    total_w = sum(s.weight for s in srcs)
+    info = [{"name": s.name, "path": s.path, "weight": s.weight, "share": round(s.weight / total_w, 6),
+             "examples": len(t), "units": n, "units_per_epoch": c, "encode_stats": st}
+            for s, t, n, c, (_, _, st, _) in zip(srcs, tables, sizes, counts, read)]
+    kind = tables[0].kind if tables[0].kind is not None else read[0][1].kind
+    train.kind = kind
+    stats = {"sources": [i["name"] for i in info]}
+    warnings = list(dict.fromkeys(w for _, _, _, ws in read for w in ws))
+    return LMData(train, evals, kind, stats, warnings, eval_stats, eval_data, units, subset, size, info)
+
+
+def prepare_lm_data(cfg) -> list[Path]:
+    """Encode every training and eval source into the data cache as setup_causal_lm would, loading
+    only the tokenizer and the model's config (not its weights); the cache entries' folders."""
+    from transformers import AutoConfig
+
+    from tunelab.models.gguf import plain_source
+    from tunelab.models.load import load_tokenizer
+    from tunelab.models.registry import resolve_model
+    from tunelab.train.sizes import usable_max_length
+
+    source = plain_source(resolve_model(cfg.model.name))
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.model.trust_remote_code,
+                                        revision=cfg.model.revision)
+    max_len = usable_max_length(cfg.model.max_length, config)
+    tables = [read_and_encode(s.path, cfg, tokenizer, max_len, cfg.task, s.fmt)[1]
+              for s in train_sources(cfg) + eval_sources(cfg)]
+    return [t.store.folder for t in tables if hasattr(t, "store")]
+
+
+__all__ = ["read_and_encode", "load_lm_data", "LMData", "split_indices", "split_examples", "prepare_lm_data",
+           "train_sources", "eval_sources"]
