@@ -729,8 +729,8 @@ def locate_key(path: str | Path, key: str | tuple, overrides: list[str] = (), li
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
     def resolve(p: str | None) -> str | None:
-        if p is None:
-            return None
+        if p is None or p.startswith("hf:"):  # a Hugging Face dataset id (data.hf), not a path
+            return p
         q = Path(p).expanduser()  # absolute, but links not followed: errors name the path the user gave
         return os.path.normpath(q if q.is_absolute() else base.absolute() / q)
 

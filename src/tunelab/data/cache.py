@@ -42,7 +42,7 @@ log = logging.getLogger("tunelab")
 FORMAT = 1
 MANIFEST = "manifest.json"
 _CODE_MODULES = ("readers.py", "chat.py", "chat_template.py", "classification.py", "cache.py", "encoded.py",
-                 "preference.py")
+                 "preference.py", "hf.py", "parallel.py")
 
 
 def data_cache_root() -> Path:
@@ -69,6 +69,10 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def file_stamp(path: str | Path) -> dict:
     """A data file's identity: resolved path, size, mtime and a sha256 of its content (a file edited
     in place within the mtime resolution, or copied with its mtime kept, still changes the key)."""
+    from tunelab.data.hf import hf_stamp, is_hf_source
+
+    if is_hf_source(path):
+        return hf_stamp(path)
     p = Path(path).resolve()
     st = p.stat()
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256_file(p)}
@@ -344,7 +348,7 @@ def list_entries() -> list[dict]:
                 m = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
                 entry.update(state="ok", rows=m.get("rows"), tokens=m.get("tokens"), created=m.get("created"),
                              encoder=m.get("parts", {}).get("encoder"),
-                             files=[f.get("path") for f in m.get("parts", {}).get("files", [])])
+                             files=[f.get("path") or f.get("hf") for f in m.get("parts", {}).get("files", [])])
             except (OSError, ValueError, AttributeError):
                 entry["state"] = "damaged"
         out.append(entry)

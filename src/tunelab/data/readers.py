@@ -101,8 +101,13 @@ def read_records(path: str | Path, fmt: str = "auto", *, header: bool | None = T
     """Read every record of a data file; raise InputError at the first thing that is not data.
 
     CSV/TSV only: `header` False reads a file without a header row, its fields named `columns` in
-    order; None detects it (see `_has_header`). Other formats ignore both.
+    order; None detects it (see `_has_header`). Other formats ignore both. A Hugging Face dataset
+    (a save_to_disk folder, or hf:ORG/NAME[:CONFIG][@SPLIT]) gives its rows (data.hf).
     """
+    from tunelab.data.hf import is_hf_source, read_hf_records
+
+    if is_hf_source(path):
+        return read_hf_records(path)
     path = check_data_file(path)
     fmt = detect_format(path, fmt)
     if fmt == "parquet":
