@@ -175,3 +175,15 @@ def test_cli_lr_find_stores_prints_json_and_reuses(toy_classification, tmp_path)
     assert json.loads(again.output.strip().splitlines()[-1])["source"] == "cache"
     bad = runner.invoke(app, ["lr-find", str(tmp_path / "missing.yaml")])
     assert bad.exit_code == 2 and "Traceback" not in bad.output and "missing.yaml" in bad.output
+
+
+def test_auto_is_refused_where_the_sweep_cannot_run():
+    from tunelab.config import config_from_dict
+    from tunelab.errors import InputError
+
+    cfg = config_from_dict({"data": {"train": "t.tsv"}, "optim": {"lr": "auto"}})
+    assert lr_find.starting_lr(cfg, False, "fp32") == 1e-4  # the family default until the sweep replaces it
+    for sharded, precision in ((False, "fp16"), (True, "fp32")):
+        with pytest.raises(InputError) as e:
+            lr_find.starting_lr(cfg, sharded, precision)
+        assert e.value.field == "optim.lr"

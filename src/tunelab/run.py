@@ -47,6 +47,7 @@ from tunelab.train import checkpoint as ckpt
 from tunelab.train import sizes
 from tunelab.train.early_stop import BestTracker
 from tunelab.train.loop import LoopSettings, LoopState, eval_row, train_loop, windows_per_epoch
+from tunelab.train.lr_find import starting_lr, with_found_lr
 from tunelab.train.optim import build_optimizer, describe_groups, param_groups
 from tunelab.train.precision import autocast_factory, grad_scaler, resolve_precision
 from tunelab.train.regularizers import apply_mixout, make_penalty, remove_mixout
@@ -185,7 +186,7 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
         log.warning("generation measures (eval.generate) are not taken under distributed.strategy %s yet",
                     sharding.strategy)
         task = replace(task, generation=None)
-    base_lr = starting_lr(cfg, world_size, sharding is not None, precision)
+    base_lr = starting_lr(cfg, sharding is not None, precision)
     optimizer, scheduler = build_optimization(cfg, model, total_steps, base_lr)
     unfreezer = None
     if cfg.unfreeze.every:
@@ -222,58 +223,6 @@ def build_optimization(cfg: Config, model, total_steps: int, lr: float):
     scheduler = build_scheduler(optimizer, total_steps=total_steps, name=sch.name, warmup_ratio=sch.warmup_ratio,
                                 warmup_steps=sch.warmup_steps, min_lr_ratio=sch.min_lr_ratio, decay_ratio=sch.decay_ratio)
     return optimizer, scheduler
-
-
-def starting_lr(cfg: Config, world_size: int, sharded: bool, precision: str) -> float:
-    """optim.lr, or under `auto` the family default (the range test replaces it before training)."""
-    if cfg.optim.lr != "auto":
-        return cfg.optim.lr
-    if precision == "fp16":
-        raise InputError("optim.lr: auto does not run under fp16 (its sweep would need the loss scaler): use "
-                         "train.precision bf16 or fp32, or give a number", field="optim.lr")
-    if sharded:
-        raise InputError("optim.lr: auto runs its range test on one process's model; under distributed.strategy "
-                         f"{cfg.distributed.strategy} give a number (`tunelab lr-find CONFIG` finds one)", field="optim.lr")
-    from tunelab.defaults import learning_rate, model_kind_and_size
-
-    return learning_rate(cfg.task, cfg.method, *model_kind_and_size(cfg.model.name)).value
-
-
-def with_found_lr(r: Recipe, out: Path | None, group: Group = ALONE) -> Recipe:
-    """optim.lr: auto - the range test's lr (RUN/lr_find.json or the user cache when its fingerprint
-    matches, else a fresh sweep, stored), a fresh optimizer and schedule at it, and a config that
-    says the number (config.yaml, the summary). The sweep restores weights, optimizer and RNG."""
-    from tunelab.train import lr_find
-
-    fp = lr_find.fingerprint(r.cfg, r.precision)
-    found = lr_find.load_cached(fp, out)
-    if found is None:
-        if group.world_size > 1:
-            raise InputError("optim.lr: auto: no stored range test for this model, data and method; with several "
-                             "processes run `tunelab lr-find CONFIG` first (its result is cached)", field="optim.lr")
-        log.info("optim.lr: auto - running the learning-rate range test")
-        found = lr_find.range_test(r.model, r.optimizer, r.task, r.autocast, base_lr=r.settings.base_lr,
-                                   batch_size=r.settings.batch_size, grad_accum=r.settings.grad_accum,
-                                   max_grad_norm=r.settings.max_grad_norm, seed=r.settings.seed)
-        found.update(fingerprint=fp, placeholder_lr=r.settings.base_lr)
-        found["source"] = "sweep"
-    else:
-        found["source"] = "cache"
-    if out is not None and group.is_main:
-        lr_find.store(found, out)
-    lr = found["lr"] or r.settings.base_lr
-    if found["lr"] is None:
-        log.warning("optim.lr: auto - the range test found no falling loss (%s); training at the default %.3g",
-                    found["rule"], lr)
-    cfg = r.cfg.model_copy(deep=True)
-    cfg.optim.lr = lr
-    cfg._defaults = {**(cfg._defaults or {}), "optim.lr": {
-        "value": lr, "why": f"optim.lr: auto - learning-rate range test ({found['rule']}; lr at the smoothed minimum "
-        f"{found['lr_min']}, steepest {found['lr_steepest']}; {lr_find.LR_FIND_FILE}, {found['source']})"}}
-    optimizer, scheduler = build_optimization(cfg, r.model, r.settings.total_steps, lr)
-    summary = {k: found.get(k) for k in ("lr", "rule", "lr_min", "lr_steepest", "source", "fingerprint")}
-    return replace(r, cfg=cfg, optimizer=optimizer, scheduler=scheduler, settings=replace(r.settings, base_lr=lr),
-                   lr_find={**summary, "steps": len(found["curve"])})
 
 
 def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool, should_stop,
@@ -579,7 +528,7 @@ def _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, shoul
             log.warning("resume: no intact checkpoint in %s; the run starts over", out)
             start_over(out)
         if cfg.optim.lr == "auto":  # after start_over: a stored range test survives in the user cache
-            recipe = with_found_lr(recipe, out, group)
+            recipe = with_found_lr(recipe, out, group, build_optimization)
         if group.rank:  # the same initial weights everywhere, but each process its own dropout stream
             random.seed(cfg.train.seed + 7919 * group.rank)
             torch.manual_seed(cfg.train.seed + 7919 * group.rank)

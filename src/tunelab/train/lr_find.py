@@ -26,19 +26,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from tunelab.data.batching import epoch_batches
+from tunelab.errors import InputError
 from tunelab.train.loop import backward_window
 from tunelab.train.protocols import OneProcess
 
 LR_FIND_FILE = "lr_find.json"
+log = logging.getLogger("tunelab")
 
 
 @dataclass(frozen=True)
@@ -209,3 +212,54 @@ def store(result: dict, run_dir: Path | None) -> None:
         except OSError:
             if i == 0 and run_dir is not None:
                 raise
+
+
+def starting_lr(cfg, sharded: bool, precision: str) -> float:
+    """optim.lr, or under `auto` the family default (the range test replaces it before training)."""
+    if cfg.optim.lr != "auto":
+        return cfg.optim.lr
+    if precision == "fp16":
+        raise InputError("optim.lr: auto does not run under fp16 (its sweep would need the loss scaler): use "
+                         "train.precision bf16 or fp32, or give a number", field="optim.lr")
+    if sharded:
+        raise InputError("optim.lr: auto runs its range test on one process's model; under distributed.strategy "
+                         f"{cfg.distributed.strategy} give a number (`tunelab lr-find CONFIG` finds one)", field="optim.lr")
+    from tunelab.defaults import learning_rate, model_kind_and_size
+
+    return learning_rate(cfg.task, cfg.method, *model_kind_and_size(cfg.model.name)).value
+
+
+def with_found_lr(r, out: Path | None, group, build_optimization):
+    """optim.lr: auto - the range test's lr (RUN/lr_find.json or the user cache when its fingerprint
+    matches, else a fresh sweep, stored), a fresh optimizer and schedule at it (`build_optimization`,
+    run.py's), and a config that says the number (config.yaml, the summary): the run's Recipe `r`
+    with those replaced. The sweep restores weights, optimizer and RNG."""
+    fp = fingerprint(r.cfg, r.precision)
+    found = load_cached(fp, out)
+    if found is None:
+        if group.world_size > 1:
+            raise InputError("optim.lr: auto: no stored range test for this model, data and method; with several "
+                             "processes run `tunelab lr-find CONFIG` first (its result is cached)", field="optim.lr")
+        log.info("optim.lr: auto - running the learning-rate range test")
+        found = range_test(r.model, r.optimizer, r.task, r.autocast, base_lr=r.settings.base_lr,
+                                   batch_size=r.settings.batch_size, grad_accum=r.settings.grad_accum,
+                                   max_grad_norm=r.settings.max_grad_norm, seed=r.settings.seed)
+        found.update(fingerprint=fp, placeholder_lr=r.settings.base_lr)
+        found["source"] = "sweep"
+    else:
+        found["source"] = "cache"
+    if out is not None and group.is_main:
+        store(found, out)
+    lr = found["lr"] or r.settings.base_lr
+    if found["lr"] is None:
+        log.warning("optim.lr: auto - the range test found no falling loss (%s); training at the default %.3g",
+                    found["rule"], lr)
+    cfg = r.cfg.model_copy(deep=True)
+    cfg.optim.lr = lr
+    cfg._defaults = {**(cfg._defaults or {}), "optim.lr": {
+        "value": lr, "why": f"optim.lr: auto - learning-rate range test ({found['rule']}; lr at the smoothed minimum "
+        f"{found['lr_min']}, steepest {found['lr_steepest']}; {LR_FIND_FILE}, {found['source']})"}}
+    optimizer, scheduler = build_optimization(cfg, r.model, r.settings.total_steps, lr)
+    summary = {k: found.get(k) for k in ("lr", "rule", "lr_min", "lr_steepest", "source", "fingerprint")}
+    return replace(r, cfg=cfg, optimizer=optimizer, scheduler=scheduler, settings=replace(r.settings, base_lr=lr),
+                   lr_find={**summary, "steps": len(found["curve"])})
