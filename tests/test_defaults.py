@@ -20,6 +20,8 @@ def _cfg(**raw):
 
 def test_each_family_and_method_gets_its_lr_with_a_reason():
     assert _cfg().optim.lr == SMALL_ENCODER_LR  # minilm: a 22M encoder
+    assert _cfg().optim.head_lr_multiplier == 10.0  # the head at 1e-3 (benchmarks/README.md run F)
+    assert _cfg(method="lora").optim.head_lr_multiplier == 2.0
     assert _cfg(method="lora").optim.lr == 5e-4
     assert _cfg(method="feature_extraction").optim.lr == 1e-3
     chat = _cfg(task="chat", model={"name": "smollm2-135m-instruct"}, data={"train": "t.jsonl"})
