@@ -91,17 +91,18 @@ def _chat_cfg(tmp_path: Path, model: Path, **data) -> "object":
 
 @pytest.fixture
 def encode_calls(monkeypatch):
-    """Counts the real encodings (tasks.causal_lm.encode_file calls): a cache hit makes none."""
+    """Counts the real encodings (lm_data.encode_file / encode_stream calls): a cache hit makes none."""
     import tunelab.tasks.lm_data as lm
 
     calls = []
-    real = lm.encode_file
+    for name in ("encode_file", "encode_stream"):
+        real = getattr(lm, name)
 
-    def counting(*a, **k):
-        calls.append(a[0])
-        return real(*a, **k)
+        def counting(*a, _real=real, **k):
+            calls.append(a[0])
+            return _real(*a, **k)
 
-    monkeypatch.setattr(lm, "encode_file", counting)
+        monkeypatch.setattr(lm, name, counting)
     return calls
 
 

@@ -268,7 +268,7 @@ def _text_chunk(chunk: list, tokenizer, max_length: int) -> list:
 
 
 def encode_dataset(data: ChatData, tokenizer, max_length: int, overflow: str = "truncate",
-                   num_proc: int = 1) -> tuple[list[EncodedExample], dict]:
+                   num_proc: int = 1, require_examples: bool = True) -> tuple[list[EncodedExample], dict]:
     """Encode every conversation (or text) of a data file; return the examples and their statistics.
 
     Stats: examples, dropped_overflow (conversations dropped for length), truncated (cut but kept;
@@ -316,7 +316,7 @@ def encode_dataset(data: ChatData, tokenizer, max_length: int, overflow: str = "
         "supervised_share": supervised / tokens if tokens else 0.0,
         "dropped_sources": dropped_sources,
     }
-    if not examples:
+    if not examples and require_examples:  # (a chunk of a streamed file may lose all its examples)
         raise InputError(
             f"no example left after encoding: all {dropped} were longer than max_length={max_length} "
             f"with overflow={overflow!r}; raise max_length or use overflow='truncate'",

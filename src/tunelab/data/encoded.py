@@ -92,6 +92,22 @@ def supervised_of(examples) -> list[int]:
     return [sum(1 for x in e.labels if x != IGNORE_INDEX) for e in examples]
 
 
+class UnitSources(Sequence):
+    """The file:line places of each training unit's examples ("a, b" for a pack), made when asked
+    (to name the rows of a NaN/Inf step), not decoded for every unit up front."""
+
+    def __init__(self, examples, units: list[list[int]]):
+        self.examples, self.units = examples, units
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, i: int) -> str:
+        source = getattr(self.examples, "source", None)
+        names = (source(j) if source is not None else self.examples[j].source for j in self.units[i])
+        return ", ".join(dict.fromkeys(s for s in names if s)) or f"#{i}"
+
+
 def write_examples(writer, examples: list[EncodedExample]) -> None:
     """Append encoded examples to a cache entry laid out as LM_LAYOUT, CHUNK_ROWS at a time."""
     for start in range(0, len(examples), CHUNK_ROWS):
@@ -100,4 +116,4 @@ def write_examples(writer, examples: list[EncodedExample]) -> None:
                     "supervised": [e.supervised() for e in part], "source": [e.source or "" for e in part]})
 
 
-__all__ = ["MemoryTable", "StoreTable", "LM_LAYOUT", "lengths_of", "supervised_of", "write_examples"]
+__all__ = ["MemoryTable", "StoreTable", "UnitSources", "LM_LAYOUT", "lengths_of", "supervised_of", "write_examples"]

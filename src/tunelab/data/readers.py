@@ -165,9 +165,10 @@ def _read_text(path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _read_jsonl(path: Path, text: str) -> list[Record]:
+def _read_jsonl(path: Path, text: str, first_line: int = 1, first_index: int = 0) -> list[Record]:
+    """The records of JSONL text; `first_line`/`first_index`: where the text starts in its file (data.stream)."""
     records = []
-    for lineno, line in enumerate(_lines(text), start=1):
+    for lineno, line in enumerate(_lines(text), start=first_line):
         if not line.strip():
             continue
         try:
@@ -180,7 +181,7 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
             raise InputError(f"each line must be a JSON object, got {type(obj).__name__}", file=path, line=lineno)
         if "\\u" in line:
             _no_surrogates(obj, path, lineno)
-        records.append(Record(obj, len(records), lineno))
+        records.append(Record(obj, first_index + len(records), lineno))
     return records
 
 

@@ -142,7 +142,7 @@ def setup_causal_lm(cfg) -> TaskRun:
     train_ex = lm.train
     generation = generation_for(cfg, tokenizer, lm.eval_data) if lm.evals else None
 
-    from tunelab.data.encoded import lengths_of, supervised_of
+    from tunelab.data.encoded import UnitSources, lengths_of, supervised_of
 
     units, collate = batcher(train_ex, pad_id, cfg.data.packing, max_len, units=lm.units)
     collate, loss_fn = lm_speed(cfg.train, model, collate, cfg.data.packing)  # packed attention, chunked loss
@@ -150,8 +150,7 @@ def setup_causal_lm(cfg) -> TaskRun:
     unit_tokens = [sum(lengths[j] for j in u) for u in units]
     unit_sup = [sum(supervised[j] for j in u) for u in units]
     # a packed unit holds several examples: a NaN/Inf step names all of their file:line places
-    unit_sources = [", ".join(dict.fromkeys(s for s in map(train_ex.source, u) if s)) or f"#{i}"
-                    for i, u in enumerate(units)]
+    unit_sources = UnitSources(train_ex, units)
 
     evaluate = None
     if lm.evals:

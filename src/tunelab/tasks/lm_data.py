@@ -72,6 +72,59 @@ def encode_file(path: str, cfg, tokenizer, max_length: int, task: str, fmt: str 
     return data, examples, dict(stats), warnings
 
 
+def encode_stream(path: str, cfg, tokenizer, max_length: int, task: str, fmt: str | None, writer) -> dict:
+    """encode_file for a JSONL file in chunks of data.stream.STREAM_ROWS records, each written to the
+    cache entry before the next is read: the first pass holds one chunk, not the file. The examples,
+    statistics and errors are those of encode_file; returns the entry's meta."""
+    from tunelab.data.chat import ChatData, detect_chat_format, parse_record
+    from tunelab.data.chat_template import check_template, encode_dataset
+    from tunelab.data.encoded import write_examples
+    from tunelab.data.stream import iter_jsonl_chunks
+
+    want, kind, left = _format(cfg, fmt), None, cfg.data.max_rows
+    totals = {"examples": 0, "dropped_overflow": 0, "truncated": 0, "tokens": 0, "supervised_tokens": 0}
+    dropped_sources, warnings, supervised = [], None, 0
+    for records in iter_jsonl_chunks(path):
+        if want == "auto":
+            want = detect_chat_format(Path(path), records[0])
+        data = ChatData("text" if want == "text" else "conversations")
+        if kind is None:
+            kind = data.kind
+            if task == "chat" and kind != "conversations":
+                raise InputError("task 'chat' needs conversations (openai, sharegpt, alpaca, prompt_completion); "
+                                 "for plain text use task: causal_lm", file=path, field="data.format")
+        for rec in records:
+            parsed = parse_record(rec, Path(path), want)
+            where = f"{path}:{rec.line}"
+            if isinstance(parsed, str):
+                data.texts.append(parsed)
+                data.sources.append(where)
+            else:
+                data.conversations += parsed
+                data.sources += [where] * len(parsed)
+        if left is not None:
+            data.conversations, data.texts, data.sources = data.conversations[:left], data.texts[:left], data.sources[:left]
+            left -= len(data)
+        if warnings is None:
+            warnings = check_template(tokenizer, data.conversations) if kind == "conversations" else []
+        examples, stats = encode_dataset(data, tokenizer, max_length, overflow=cfg.data.overflow,
+                                         num_proc=cfg.data.num_proc, require_examples=False)
+        write_examples(writer, examples)
+        supervised += sum(e.supervised() > 0 for e in examples)
+        for k in totals:
+            totals[k] += stats[k]
+        dropped_sources += stats["dropped_sources"][: 20 - len(dropped_sources)]
+        if left is not None and left <= 0:
+            break
+    if not totals["examples"]:
+        raise InputError(f"no example left after encoding ({totals})", file=path, field="data.train")
+    if not supervised:
+        raise InputError("no supervised token in the data (no assistant turn survived truncation?)", file=path)
+    t, sup = totals["tokens"], totals["supervised_tokens"]
+    stats = {**totals, "supervised_share": sup / t if t else 0.0, "dropped_sources": dropped_sources}
+    return {"kind": kind, "stats": stats, "warnings": warnings or []}
+
+
 def lm_cache_parts(path: str, cfg, tokenizer, max_length: int, task: str, fmt: str | None = None) -> dict:
     """Everything that changes what encode_file returns (the data cache's fingerprint)."""
     from tunelab.data.cache import file_stamp, tokenizer_stamp
@@ -94,10 +147,13 @@ def read_and_encode(path: str, cfg, tokenizer, max_length: int, task: str, fmt: 
         table, kind = MemoryTable(examples), data.kind
     else:
         from tunelab.data.cache import open_or_build
+        from tunelab.data.stream import streams
 
         fresh = {}
 
         def build(writer) -> dict:
+            if streams(path, _format(cfg, fmt)):  # bounded memory: chunk by chunk into the entry
+                return encode_stream(path, cfg, tokenizer, max_length, task, fmt, writer)
             fresh["data"], examples, stats, warnings = encode_file(path, cfg, tokenizer, max_length, task, fmt)
             write_examples(writer, examples)
             return {"kind": fresh["data"].kind, "stats": stats, "warnings": warnings}
