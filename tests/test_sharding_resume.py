@@ -158,7 +158,9 @@ def test_zero_checkpoints_continue_only_with_their_world_size(tmp_path):
     zero2 = Config.model_validate({"model": {"name": "x"}, "data": {"train": "t.jsonl"},
                                    "train": {"batch_size": 4, "grad_accum": 1}, "distributed": {"strategy": "zero2"}})
     assert check_resume_layout(ck, zero2, 2) is None  # the same world size: as before
-    with pytest.raises(InputError, match=r"ZeRO run was trained with 2 process.*resume with --nproc 2.*fsdp"):
+    with pytest.raises(InputError, match="use a number of processes that divides 2"):
+        check_resume_layout(ck, zero2, 3)  # another: the same window rule as fsdp (then DeepSpeed's universal checkpoint)
+    with pytest.raises(InputError, match=r"ZeRO run was trained with 2 processes.*continue under ZeRO only.*--nproc 2 or more"):
         check_resume_layout(ck, zero2.model_copy(update={"train": zero2.train.model_copy(update={"grad_accum": 2})}), 1)
     fsdp = zero2.model_copy(update={"distributed": zero2.distributed.model_copy(update={"strategy": "fsdp"})})
     with pytest.raises(InputError, match="cannot continue under 'fsdp'"):
@@ -172,3 +174,35 @@ def test_zero_checkpoints_continue_only_with_their_world_size(tmp_path):
         check_resume_layout(dcp, fsdp, 3)
     with pytest.raises(InputError, match=r"--set train.batch_size=4"):
         check_resume_layout(dcp, fsdp.model_copy(update={"train": fsdp.train.model_copy(update={"batch_size": 2})}), 1)
+
+
+def test_zero2_run_of_two_processes_continues_as_three(tmp_path):
+    """A ZeRO checkpoint of 2 processes resharded for 3 through DeepSpeed's universal checkpoint
+    (ds_to_universal on rank 0, load_universal on every process): 2 x grad_accum 3 = 3 x 2 micro-batches
+    a step, the end within the parity bound of the uninterrupted 2-process run (packed chat SFT on a
+    tiny Llama: its parameter groups are large enough for 3 partitions each, see
+    ZeroReplicas.partition_without_parameters). torchrun directly: the CLI's --nproc stops at the 2
+    cores, three gloo processes of a tiny model run on them anyway."""
+    import subprocess
+    import sys
+
+    from tiny_models import conversations, tiny_llama_folder
+
+    write_jsonl(tmp_path / "chat.jsonl", conversations(48))
+    cfg = {"task": "chat", "model": {"name": str(tiny_llama_folder(tmp_path / "llama")), "max_length": 64},
+           "data": {"train": str(tmp_path / "chat.jsonl"), "eval_split": 0.0, "packing": True},
+           "optim": {"lr": 3e-3}, "schedule": {"name": "linear", "warmup_steps": 1},
+           "train": {"max_steps": 4, "batch_size": 1, "grad_accum": 3, "seed": 3, "log_every": 1, "eval_before": False},
+           "checkpoint": {"final": "last", "keep_last": 10, "save_every": 2}, "early_stopping": {"enabled": False},
+           "distributed": {"strategy": "zero2"}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run(config, tmp_path / "two", "--nproc", "2")
+    out = stopped_at(tmp_path / "two", tmp_path / "three", 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m", "tunelab.cli",
+           "train", str(config), "-o", str(out), "--no-progress", "--resume", "auto", "--set", "train.grad_accum=2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_continues(out, tmp_path / "two", res.stderr)
+    assert not list((out / "checkpoints").glob(".tmp-universal-*"))  # the converted copy is removed
+    assert len(list((out / "checkpoints" / "step-000004" / "shards" / "zero").glob("*optim_states.pt"))) == 3

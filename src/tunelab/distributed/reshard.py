@@ -21,8 +21,10 @@ Formats. A one-process or ddp checkpoint holds the whole trainable weights and o
 into both kinds of run: DCP reads its shards into any number of fsdp processes (it reshards) and,
 with no process group, into one whole model (`load_dcp_whole`); whole files are cut into an fsdp
 process's shards by torch.distributed.checkpoint.state_dict (`load_whole_into_fsdp`).
-ZeRO checkpoints (DeepSpeed's partitions per process) continue with the world size that wrote them
-only: see `zero_reshape_refusal`.
+ZeRO checkpoints (DeepSpeed's partitions, one optimizer file per process) continue under ZeRO with
+any number of processes above one: with another, rank 0 converts the checkpoint to DeepSpeed's
+universal checkpoint (deepspeed.checkpoint.ds_to_universal) and every process loads its partition
+from it (`load_zero_resharded`); in one process (no DeepSpeed there) they are refused.
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ def check_resume_layout(checkpoint: Path, cfg, world_size: int) -> str | None:
     fmt, strategy = weights_format(checkpoint), strategy_of(cfg, world_size)
     loop = ckpt.load_state(checkpoint)["loop"]
     saved_world = loop.get("world_size", 1)
-    if fmt == "zero" and saved_world != world_size:
-        raise InputError(zero_reshape_refusal(saved_world, world_size), file=checkpoint)
+    if fmt == "zero" and saved_world != world_size and world_size == 1:
+        raise InputError(zero_reshape_refusal(saved_world), file=checkpoint)
     if _strategy_family(fmt) != _strategy_family(strategy):
         said = ("distributed.strategy zero1/zero2/zero3 (the same stage) with --nproc of the run" if fmt == "zero"
                 else "one process, or distributed.strategy ddp or fsdp")
@@ -109,12 +111,12 @@ def _nproc_hint(world: int) -> str:
     return f"--nproc {world}" if world > 1 else "one process (no --nproc)"
 
 
-def zero_reshape_refusal(saved: int, current: int) -> str:
-    """Why a ZeRO checkpoint does not continue with another world size, and what to do (one line)."""
-    return (f"this ZeRO run was trained with {saved} process(es) and its checkpoint holds one optimizer partition "
-            f"per process, which tunelab does not reshard (DeepSpeed's universal-checkpoint loading does not "
-            f"engage for its torch AdamW on CPU here): resume with {_nproc_hint(saved)}, or use distributed.strategy "
-            f"fsdp, whose checkpoints continue with any number of processes")
+def zero_reshape_refusal(saved: int) -> str:
+    """Why a ZeRO checkpoint does not continue in one process, and what to do (one line)."""
+    return (f"this ZeRO run was trained with {saved} processes and its checkpoint holds DeepSpeed's optimizer "
+            f"partitions, which continue under ZeRO only (with any --nproc above 1: they are resharded through "
+            f"DeepSpeed's universal checkpoint), not in one process; resume with --nproc 2 or more "
+            f"(train.grad_accum so that processes x grad_accum stays the run's micro-batches a step)")
 
 
 def load_model_states(checkpoint: Path, model: torch.nn.Module, optimizer, sharding) -> None:
@@ -126,8 +128,11 @@ def load_model_states(checkpoint: Path, model: torch.nn.Module, optimizer, shard
             sharding.replicas.load_shards(checkpoint / ckpt.SHARDS, optimizer)  # DCP reshards as needed
         else:
             load_whole_into_fsdp(checkpoint, sharding.replicas.root, optimizer)
-    elif sharding is not None:  # zero*: the same world size (check_resume_layout)
-        sharding.replicas.load_shards(checkpoint / ckpt.SHARDS, optimizer)
+    elif sharding is not None:  # zero*
+        if ckpt.load_state(checkpoint)["loop"].get("world_size", 1) == sharding.group.world_size:
+            sharding.replicas.load_shards(checkpoint / ckpt.SHARDS, optimizer)
+        else:
+            load_zero_resharded(checkpoint, sharding)
     elif fmt == "dcp":
         load_dcp_whole(checkpoint / ckpt.SHARDS, model, optimizer)
     else:
@@ -187,3 +192,31 @@ def load_whole_into_fsdp(checkpoint: Path, root: torch.nn.Module, optimizer) -> 
     model_sd = {f"model.{k}": v for k, v in load_file(str(checkpoint / "weights.safetensors")).items()}
     set_state_dict(root, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=_options(full_state_dict=True))
+
+
+def load_zero_resharded(checkpoint: Path, sharding) -> None:
+    """A ZeRO checkpoint of another world size: rank 0 converts it to DeepSpeed's universal checkpoint
+    (beside the checkpoints, where every node sees it; the sealed checkpoint is left as it is), every
+    process loads its new partition from that, rank 0 removes it."""
+    import os
+    import shutil
+
+    from tunelab.distributed.zero import to_universal
+
+    group = sharding.group
+    if group.any(sharding.replicas.partition_without_parameters()):
+        saved = ckpt.load_state(checkpoint)["loop"].get("world_size", 1)
+        raise InputError(f"cannot reshard this ZeRO checkpoint for {group.world_size} processes: some process's "
+                         "partition of a small parameter group would hold no parameter, which DeepSpeed's "
+                         f"universal-checkpoint loader cannot fill; resume with --nproc {saved}", file=checkpoint)
+    folder = group.broadcast(sharding.ckpt_root / f".tmp-universal-{checkpoint.name}.pid{os.getpid()}")
+    try:
+        if group.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+            to_universal(checkpoint / ckpt.SHARDS, folder)
+        group.barrier()
+        sharding.replicas.load_shards(folder, universal=True)
+        group.barrier()
+    finally:
+        if group.is_main:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -149,12 +149,45 @@ class ZeroReplicas:
         self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=False,
                                     exclude_frozen_parameters=True)
 
-    def load_shards(self, folder: Path, optimizer=None) -> None:
-        """Every process reads its partition back (same number of processes as wrote it)."""
-        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+    def load_shards(self, folder: Path, optimizer=None, universal: bool = False) -> None:
+        """Every process reads its partition back: from DeepSpeed's own checkpoint (written by as many
+        processes), or with `universal` from a universal checkpoint (`to_universal`: any number)."""
+        config = self.engine._config  # DeepSpeed reads its checkpoint.load_universal switch at load time only
+        config.load_universal_checkpoint, was = universal, config.load_universal_checkpoint
+        try:
+            path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_module_strict=False,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        finally:
+            config.load_universal_checkpoint = was
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
+
+
+    def partition_without_parameters(self) -> bool:
+        """Whether this process's partition of some parameter group holds padding only (a group smaller
+        than the processes, e.g. a classifier's 2-element bias alone in the head's no-decay group):
+        DeepSpeed 0.19's universal-checkpoint loader fails on such a partition (IndexError in
+        load_hp_checkpoint_state_from_checkpoint_dir, measured with 3 processes)."""
+        if self.stage == 3:
+            return False
+        return any(all(getattr(lp, "_hp_mapping", None) is None for lp in group)
+                   for group in self.engine.optimizer.bit16_groups)
+
+
+def to_universal(shards: Path, out: Path) -> None:
+    """DeepSpeed's universal checkpoint (deepspeed.checkpoint.ds_to_universal: every parameter's fp32
+    weights and AdamW moments whole, one folder each) from a ZeRO checkpoint, in this one process;
+    `load_shards(out, universal=True)` partitions it for any number of processes. tunelab's checkpoints
+    carry no universal_checkpoint_info (only Megatron-DeepSpeed's client code writes it); DeepSpeed's
+    --inject_missing_state adds the version record the conversion requires."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    args = Namespace(input_folder=str(shards / TAG), output_folder=str(out / TAG), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with redirect_stdout(io.StringIO()):  # it prints its progress
+        main(args)
 
 
 def consolidate(folder: Path) -> dict[str, torch.Tensor]:
