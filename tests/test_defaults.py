@@ -11,7 +11,7 @@ from tunelab.config import Config, config_from_dict
 from tunelab.defaults import (SMALL_ENCODER_LR, apply_defaults, eval_trust, learning_rate, model_kind_and_size,
                               resolved_defaults)
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.unit  # the plan test runs a tiny model's plan (a few seconds)
 
 
 def _cfg(**raw):
@@ -80,3 +80,22 @@ def test_eval_trust_says_how_far_to_trust_a_split():
     big = eval_trust(_cfg(data={"train": "t.tsv", "eval": "e.tsv"}), {"eval_rows": 5000}, {"accuracy": 0.9})
     assert big["trust"] == "fair" and big["same_distribution_as_training"] is None
     assert eval_trust(cfg, {}, None) is None
+
+
+def test_plan_and_the_summary_show_what_was_filled(toy_classification, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    raw = {"task": "classification", "model": toy_classification["config"]["model"],
+           "data": {"train": str(toy_classification["dir"] / "train.jsonl")}, "train": {"epochs": 1}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(app, ["plan", str(path), "--measure-steps", "0", "--no-suggestions", "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output.strip().splitlines()[-1])
+    assert plan["defaults"]["optim.lr"]["value"] == SMALL_ENCODER_LR  # the tiny BERT is a small encoder
+    assert plan["defaults"]["checkpoint.final"]["value"] == "last"
+    text = CliRunner().invoke(app, ["plan", str(path), "--measure-steps", "0", "--no-suggestions"])
+    assert "defaults (keys the config left unset)" in text.output and "optim.lr" in text.output

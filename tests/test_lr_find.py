@@ -124,6 +124,7 @@ def test_auto_run_stores_the_sweep_reuses_it_resumes_exactly_and_equals_the_numb
     lr = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["optim"]["lr"]
     assert isinstance(lr, float) and lr == (found["lr"] or found["placeholder_lr"])
     assert s["defaults"]["optim.lr"]["value"] == lr
+    assert s["eval_trust"]["source"] == "data.eval" and s["eval_trust"]["rows"] == 16
     assert "range test" in (tmp_path / "a" / "report.html").read_text()
 
     # another run dir: the user cache answers; stopped at step 5, then resumed with only the run dir's file
