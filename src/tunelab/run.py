@@ -25,6 +25,7 @@ from tunelab.config import Config, dump_config
 from tunelab.defaults import apply_defaults, eval_trust, resolved_defaults
 from tunelab.distributed import (ALONE, Group, SharedRunIO, check_supported, init_from_env,
                                  replicas_for)
+from tunelab.distributed.group import prepare_data_before_joining
 from tunelab.distributed.reshard import check_resume_layout, load_model_states, weights_format
 from tunelab.distributed.sharded import ShardedRunIO, shard_before_optimizer
 from tunelab.durable import is_disk_full, reason
@@ -489,6 +490,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     DDP replica and rank 0 alone writes the run dir; the other ranks return a short summary.
     """
     wall_start = time.monotonic()
+    prepare_data_before_joining(cfg)  # tokenized once, before any rank waits in a collective
     group = init_from_env()
     check_supported(cfg, group.world_size)
     out = group.broadcast(Path(output_dir) if output_dir else default_output_dir(config_path))
