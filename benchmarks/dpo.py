@@ -163,6 +163,13 @@ def why_skipped(model: str, sides: list[str]) -> str | None:
     return alpaca_smollm2_missing(CHOSEN) if model == "smollm2-135m-instruct" else None
 
 
+def scaled_down(args) -> dict | None:
+    """What this run shrank against the issue's work (600 / 205 pairs, max_length 512, one epoch), or None."""
+    full = {"train": 600, "held_out": 205, "max_length": 512, "max_steps": None}
+    got = {"train": args.train, "held_out": args.held_out, "max_length": args.max_length, "max_steps": args.max_steps}
+    return {k: {"issue": full[k], "run": got[k]} for k in full if got[k] != full[k]} or None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=600)
@@ -176,6 +183,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per side (default torch's own)")
     ap.add_argument("--trl-eval", action="store_true", help="also evaluate TRL's sides on the held-out pairs")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dpo.json")
+    ap.add_argument("--note", default=None, help="why this run differs from the defaults (kept in the JSON)")
     args = ap.parse_args()
     sides = [s for s in args.sides.split(",") if s]
     if unknown := sorted(set(sides) - set(SIDES)):
@@ -202,7 +210,8 @@ def main() -> int:
     a = {"max_length": args.max_length, "batch": args.batch, "max_steps": args.max_steps, "trl_eval": args.trl_eval,
          "threads": args.threads, "model": args.model}
     results = {}
-    result = {"benchmark": "dpo", "model": args.model, "complete": False, "sides": results}
+    result = {"benchmark": "dpo", "model": args.model, "complete": False, "sides": results,
+              "scaled_down": scaled_down(args), "note": args.note}
     with tempfile.TemporaryDirectory(prefix="tunelab-dpo-") as tmp:
         tmp = Path(tmp)
         write_jsonl(train, tmp / "train.jsonl")

@@ -45,7 +45,11 @@ RECIPES = {
 }
 
 
-def train_once(raw: dict, out_dir: str) -> dict:
+def train_once(raw: dict, out_dir: str, threads: int | None = None) -> dict:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     from tunelab.config import Config
     from tunelab.run import run_training
 
@@ -67,20 +71,43 @@ def side(summary: dict) -> dict:
             "train_seconds": summary.get("train_seconds"), "wall_seconds": summary.get("wall_seconds")}
 
 
+def describe(args, held: list, results: dict, *, complete: bool) -> dict:
+    """The results file: the runs so far, what was shrunk against the issue's recipe, the machine."""
+    from tunelab.config import library_versions
+
+    shrunk = (args.max_steps, args.max_length, args.prompts, args.max_new_tokens) != (None, 256, 16, 64)
+    return {
+        "benchmark": "generation_sft", "complete": complete,
+        "model": args.model + (" (GGUF Q4_1, de-quantized to fp32)" if args.model == "smollm2-135m-instruct" else ""),
+        "data": "alpaca_eval_gpt4 records with answers <= 300 characters; held-out prompts are the last "
+                f"{len(held)}, disjoint from both training sets", "held_out_prompts": len(held),
+        "max_new_tokens": args.max_new_tokens, "runs": results,
+        "shrunk": {"max_steps": args.max_steps, "max_length": args.max_length, "prompts": args.prompts,
+                   "max_new_tokens": args.max_new_tokens, "threads": args.threads,
+                   "issue_defaults": {"max_steps": None, "max_length": 256, "prompts": 16, "max_new_tokens": 64}}
+        if shrunk else None,
+        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "load_average_at_end": os.getloadavg()},
+        "versions": library_versions(),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--only", choices=sorted(RECIPES), default=None)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="Another chat model, e.g. to smoke-test the script.")
+    ap.add_argument("--max-steps", type=int, default=None, help="cut each recipe to this many optimizer steps "
+                    "(recorded: a shrunk run on a busy machine)")
+    ap.add_argument("--max-length", type=int, default=256, help="model.max_length (rows are packed to it)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of each run (default torch's own)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "generation_sft.json")
     args = ap.parse_args()
     missing = alpaca_smollm2_missing(DATA)
     if missing:
         print(f"skipped: {missing}")
         return 0
-    from tunelab.config import library_versions
-
     records = [r for r in json.loads(DATA.read_text(encoding="utf-8"))
                if r.get("instruction") and r.get("output") and len(r["output"]) <= 300 and len(r["instruction"]) <= 300]
     held = records[-args.prompts:]
@@ -92,24 +119,17 @@ def main() -> int:
             if args.only and name != args.only:
                 continue
             write_alpaca_conversations(records[: recipe["train_rows"]], tmp / f"train_{name}.jsonl")
-            raw = {"task": "chat", "model": {"name": args.model, "max_length": 256},
+            raw = {"task": "chat", "model": {"name": args.model, "max_length": args.max_length},
                    "data": {"train": str(tmp / f"train_{name}.jsonl"), "eval": str(tmp / "eval.jsonl")},
                    "optim": recipe["optim"], "schedule": recipe["schedule"],
-                   "train": {"epochs": recipe["epochs"], "batch_size": 4, "log_every": 2, "precision": "auto"},
+                   "train": {"epochs": recipe["epochs"], "max_steps": args.max_steps, "batch_size": 4, "log_every": 1,
+                             "precision": "auto"},
                    "checkpoint": {"final": "last"}, "early_stopping": {"enabled": False},
                    "eval": {"generate": {"n": args.prompts, "max_new_tokens": args.max_new_tokens, "batch_size": 8}}}
             results[name] = {"train_conversations": recipe["train_rows"], "config": raw,
-                             **side(in_child(train_once, raw, str(tmp / f"run_{name}")))}
-    result = {
-        "benchmark": "generation_sft", "model": args.model + (" (GGUF Q4_1, de-quantized to fp32)" if
-                                                              args.model == "smollm2-135m-instruct" else ""),
-        "data": "alpaca_eval_gpt4 records with answers <= 300 characters; held-out prompts are the last "
-                f"{len(held)}, disjoint from both training sets", "held_out_prompts": len(held),
-        "max_new_tokens": args.max_new_tokens, "runs": results,
-        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
-                    "load_average_at_end": os.getloadavg()},
-        "versions": library_versions(),
-    }
+                             **side(in_child(train_once, raw, str(tmp / f"run_{name}"), args.threads))}
+            write_result(args.out, describe(args, held, results, complete=False))  # each run as it ends
+    result = describe(args, held, results, complete=True)
     write_result(args.out, result)
     for name, r in results.items():
         g0, g1 = r["before"]["greedy"], r["after"]["greedy"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -70,6 +71,8 @@ def data_profile(cfg: Config) -> dict:
         supervised = [0] * len(lengths)
         eval_tokens = sum(len(f["input_ids"]) for f in encode(evaluation, tok, max_len)[0]) if evaluation else 0
         num_labels = len(names)
+    elif cfg.task == "preference":
+        return rebatch(preference_profile(cfg, tok, max_len), cfg.train.batch_size, cfg.train.seed)
     else:
         from tunelab.data.encoded import lengths_of, supervised_of
         from tunelab.tasks.causal_lm import batcher
@@ -88,14 +91,35 @@ def data_profile(cfg: Config) -> dict:
                     "num_labels": num_labels, "packed": packed, "max_length": max_len}, cfg.train.batch_size, cfg.train.seed)
 
 
+def preference_profile(cfg: Config, tok, max_len: int) -> dict:
+    """task preference: one unit per pair, batched by its two answers' tokens together (as the task's
+    TrainSet), collated as 2 rows (chosen, rejected) right-padded to the longest side in the batch."""
+    from tunelab.tasks.causal_lm import split_examples
+    from tunelab.tasks.preference import read_pairs
+
+    pairs, _ = read_pairs(cfg.data.train, cfg, tok, max_len)
+    if cfg.data.eval:
+        held, _ = read_pairs(cfg.data.eval, cfg, tok, max_len)
+    else:
+        pairs, held = split_examples(pairs, cfg.data.eval_split, cfg.train.seed)
+    lengths = [p.tokens() for p in pairs]
+    supervised = [p.chosen.supervised() + p.rejected.supervised() for p in pairs]
+    return {"units": len(pairs), "tokens": sum(lengths), "supervised_tokens": sum(supervised), "lengths": lengths,
+            "supervised": supervised,
+            "widths": [max(len(p.chosen), len(p.rejected)) for p in pairs], "rows_per_unit": 2,
+            "eval_tokens": sum(p.tokens() for p in held), "num_labels": None, "packed": False, "max_length": max_len}
+
+
 def rebatch(profile: dict, batch_size: int, seed: int) -> dict:
     """The profile with one epoch's micro-batch shapes (rows, width, supervised) at this batch size,
-    in the loop's order: what-ifs on the batch size re-batch the same units without re-reading data."""
+    in the loop's order: what-ifs on the batch size re-batch the same units without re-reading data.
+    A unit is one row of its length, or (`rows_per_unit`, `widths`: preference pairs) several rows."""
     from tunelab.data.batching import epoch_batches
 
     lengths, supervised = profile["lengths"], profile["supervised"]
+    widths, per_unit = profile.get("widths", lengths), profile.get("rows_per_unit", 1)
     batches = epoch_batches(lengths, batch_size, seed=seed, epoch=0)
-    shapes = [(len(b), max(lengths[i] for i in b), sum(supervised[i] for i in b)) for b in batches]
+    shapes = [(per_unit * len(b), max(widths[i] for i in b), sum(supervised[i] for i in b)) for b in batches]
     return {**profile, "shapes": shapes, "padded_tokens": sum(r * w for r, w, _ in shapes)}
 
 
@@ -180,10 +204,12 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
     rows, width, sup = shapes[peak_i]
     direct = probe(model, cfg.task, rows=rows, width=width, supervised=sup, packed=profile["packed"],
                    autocast_dtype=amp)
-    flops_per_batch = [shape_cost(coef["flops"], *s) for s in shapes]
+    ref = reference_forward_flops(cfg, pb["total_params"])
+    policy_flops = [shape_cost(coef["flops"], *s) for s in shapes]
+    flops_per_batch = [f + ref * r * w for f, (r, w, _) in zip(policy_flops, shapes)]
     flops_epoch = sum(flops_per_batch)
-    # evaluation runs forward only: about a third of forward + backward per token
-    eval_flops = flops_epoch / max(1, profile["padded_tokens"]) / 3 * profile["eval_tokens"]
+    # evaluation runs forward only: about a third of forward + backward per token (plus the reference's)
+    eval_flops = (sum(policy_flops) / max(1, profile["padded_tokens"]) / 3 + ref) * profile["eval_tokens"]
     transient = 2 * direct.largest_saved_bytes
     if cfg.train.gradient_checkpointing:  # backward recomputes one block at a time: its activations come back
         transient += recompute_bytes(cfg, profile, direct, rows, width, sup, amp)
@@ -194,6 +220,18 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
     return {"saved_per_batch": per_batch, "precision": precision, "device": device.type, "params": pb, "memory": memory,
             "largest_micro_batch": {"rows": rows, "width": width, "supervised_tokens": sup},
             "flops_per_epoch": flops_epoch, "flops_per_batch": flops_per_batch, "eval_flops_per_pass": eval_flops}
+
+
+def reference_forward_flops(cfg: Config, total_params: int) -> float:
+    """FLOPs per padded token that task preference adds each step for its reference: under lora/qlora
+    the adapter-off forward (no_grad, so no activations kept), 2 per parameter per token (Kaplan et
+    al. 2020's forward count; attention's own term left out); 0 for full fine-tuning (the reference
+    log-probs are computed once before training and cached) and for the reference-free losses."""
+    if cfg.task != "preference" or cfg.method not in ("lora", "qlora"):
+        return 0.0
+    from tunelab.train.preference_losses import loss_from_config
+
+    return 2.0 * total_params if loss_from_config(cfg.preference).needs_reference else 0.0
 
 
 def calibrated_peak(est: dict, measured: dict, grad_accum: int) -> dict:
@@ -236,6 +274,16 @@ def measure(cfg: Config, steps: int) -> dict:
     from tunelab.train.loop import LoopState, train_loop
 
     r = setup(cfg)
+    prepare_seconds = None
+    if r.task.prepare is not None:  # once-per-run work (preference, full: the reference log-probs), as open_run
+        import tempfile
+
+        from tunelab.distributed import ALONE
+
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="tunelab-plan-") as tmp:
+            r.task.prepare(r.model, Path(tmp), ALONE, r.autocast)
+        prepare_seconds = time.monotonic() - t0
     r.task = dataclasses.replace(r.task, evaluate=None)  # task values are frozen
     r.settings.total_steps, r.settings.log_every = steps + 1, 1
     r.settings.eval_every = r.settings.save_every = None
@@ -258,7 +306,8 @@ def measure(cfg: Config, steps: int) -> dict:
     from tunelab.run_dir import peak_memory_mb
 
     secs = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
-    return {"steps": len(stamps) - 1, "seconds": secs, "peak_memory_mb": round(peak_memory_mb(r.device), 1)}
+    return {"steps": len(stamps) - 1, "seconds": secs, "peak_memory_mb": round(peak_memory_mb(r.device), 1),
+            "prepare_seconds": prepare_seconds}
 
 
 def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | None = None,
@@ -314,13 +363,15 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
         rate = measured_flops / m["seconds"] if m["seconds"] > 0 else float("nan")
         rate *= nproc if est["device"] == "cuda" else 1  # one GPU each; CPU processes share the cores
         train_s = plan["flops"]["train_total"] / rate
-        eval_s = n_evals * plan["flops"]["eval_per_pass"] / rate
+        eval_s = n_evals * plan["flops"]["eval_per_pass"] / rate + (m["prepare_seconds"] or 0.0)
         plan["memory_mb"].update(calibrated_peak(est, m, cfg.train.grad_accum))
         plan["fits"] = None if avail is None else plan["memory_mb"]["peak"] * MB * share <= avail
         plan["time"] = {"measured_steps": m["steps"], "measured_seconds": round(m["seconds"], 3),
                         "achieved_flops_per_second": round(rate, 1), "train_seconds": round(train_s, 3),
                         "eval_seconds": round(eval_s, 3), "total_seconds": round(train_s + eval_s, 3),
                         "measured_peak_memory_mb": m["peak_memory_mb"]}
+        if m["prepare_seconds"] is not None:  # counted in eval_seconds: forward passes outside the steps
+            plan["time"]["reference_seconds"] = round(m["prepare_seconds"], 3)
         if price_per_hour is not None:
             plan["cost"] = {"price_per_hour": price_per_hour,
                             "total": round(price_per_hour * (train_s + eval_s) / 3600, 4)}
