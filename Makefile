@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean llamacpp
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15
+
+# real llama.cpp (node-llama-cpp's prebuilt CPU build, ~85 MB from npm) for the GGUF export checks
+llamacpp: setup
+	$(PY) -m tunelab.export.llamacpp
 
 bench: setup
 	$(PIP) install -q -e '.[bench]'

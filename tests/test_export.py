@@ -144,6 +144,6 @@ def test_smollm2_round_trip_as_ollama(tmp_path):
     out = export_run(folder, tmp_path / "smol", "ollama", ["q8_0"])
     f = out["files"][0]
     assert f["check"]["passed"] and f["check"]["tokenizer_equal"] and f["modelfile_check"]["passed"]
-    assert f["tokenizer_pre"] == "gpt2" and f["eot_token_id"] == 2
+    assert f["tokenizer_pre"] == "gpt-2" and f["eot_token_id"] == 2
     mf = parse_modelfile((tmp_path / "smol" / "Modelfile").read_text())
     assert mf.system.startswith("You are a helpful AI assistant named SmolLM")

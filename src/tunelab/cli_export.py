@@ -45,7 +45,8 @@ def register(app: typer.Typer, guard) -> None:
     def export(
         run: Path = typer.Argument(..., help="A run dir, a model folder or a LoRA adapter folder (merged first)."),
         fmt: str = typer.Option("gguf", "--format", help="gguf | ollama (GGUF + Modelfile)."),
-        quant: list[str] = typer.Option(["f16"], "--quant", help="f32 | f16 | bf16 | q8_0 | q4_0 (repeatable for gguf)."),
+        quant: list[str] = typer.Option(["f16"], "--quant", help="f32 | f16 | bf16 | q8_0 | q4_0 | q4_k_m (repeatable for gguf)."),
+        llama_cpp: str = typer.Option("auto", "--llama-cpp", help="auto | on | off: also run each file in real llama.cpp (make llamacpp installs it)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder (new or empty); default RUN/export-FORMAT."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ):
@@ -56,7 +57,7 @@ def register(app: typer.Typer, guard) -> None:
             from tunelab.export.check import summary_line
             from tunelab.export.run_export import export_run
 
-            out = export_run(run, output or Path(run) / f"export-{fmt}", fmt, quant)
+            out = export_run(run, output or Path(run) / f"export-{fmt}", fmt, quant, llama_cpp=llama_cpp)
             if as_json:
                 typer.echo(json.dumps(out))
                 return

@@ -28,7 +28,8 @@ import torch
 from tunelab.errors import RunFailure
 
 # max |logit diff| / std(source logits): what each output type may cost
-TOLERANCES = {"fp32": 1e-4, "f32": 1e-4, "fp16": 2e-2, "f16": 2e-2, "bf16": 8e-2, "q8_0": 0.3, "q4_0": 1.0}
+TOLERANCES = {"fp32": 1e-4, "f32": 1e-4, "fp16": 2e-2, "f16": 2e-2, "bf16": 8e-2, "q8_0": 0.3, "q4_0": 1.0,
+              "q4_k_m": 1.0}
 REPORT = "export_check.json"
 
 
@@ -71,6 +72,7 @@ def compare(source, output, tokenizer, prompts: list[str], kind: str, *, output_
             at = _logits(source, ids + ga[:same])[-1]
             margin = float(at[ga[same]] - at[gb[same]])
         rows.append({"prompt_tokens": len(ids), "max_logit_diff": diff, "greedy_equal": ga == gb,
+                     "source_greedy_ids": ga,
                      "greedy_agree_tokens": same, "margin_where_they_part": margin,
                      "source_continuation": tokenizer.decode(ga), "output_continuation": tokenizer.decode(gb)})
     scale = float(torch.cat(scale_parts).std()) if scale_parts else 1.0
@@ -93,6 +95,39 @@ def compare(source, output, tokenizer, prompts: list[str], kind: str, *, output_
             "tokenizer_equal": tokens_equal, "passed": not problems, "problems": problems, "per_prompt": rows}
 
 
+def compare_llamacpp(source, tokenizer, prompts: list[str], report: dict, gguf_file) -> dict:
+    """The written GGUF run by real llama.cpp (export.llamacpp) against the source: llama.cpp's tokenization
+    of each prompt must equal the tokenizer's, and its greedy continuation the source's, with the same
+    near-tie exception and tolerance as `compare` (llama.cpp also rounds activations to 8 bits in its
+    quantised matmuls, so a near-tie may flip there too). `report` is `compare`'s result for this file."""
+    from tunelab.export import llamacpp
+
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
+    got = llamacpp.run(gguf_file, ids, prompts, new_tokens=report["new_tokens"])
+    tol = report["tolerance_relative"] * report["logit_std"]
+    rows, parted = [], 0
+    for want_ids, row, cont, toks in zip(ids, report["per_prompt"], got["greedy"], got["tokenized"]):
+        ga = row["source_greedy_ids"]
+        same = next((i for i, (x, y) in enumerate(zip(ga, cont)) if x != y), min(len(ga), len(cont)))
+        near_tie = False
+        if cont != ga and same < min(len(ga), len(cont)):
+            at = _logits(source, want_ids + ga[:same])[-1]
+            near_tie = float(at[ga[same]] - at[cont[same]]) < 2 * tol
+        parted += cont != ga and not near_tie
+        rows.append({"tokens_equal": toks == want_ids, "greedy_equal": cont == ga, "greedy_agree_tokens": same,
+                     "near_tie": near_tie, "llamacpp_continuation": tokenizer.decode(cont)})
+    problems = []
+    if not all(r["tokens_equal"] for r in rows):
+        problems.append("llama.cpp splits the prompts into other token ids than the tokenizer")
+    if parted:
+        problems.append(f"llama.cpp's greedy continuations part from the source's on {parted} of {len(rows)} "
+                        "prompts (not near-ties)")
+    return {"ran": True, "tokenizer_equal": all(r["tokens_equal"] for r in rows),
+            "greedy_equal": sum(r["greedy_equal"] for r in rows),
+            "greedy_near_ties": sum(r["near_tie"] for r in rows), "passed": not problems, "problems": problems,
+            "per_prompt": rows}
+
+
 def check_and_save(source, output, tokenizer, prompts: list[str], kind: str, report_path: str | Path,
                    **kwargs) -> dict:
     """`compare`, saved as JSON at `report_path`; ExportMismatch when it did not pass."""
@@ -110,4 +145,14 @@ def summary_line(report: dict) -> str:
     return (f"check ({report['kind']}, {report['prompts']} prompts): max logit diff {report['max_logit_diff']:.3g} "
             f"({report['relative_logit_diff']:.3g} x std, tolerance {report['tolerance_relative']:g}), "
             f"greedy equal {report['greedy_equal']}/{report['prompts']}{ties}"
-            f"{'' if report['tokenizer_equal'] else ', TOKENIZER DIFFERS'}: {'ok' if report['passed'] else 'FAILED'}")
+            f"{'' if report['tokenizer_equal'] else ', TOKENIZER DIFFERS'}: {'ok' if report['passed'] else 'FAILED'}"
+            + _llamacpp_line(report.get("llama_cpp")))
+
+
+def _llamacpp_line(lc: dict | None) -> str:
+    if not lc:
+        return ""
+    if not lc.get("ran"):
+        return f"; llama.cpp not run ({lc.get('why')})"
+    return (f"; llama.cpp: tokens {'equal' if lc['tokenizer_equal'] else 'DIFFER'}, greedy equal "
+            f"{lc['greedy_equal']}/{len(lc['per_prompt'])}: {'ok' if lc['passed'] else 'FAILED'}")

@@ -14,13 +14,20 @@ converter is a thin layer over it, and for one architecture family that layer is
   token types (control for special tokens), bos/eos/pad ids, the end-of-turn token
   (`tokenizer.ggml.eot_token_id`) and the trained chat template (`tokenizer.chat_template`).
 
-Quantisation types (`QUANTS`): f32, f16, bf16, q8_0 and q4_0, all encoded by `gguf.quants`. The
-k-quants (q4_k_m and friends) are not offered: `gguf.quants` 0.19 decodes Q4_K/Q6_K but does not
-encode them, and llama.cpp's `llama-quantize` is a C++ binary not on PyPI. 1-D tensors (norms)
-stay f32; under q4_0 the output projection (or the embedding tied to it) stays q8_0; a matrix
-whose rows do not divide into the type's blocks falls back to q8_0 or f16 — as llama.cpp's
-quantizer does (measured on SmolLM2: an all-q4_0 file, tied embedding included, moved the logits
-by 2.6 x their std and changed every greedy continuation).
+Quantisation types (`QUANTS`): f32, f16, bf16, q8_0 and q4_0, encoded by `gguf.quants`, and
+q4_k_m, whose Q4_K / Q6_K blocks `gguf.quants` 0.19 can only decode: tunelab encodes those itself
+(`export/kquants.py`, llama.cpp's reference algorithm) and gives each tensor the type llama.cpp's
+quantizer gives it under Q4_K_M (`kquants.q4_k_m_type`). 1-D tensors (norms) stay f32; under q4_0
+the output projection (or the embedding tied to it) stays q8_0; a matrix whose rows do not divide
+into the type's blocks falls back to the next type that fits — as llama.cpp's quantizer does
+(measured on SmolLM2: an all-q4_0 file, tied embedding included, moved the logits by 2.6 x their
+std and changed every greedy continuation). SmolLM2's rows are 576 wide (not a multiple of 256),
+so its q4_k_m is mostly Q5_0 with Q4_K/Q6_K in ffn_down, exactly as llama.cpp writes it.
+
+The pre-tokenizer name (`tokenizer.ggml.pre`) must be one llama.cpp knows, or llama.cpp (and so
+Ollama) refuses to load the file: "unknown pre-tokenizer type". Real llama.cpp caught that our
+earlier files said "gpt2" (its name is "gpt-2"); `pre_tokenizer_name` now maps the tokenizer's own
+pre-tokenizer to llama.cpp's names and refuses what it cannot name.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import numpy as np
 
 from tunelab.errors import InputError
 
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
@@ -82,15 +89,19 @@ def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def tensor_type(name: str, arr: np.ndarray, quant: str):
+def tensor_type(name: str, arr: np.ndarray, quant: str, *, n_layers: int = 0, has_output: bool = True):
     """The GGML type one tensor gets under `quant` (llama.cpp's choices, with its fallbacks)."""
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as T
+
+    from tunelab.export.kquants import q4_k_m_type
 
     if arr.ndim < 2 or quant == "f32":
         return T.F32
     if quant in ("f16", "bf16"):
         return T.F16 if quant == "f16" else T.BF16
+    if quant == "q4_k_m":
+        return q4_k_m_type(name, arr.shape[-1], n_layers, has_output)
     wanted = {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
     if quant == "q4_0" and name in ("output.weight", "token_embd.weight"):
         wanted = T.Q8_0  # the output projection (or the embedding tied to it) keeps 8 bits, as llama.cpp does
@@ -109,6 +120,10 @@ def encode(arr: np.ndarray, qtype) -> np.ndarray:
         return arr.astype(np.float32)
     if qtype == T.F16:
         return arr.astype(np.float16)
+    if qtype in (T.Q4_K, T.Q6_K):
+        from tunelab.export.kquants import quantize_q4_k, quantize_q6_k
+
+        return (quantize_q4_k if qtype == T.Q4_K else quantize_q6_k)(arr)
     return quants.quantize(arr, qtype)
 
 
@@ -149,12 +164,21 @@ def adds_bos(tokenizer) -> bool:
 
 
 def pre_tokenizer_name(state: dict) -> str:
-    """llama.cpp's name for how text is split before BPE: a Split regex named in transformers' own
-    GGUF table (the names its reader maps back to the same regex), else GPT-2's ("gpt2")."""
+    """llama.cpp's name (`tokenizer.ggml.pre`) for how this tokenizer splits text before BPE.
+
+    - a Split regex: the name transformers' own GGUF table gives it (llama.cpp's names, e.g. llama3,
+      qwen2), with ByteLevel after it;
+    - GPT-2's byte-level regex alone: "gpt-2";
+    - digits split one by one, then GPT-2's byte-level regex (SmolLM's Hugging Face tokenizer): "smollm".
+
+    Anything else is refused: a name llama.cpp does not know makes it refuse the file, and a wrong
+    known name makes it split text differently from training (checked against real llama.cpp in
+    tests/test_export_llamacpp.py)."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
     pre = state.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
     for p in parts:
         if p.get("type") == "Split":
             regex = (p.get("pattern") or {}).get("Regex")
@@ -163,7 +187,13 @@ def pre_tokenizer_name(state: dict) -> str:
                     return name
             raise InputError("GGUF export: the tokenizer splits text with a regex llama.cpp has no name for",
                              field="tokenizer")
-    return "gpt2"
+    byte_regex = [p for p in parts if p.get("type") == "ByteLevel" and p.get("use_regex", True)]
+    if kinds == ["ByteLevel"] and byte_regex:
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and byte_regex and parts[0].get("individual_digits"):
+        return "smollm"
+    raise InputError(f"GGUF export: llama.cpp has no name for this tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))})",
+                     field="tokenizer")
 
 
 def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str | None = None) -> dict:
@@ -191,8 +221,10 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(w, tok)
     counts: dict[str, int] = {}
-    for tname, arr in gguf_tensors(model):
-        qtype = tensor_type(tname, arr, quant)
+    tensors = gguf_tensors(model)
+    has_output = any(t == "output.weight" for t, _ in tensors)
+    for tname, arr in tensors:
+        qtype = tensor_type(tname, arr, quant, n_layers=cfg.num_hidden_layers, has_output=has_output)
         data = encode(arr, qtype)
         w.add_tensor(tname, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
@@ -229,7 +261,7 @@ def _file_types():
     from gguf import LlamaFileType as F
 
     return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
-            "q4_0": F.MOSTLY_Q4_0}
+            "q4_0": F.MOSTLY_Q4_0, "q4_k_m": F.MOSTLY_Q4_K_M}
 
 
 _FILE_TYPES = _file_types()

@@ -25,9 +25,11 @@ FORMATS = ("gguf", "ollama")
 
 
 def export_run(path: str | Path, out: str | Path, fmt: str = "gguf", quants: list[str] | tuple = ("f16",),
-               *, system: str | None = None, corrupt=None) -> dict:
+               *, system: str | None = None, corrupt=None, llama_cpp: str = "auto") -> dict:
     """Export `path` (run dir, model or adapter folder) to `out`; returns the files and their checks.
 
+    `llama_cpp`: "auto" also runs each file in real llama.cpp when it is installed (export.llamacpp),
+    "on" requires it (InputError when it is not installed), "off" skips it.
     `corrupt`: a test hook applied to each read-back model before the comparison.
     """
     from tunelab.export.gguf_writer import QUANTS
@@ -38,6 +40,13 @@ def export_run(path: str | Path, out: str | Path, fmt: str = "gguf", quants: lis
     bad = [q for q in quants if q not in QUANTS]
     if bad:
         raise InputError(f"unknown quantisation '{bad[0]}'; choose from {', '.join(QUANTS)}", field="--quant")
+    if llama_cpp not in ("auto", "on", "off"):
+        raise InputError(f"--llama-cpp must be auto, on or off, not '{llama_cpp}'", field="--llama-cpp")
+    if llama_cpp == "on":
+        from tunelab.export.llamacpp import available
+
+        if available():
+            raise InputError(f"--llama-cpp on: {available()}", field="--llama-cpp")
     if fmt == "ollama" and len(quants) != 1:
         raise InputError("--format ollama takes one --quant (the Modelfile names one GGUF)", field="--quant")
     out = Path(out)
@@ -52,7 +61,8 @@ def export_run(path: str | Path, out: str | Path, fmt: str = "gguf", quants: lis
     files = []
     try:
         for quant in quants:
-            files.append(_export_one(model, tokenizer, tmp / f"{name}-{quant}.gguf", quant, prompts, name, corrupt))
+            files.append(_export_one(model, tokenizer, tmp / f"{name}-{quant}.gguf", quant, prompts, name, corrupt,
+                                     llama_cpp))
         if fmt == "ollama":
             files[0]["modelfile"] = _write_modelfile(tmp, files[0], tokenizer, model, src)
     except ExportMismatch:
@@ -71,7 +81,8 @@ def export_run(path: str | Path, out: str | Path, fmt: str = "gguf", quants: lis
     return {"source": str(src.folder), "format": fmt, "output": str(out), "files": files}
 
 
-def _export_one(model, tokenizer, path: Path, quant: str, prompts: list[str], name: str, corrupt) -> dict:
+def _export_one(model, tokenizer, path: Path, quant: str, prompts: list[str], name: str, corrupt,
+                llama_cpp: str = "auto") -> dict:
     from tunelab.export.gguf_writer import write_gguf
     from tunelab.models.gguf import end_of_turn_id, read_gguf
 
@@ -89,8 +100,29 @@ def _export_one(model, tokenizer, path: Path, quant: str, prompts: list[str], na
         report["problems"] = [f"{k} is false" for k, v in metadata.items() if not v]
         report_path.write_text(json.dumps(report, indent=1), encoding="utf-8")
         raise ExportMismatch(f"the GGUF metadata lost the chat template or end-of-turn token (details in {report_path})")
+    report["llama_cpp"] = _run_llamacpp(model, tokenizer, prompts, report, path, llama_cpp)
     report_path.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    if not report["llama_cpp"].get("passed", True):
+        report["passed"] = False
+        report_path.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        raise ExportMismatch(f"real llama.cpp runs the file differently: {'; '.join(report['llama_cpp']['problems'])} "
+                             f"(details in {report_path})")
     return {**written, "report": str(report_path), "check": report}
+
+
+def _run_llamacpp(model, tokenizer, prompts, report: dict, path: Path, mode: str) -> dict:
+    """compare_llamacpp when llama.cpp is installed (and not switched off); else why it did not run. A file
+    llama.cpp refuses to load is a failed check, with llama.cpp's own message."""
+    from tunelab.export.check import compare_llamacpp
+    from tunelab.export.llamacpp import available
+
+    why = "switched off (--llama-cpp off)" if mode == "off" else available()
+    if why:
+        return {"ran": False, "why": why}
+    try:
+        return compare_llamacpp(model, tokenizer, prompts, report, path)
+    except RuntimeError as e:
+        return {"ran": True, "passed": False, "problems": [str(e)]}
 
 
 def _write_modelfile(folder: Path, gguf_info: dict, tokenizer, model, src) -> str:
