@@ -3,6 +3,8 @@
     python benchmarks/plan_accuracy.py            # all cases that can run here
     python benchmarks/plan_accuracy.py --cases minilm-sentiment smollm2-chat
     python benchmarks/plan_accuracy.py --cases minilm-sentiment-ddp2 --out benchmarks/results/plan_accuracy_ddp.json
+    python benchmarks/plan_accuracy.py --cases minilm-sentiment-fsdp2 minilm-sentiment-zero2-2 minilm-sentiment-zero3-2 \
+        --out benchmarks/results/plan_accuracy_sharded.json
 
 For each case the plan (with `--measure-steps 3`) and the real run each happen in their own
 spawned process, so the run's peak (max RSS on CPU) is its own. The run trains `max_steps`
@@ -11,7 +13,10 @@ memory (the plan's peak: measured steps + the largest micro-batch's extra activa
 plain component sum), their ratios, planned vs measured training seconds per optimizer step, and the plan's
 own cost in seconds. `-ddpN` cases plan with `--nproc N` and train with `tunelab train --nproc N`
 (torchrun, gloo on the CPU); the measured peak is rank 0's (summary.json), the plan's is per process
-(DDP ranks hold the same states; rank 0 also evaluates). Cases that need ../shared/datasets or an embedded model that is missing
+(DDP ranks hold the same states; rank 0 also evaluates). The `-fsdp2`, `-zero2-2` and `-zero3-2`
+cases set `distributed.strategy` and compare, per rank, the planned peak and the planned weights /
+gradients / optimizer bytes of each process (the strategy's cut, plan.planner.shard_states) with
+what each process held (summary.json `sharding.ranks[]`: bytes read from its tensors, and its peak). Cases that need ../shared/datasets or an embedded model that is missing
 are skipped with a reason. Writes benchmarks/results/plan_accuracy.json (or `--out`).
 """
 
@@ -82,6 +87,8 @@ CASES = {
     "minilm-sst2-b32x128-checkpointing": (_sst2, {"train__gradient_checkpointing": True}, "sst2"),
     "smollm2-chat": (_chat, {}, "alpaca_eval_gpt4"),
     "minilm-sentiment-ddp2": (_sentiment, {"_nproc": 2}, "embedded minilm"),
+    **{f"minilm-sentiment-{s}{'' if s == 'fsdp' else '-'}2": (_sentiment, {"_nproc": 2, "distributed": {"strategy": s}, "train__max_steps": 6},
+                                  "embedded minilm") for s in ("fsdp", "zero2", "zero3")},
 }
 
 
@@ -113,8 +120,24 @@ def _run(raw: dict, out: str, nproc: int = 1) -> dict:
     else:
         s = run_training(Config.model_validate(raw), out, show_progress=False)
     out = {k: s[k] for k in ("steps", "train_seconds", "peak_memory_mb", "precision", "status")}
+    out["ranks"] = (s.get("sharding") or {}).get("ranks")  # each process's held bytes and peak
     # the training loop's peak (summary's peak_memory_mb now also covers the report written after it)
     out["peak_memory_mb"] = s.get("train_peak_memory_mb", out["peak_memory_mb"])
+    return out
+
+
+def per_rank(plan: dict, ranks: list[dict]) -> list[dict]:
+    """Planned vs measured per process: model-state bytes (weights / gradients / optimizer) and peak."""
+    mb = 2**20
+    states = plan["per_process_states"]
+    out = []
+    for r in ranks:
+        row = {"rank": r["rank"], "measured_peak_mb": r["peak_memory_mb"], "planned_peak_mb": plan["memory_mb"]["peak"],
+               "peak_ratio": round(plan["memory_mb"]["peak"] / r["peak_memory_mb"], 3)}
+        for key, got in (("weights", "param_bytes"), ("gradients", "grad_bytes"), ("optimizer", "optimizer_bytes")):
+            row[f"{key}_planned_mb"], row[f"{key}_measured_mb"] = round(states[key] / mb, 1), round(r[got] / mb, 1)
+            row[f"{key}_ratio"] = round(states[key] / r[got], 3) if r[got] else None
+        out.append(row)
     return out
 
 
@@ -163,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                "planned_memory_mb": plan["memory_mb"], "largest_micro_batch": plan["largest_micro_batch"],
                "planned_seconds_per_step": round(planned_step, 3), "measured_seconds_per_step": round(measured_step, 3),
                "time_ratio": round(planned_step / measured_step, 3), "plan_seconds": plan["plan_seconds"]}
+        if run.get("ranks"):
+            row["per_rank"] = per_rank(plan, run["ranks"])
         results.append(row)
         print(f"{name}: peak planned {row['planned_peak_mb']:.0f} MB vs measured {row['measured_peak_mb']:.0f} MB "
               f"(x{row['peak_ratio']}; component sum x{row['analytic_ratio']}); s/step planned {row['planned_seconds_per_step']} vs measured "

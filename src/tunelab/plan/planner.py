@@ -218,8 +218,37 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
               "activations": direct.saved_bytes, "transient": transient}
     memory["peak"] = sum(memory.values())
     return {"saved_per_batch": per_batch, "precision": precision, "device": device.type, "params": pb, "memory": memory,
+            "model": model,
             "largest_micro_batch": {"rows": rows, "width": width, "supervised_tokens": sup},
             "flops_per_epoch": flops_epoch, "flops_per_batch": flops_per_batch, "eval_flops_per_pass": eval_flops}
+
+
+def shard_states(est: dict, cfg: Config, strategy: str, nproc: int) -> None:
+    """Per-process model states under a sharded strategy (plan.memory.model_states, the ZeRO paper's
+    cuts), in place of the one-process weights, gradients and optimizer state; `sharding_change`
+    (negative) is what that frees, `sharding_buffers` the strategy's communication buffers.
+
+    The layouts are the ones each implementation keeps (measured per rank in tests/test_sharding.py):
+    FSDP2 shards the fp32 parameters, their gradients and AdamW's two moments (no master copy);
+    DeepSpeed keeps its optimizer partition as an fp32 master plus the moments (K = 12 bytes), and
+    16-bit weights and gradients under bf16/fp16."""
+    from tunelab.plan.memory import comm_overhead, model_states
+
+    mem, pb = est["memory"], est["params"]
+    layout = "autocast" if strategy == "fsdp" else "zero"
+    ms = model_states(pb["total_params"], pb["trainable_params"], precision=est["precision"], strategy=strategy,
+                      n=nproc, offload=cfg.distributed.cpu_offload, layout=layout)
+    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in est["model"].modules()), default=0)
+    act = 2 if est["precision"] in ("bf16", "fp16") and layout == "zero" else 4
+    new = {"weights": ms["weights"], "gradients": ms["gradients"], "optimizer": ms["master_weights"] + ms["optimizer"],
+           "sharding_buffers": comm_overhead(strategy, grad_bytes=ms["gradients"], largest_layer_params=largest,
+                                             act_bytes=act, n=nproc)}
+    before = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    mem["sharding_change"] = sum(new.values()) - before
+    mem.update(new)
+    mem["peak"] += mem["sharding_change"]
+    if ms["cpu"]:
+        mem["offloaded_to_host"] = ms["cpu"]
 
 
 def reference_forward_flops(cfg: Config, total_params: int) -> float:
@@ -247,7 +276,8 @@ def calibrated_peak(est: dict, measured: dict, grad_accum: int) -> dict:
     seen = max(per_batch[: grad_accum * (1 + measured["steps"])], default=0.0)
     scale = (mem["activations"] + mem["transient"]) / mem["activations"] if mem["activations"] else 1.0
     extra = max(0.0, max(per_batch) - seen) * scale
-    peak = measured["peak_memory_mb"] + (extra + mem.get("ddp_buckets", 0)) / MB
+    # the measured steps ran one process holding every state: add DDP's buckets, or take off what sharding frees
+    peak = measured["peak_memory_mb"] + (extra + mem.get("ddp_buckets", 0) + mem.get("sharding_change", 0)) / MB
     return {"peak_analytic": round(mem["peak"] / MB, 1), "peak_measured_steps": measured["peak_memory_mb"],
             "peak": round(peak, 1), "peak_basis": "measured steps + largest micro-batch"}
 
@@ -325,9 +355,12 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
     # before the probes and the measured steps grow this process
     runtime = runtime_bytes()
     est = estimate(cfg, profile, runtime)
-    if nproc > 1:
+    strategy = cfg.distributed.strategy if nproc > 1 else "ddp"
+    if nproc > 1 and strategy == "ddp":
         est["memory"]["ddp_buckets"] = est["params"]["gradients"]
         est["memory"]["peak"] += est["memory"]["ddp_buckets"]
+    elif nproc > 1:
+        shard_states(est, cfg, strategy, nproc)
     shapes = profile["shapes"]
     windows = math.ceil(len(shapes) / (cfg.train.grad_accum * nproc))
     total_steps = sizes.total_steps(windows, cfg.train.epochs, cfg.train.max_steps)
@@ -339,7 +372,8 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
             for step in range(1, total_steps + 1))
     plan = {
         "model": cfg.model.name, "task": cfg.task, "method": cfg.method, "precision": est["precision"],
-        "device": est["device"], "processes": nproc,
+        "device": est["device"], "processes": nproc, "strategy": strategy,
+        "per_process_states": {k: est["memory"][k] for k in ("weights", "gradients", "optimizer")},
         "params": {k: est["params"][k] for k in ("total_params", "trainable_params")},
         "data": {k: profile[k] for k in ("units", "tokens", "padded_tokens", "supervised_tokens", "eval_tokens",
                                           "packed", "max_length")} | {"micro_batches_per_epoch": len(shapes)},
