@@ -192,6 +192,18 @@ class TrainConfig(Section):
     eval_batch_size: int | None = Field(None, gt=0)
     auto_batch: bool = Field(False, description="On out-of-memory: halve batch_size, double grad_accum (same effective "
                              "batch) and continue from the newest checkpoint.")
+    packed_attention: Literal["split", "mask"] = Field(
+        "split", description="chat/causal_lm with data.packing: split = each packed example its own causal sdpa call "
+        "(no L x L mask; models/packed_attention.py), mask = the block-diagonal mask. Same logits (tested); split "
+        "measured faster and smaller (README Performance).")
+    loss_chunk_tokens: int = Field(
+        1024, ge=0, le=1_000_000, description="chat/causal_lm: the vocabulary projection and cross-entropy this many "
+        "supervised tokens at a time, gradients taken in the forward (train/chunked_loss.py); 0 = all at once. Same "
+        "loss and gradients (tested), without the full fp32 logits.")
+    recompute_norms: bool = Field(
+        True, description="chat/causal_lm: recompute RMSNorms in backward instead of keeping their fp32 insides "
+        "(models/recompute.py; bit-identical, ~18 MB per SmolLM2 layer at 4 x 512 tokens); moot with "
+        "gradient_checkpointing.")
 
 
 class CheckpointConfig(Section):

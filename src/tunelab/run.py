@@ -374,6 +374,9 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
     """final/ (best or last weights), the final evaluation and probe, summary.json, report.html."""
     out, task, model = io.root, r.task, r.model
     train_peak = round(peak_memory_mb(r.device), 1)  # before the final evaluation, final/ and the report
+    if r.sharding is None:  # training is over (the last checkpoint holds it): the report must not stack on it
+        r.optimizer.state.clear()
+        r.optimizer.zero_grad(set_to_none=True)
     secs = state.train_seconds - state.eval_seconds  # rates count training time only
     summary = {
         "status": state.status, "task": r.cfg.task, "method": r.cfg.method, "steps": state.step,

@@ -24,13 +24,19 @@ def supervised_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     or 4-D (packing: block-diagonal causal, so packed examples never see each other), plus
     position_ids when packed (positions restart at 0 for each example).
     """
+    hidden, targets = supervised_hidden(model, batch)
+    return model.get_output_embeddings()(hidden).float(), targets
+
+
+def supervised_hidden(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states, targets) at the supervised positions of `batch`: what the vocabulary projection
+    reads (train.chunked_loss projects them in chunks)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     body = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps the LM
     hidden = body.base_model(**inputs, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return logits.float(), targets[keep]
+    return hidden[:, :-1][keep], targets[keep]
 
 
 def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:

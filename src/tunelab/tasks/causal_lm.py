@@ -20,6 +20,7 @@ from tunelab.models.gguf import end_of_turn_id, plain_source
 from tunelab.models.load import load_causal_lm, load_tokenizer
 from tunelab.models.quantization import quantization_for
 from tunelab.models.registry import resolve_model
+from tunelab.tasks.lm_speed import lm_speed
 from tunelab.tasks.lm_data import (load_lm_data, prepare_lm_data, read_and_encode, split_examples,  # noqa: F401
                                    split_indices)
 from tunelab.train.protocols import TaskRun, TrainSet
@@ -144,6 +145,7 @@ def setup_causal_lm(cfg) -> TaskRun:
     from tunelab.data.encoded import UnitSources, lengths_of, supervised_of
 
     units, collate = batcher(train_ex, pad_id, cfg.data.packing, max_len, units=lm.units)
+    collate, loss_fn = lm_speed(cfg.train, model, collate, cfg.data.packing)  # packed attention, chunked loss
     lengths, supervised = lengths_of(train_ex), supervised_of(train_ex)
     unit_tokens = [sum(lengths[j] for j in u) for u in units]
     unit_sup = [sum(supervised[j] for j in u) for u in units]
@@ -161,7 +163,7 @@ def setup_causal_lm(cfg) -> TaskRun:
         tokenizer=tokenizer,
         train=TrainSet(lengths=unit_tokens, collate=collate, count=lambda idx: sum(unit_sup[i] for i in idx),
                        sources=unit_sources, epoch_subset=lm.epoch_subset, epoch_size=lm.epoch_size),
-        loss_fn=supervised_loss,
+        loss_fn=loss_fn,
         evaluate=evaluate,
         save_final=lm_saver(tokenizer, eos_id, pad_id),
         metric=cfg.checkpoint.metric or "eval_loss",
