@@ -30,6 +30,7 @@ def biased(model, token_id: int):
     return model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
 
 
+@pytest.mark.unit
 def test_batched_greedy_equals_one_at_a_time(tiny):
     model, tok = tiny
     batched = generate_replies(model, tok, PROMPTS, max_new_tokens=6, batch_size=4)
@@ -39,6 +40,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
         assert b["stopped"] == (single["stopped"] == "end_of_turn")
 
 
+@pytest.mark.unit
 def test_sampling_is_seeded_and_leaves_the_rng_alone(tiny):
     model, tok = tiny
     torch.manual_seed(123)
@@ -52,6 +54,7 @@ def test_sampling_is_seeded_and_leaves_the_rng_alone(tiny):
     assert [r["reply"] for r in a] != [r["reply"] for r in c]
 
 
+@pytest.mark.unit
 def test_template_markers_of_chatml(tiny_chat_tokenizer):
     m = template_markers(tiny_chat_tokenizer)
     assert {"<|im_start|>", "<|im_end|>", "<|im_start|>user", "<|im_start|>assistant"} <= set(m)
@@ -63,6 +66,7 @@ def _events(gen: GenerationEval, result: dict) -> set[str]:
     return {e.kind for e in mon.observe(row)}
 
 
+@pytest.mark.unit
 def test_a_looping_model_never_stops_collapses_and_repeats(tiny):
     model, tok = tiny
     word = tok(" sea", add_special_tokens=False)["input_ids"]
@@ -81,6 +85,7 @@ def test_a_looping_model_never_stops_collapses_and_repeats(tiny):
     assert {"never_stops", "mode_collapse", "repetition"} <= _events(gen, result)
 
 
+@pytest.mark.unit
 def test_a_model_that_emits_role_markers_leaks(tiny):
     model, tok = tiny
     start = tok.convert_tokens_to_ids("<|im_start|>")
@@ -95,6 +100,7 @@ def test_a_model_that_emits_role_markers_leaks(tiny):
     assert "template_leakage" in _events(gen, result)
 
 
+@pytest.mark.unit
 def test_a_model_that_stops_at_once_is_healthy_on_stopping(tiny):
     model, tok = tiny
     gen = GenerationEval(tok, PROMPTS, GenerateEvalConfig(n=4, max_new_tokens=5, batch_size=4))
@@ -108,6 +114,7 @@ def test_a_model_that_stops_at_once_is_healthy_on_stopping(tiny):
     assert "never_stops" not in _events(gen, result)
 
 
+@pytest.mark.unit
 def test_prompts_from_conversations_and_texts():
     from tunelab.data.chat import ChatData, Message
 

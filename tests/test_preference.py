@@ -77,6 +77,7 @@ def sigmoid_log(x: float) -> float:
 # ------------------------------------------------------------------------------------ the losses
 
 
+@pytest.mark.unit
 def test_each_loss_equals_its_paper_formula_computed_by_hand():
     c, r = [-12.0, -30.5, -7.25], [-14.0, -29.0, -9.5]
     rc, rr = [-13.0, -30.0, -8.0], [-13.5, -29.5, -9.0]
@@ -105,6 +106,7 @@ def test_each_loss_equals_its_paper_formula_computed_by_hand():
             assert (reward_c[i].item(), reward_r[i].item()) == pytest.approx((want_rc, want_rr), rel=1e-12)
 
 
+@pytest.mark.unit
 def test_defaults_are_the_papers():
     for loss, beta in (("dpo", 0.1), ("ipo", 0.1), ("simpo", 2.0), ("orpo", 0.1)):
         pl = loss_from_config(PreferenceConfig(loss=loss))
@@ -124,6 +126,7 @@ def supervised_ids(ex) -> list[int]:
     return [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]
 
 
+@pytest.mark.unit
 def test_masks_are_exactly_the_answer_tokens(tok, tmp_path):
     pairs = read_preference_data(write_jsonl(tmp_path / "p.jsonl", PAIRS))
     encoded, stats = encode_pairs(pairs, tok, 128)
@@ -143,6 +146,7 @@ def test_masks_are_exactly_the_answer_tokens(tok, tmp_path):
     assert stats["pairs"] == len(PAIRS) and stats["truncated_prompts"] == stats["truncated_answers"] == 0
 
 
+@pytest.mark.unit
 def test_truncation_keeps_the_prompts_end_and_the_answers_start_and_is_counted(tok):
     long_prompt = " ".join(["Tell me a story about a cat and a dog."] * 2)  # fits max_length alone
     long_answer = " ".join(["The sea is blue and wide, it sings at every tide."] * 6)
@@ -167,6 +171,7 @@ def test_truncation_keeps_the_prompts_end_and_the_answers_start_and_is_counted(t
     ({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "chosen": "A",
       "rejected": "B"}, "prompt[1]"),
 ])
+@pytest.mark.unit
 def test_bad_pairs_are_named_with_file_line_and_field(tmp_path, row, line_field):
     path = write_jsonl(tmp_path / "bad.jsonl", [PAIRS[0], row])
     with pytest.raises(InputError) as e:
@@ -174,6 +179,7 @@ def test_bad_pairs_are_named_with_file_line_and_field(tmp_path, row, line_field)
     assert (e.value.file, e.value.line, e.value.field) == (str(path), 2, line_field)
 
 
+@pytest.mark.e2e
 def test_a_prompt_longer_than_max_length_is_named_and_the_cli_exits_2(model_dir, tmp_path, tok):
     from typer.testing import CliRunner
 
@@ -197,6 +203,7 @@ def test_a_prompt_longer_than_max_length_is_named_and_the_cli_exits_2(model_dir,
 # ---------------------------------------------------------------------- log-probs and references
 
 
+@pytest.mark.parity
 def test_answer_logps_equal_a_plain_forward_over_the_answer_tokens(model_dir, tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -213,6 +220,7 @@ def test_answer_logps_equal_a_plain_forward_over_the_answer_tokens(model_dir, to
         assert ntok[row].item() == ex.supervised()
 
 
+@pytest.mark.parity
 def test_adapter_off_is_the_base_model(model_dir, tok, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -274,6 +282,7 @@ def steps(raw: dict, tmp_path: Path, optimizer="sgd", **settings):
 
 @pytest.mark.parametrize("method, loss", [("full", "dpo"), ("lora", "dpo"), ("qlora", "dpo"), ("lora", "ipo"), ("full", "orpo"),
                                           ("full", "simpo")])
+@pytest.mark.parity
 def test_accumulation_gives_the_one_large_batch_step(model_dir, tmp_path, method, loss):
     train = write_jsonl(tmp_path / "p.jsonl", PAIRS[:4])
     raw = raw_config(model_dir, train, method=method, preference={"loss": loss},
@@ -294,6 +303,7 @@ def test_accumulation_gives_the_one_large_batch_step(model_dir, tmp_path, method
         assert rows_one[0]["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-6)  # h = 0 at the first step
 
 
+@pytest.mark.parity
 def test_reference_cache_equals_recomputed_and_a_resume_reads_it(model_dir, tmp_path):
     """Full DPO: the cached reference = answer log-probs of the untouched model; stopping after 2 of
     4 steps and resuming gives the uninterrupted run's rows and weights, without recomputing it."""
@@ -335,6 +345,7 @@ def test_reference_cache_equals_recomputed_and_a_resume_reads_it(model_dir, tmp_
 # ----------------------------------------------------------------------------------- SFT -> DPO
 
 
+@pytest.mark.e2e
 def test_sft_run_then_dpo_from_its_final_adapter(model_dir, tmp_path):
     """A tunelab chat SFT run with LoRA; DPO starts from its final/ (the adapter merged into the base):
     the DPO LoRA policy's reference (adapter off) and the full-DPO start are the SFT model, not the base."""
@@ -394,6 +405,7 @@ def kinds(rows: list[dict]) -> list[str]:
     return [e.kind for row in rows for e in monitor.observe(row)]
 
 
+@pytest.mark.unit
 def test_health_events_for_the_known_dpo_failures():
     start = {"loss": 0.693, "reward_margin": 0.0, "logp_chosen": -2.0, "logp_rejected": -2.1, "kl_ref": 0.0}
     healthy = [{**start, "loss": 0.5, "reward_margin": 0.8, "logp_chosen": -1.95, "logp_rejected": -2.4, "kl_ref": 0.01}]
