@@ -97,9 +97,9 @@ def preference_profile(cfg: Config, tok, max_len: int) -> dict:
     from tunelab.tasks.causal_lm import split_examples
     from tunelab.tasks.preference import read_pairs
 
-    pairs, _ = read_pairs(cfg.data.train, cfg, tok, max_len)
+    pairs, _ = read_pairs(cfg.data.train, cfg.data, tok, max_len, cfg.preference.max_prompt_length)
     if cfg.data.eval:
-        held, _ = read_pairs(cfg.data.eval, cfg, tok, max_len)
+        held, _ = read_pairs(cfg.data.eval, cfg.data, tok, max_len, cfg.preference.max_prompt_length)
     else:
         pairs, held = split_examples(pairs, cfg.data.eval_split, cfg.train.seed)
     lengths = [p.tokens() for p in pairs]

@@ -135,31 +135,34 @@ def preference_metrics(model, batches, loss_fn) -> dict:
     return {"loss": sums["loss"] / max(sums["pairs"], 1.0), **measures_row(sums), "pairs": int(sums["pairs"])}
 
 
-def load_policy(cfg):
-    """(model source path, tokenizer, model): the starting model, a tunelab SFT adapter merged into its base."""
+def load_policy(model_cfg, method: str):
+    """(model source path, tokenizer, model): the starting model (`model_cfg`: the config's model
+    section), a tunelab SFT adapter merged into its base; `method` qlora loads the base in NF4."""
     from tunelab.models.adapters import load_adapter, tunelab_start
 
-    start = tunelab_start(cfg.model.name)
+    start = tunelab_start(model_cfg.name)
     if start is not None and (start / "adapter_config.json").is_file():
-        if cfg.method == "qlora":
+        if method == "qlora":
             raise InputError("QLoRA on top of a LoRA adapter would quantise the merged model, which cannot be done in "
                              "memory: run `tunelab merge RUN -o DIR` and set model.name: DIR", field="model.name")
         model, tokenizer, _ = load_adapter(start, merge=True)
         model.train()
         return str(start), tokenizer, model
-    source = plain_source(resolve_model(str(start) if start is not None else cfg.model.name))
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    pickles = {"allow_pickle": True} if getattr(cfg.model, "allow_pickle", False) else {}  # the key is new (issue 13)
-    model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                           quantization=quantization_for(cfg.method), **pickles)
+    source = plain_source(resolve_model(str(start) if start is not None else model_cfg.name))
+    tokenizer = load_tokenizer(source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+    pickles = {"allow_pickle": True} if getattr(model_cfg, "allow_pickle", False) else {}  # the key is new (issue 13)
+    model = load_causal_lm(source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
+                           quantization=quantization_for(method), **pickles)
     return source.path, tokenizer, model
 
 
-def read_pairs(path: str, cfg, tokenizer, max_len: int):
-    pairs = read_preference_data(path, cfg.data.format)
-    if cfg.data.max_rows:
-        pairs = pairs[: cfg.data.max_rows]
-    encoded, stats = encode_pairs(pairs, tokenizer, max_len, cfg.preference.max_prompt_length)
+def read_pairs(path: str, data, tokenizer, max_len: int, max_prompt_length: int | None = None):
+    """Encoded pairs of one file and their cut counts; `data`: the config's data section (format,
+    max_rows); `max_prompt_length`: preference.max_prompt_length."""
+    pairs = read_preference_data(path, data.format)
+    if data.max_rows:
+        pairs = pairs[: data.max_rows]
+    encoded, stats = encode_pairs(pairs, tokenizer, max_len, max_prompt_length)
     for key, what in (("truncated_prompts", "prompts lost their beginning"), ("truncated_answers", "answers lost their end")):
         if stats[key]:
             log.warning("%s: %d of %d pairs are longer than %d tokens: %s (raise model.max_length to keep them whole)",
@@ -169,7 +172,7 @@ def read_pairs(path: str, cfg, tokenizer, max_len: int):
 
 def setup_preference(cfg) -> TaskRun:
     """Model, tokenizer, encoded pairs and the loss/eval/save functions for task preference."""
-    source_path, tokenizer, model = load_policy(cfg)
+    source_path, tokenizer, model = load_policy(cfg.model, cfg.method)
     if not tokenizer.chat_template:
         raise InputError("the model's tokenizer has no chat template: preference pairs are rendered as chat turns; "
                          "use a chat model (or a tunelab chat SFT run)", field="model.name", file=source_path)
@@ -179,10 +182,11 @@ def setup_preference(cfg) -> TaskRun:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
     loss = loss_from_config(cfg.preference)
 
-    train_pairs, stats = read_pairs(cfg.data.train, cfg, tokenizer, max_len)
+    prompt_max = cfg.preference.max_prompt_length
+    train_pairs, stats = read_pairs(cfg.data.train, cfg.data, tokenizer, max_len, prompt_max)
     eval_stats = None
     if cfg.data.eval:
-        eval_pairs, eval_stats = read_pairs(cfg.data.eval, cfg, tokenizer, max_len)
+        eval_pairs, eval_stats = read_pairs(cfg.data.eval, cfg.data, tokenizer, max_len, prompt_max)
     else:
         train_pairs, eval_pairs = split_examples(train_pairs, cfg.data.eval_split, cfg.train.seed)
     bs = cfg.train.eval_batch_size or cfg.train.batch_size * 2
