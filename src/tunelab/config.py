@@ -197,7 +197,7 @@ class TrainConfig(Section):
         "(no L x L mask; models/packed_attention.py), mask = the block-diagonal mask. Same logits (tested); split "
         "measured faster and smaller (README Performance).")
     loss_chunk_tokens: int = Field(
-        1024, ge=0, le=1_000_000, description="chat/causal_lm: the vocabulary projection and cross-entropy this many "
+        256, ge=0, le=1_000_000, description="chat/causal_lm: the vocabulary projection and cross-entropy this many "
         "supervised tokens at a time, gradients taken in the forward (train/chunked_loss.py); 0 = all at once. Same "
         "loss and gradients (tested), without the full fp32 logits.")
     recompute_norms: bool = Field(

@@ -10,7 +10,9 @@ Here the positions go through the head `chunk` at a time. The loss is the last t
 and is only ever scaled (divided by the window's token count, the fp16 loss scale), so the
 gradient of each chunk's summed cross-entropy with respect to the hidden states and the head's
 weight can be taken right away (softmax - one-hot, times the chunk) and only those are kept:
-d_hidden is (n, hidden), d_weight one fp32 copy of the head's weight. Backward multiplies them by
+d_hidden is (n, hidden), d_weight one copy of the head's weight, summed over the chunks in fp32
+and kept in the compute dtype (bf16 under autocast: the plain path's weight gradient comes out of
+one bf16 matmul, so it is rounded to bf16 once too). Backward multiplies them by
 the incoming scalar. The same FLOPs as the plain path, never recomputed (the idea of Liger
 Kernel's fused linear cross-entropy, here in plain PyTorch). Matmuls run in the autocast dtype,
 the softmax in fp32, as the plain path under autocast does.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 256
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -64,6 +66,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 d_weight += (grad.t() @ h).float()
             if want_b:
                 d_bias += grad.float().sum(0)
+        if d_weight is not None:  # kept in the compute dtype, as the plain path's bf16 matmul gives it: half the bytes
+            d_weight = d_weight.to(dtype)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, (bias.dtype if bias is not None else None)
         return total
@@ -72,7 +76,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         d_hidden, d_weight, d_bias = ctx.saved_tensors
         g_h = d_hidden * grad_out.to(d_hidden.dtype) if d_hidden is not None else None
-        g_w = (d_weight * grad_out).to(ctx.weight_dtype) if d_weight is not None else None
+        g_w = (d_weight.float() * grad_out).to(ctx.weight_dtype) if d_weight is not None else None
         g_b = (d_bias * grad_out).to(ctx.bias_dtype) if d_bias is not None else None
         return g_h, g_w, g_b, None, None, None
 
