@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent('''
         norms = [row["grad_norm"] for row in io.rows if "loss" in row]
         if r.sharding is None:
             weights = {n: p.detach().clone() for n, p in r.model.named_parameters() if p.requires_grad}
-            if out is not None and cfg.method == "lora":  # final/'s adapter, as one process saves it
+            if out is not None and cfg.method in ("lora", "qlora"):  # final/'s adapter, as one process saves it
                 r.task.save_final(r.model, out / "adapter")
             return {"weights": weights, "start": start, "losses": losses, "norms": norms, "samples": state.samples,
                     "trainable": r.trainable}
@@ -68,7 +68,7 @@ SCRIPT = textwrap.dedent('''
         r.sharding.gather_held()
         group.barrier()
         if group.is_main:
-            if cfg.method == "lora":  # final/'s adapter, as a sharded run saves it: rank 0's skeleton + shards
+            if cfg.method in ("lora", "qlora"):  # final/'s adapter, as a sharded run saves it: rank 0's skeleton + shards
                 r.task.save_final(r.sharding.plain_model(out), out / "adapter")
             return {"weights": full_weights(out), "losses": losses, "norms": norms, "samples": state.samples,
                     "held": r.sharding.ranks, "trainable": r.trainable}
@@ -100,6 +100,7 @@ def case_configs(tmp_path: Path, bert: Path, llama: Path) -> dict[str, dict]:
             "data": {"train": str(tmp_path / "chat.jsonl"), "eval_split": 0.0, "packing": True},
             "optim": {"lr": 3e-3}, "train": {**common["train"], "batch_size": 1, "max_steps": 2}}
     lora = {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    qlora = {**lora, "method": "qlora"}
     chat_gc = {**chat, **lora, "train": {**chat["train"], "gradient_checkpointing": True}}
     cases = {}
     for strategy in STRATEGIES:
@@ -107,7 +108,7 @@ def case_configs(tmp_path: Path, bert: Path, llama: Path) -> dict[str, dict]:
             cases[f"{task}-{strategy}"] = {**raw, "distributed": {"strategy": strategy}}
     # LoRA under fsdp and zero3; gradient checkpointing + PEFT + ZeRO-3 (a known crash of the peers)
     for name, raw, strategy in (("cls+lora", {**cls, **lora}, "fsdp"), ("cls+lora", {**cls, **lora}, "zero3"),
-                                ("chat+lora+gc", chat_gc, "zero3")):
+                                ("chat+lora+gc", chat_gc, "zero3"), ("chat+qlora", {**chat, **qlora}, "fsdp")):
         cases[f"{name}-{strategy}"] = {**raw, "distributed": {"strategy": strategy}}
     return cases
 
@@ -160,7 +161,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("task,strategy", [(t, s) for t in ("cls", "chat") for s in STRATEGIES]
-                         + [("cls+lora", "fsdp"), ("cls+lora", "zero3"), ("chat+lora+gc", "zero3")])
+                         + [("cls+lora", "fsdp"), ("cls+lora", "zero3"), ("chat+lora+gc", "zero3"), ("chat+qlora", "fsdp")])
 def test_two_sharded_processes_train_like_one_process(sharded, strategy, task):
     """Same global batch, fp32, AdamW: the loss curve, the gradient norms and the final weights of 2
     sharded processes equal one process's. Tolerance: the gradient sums run in another order (per
@@ -181,7 +182,8 @@ def test_two_sharded_processes_train_like_one_process(sharded, strategy, task):
     assert max_diff(ref["weights"], ref["start"]) > 5e-3  # the steps moved the weights far beyond the bound
 
 
-@pytest.mark.parametrize("task,strategy", [("cls+lora", "fsdp"), ("cls+lora", "zero3"), ("chat+lora+gc", "zero3")])
+@pytest.mark.parametrize("task,strategy", [("cls+lora", "fsdp"), ("cls+lora", "zero3"), ("chat+lora+gc", "zero3"),
+                                           ("chat+qlora", "fsdp")])
 def test_saved_adapter_of_two_sharded_processes_equals_one_process_adapter(sharded, task, strategy):
     """final/'s adapter_model.safetensors as a sharded run writes it (rank 0's skeleton filled from the
     consolidated shards) against the one a single process writes after the same steps: the same keys,
@@ -335,7 +337,7 @@ def test_fsdp_sigkill_then_resume_is_bit_identical(fsdp_run, tmp_path):
     (["distributed.strategy=zero2", "distributed.reshard_after_forward=false"], "applies to strategy fsdp only"),
     (["distributed.strategy=fsdp", "train.precision=fp16"], "use train.precision bf16"),
     (["distributed.strategy=zero3", "regularization.l2sp=0.1"], "regularization.l2sp"),
-    (["distributed.strategy=fsdp", "method=qlora"], "method qlora is not supported with distributed.strategy fsdp"),
+    (["distributed.strategy=zero3", "method=qlora"], "method qlora is not supported with distributed.strategy zero3"),
     (["distributed.strategy=fsdp3"], "distributed.strategy"),
 ])
 def test_unsupported_combinations_are_refused_before_any_process_starts(toy_classification, tmp_path, sets, words):

@@ -41,9 +41,10 @@ def check_strategy(cfg, world_size: int) -> None:
     strategy = strategy_of(cfg, world_size)
     if strategy not in SHARDED:
         return
-    if cfg.method == "qlora":
-        raise InputError(f"method qlora is not supported with distributed.strategy {strategy} yet (the 4-bit base "
-                         "is not sharded here); use method lora, or distributed.strategy ddp", field="method")
+    if cfg.method == "qlora" and strategy != "fsdp":
+        raise InputError(f"method qlora is not supported with distributed.strategy {strategy} (not tried with "
+                         "DeepSpeed's partitioning of the packed 4-bit weights); use distributed.strategy fsdp (the "
+                         "4-bit base sharded) or ddp", field="method")
     if cfg.train.precision == "fp16":
         raise InputError(f"train.precision fp16 needs a gradient scaler that {strategy} does not share here; "
                          "use train.precision bf16 (or fp32)", field="train.precision")

@@ -104,6 +104,8 @@ def check_finite(model, source: str) -> None:
     import torch
 
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if getattr(t, "quant_state", None) is not None:  # packed 4-bit codes (bfloat16 storage under fsdp), not numbers
+            continue
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             raise InputError(f"base weight {name} holds NaN/Inf: the model file is broken (or saved from a diverged "
                              "run); use another model", file=source, field="model.name")

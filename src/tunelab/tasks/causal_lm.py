@@ -129,7 +129,7 @@ def setup_causal_lm(cfg) -> TaskRun:
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
                            allow_pickle=cfg.model.allow_pickle,
-                           quantization=quantization_for(cfg.method))
+                           quantization=quantization_for(cfg.method, cfg.distributed.strategy))
     max_len = usable_max_length(cfg.model.max_length, model.config)
     if cfg.task == "chat" and not tokenizer.chat_template:
         raise InputError("the model's tokenizer has no chat template; use task: causal_lm, or a chat model",

@@ -68,7 +68,7 @@ def setup_classification(cfg) -> TaskRun:
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     model = load_classifier(source, names, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
                             allow_pickle=cfg.model.allow_pickle,
-                            quantization=quantization_for(cfg.method))
+                            quantization=quantization_for(cfg.method, cfg.distributed.strategy))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id
