@@ -32,6 +32,7 @@ def test_each_family_and_method_gets_its_lr_with_a_reason():
     assert learning_rate("classification", "full", "encoder", 110_000_000).value == 2e-5  # BERT-base
     assert learning_rate("classification", "full", "encoder", 335_000_000).value == 1e-5  # BERT-large
     assert learning_rate("causal_lm", "full", "causal", 7_000_000_000).value == 2e-5
+    assert resolved_defaults(_cfg(task="preference", data={"train": "t.jsonl"})) == {}  # not measured: unchanged
     for key, d in resolved_defaults(_cfg()).items():
         assert d["why"] and d["value"] is not None, key
 
