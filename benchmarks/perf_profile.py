@@ -211,7 +211,7 @@ def main() -> int:
     ap.add_argument("--part", choices=["both", "phases", "ops", "saved"], default="both")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "perf_profile.json")
     a = ap.parse_args()
-    from perf_sft import missing_inputs, tunelab_config, write_pairs
+    from perf_sft import bf16_native, missing_inputs, tunelab_config, write_pairs
 
     why = missing_inputs()
     if why:
@@ -223,7 +223,7 @@ def main() -> int:
               "versions": library_versions(), "load_average_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="tunelab-profile-") as tmp:
         chat, _ = write_pairs(Path(tmp), a.pairs)
-        raw = tunelab_config(str(chat), a.steps, overrides=a.overrides)
+        raw = tunelab_config(str(chat), a.steps, overrides=a.overrides, precision="bf16" if bf16_native() else "fp32")
         if a.part in ("both", "phases"):
             result["phases"] = in_child(phases, raw, str(Path(tmp) / "run"))
             print(json.dumps(result["phases"], indent=1), flush=True)

@@ -76,13 +76,25 @@ def write_pairs(folder: Path, n: int) -> tuple[Path, Path]:
     return chat, pairs
 
 
-def tunelab_config(train_path: str, steps: int, method: str = "full", overrides: list[str] | None = None) -> dict:
+def bf16_native() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (AVX512-BF16 / AMX); without it, oneDNN emulates
+    them at a fraction of a GFLOP/s (measured on an AVX2-only EPYC: 0.1-0.2 GFLOP/s against ~10 in fp32)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def tunelab_config(train_path: str, steps: int, method: str = "full", overrides: list[str] | None = None,
+                   precision: str = "bf16") -> dict:
     from tunelab.config import apply_overrides
 
     raw = {"task": "chat", "method": method, "model": {"name": "smollm2-135m-instruct", "max_length": MAX_LENGTH},
            "data": {"train": train_path, "eval_split": 0, "packing": True},
            "optim": {"lr": LR[method], "weight_decay": 0.0}, "schedule": {"name": "constant", "warmup_steps": 0},
-           "train": {"max_steps": steps, "batch_size": BATCH, "log_every": 1, "precision": "bf16",
+           "train": {"max_steps": steps, "batch_size": BATCH, "log_every": 1, "precision": precision,
                      "eval_before": False},
            "early_stopping": {"enabled": False}}
     if method != "full":
@@ -107,7 +119,7 @@ def run_tunelab(raw: dict, out: str) -> dict:
             "losses": [r["loss"] for r in rows]}
 
 
-def run_trl(method: str, model_dir: str, pairs_path: str, steps: int, out: str) -> dict:
+def run_trl(method: str, model_dir: str, pairs_path: str, steps: int, out: str, precision: str = "bf16") -> dict:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,7 +128,7 @@ def run_trl(method: str, model_dir: str, pairs_path: str, steps: int, out: str) 
     torch.manual_seed(0)
     callback, clock = step_clock()
     cfg = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR[method],
-                    weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, bf16=True, use_cpu=True,
+                    weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, bf16=precision == "bf16", use_cpu=True,
                     packing=True, max_length=MAX_LENGTH, logging_steps=1, save_strategy="no", report_to="none",
                     dataloader_num_workers=0, seed=0)
     kw, peft_config = {}, None
@@ -144,7 +156,7 @@ def run_trl(method: str, model_dir: str, pairs_path: str, steps: int, out: str) 
             "losses": [r["loss"] for r in logs]}
 
 
-def matmul_peak(n: int = 2048, repeats: int = 12) -> dict:
+def matmul_peak(n: int = 1024, repeats: int = 6) -> dict:
     """The best GFLOP/s of n^3 matmuls in bf16 and fp32 with this process's threads (AMX/AVX-512 via oneDNN)."""
     import torch
 
@@ -166,6 +178,7 @@ def median_of(runs: list[dict], key: str) -> float:
 
 def summarize(method: str, ours: list[dict], peers: list[dict], peaks: list[dict]) -> dict:
     peak_bf16 = max(p["bf16_gflops"] for p in peaks)
+    peak_fp32 = max(p["fp32_gflops"] for p in peaks)
     n_params = ours[0]["total_params"]
     flops_per_token = (6 if method == "full" else 4) * n_params
     med = {side: {k: median_of(runs, k) for k in ("tokens_per_second", "peak_memory_mb")}
@@ -174,12 +187,14 @@ def summarize(method: str, ours: list[dict], peers: list[dict], peaks: list[dict
     curve_b = [statistics.median(v) for v in zip(*(r["losses"] for r in peers))]
     rel = [abs(a - b) / b for a, b in zip(curve_a, curve_b)]
     util = {side: flops_per_token * med[side]["tokens_per_second"] / (peak_bf16 * 1e9) for side in med}
+    util_fp32 = {side: flops_per_token * med[side]["tokens_per_second"] / (peak_fp32 * 1e9) for side in med}
     return {
         "median": med,
         "speedup": med["tunelab"]["tokens_per_second"] / med["peer"]["tokens_per_second"],
         "memory_ratio": med["tunelab"]["peak_memory_mb"] / med["peer"]["peak_memory_mb"],
         "utilisation": {"formula": f"{flops_per_token // n_params} x {n_params} params x tokens/s / bf16 peak",
-                        "bf16_peak_gflops": peak_bf16, **{k: round(v, 4) for k, v in util.items()}},
+                        "bf16_peak_gflops": peak_bf16, **{k: round(v, 4) for k, v in util.items()},
+                        "fp32_peak_gflops": peak_fp32, "of_fp32_peak": {k: round(v, 4) for k, v in util_fp32.items()}},
         "loss_curves": {"tunelab": curve_a, "peer": curve_b, "relative_difference_per_step": rel,
                         "max_relative_difference": max(rel) if rel else None,
                         "mean_loss": {"tunelab": statistics.mean(curve_a), "peer": statistics.mean(curve_b)}},
@@ -204,7 +219,8 @@ def report(a, ours, peers, exact, peaks, load, complete: bool) -> dict:
     from tunelab.config import library_versions
 
     result = {"benchmark": "perf_sft", "complete": complete, "method": a.method, "pairs": a.pairs, "steps": a.steps,
-              "batch": BATCH, "max_length": MAX_LENGTH, "lr": LR[a.method], "overrides": a.overrides, "runs": a.runs,
+              "batch": BATCH, "max_length": MAX_LENGTH, "lr": LR[a.method], "precision": a.precision,
+              "bf16_native": bf16_native(), "overrides": a.overrides, "runs": a.runs,
               "command": "python benchmarks/perf_sft.py " + " ".join(sys.argv[1:]),
               "tunelab": ours, "peer": peers, "matmul_peak": peaks,
               "versions": library_versions() | {"trl": __import__("trl").__version__},
@@ -225,6 +241,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--runs", type=int, default=2, help="runs per side, alternating A B A B")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="tunelab key=value")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="both sides; auto: bf16 autocast where the CPU has bf16 hardware, else fp32")
     ap.add_argument("--exact-too", action="store_true", help="a third side: tunelab with every lever off "
                     "(mask attention, plain loss, no recomputed norms) on the same batches, A B C A B C")
     ap.add_argument("--out", type=Path, default=None)
@@ -236,6 +254,7 @@ def main() -> int:
     from tunelab.models.gguf import plain_source
     from tunelab.models.registry import resolve_model
 
+    a.precision = a.precision if a.precision != "auto" else ("bf16" if bf16_native() else "fp32")
     out_path = a.out or REPO / "benchmarks" / "results" / f"perf_sft_{a.method}.json"
     model_dir = plain_source(resolve_model("smollm2-135m-instruct")).path
     load = [os.getloadavg()[0]]
@@ -243,19 +262,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tunelab-perf-sft-") as tmp:
         tmp = Path(tmp)
         chat, pairs = write_pairs(tmp, a.pairs)
-        raw = tunelab_config(str(chat), a.steps, a.method, a.overrides)
+        raw = tunelab_config(str(chat), a.steps, a.method, a.overrides, a.precision)
         for i in range(a.runs):
             ours.append(in_child(run_tunelab, raw, str(tmp / f"tunelab-{i}")))
             print(f"tunelab {a.method}: {ours[-1]['tokens_per_second']:.1f} tokens/s, "
                   f"{ours[-1]['peak_memory_mb']:.0f} MB", flush=True)
             load.append(os.getloadavg()[0])
-            peers.append(in_child(run_trl, a.method, model_dir, str(pairs), a.steps, str(tmp / f"trl-{i}")))
+            peers.append(in_child(run_trl, a.method, model_dir, str(pairs), a.steps, str(tmp / f"trl-{i}"), a.precision))
             print(f"trl {a.method}: {peers[-1]['tokens_per_second']:.1f} tokens/s, "
                   f"{peers[-1]['peak_memory_mb']:.0f} MB", flush=True)
             load.append(os.getloadavg()[0])
             write_result(out_path, report(a, ours, peers, exact, peaks, load, complete=False))
             if a.exact_too:
-                exact.append(in_child(run_tunelab, tunelab_config(str(chat), a.steps, a.method, a.overrides + EXACT),
+                exact.append(in_child(run_tunelab, tunelab_config(str(chat), a.steps, a.method, a.overrides + EXACT, a.precision),
                                       str(tmp / f"exact-{i}")))
                 print(f"tunelab exact path: {exact[-1]['tokens_per_second']:.1f} tokens/s, "
                       f"{exact[-1]['peak_memory_mb']:.0f} MB", flush=True)

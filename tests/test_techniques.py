@@ -323,10 +323,14 @@ def test_ewc_fisher_from_a_named_reference_file(toy_classification, tmp_path):
     assert [len(b["labels"]) for b in batches] == [8, 4]  # 12 rows in batches of 8: the named file, not train
 
 
-def test_auto_precision_follows_the_measured_threshold():
+def test_auto_precision_follows_the_measured_threshold(monkeypatch):
+    from tunelab.train import precision
     from tunelab.train.precision import CPU_BF16_MIN_PARAMS, resolve_precision
 
     cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", cpu, 22_700_000) == "bf16"  # MiniLM: ~2x faster in bf16 here
     assert resolve_precision("auto", cpu, 660_000) == "fp32"  # toy models: no clear gain
     assert resolve_precision("fp32", cpu, 10 * CPU_BF16_MIN_PARAMS) == "fp32"  # explicit wins
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)  # emulated bf16 (AVX2 only): ~50x slower
+    assert resolve_precision("auto", cpu, 22_700_000) == "fp32"
