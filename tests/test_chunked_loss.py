@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.train.chunked_loss import chunked_supervised_loss, linear_cross_entropy
+from tunelab.tasks.lm_speed import chunked_supervised_loss
+from tunelab.train.chunked_loss import linear_cross_entropy
 
 pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_torch_thread")]
 

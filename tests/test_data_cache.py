@@ -176,7 +176,7 @@ def _rows(run: Path) -> list[dict]:
 @pytest.mark.e2e
 def test_cached_and_uncached_runs_are_bit_identical_and_resume_plan_prepare_read_the_cache(
         tmp_path, tiny_llama, encode_calls):
-    from tunelab.data.cache import prepare
+    from tunelab.tasks.prepare import prepare
     from tunelab.plan.planner import data_profile
     from tunelab.run import run_training, setup
     from conftest import stop_after

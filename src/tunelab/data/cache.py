@@ -309,21 +309,6 @@ def open_or_build(parts: dict, layout: dict, build: Callable[[StoreWriter], dict
         return Store(final, manifest)
 
 
-def prepare(cfg) -> list[Path]:
-    """Encode a config's training and eval data into the cache now, so that training (every rank)
-    only reads it: for a launcher or rank 0 to call before the process group starts, so no rank
-    waits out a collective timeout while another tokenizes. Loads the tokenizer and the model's
-    config, not its weights. Returns the entries' folders; [] when there is nothing to cache (data.cache
-    false, or a task whose data is not cached). Raises InputError for bad data, as training would."""
-    if not cfg.data.cache:
-        return []
-    if cfg.task in ("chat", "causal_lm"):
-        from tunelab.tasks.lm_data import prepare_lm_data
-
-        return prepare_lm_data(cfg)
-    return []
-
-
 # ----------------------------------------------------------------------------------- ls / clear
 
 

@@ -96,7 +96,7 @@ ALONE = Group()
 
 
 def prepare_data_before_joining(cfg) -> list:
-    """Read, check and tokenize the run's data into the encoded-data cache (tunelab.data.cache.prepare)
+    """Read, check and tokenize the run's data into the encoded-data cache (tunelab.tasks.prepare.prepare)
     before this process joins the group: done by each machine's first process (LOCAL_RANK 0, so a
     node whose cache folder is not shared fills its own), while the others wait in the group's
     rendezvous, then only read the cache. A long tokenization can then never outlast a collective's
@@ -107,7 +107,7 @@ def prepare_data_before_joining(cfg) -> list:
         return []
     if dist.is_initialized():
         return []
-    from tunelab.data.cache import prepare
+    from tunelab.tasks.prepare import prepare
 
     return prepare(cfg)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 log = logging.getLogger("tunelab")
 
 
@@ -50,10 +52,29 @@ def lm_speed(train_cfg, model, collate, packing: bool):
                      type(model).__name__, getattr(model.config, "_attn_implementation", "?"))
     loss_fn = supervised_loss
     if train_cfg.loss_chunk_tokens:
-        from tunelab.train.chunked_loss import chunked_supervised_loss
-
         loss_fn = chunked_supervised_loss(train_cfg.loss_chunk_tokens)
     return collate, loss_fn
 
 
-__all__ = ["lm_speed", "without_block_masks"]
+def chunked_supervised_loss(chunk: int):
+    """A task loss_fn with supervised_loss's contract: (summed CE over supervised tokens, their number).
+
+    Falls back to the plain loss where the output head is not a plain Linear (an adapter on it) or its
+    weight is not an ordinary local tensor (sharded by FSDP2 or DeepSpeed ZeRO-3, whose hooks gather
+    it only when the head module itself is called). Here and not in train/chunked_loss.py (the math):
+    it reads evaluate.lm's supervised positions, and train/ imports nothing above it."""
+    from tunelab.evaluate.lm import supervised_hidden, supervised_loss
+    from tunelab.train.chunked_loss import linear_cross_entropy
+
+    def loss_fn(model, batch: dict):
+        head = model.get_output_embeddings()
+        if type(head) is not torch.nn.Linear or type(head.weight.data) is not torch.Tensor or hasattr(head.weight, "ds_id"):
+            return supervised_loss(model, batch)
+        hidden, targets = supervised_hidden(model, batch)
+        return linear_cross_entropy(hidden, head, targets, chunk), int(targets.numel())
+
+    loss_fn.chunk = chunk
+    return loss_fn
+
+
+__all__ = ["chunked_supervised_loss", "lm_speed", "without_block_masks"]

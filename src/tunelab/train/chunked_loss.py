@@ -87,23 +87,4 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: t
     return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, _compute_dtype(hidden))
 
 
-def chunked_supervised_loss(chunk: int = DEFAULT_CHUNK):
-    """A task loss_fn with supervised_loss's contract: (summed CE over supervised tokens, their number).
-
-    Falls back to the plain loss where the output head is not a plain Linear (an adapter on it) or its
-    weight is not an ordinary local tensor (sharded by FSDP2 or DeepSpeed ZeRO-3, whose hooks gather
-    it only when the head module itself is called)."""
-    from tunelab.evaluate.lm import supervised_hidden, supervised_loss
-
-    def loss_fn(model, batch: dict):
-        head = model.get_output_embeddings()
-        if type(head) is not torch.nn.Linear or type(head.weight.data) is not torch.Tensor or hasattr(head.weight, "ds_id"):
-            return supervised_loss(model, batch)
-        hidden, targets = supervised_hidden(model, batch)
-        return linear_cross_entropy(hidden, head, targets, chunk), int(targets.numel())
-
-    loss_fn.chunk = chunk
-    return loss_fn
-
-
-__all__ = ["DEFAULT_CHUNK", "LinearCrossEntropy", "chunked_supervised_loss", "linear_cross_entropy"]
+__all__ = ["DEFAULT_CHUNK", "LinearCrossEntropy", "linear_cross_entropy"]
