@@ -88,13 +88,13 @@ def bf16_native() -> bool:
 
 
 def tunelab_config(train_path: str, steps: int, method: str = "full", overrides: list[str] | None = None,
-                   precision: str = "bf16") -> dict:
+                   precision: str = "bf16", batch: int = BATCH) -> dict:
     from tunelab.config import apply_overrides
 
     raw = {"task": "chat", "method": method, "model": {"name": "smollm2-135m-instruct", "max_length": MAX_LENGTH},
            "data": {"train": train_path, "eval_split": 0, "packing": True},
            "optim": {"lr": LR[method], "weight_decay": 0.0}, "schedule": {"name": "constant", "warmup_steps": 0},
-           "train": {"max_steps": steps, "batch_size": BATCH, "log_every": 1, "precision": precision,
+           "train": {"max_steps": steps, "batch_size": batch, "log_every": 1, "precision": precision,
                      "eval_before": False},
            "early_stopping": {"enabled": False}}
     if method != "full":
@@ -119,7 +119,8 @@ def run_tunelab(raw: dict, out: str) -> dict:
             "losses": [r["loss"] for r in rows]}
 
 
-def run_trl(method: str, model_dir: str, pairs_path: str, steps: int, out: str, precision: str = "bf16") -> dict:
+def run_trl(method: str, model_dir: str, pairs_path: str, steps: int, out: str, precision: str = "bf16",
+            batch: int = BATCH) -> dict:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,7 +128,7 @@ def run_trl(method: str, model_dir: str, pairs_path: str, steps: int, out: str, 
 
     torch.manual_seed(0)
     callback, clock = step_clock()
-    cfg = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR[method],
+    cfg = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR[method],
                     weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, bf16=precision == "bf16", use_cpu=True,
                     packing=True, max_length=MAX_LENGTH, logging_steps=1, save_strategy="no", report_to="none",
                     dataloader_num_workers=0, seed=0)
@@ -219,7 +220,7 @@ def report(a, ours, peers, exact, peaks, load, complete: bool) -> dict:
     from tunelab.config import library_versions
 
     result = {"benchmark": "perf_sft", "complete": complete, "method": a.method, "pairs": a.pairs, "steps": a.steps,
-              "batch": BATCH, "max_length": MAX_LENGTH, "lr": LR[a.method], "precision": a.precision,
+              "batch": a.batch, "max_length": MAX_LENGTH, "lr": LR[a.method], "precision": a.precision,
               "bf16_native": bf16_native(), "overrides": a.overrides, "runs": a.runs,
               "command": "python benchmarks/perf_sft.py " + " ".join(sys.argv[1:]),
               "tunelab": ours, "peer": peers, "matmul_peak": peaks,
@@ -241,6 +242,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--runs", type=int, default=2, help="runs per side, alternating A B A B")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="tunelab key=value")
+    ap.add_argument("--batch", type=int, default=BATCH, help="packed rows per step, both sides")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="both sides; auto: bf16 autocast where the CPU has bf16 hardware, else fp32")
     ap.add_argument("--exact-too", action="store_true", help="a third side: tunelab with every lever off "
@@ -262,19 +264,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tunelab-perf-sft-") as tmp:
         tmp = Path(tmp)
         chat, pairs = write_pairs(tmp, a.pairs)
-        raw = tunelab_config(str(chat), a.steps, a.method, a.overrides, a.precision)
+        raw = tunelab_config(str(chat), a.steps, a.method, a.overrides, a.precision, a.batch)
         for i in range(a.runs):
             ours.append(in_child(run_tunelab, raw, str(tmp / f"tunelab-{i}")))
             print(f"tunelab {a.method}: {ours[-1]['tokens_per_second']:.1f} tokens/s, "
                   f"{ours[-1]['peak_memory_mb']:.0f} MB", flush=True)
             load.append(os.getloadavg()[0])
-            peers.append(in_child(run_trl, a.method, model_dir, str(pairs), a.steps, str(tmp / f"trl-{i}"), a.precision))
+            peers.append(in_child(run_trl, a.method, model_dir, str(pairs), a.steps, str(tmp / f"trl-{i}"), a.precision, a.batch))
             print(f"trl {a.method}: {peers[-1]['tokens_per_second']:.1f} tokens/s, "
                   f"{peers[-1]['peak_memory_mb']:.0f} MB", flush=True)
             load.append(os.getloadavg()[0])
             write_result(out_path, report(a, ours, peers, exact, peaks, load, complete=False))
             if a.exact_too:
-                exact.append(in_child(run_tunelab, tunelab_config(str(chat), a.steps, a.method, a.overrides + EXACT, a.precision),
+                exact.append(in_child(run_tunelab, tunelab_config(str(chat), a.steps, a.method, a.overrides + EXACT, a.precision, a.batch),
                                       str(tmp / f"exact-{i}")))
                 print(f"tunelab exact path: {exact[-1]['tokens_per_second']:.1f} tokens/s, "
                       f"{exact[-1]['peak_memory_mb']:.0f} MB", flush=True)
