@@ -193,9 +193,9 @@ class TrainConfig(Section):
     auto_batch: bool = Field(False, description="On out-of-memory: halve batch_size, double grad_accum (same effective "
                              "batch) and continue from the newest checkpoint.")
     packed_attention: Literal["split", "mask"] = Field(
-        "split", description="chat/causal_lm with data.packing: split = each packed example its own causal sdpa call "
-        "(no L x L mask; models/packed_attention.py), mask = the block-diagonal mask. Same logits (tested); split "
-        "measured faster and smaller (README Performance).")
+        "mask", description="chat/causal_lm with data.packing: mask = the block-diagonal (1, 1, L, L) mask per row; "
+        "split = each packed example its own causal sdpa call, no mask (models/packed_attention.py). Same logits "
+        "(tested); at 512-token rows on CPU split measured slower for ~3 MB less per layer; for long rows.")
     loss_chunk_tokens: int = Field(
         256, ge=0, le=1_000_000, description="chat/causal_lm: the vocabulary projection and cross-entropy this many "
         "supervised tokens at a time, gradients taken in the forward (train/chunked_loss.py); 0 = all at once. Same "
