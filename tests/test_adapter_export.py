@@ -55,6 +55,7 @@ def _logits(model, tok):
         return model(input_ids=torch.tensor([tok("Name a fruit. Apple.")["input_ids"]])).logits
 
 
+@pytest.mark.unit
 def test_adapter_loads_after_the_base_moves(tmp_path, monkeypatch):
     from tunelab.models.adapters import load_adapter
 
@@ -81,6 +82,7 @@ def test_adapter_loads_after_the_base_moves(tmp_path, monkeypatch):
     assert "llamas/base" in e.value.one_line()
 
 
+@pytest.mark.unit
 def test_embedded_and_hub_references_are_names():
     from tunelab.models.base_ref import peft_base_name, portable_reference, resolve_reference
 
@@ -91,6 +93,7 @@ def test_embedded_and_hub_references_are_names():
     assert hub == {"kind": "hub", "id": "org/model-x", "revision": "abc123"} and resolve_reference(hub) == "org/model-x"
 
 
+@pytest.mark.e2e
 def test_merge_dtypes_are_checked_and_a_corrupted_merge_fails(tmp_path, monkeypatch):
     from tunelab.export.check import ExportMismatch
     from tunelab.export.merge import merge_checked
@@ -117,6 +120,7 @@ def test_merge_dtypes_are_checked_and_a_corrupted_merge_fails(tmp_path, monkeypa
     assert r.exit_code == 2 and "field '--dtype'" in r.stderr
 
 
+@pytest.mark.parity
 def test_export_of_an_adapter_merges_first(tmp_path, monkeypatch):
     from tunelab.export.run_export import export_run
 
@@ -131,6 +135,7 @@ def test_export_of_an_adapter_merges_first(tmp_path, monkeypatch):
     assert torch.allclose(_logits(back, tok), _logits(unmerged, tok), atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_push_plan_lists_what_would_be_sent(tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 

@@ -9,7 +9,7 @@ import pytest
 import tunelab
 from conftest import sentiment_rows, tiny_chat_tokenizer_build, tiny_llama_build
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.e2e]
 
 
 @pytest.fixture

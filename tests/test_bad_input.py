@@ -531,6 +531,7 @@ EVAL_CASES = [
 CASES = CONFIG_CASES + DATA_CASES + MODEL_CASES + RUN_DIR_CASES + EVAL_CASES
 
 
+@pytest.mark.unit
 def test_case_ids_are_unique():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(CASES) >= 60
@@ -543,6 +544,7 @@ def location_pattern(loc: str) -> str:
     return rf"error: (\S*/)?{rx}: \S"
 
 
+@pytest.mark.unit
 def test_location_pattern():
     rx = location_pattern("train.csv:4 field 'label'")
     assert re.match(rx, "error: /tmp/x/train.csv:4 field 'label': label is empty")
@@ -559,6 +561,7 @@ def _snapshot(path: Path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.e2e
 def test_bad_input_exits_2_with_one_located_line(case: Case, tmp_path: Path, request: pytest.FixtureRequest):
     ws = Workspace(tmp_path, request)
     args = case.build(ws)
@@ -583,6 +586,7 @@ def test_bad_input_exits_2_with_one_located_line(case: Case, tmp_path: Path, req
 
 
 @pytest.mark.parametrize("kind", ["config", "data"])
+@pytest.mark.e2e
 def test_a_real_process_prints_one_line_too(kind: str, tmp_path: Path):
     """Outside CliRunner: nothing else (log lines, warnings, progress bars) reaches the real stderr."""
     ws = Workspace(tmp_path, None)

@@ -578,6 +578,7 @@ CASES = (bool_cases() + range_cases() + conflict_cases() + YAML_CASES + config_p
 CLASSES = ("bool", "below", "above", "word", "conflict", "yaml", "cfgpath", "train", "check", "model", "rundir", "usage")
 
 
+@pytest.mark.unit
 def test_corpus_size_and_ids():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids))
@@ -587,6 +588,7 @@ def test_corpus_size_and_ids():
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.e2e
 def test_malformed_input_is_one_located_line_exit_2(case: Case, tmp_path: Path, request: pytest.FixtureRequest):
     ws = Workspace(tmp_path, request)
     args = case.build(ws)

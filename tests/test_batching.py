@@ -1,6 +1,9 @@
 """Epoch order: deterministic in (seed, epoch), a permutation, grouped by length; padding."""
 
 from tunelab.data.batching import epoch_batches, pad_batch
+import pytest
+
+pytestmark = pytest.mark.unit
 
 
 def test_epoch_order_is_a_deterministic_permutation():

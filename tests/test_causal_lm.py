@@ -47,6 +47,7 @@ def load_model(folder):
 
 
 @pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parity
 def test_cheap_loss_equals_transformers_loss(tiny_llama, packing):
     from tunelab.evaluate.lm import supervised_loss
     from tunelab.tasks.causal_lm import batcher
@@ -63,6 +64,7 @@ def test_cheap_loss_equals_transformers_loss(tiny_llama, packing):
     assert torch.allclose(loss_sum, ref, atol=1e-5, rtol=1e-6), (loss_sum.item(), ref.item())
 
 
+@pytest.mark.parity
 def test_packed_rows_match_unpacked(tiny_llama):
     """The block-diagonal mask keeps packed examples apart: same summed loss as one at a time."""
     from tunelab.evaluate.lm import supervised_loss
@@ -91,6 +93,7 @@ def _grads_through_loop(model, task_train, windows) -> dict:
 
 
 @pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parity
 def test_accumulation_equals_large_batch(tiny_llama, packing):
     from tunelab.train.protocols import TrainSet
     from tunelab.tasks.causal_lm import batcher, n_supervised
@@ -109,6 +112,7 @@ def test_accumulation_equals_large_batch(tiny_llama, packing):
         assert torch.allclose(big[k], accum[k], atol=1e-6, rtol=1e-4), k
 
 
+@pytest.mark.unit
 def test_stack_rows_pads_without_nan(tiny_llama):
     from tunelab.evaluate.lm import supervised_loss
     from tunelab.tasks.causal_lm import batcher
@@ -144,6 +148,7 @@ def chat_config(tmp_path: Path, model: str, **train) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_cli_train_chat_end_to_end(tmp_path, tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from typer.testing import CliRunner
@@ -180,6 +185,7 @@ def test_cli_train_chat_end_to_end(tmp_path, tiny_llama):
     assert res.output.count("assistant>") >= 2
 
 
+@pytest.mark.e2e
 def test_causal_lm_plain_text(tmp_path, tiny_llama):
     from tunelab.config import load_config
     from tunelab.run import run_training
@@ -197,6 +203,7 @@ def test_causal_lm_plain_text(tmp_path, tiny_llama):
 
 @pytest.mark.slow
 @needs_smollm2
+@pytest.mark.e2e
 def test_smollm2_chat_finetune_and_generate(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -217,6 +224,7 @@ def test_smollm2_chat_finetune_and_generate(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @needs_smollm2
+@pytest.mark.unit
 def test_gguf_converted_once_with_tied_embeddings(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -239,6 +247,7 @@ def test_gguf_converted_once_with_tied_embeddings(tmp_path, monkeypatch):
     assert "<|im_start|>" in tok.chat_template
 
 
+@pytest.mark.e2e
 def test_non_finite_steps_of_a_packed_chat_run_name_their_conversations_file_and_line(tmp_path, tiny_llama,
                                                                                       monkeypatch):
     """Issue 13: the rows behind a NaN/Inf step are named as file:line also for chat data, where a

@@ -24,6 +24,7 @@ def save(root, step, model, opt, sched):
     return ckpt.save_checkpoint(root, step=step, model=model, optimizer=opt, scheduler=sched, state={"loop": {"step": step}})
 
 
+@pytest.mark.unit
 def test_round_trip_restores_weights_optimizer_scheduler_rng(tmp_path):
     model, opt, sched = setup()
     path = save(tmp_path, 7, model, opt, sched)
@@ -46,6 +47,7 @@ def test_round_trip_restores_weights_optimizer_scheduler_rng(tmp_path):
     assert torch.equal(torch.rand(3), expected_next)  # RNG restored to the moment of saving
 
 
+@pytest.mark.unit
 def test_corruption_is_detected_and_resume_falls_back(tmp_path):
     model, opt, sched = setup()
     save(tmp_path, 1, model, opt, sched)
@@ -60,6 +62,7 @@ def test_corruption_is_detected_and_resume_falls_back(tmp_path):
     assert any("incomplete" in s for s in skipped)
 
 
+@pytest.mark.unit
 def test_failed_save_keeps_previous_and_leaves_no_temp(tmp_path, monkeypatch):
     model, opt, sched = setup()
     good = save(tmp_path, 1, model, opt, sched)
@@ -77,6 +80,7 @@ def test_failed_save_keeps_previous_and_leaves_no_temp(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["step-000001"]
 
 
+@pytest.mark.unit
 def test_nan_weights_are_never_saved(tmp_path):
     model, opt, sched = setup()
     with torch.no_grad():
@@ -86,6 +90,7 @@ def test_nan_weights_are_never_saved(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.unit
 def test_retention_keeps_best_and_last(tmp_path):
     model, opt, sched = setup()
     for step in (1, 2, 3, 4, 5):
@@ -97,6 +102,7 @@ def test_retention_keeps_best_and_last(tmp_path):
     assert set(manifest["files"]) == {"weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
 
 
+@pytest.mark.e2e
 def test_disk_full_during_a_run_is_a_clear_failure_and_resumable(toy_classification, tmp_path, monkeypatch):
     import copy
 
@@ -125,6 +131,7 @@ def test_disk_full_during_a_run_is_a_clear_failure_and_resumable(toy_classificat
     assert s["status"] == "completed" and s["steps"] == 16
 
 
+@pytest.mark.e2e
 def test_nan_loss_stops_cleanly_with_the_last_good_checkpoint(toy_classification, tmp_path, monkeypatch):
     """From step 7 on the loss is NaN: steps are skipped and counted, the run stops after 5 in a row
     with a diagnosis, and the checkpoint saved before the fault is intact and finite."""
@@ -162,6 +169,7 @@ def test_nan_loss_stops_cleanly_with_the_last_good_checkpoint(toy_classification
 
 
 @pytest.mark.parametrize("auto_batch", [False, True])
+@pytest.mark.e2e
 def test_out_of_memory_names_the_fixes_or_halves_the_batch(toy_classification, tmp_path, monkeypatch, auto_batch):
     import copy
     import json

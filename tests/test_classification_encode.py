@@ -6,6 +6,9 @@ from transformers import AutoTokenizer
 
 from tunelab.data.classification import Examples
 from tunelab.tasks.classification import encode
+import pytest
+
+pytestmark = pytest.mark.unit
 
 
 def test_truncation_count_matches_a_whole_tokenization(tiny_bert):

