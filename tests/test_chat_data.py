@@ -20,6 +20,8 @@ from tunelab.data.chat_template import (
 )
 from tunelab.errors import InputError
 
+pytestmark = pytest.mark.unit
+
 X = IGNORE_INDEX
 
 

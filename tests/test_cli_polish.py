@@ -33,6 +33,7 @@ def all_commands():
 
 
 @pytest.mark.parametrize("verb", all_commands(), ids=lambda v: " ".join(v))
+@pytest.mark.e2e
 def test_help_has_no_bool_metavar_and_output_is_spelled_one_way(verb):
     res = runner.invoke(app, [*verb, "--help"])
     assert res.exit_code == 0, res.output
@@ -41,6 +42,7 @@ def test_help_has_no_bool_metavar_and_output_is_spelled_one_way(verb):
         assert "-o, --output" in res.output  # the primary spelling, old ones kept as aliases
 
 
+@pytest.mark.e2e
 def test_version():
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.stdout.startswith("tunelab ") and "torch" in res.stdout
@@ -60,6 +62,7 @@ def write_config(tmp_path: Path, raw: dict, name: str = "cfg.yaml") -> Path:
     (("optim",), "lrr", "optim.lr"),
     (("optim",), "learnig_rate", "optim.lr"),
 ])
+@pytest.mark.e2e
 def test_unknown_keys_say_what_was_meant_and_where_keys_are_listed(toy_classification, tmp_path, where, key, meant):
     raw = copy.deepcopy(toy_classification["config"])
     node = raw
@@ -78,6 +81,7 @@ def test_unknown_keys_say_what_was_meant_and_where_keys_are_listed(toy_classific
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_an_unknown_model_name_suggests_the_embedded_one(toy_classification, tmp_path):
     raw = copy.deepcopy(toy_classification["config"])
     raw["model"]["name"] = "SmolLM2-135M-Instruct"
@@ -86,6 +90,7 @@ def test_an_unknown_model_name_suggests_the_embedded_one(toy_classification, tmp
     assert "field 'model.name'" in res.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_config_list_names_every_section_and_key():
     res = runner.invoke(app, ["config", "--list", "--json"])
     keys = {k["key"]: k for k in json.loads(res.stdout)["keys"]}
@@ -98,6 +103,7 @@ def test_config_list_names_every_section_and_key():
 
 
 @pytest.mark.parametrize("task", ["classification", "chat", "causal_lm"])
+@pytest.mark.e2e
 def test_init_writes_a_commented_starter_that_loads(tmp_path, task):
     out = tmp_path / f"{task}.yaml"
     res = runner.invoke(app, ["init", task, "-o", str(out)])
@@ -119,6 +125,7 @@ def finished_run(root: Path) -> Path:
     return root
 
 
+@pytest.mark.e2e
 def test_resume_auto_on_a_finished_run_exits_0_saying_it_is_done(toy_classification, tmp_path):
     cfg = write_config(tmp_path, toy_classification["config"])
     run = finished_run(tmp_path / "run")
@@ -137,6 +144,7 @@ class FailingMlflow:
         return types.SimpleNamespace(set_experiment=lambda name: None, start_run=start_run)
 
 
+@pytest.mark.e2e
 def test_train_json_logger_failure_recorded_and_the_model_card(toy_classification, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", FailingMlflow().module())
     raw = copy.deepcopy(toy_classification["config"])
@@ -163,6 +171,7 @@ def test_train_json_logger_failure_recorded_and_the_model_card(toy_classificatio
     assert "- training rows: 64" in card and "- evaluation rows: 16" in card and "- torch " in card
 
 
+@pytest.mark.e2e
 def test_loggers_required_makes_a_failing_logger_an_input_error(toy_classification, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", FailingMlflow().module())
     raw = copy.deepcopy(toy_classification["config"])
@@ -175,6 +184,7 @@ def test_loggers_required_makes_a_failing_logger_an_input_error(toy_classificati
     assert not run.exists()
 
 
+@pytest.mark.unit
 def test_model_card_for_an_adapter_names_the_base_by_hub_id(tmp_path):
     from tunelab.model_card import model_card
 
@@ -197,6 +207,7 @@ def test_model_card_for_an_adapter_names_the_base_by_hub_id(tmp_path):
     ["export", "{tmp}/missing"], ["data", "check", "{tmp}/missing.jsonl"], ["init", "nonsense"],
     ["config", "--key", "zzz"],
 ], ids=lambda a: " ".join(a[:2]))
+@pytest.mark.e2e
 def test_every_verb_says_an_input_error_as_json_under_json(tmp_path, args):
     res = runner.invoke(app, [a.format(tmp=tmp_path) for a in args] + ["--json"])
     assert res.exit_code == 2, res.output
@@ -207,6 +218,7 @@ def test_every_verb_says_an_input_error_as_json_under_json(tmp_path, args):
 
 @pytest.mark.parametrize("args", [["eval", "x", "--bogus", "--json"], ["plan", "--json", "--nproc", "0", "c.yaml"],
                                   ["data", "check", "--json"]], ids=lambda a: " ".join(a[:3]))
+@pytest.mark.e2e
 def test_a_usage_error_under_json_is_json_too(args):
     """An unknown flag, a bad value or a missing argument never reaches the verb: the group says it,
     as one stderr line and, under --json, one JSON object on stdout (kind usage)."""

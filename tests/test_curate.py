@@ -54,6 +54,7 @@ def rows_of(texts_labels, file="f.jsonl") -> list[Row]:
 # ------------------------------------------------------------------ pure rules
 
 
+@pytest.mark.unit
 def test_normalize_text_folds_unicode_space_and_case():
     assert normalize_text("  The\u00a0 MOVIE\n\twas ﬁne ") == "the movie was fine"  # nbsp, ligature
     assert normalize_text("Ｇｒｅａｔ") == "great"  # full-width
@@ -61,6 +62,7 @@ def test_normalize_text_folds_unicode_space_and_case():
     assert normalize_text("good film") != normalize_text("good films")
 
 
+@pytest.mark.unit
 def test_single_rules_give_known_answers():
     keys = ["a", "b", "a", "c", "a", "b"]
     assert exact_duplicates(keys) == {2: 0, 4: 0, 5: 1}
@@ -70,6 +72,7 @@ def test_single_rules_give_known_answers():
     assert percentiles([7]) == {"min": 7, "p50": 7, "p90": 7, "p99": 7, "max": 7}
 
 
+@pytest.mark.unit
 def test_curate_counts_each_row_under_the_first_rule_that_drops_it():
     rows = rows_of([("tiny", "a"), ("a long enough text", "a"), ("A long  enough text", "a"),
                     ("x" * 50, "a"), ("same words here", "a"), ("Same words here", "b"), ("fine row", "b")])
@@ -82,12 +85,14 @@ def test_curate_counts_each_row_under_the_first_rule_that_drops_it():
     assert report["examples"]["duplicate"] == ["f.jsonl:3 (copy of f.jsonl:2)"]
 
 
+@pytest.mark.unit
 def test_token_bounds_use_the_given_counts():
     rows = rows_of([("one", None), ("one two", None), ("one two three", None), ("one two three four", None)])
     out = curate(rows, Filters(min_tokens=2, max_tokens=3), token_counts=[1, 2, 3, 4])
     assert out.dropped == {"too_few_tokens": [0], "too_many_tokens": [3]} and out.kept == [1, 2]
 
 
+@pytest.mark.unit
 def test_conversation_key_compares_roles_and_normalised_content():
     a = conversation_key([("user", "Hi  there"), ("assistant", "Hello!")])
     assert a == conversation_key([("user", "hi there"), ("assistant", "HELLO!")])
@@ -102,6 +107,7 @@ def test_conversation_key_compares_roles_and_normalised_content():
 BASE = "the old lighthouse keeper walked along the rocky shore every single morning".split()
 
 
+@pytest.mark.unit
 def test_near_duplicates_exact_jaccard_and_determinism():
     a = " ".join(BASE)                       # 12 words, 10 shingles
     b = " ".join(BASE[:-1] + ["evening"])    # last shingle differs: Jaccard 9/11
@@ -112,6 +118,7 @@ def test_near_duplicates_exact_jaccard_and_determinism():
     assert all(near_duplicates([a, b, c], 0.8, seed=s) == {1: 0} for s in range(5))
 
 
+@pytest.mark.unit
 def test_near_duplicate_chain_keeps_both_ends():
     """Windows of 40 distinct words, each 5 words on: a~b and b~c (33/43 shared shingles), a and c
     less alike (28/48). b goes as a copy of a; c is compared with kept rows only, so it stays."""
@@ -123,6 +130,7 @@ def test_near_duplicate_chain_keeps_both_ends():
     assert near_duplicates([a, b, c], 0.5) == {1: 0, 2: 0}
 
 
+@pytest.mark.unit
 def test_rows_per_band_keeps_misses_rare_and_bands_wide_when_it_can():
     from tunelab.data.near_dup import NUM_PERM, rows_per_band
 
@@ -132,6 +140,7 @@ def test_rows_per_band_keeps_misses_rare_and_bands_wide_when_it_can():
     assert rows_per_band(0.9) == 4 and rows_per_band(0.5) == 2 and rows_per_band(0.3) == 1
 
 
+@pytest.mark.e2e
 def test_check_near_dup_option_through_the_cli(tmp_path):
     rows = [{"text": " ".join(BASE)}, {"text": " ".join(BASE[:-1] + ["evening"])}, {"text": "short note"}]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
@@ -142,6 +151,7 @@ def test_check_near_dup_option_through_the_cli(tmp_path):
     assert report["clean"]["examples"]["near_duplicate"] == [f"{path}:2 (copy of {path}:1)"]
 
 
+@pytest.mark.unit
 def test_curate_near_duplicates_reason():
     texts = [" ".join(BASE), " ".join(BASE[:-1] + ["evening"]), "something else entirely here"]
     rows = rows_of([(t, None) for t in texts])
@@ -157,6 +167,7 @@ def _invoke(args: list[str]):
     return result, (json.loads(result.stdout) if result.exit_code == 0 and "--json" in args else None)
 
 
+@pytest.mark.e2e
 def test_clean_cli_classification_exact_counts_and_rows(tmp_path):
     train, ev = write_jsonl(tmp_path / "train.jsonl", TRAIN), write_jsonl(tmp_path / "eval.jsonl", EVAL)
     out, eval_out = tmp_path / "clean" / "train.jsonl", tmp_path / "clean" / "eval.jsonl"
@@ -182,6 +193,7 @@ def test_clean_cli_classification_exact_counts_and_rows(tmp_path):
     assert not list(out.parent.glob(".*tmp*"))  # no temporary file left behind
 
 
+@pytest.mark.e2e
 def test_clean_text_output_names_counts_and_examples(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", TRAIN)
     result = runner.invoke(app, ["data", "clean", str(train), "--out", str(tmp_path / "o.jsonl")])
@@ -191,6 +203,7 @@ def test_clean_text_output_names_counts_and_examples(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".parquet"])
+@pytest.mark.unit
 def test_clean_keeps_the_input_format_and_round_trips(tmp_path, suffix):
     """A file cleaned into its own format reads back with the same fields, minus the dropped rows."""
     from tunelab.data.writers import write_records
@@ -208,6 +221,7 @@ def test_clean_keeps_the_input_format_and_round_trips(tmp_path, suffix):
     assert kept == [r for r in rows if r["id"] in {"0", "2", "7", "8", "9"}]
 
 
+@pytest.mark.unit
 def test_clean_length_bounds_exact(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", TRAIN)
     report = clean_files(train, tmp_path / "o.jsonl", filters=Filters(min_chars=11, max_chars=15))
@@ -217,6 +231,7 @@ def test_clean_length_bounds_exact(tmp_path):
     assert [r.fields["text"] for r in read_records(tmp_path / "o.jsonl")] == ["Boring plot", "Terrible ending"]
 
 
+@pytest.mark.e2e
 def test_clean_min_tokens_with_a_tokenizer(tmp_path, tiny_bert):
     train = write_jsonl(tmp_path / "train.jsonl", [r for r in TRAIN if r["text"].strip()])
     out = tmp_path / "o.jsonl"
@@ -251,6 +266,7 @@ CHAT_EVAL = [
 ]
 
 
+@pytest.mark.e2e
 def test_clean_chat_dedupe_empty_and_missing_assistant(tmp_path):
     train, ev = write_jsonl(tmp_path / "chat.jsonl", CHAT), write_jsonl(tmp_path / "chat_eval.jsonl", CHAT_EVAL)
     out, eval_out = tmp_path / "o.jsonl", tmp_path / "oe.jsonl"
@@ -268,6 +284,7 @@ def test_clean_chat_dedupe_empty_and_missing_assistant(tmp_path):
     assert len(read_chat_data(out).conversations) == 3  # training accepts the cleaned file
 
 
+@pytest.mark.unit
 def test_clean_alpaca_compares_instruction_input_and_output(tmp_path):
     rows = [{"instruction": "Add", "input": "2+2", "output": "4"},
             {"instruction": "add", "input": "2 + 2", "output": "4"},  # not a copy: '2 + 2' != '2+2'
@@ -278,6 +295,7 @@ def test_clean_alpaca_compares_instruction_input_and_output(tmp_path):
     assert report["dropped"] == {"duplicate": 1} and report["examples"]["duplicate"] == [f"{src}:3 (copy of {src}:1)"]
 
 
+@pytest.mark.unit
 def test_clean_plain_text_jsonl_and_txt(tmp_path):
     rows = [{"text": "First doc."}, {"text": "first   DOC."}, {"text": ""}, {"text": "Second doc,\nline two."}]
     report = clean_files(write_jsonl(tmp_path / "t.jsonl", rows), tmp_path / "o.txt")
@@ -290,6 +308,7 @@ def test_clean_plain_text_jsonl_and_txt(tmp_path):
 # ------------------------------------------------------------------ data check
 
 
+@pytest.mark.e2e
 def test_check_classification_json_keeps_old_keys_and_counts(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [r for r in TRAIN if r["text"].strip()])
     ev = write_jsonl(tmp_path / "eval.jsonl", EVAL)
@@ -305,6 +324,7 @@ def test_check_classification_json_keeps_old_keys_and_counts(tmp_path):
     assert any("eval rows also appear" in h for h in report["eval"]["hints"])
 
 
+@pytest.mark.e2e
 def test_check_chat_reports_roles_turns_and_assistant_share(tmp_path):
     rows = [CHAT[0], CHAT[2], CHAT[6], CHAT[1]]
     result, report = _invoke(["data", "check", str(write_jsonl(tmp_path / "c.jsonl", rows)), "--json"])
@@ -319,6 +339,7 @@ def test_check_chat_reports_roles_turns_and_assistant_share(tmp_path):
     assert report["duplicate_texts"] == 1 and report["clean"]["would_drop"] == {"duplicate": 1}
 
 
+@pytest.mark.e2e
 def test_check_stops_at_the_first_refused_row_and_counts_them(tmp_path):
     train = write_jsonl(tmp_path / "chat.jsonl", CHAT)
     result = runner.invoke(app, ["data", "check", str(train)])
@@ -382,6 +403,7 @@ BAD = ["out_is_input", "out_is_input_respelled", "out_is_eval_input", "eval_out_
 
 
 @pytest.mark.parametrize("name", BAD)
+@pytest.mark.e2e
 def test_data_bad_input_exits_2_with_one_located_line(tmp_path, name):
     args, loc, word = _bad(tmp_path, name)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -400,6 +422,7 @@ def test_data_bad_input_exits_2_with_one_located_line(tmp_path, name):
 # ------------------------------------------------------------------ training: warn, never change the data
 
 
+@pytest.mark.unit
 def test_train_warns_and_records_quality_without_changing_data(toy_classification, caplog):
     from tunelab.config import Config
     from tunelab.tasks.classification import data_quality, setup_classification

@@ -88,6 +88,7 @@ def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.parity
 def test_two_processes_step_like_one_process_over_the_same_examples(toy_classification, tmp_path):
     base = toy_classification["config"]
     cases = []
@@ -176,6 +177,7 @@ def reference_run(tiny_bert, tmp_path_factory):
             "stderr": stderr}
 
 
+@pytest.mark.e2e
 def test_nproc_2_writes_one_run_dir_and_learns(reference_run):
     out = reference_run["out"]
     assert reference_run["code"] == 0, reference_run["stderr"][-3000:]
@@ -207,6 +209,7 @@ def same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_every_process_and_resume_ends_at_the_same_weights(reference_run, tmp_path):
     config, out = reference_run["config"], tmp_path / "stopped"
     proc = start(config, out, "--nproc", "2")
@@ -252,6 +255,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.e2e
 def test_sigkill_of_every_process_then_torchrun_resume_is_exact(reference_run, tmp_path):
     """A crash (launcher and workers SIGKILLed), then a resume launched by plain torchrun."""
     config, out = reference_run["config"], tmp_path / "killed"
@@ -272,6 +276,7 @@ def test_sigkill_of_every_process_then_torchrun_resume_is_exact(reference_run, t
     assert row_keys(out) == row_keys(reference_run["out"])  # the log continues, nothing repeated or lost
 
 
+@pytest.mark.e2e
 def test_bad_input_found_by_the_workers_exits_2_with_one_line(reference_run):
     """The run dir is judged by every process after the launch: the launcher still exits 2, and the
     error is said once, without torchrun's failure report or a traceback."""
@@ -286,6 +291,7 @@ def test_bad_input_found_by_the_workers_exits_2_with_one_line(reference_run):
 
 @pytest.mark.parametrize("value,words", [("0", "Invalid value"), ("two", "Invalid value"),
                                          (str(len(os.sched_getaffinity(0)) + 1), "more than this machine's")])
+@pytest.mark.e2e
 def test_bad_nproc_is_refused(toy_classification, tmp_path, value, words):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(toy_classification["config"]))
@@ -295,6 +301,7 @@ def test_bad_nproc_is_refused(toy_classification, tmp_path, value, words):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores for --nproc 2")
+@pytest.mark.e2e
 def test_options_that_do_not_work_with_several_processes_are_refused(toy_classification, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({**toy_classification["config"], "unfreeze": {"every": 1}}))

@@ -68,6 +68,7 @@ def fake_run(tmp_path: Path, final_src: Path | None, base_name: str) -> Path:
     (lambda w: (w.double() + 0.5 * orthogonal_to(w)).float(), 0.5, 1 / math.sqrt(1.25)),  # orthogonal, |P|=0.5|W|
     (lambda w: -w, 2.0, -1.0),                                        # sign flip
 ])
+@pytest.mark.unit
 def test_one_changed_matrix_gives_the_hand_computed_numbers(tiny_bert, tmp_path, change, rel, cos):
     tuned = perturbed_copy(tiny_bert, tmp_path / "tuned", {QUERY1: change})
     base_w = load_file(tiny_bert / "model.safetensors")
@@ -89,6 +90,7 @@ def test_one_changed_matrix_gives_the_hand_computed_numbers(tiny_bert, tmp_path,
     assert d["kind"] == "full" and d["new"] == [] and d["missing"] == []
 
 
+@pytest.mark.unit
 def test_flag_fires_exactly_past_the_threshold(tiny_bert, tmp_path):
     tuned = perturbed_copy(tiny_bert, tmp_path / "tuned", {QUERY1: lambda w: (w.double() + 0.5 * orthogonal_to(w)).float()})
     base_w = load_file(tiny_bert / "model.safetensors")
@@ -100,6 +102,7 @@ def test_flag_fires_exactly_past_the_threshold(tiny_bert, tmp_path):
     assert above["flagged"] == []
 
 
+@pytest.mark.unit
 def test_new_head_is_reported_as_new_not_as_drift(tiny_bert, tmp_path):
     """Base = the bare encoder (keys without `bert.`, no classifier): the head is new, the rest did not move."""
     from transformers import BertForSequenceClassification
@@ -140,6 +143,7 @@ def hand_set_adapter(tiny_bert: Path, out: Path, *, rslora: bool, dora: bool):
 
 
 @pytest.mark.parametrize("rslora, dora", [(False, False), (True, False), (False, True)])
+@pytest.mark.parity
 def test_lora_delta_equals_the_merged_models_weight_difference(tiny_bert, tmp_path, rslora, dora):
     merged = hand_set_adapter(tiny_bert, tmp_path / "adapter", rslora=rslora, dora=dora)
     base_w = load_file(tiny_bert / "model.safetensors")
@@ -176,6 +180,7 @@ def test_lora_delta_equals_the_merged_models_weight_difference(tiny_bert, tmp_pa
         assert ours["cosine"] == pytest.approx(theirs["cosine"], abs=1e-6), ours
 
 
+@pytest.mark.unit
 def test_adapter_finds_its_base_by_itself(tiny_bert, tmp_path):
     """tunelab_adapter.json names the base first; peft's adapter_config.json is the fallback."""
     adapter = tmp_path / "adapter"
@@ -195,6 +200,7 @@ def test_adapter_finds_its_base_by_itself(tiny_bert, tmp_path):
 # ---------------------------------------------------------------- the drift verb
 
 
+@pytest.mark.e2e
 def test_cli_drift_on_a_run_dir_prints_one_json_object(tiny_bert, tmp_path):
     three = {QUERY1: lambda w: w * 1.1, QUERY1.replace("layer.1", "layer.0"): lambda w: w * 1.05,
              "bert.embeddings.word_embeddings.weight": lambda w: w * 1.01}
@@ -214,6 +220,7 @@ def test_cli_drift_on_a_run_dir_prints_one_json_object(tiny_bert, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "bare_model_no_base", "run_without_final", "bad_base"])
+@pytest.mark.e2e
 def test_cli_drift_bad_input_is_one_line_exit_2(tiny_bert, tmp_path, case):
     path, expect = tmp_path / "nowhere", "not found"
     args = []
@@ -240,6 +247,7 @@ def test_cli_drift_bad_input_is_one_line_exit_2(tiny_bert, tmp_path, case):
 # ---------------------------------------------------------------- the report verb
 
 
+@pytest.mark.e2e
 def test_cli_report_includes_the_drift_table(tiny_bert, tmp_path):
     tuned = perturbed_copy(tiny_bert, tmp_path / "tuned", {QUERY1: lambda w: w * 1.1})
     run = fake_run(tmp_path, tuned, str(tiny_bert))
@@ -255,6 +263,7 @@ def test_cli_report_includes_the_drift_table(tiny_bert, tmp_path):
 
 
 @pytest.mark.parametrize("base, why", [("{tmp}/gone", "not found"), ("someorg/not-cached-model", "not available locally")])
+@pytest.mark.e2e
 def test_report_without_drift_says_why_in_one_line(tiny_bert, tmp_path, base, why):
     run = fake_run(tmp_path, tiny_bert, base.format(tmp=tmp_path))
     d, reason = drift_for_report(run)
@@ -267,6 +276,7 @@ def test_report_without_drift_says_why_in_one_line(tiny_bert, tmp_path, base, wh
 
 
 @pytest.mark.parametrize("case", ["missing", "no_summary"])
+@pytest.mark.e2e
 def test_cli_report_on_a_non_run_dir_is_exit_2(tmp_path, case):
     path = tmp_path / "not-a-run"
     if case == "no_summary":
@@ -278,6 +288,7 @@ def test_cli_report_on_a_non_run_dir_is_exit_2(tmp_path, case):
     assert not (path / "report.html").exists()
 
 
+@pytest.mark.e2e
 def test_a_trained_run_reports_its_drift(toy_classification, tmp_path):
     """End to end: the report written at the end of training has the drift of final/ against the base."""
     from tunelab.config import Config
@@ -292,6 +303,7 @@ def test_a_trained_run_reports_its_drift(toy_classification, tmp_path):
     assert d["kind"] == "full" and d["new"] == [] and 0 < d["overall"]["relative_change"] < 0.1
 
 
+@pytest.mark.unit
 def test_adapter_against_a_bare_encoder_base(tiny_bert, tmp_path):
     """Base keys lack the task model's `bert.` prefix: adapted and untouched tensors still land in the
     model's layers, and the head the base lacks is new, as for a full fine-tune."""

@@ -23,6 +23,7 @@ def _run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+@pytest.mark.parity
 def test_eval_chat_model_loss_matches_transformers_and_generates(tmp_path, llama):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,6 +59,7 @@ def test_eval_chat_model_loss_matches_transformers_and_generates(tmp_path, llama
     assert text.exit_code == 0 and "perplexity" in text.output and "stop_rate" in text.output
 
 
+@pytest.mark.e2e
 def test_mismatches_are_input_errors_that_say_what_fits(tmp_path, llama, tiny_bert):
     labelled = write_jsonl(tmp_path / "labelled.jsonl", sentiment_rows(8))
     chat = write_jsonl(tmp_path / "chat.jsonl", conversations(3))

@@ -36,6 +36,7 @@ def _logits(model, ids):
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
+@pytest.mark.parity
 def test_gguf_round_trip_transformers_reads_it_back(tiny_model, tmp_path):
     """f32 is exact (so the rotary permutation and tensor names are right); f16 / q8_0 within their tolerance;
     the file loads with plain transformers `from_pretrained(gguf_file=...)`; the metadata carries the chat
@@ -65,6 +66,7 @@ def test_gguf_round_trip_transformers_reads_it_back(tiny_model, tmp_path):
     assert reader.fields["general.architecture"].contents() == "llama"
 
 
+@pytest.mark.parity
 def test_rotary_permutation_is_the_inverse_of_transformers_reader():
     """Our q/k permutation undone by transformers' own reverse permutation gives the original rows back."""
     import numpy as np
@@ -81,6 +83,7 @@ def test_rotary_permutation_is_the_inverse_of_transformers_reader():
     assert not np.array_equal(permute_rotary(w, 8, 8), w)
 
 
+@pytest.mark.unit
 def test_export_check_catches_a_corrupted_tensor(tiny_model, tmp_path):
     """One tensor damaged between writing and reading back: error, and only the report is left."""
     def corrupt(model):
@@ -95,6 +98,7 @@ def test_export_check_catches_a_corrupted_tensor(tiny_model, tmp_path):
     assert not report["passed"] and report["relative_logit_diff"] > 2e-2
 
 
+@pytest.mark.e2e
 def test_export_cli_json_and_bad_input(tiny_model, tmp_path):
     r = runner.invoke(app, ["export", str(tiny_model), "--quant", "q8_0", "-o", str(tmp_path / "o"), "--json"])
     assert r.exit_code == 0, r.output
@@ -106,6 +110,7 @@ def test_export_cli_json_and_bad_input(tiny_model, tmp_path):
     assert r.exit_code == 2 and "not found" in r.stderr
 
 
+@pytest.mark.parity
 def test_ollama_export_modelfile_renders_like_training(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
@@ -122,12 +127,14 @@ def test_ollama_export_modelfile_renders_like_training(tiny_model, tmp_path):
     assert out["files"][0]["modelfile_check"]["passed"]
 
 
+@pytest.mark.unit
 def test_unsupported_architecture_is_an_input_error(tmp_path, tiny_bert):
     with pytest.raises(InputError, match="writes causal LMs"):
         export_run(tiny_bert, tmp_path / "x", "gguf", ["f16"])
 
 
 @pytest.mark.slow
+@pytest.mark.parity
 def test_smollm2_round_trip_as_ollama(tmp_path):
     """The embedded SmolLM2-135M-Instruct: q8_0 GGUF + Modelfile, read back by transformers, within tolerance,
     the same tokenization, the default system prompt in SYSTEM, the Modelfile rendering as training did."""

@@ -9,6 +9,8 @@ from tunelab.evaluate.generation_metrics import (cross_prompt_similarity, distin
                                                  reference_scores, repeated_ngram_share, words)
 from tunelab.monitor.health import HealthMonitor
 
+pytestmark = pytest.mark.unit
+
 
 def test_words_split_punctuation_alone():
     assert words("Hello, World!!") == ["hello", ",", "world", "!", "!"]

@@ -15,6 +15,8 @@ from tunelab.cli import app
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

@@ -7,6 +7,8 @@ import pytest
 
 from tunelab.monitor.health import KINDS, HealthMonitor, summarize
 
+pytestmark = pytest.mark.unit
+
 
 def curve(seed: int, n: int = 300, noise: float = 0.05, eval_every: int = 25, schedule: str = "cosine") -> list[dict]:
     """A healthy run, one train row per step: a power-law loss curve (the usual shape of fine-tuning

@@ -16,6 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.e2e
+
 # A subprocess entry point; with KILL_IN_SAVE_AT=N it SIGKILLs itself halfway through writing
 # checkpoint N (after optimizer.pt, before the manifest): the worst moment for a crash.
 RUNNER = textwrap.dedent("""

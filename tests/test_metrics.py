@@ -4,6 +4,8 @@ import pytest
 
 from tunelab.evaluate.classification import classification_metrics
 
+pytestmark = pytest.mark.unit
+
 
 def test_three_class_metrics_by_hand():
     labels = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]

@@ -16,6 +16,8 @@ from tunelab.config import Config
 from tunelab.monitor.metrics_log import read_metrics
 from tunelab.run import run_training
 
+pytestmark = pytest.mark.e2e
+
 
 def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
