@@ -14,6 +14,7 @@ CONV = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel
         {"role": "user", "content": "Tell me a story."}]
 
 
+@pytest.mark.unit
 def test_go_template_subset_matches_go_semantics():
     """Expected strings written by hand from Go's text/template rules (trim markers eat all adjacent whitespace)."""
     data = {"Messages": [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}], "System": "s"}
@@ -28,6 +29,7 @@ def test_go_template_subset_matches_go_semantics():
         render("{{ end }}", data)
 
 
+@pytest.mark.unit
 def test_ollama_puts_the_modelfile_system_first_only_when_the_conversation_has_none():
     assert ollama_messages(CONV, "S")["Messages"][0] == {"Role": "system", "Content": "S"}
     own = [{"role": "system", "content": "mine"}] + CONV
@@ -47,6 +49,7 @@ def _smollm2_template() -> str:
     return gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
 
 
+@pytest.mark.parity
 def test_smollm2_template_as_ollama_renders_it():
     """SmolLM2's own Jinja template (read from the embedded GGUF) injects a default system prompt; the
     Modelfile carries it as SYSTEM, and Ollama's rendering of the Modelfile equals the training render."""
@@ -71,6 +74,7 @@ LLAMA3_JINJA = (
 )
 
 
+@pytest.mark.parity
 def test_llama3_family_with_bos_added_by_llama_cpp():
     from tokenizers import AddedToken
 
@@ -83,6 +87,7 @@ def test_llama3_family_with_bos_added_by_llama_cpp():
     assert ollama_render(mf, CONV, bos="<|begin_of_text|>") == hf_render(tok, CONV)
 
 
+@pytest.mark.unit
 def test_a_template_no_family_reproduces_is_refused():
     tok = tiny_chat_tokenizer_build()
     tok.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"

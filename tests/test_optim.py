@@ -7,6 +7,8 @@ from tunelab.errors import InputError
 from tunelab.models.anatomy import find_blocks
 from tunelab.train.optim import param_groups
 
+pytestmark = pytest.mark.unit
+
 
 def bert():
     return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,

@@ -11,11 +11,13 @@ from tunelab.data.chat_template import IGNORE_INDEX, EncodedExample, encode_conv
 from tunelab.data.packing import block_causal_mask, collate_packed, collate_padded, pack
 
 
+@pytest.mark.unit
 def test_pack_first_fit_decreasing_known_answer():
     # sorted 5,4,3,3,2,2,1 into bins of 8: [5,3], [4,3,1], [2,2]
     assert pack([5, 4, 3, 3, 2, 2, 1], 8) == [[0, 2], [1, 3, 6], [4, 5]]
 
 
+@pytest.mark.unit
 def test_pack_covers_every_example_once_within_capacity():
     import random
 
@@ -27,11 +29,13 @@ def test_pack_covers_every_example_once_within_capacity():
     assert len(bins) <= 2 * sum(lengths) / 64 + 1  # FFD is never worse than twice the optimum
 
 
+@pytest.mark.unit
 def test_pack_rejects_example_longer_than_max_length():
     with pytest.raises(ValueError, match="example 1"):
         pack([3, 9], 8)
 
 
+@pytest.mark.unit
 def test_block_causal_mask_values():
     m = block_causal_mask([2, 3])
     assert m.shape == (1, 1, 5, 5) and m.dtype == torch.float32
@@ -55,6 +59,7 @@ def _random_examples(lengths, vocab=400, seed=0):
     return out
 
 
+@pytest.mark.unit
 def test_collate_packed_positions_and_labels():
     exs = _random_examples([3, 4])
     row = collate_packed(exs, [1, 0])
@@ -79,6 +84,7 @@ def _alone_and_packed(model, exs, row):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parity
 def test_packed_logits_equal_logits_alone(attn):
     model = tiny_llama_build(400, attn_implementation=attn)
     exs = _random_examples([7, 12, 5, 9], seed=1)
@@ -88,6 +94,7 @@ def test_packed_logits_equal_logits_alone(attn):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parity
 def test_naive_packing_with_position_ids_only_differs(attn):
     """The regression this guards against: restarting position_ids without the block mask."""
     model = tiny_llama_build(400, attn_implementation=attn)
@@ -100,6 +107,7 @@ def test_naive_packing_with_position_ids_only_differs(attn):
     assert min(diffs[1:]) > 1e-3, diffs
 
 
+@pytest.mark.parity
 def test_packed_loss_equals_sum_of_losses_alone(tiny_chat_tokenizer):
     tok = tiny_chat_tokenizer
     model = tiny_llama_build(len(tok))
@@ -123,6 +131,7 @@ def test_packed_loss_equals_sum_of_losses_alone(tiny_chat_tokenizer):
     assert packed == pytest.approx(alone, rel=1e-5)
 
 
+@pytest.mark.parity
 def test_collate_padded_shapes_and_logits():
     model = tiny_llama_build(400)
     exs = _random_examples([4, 9, 6], seed=2)

@@ -18,6 +18,7 @@ from tunelab.plan.probe import meta_model, probe, probe_loss
 from test_causal_lm import chat_config, tiny_llama  # noqa: F401  (the module-scoped fixture)
 
 
+@pytest.mark.unit
 def test_probe_counts_a_hand_built_mlp_exactly():
     """Linear(8,16) -> GELU -> Linear(16,4) on 5 rows whose input needs no grad.
     Saved for backward: the input x (5x8), GELU's input (5x16), the second Linear's input (5x16),
@@ -32,6 +33,7 @@ def test_probe_counts_a_hand_built_mlp_exactly():
     assert r.flops == 4480
 
 
+@pytest.mark.unit
 def test_frozen_first_layer_drops_its_weight_gradient_flops():
     """The same MLP with the first Linear frozen: nothing before the second Linear needs a gradient,
     so only its input (5x16 fp32 = 320 bytes) is saved, and backward is its weight gradient alone:
@@ -70,6 +72,7 @@ def _real_cost(model, batch, loss_fn):
     return sum(saved.values()), fc.get_total_flops()
 
 
+@pytest.mark.parity
 def test_probe_matches_a_real_forward_backward_of_tiny_bert(toy_classification):
     from tunelab.tasks.classification import classification_loss
 
@@ -87,6 +90,7 @@ def test_probe_matches_a_real_forward_backward_of_tiny_bert(toy_classification):
     assert abs(r.saved_bytes - saved) <= 0.02 * saved
 
 
+@pytest.mark.unit
 def test_fitted_costs_equal_a_direct_probe_at_other_shapes(toy_classification, tiny_llama, tmp_path):
     cfg = _toy_cfg(toy_classification)
     meta = meta_model(cfg, num_labels=2)
@@ -107,6 +111,7 @@ def test_fitted_costs_equal_a_direct_probe_at_other_shapes(toy_classification, t
         assert planner.shape_cost(coef["saved_bytes"], rows, width, sup) == pytest.approx(direct.saved_bytes, rel=0.05)
 
 
+@pytest.mark.parity
 def test_param_bytes_match_the_real_optimizer_state(toy_classification):
     """Weights, gradients and AdamW moments against the tensors a real step allocates."""
     from tunelab.run import setup
@@ -126,6 +131,7 @@ def test_param_bytes_match_the_real_optimizer_state(toy_classification):
     assert pb["trainable_params"] == r.trainable and pb["total_params"] == r.total
 
 
+@pytest.mark.parity
 def test_lora_and_qlora_param_bytes(toy_classification):
     raw = copy.deepcopy(toy_classification["config"])
     full = planner.param_bytes(meta_model(Config.model_validate(raw), 2), Config.model_validate(raw))
@@ -154,6 +160,7 @@ def test_lora_and_qlora_param_bytes(toy_classification):
 
 
 @pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parity
 def test_data_profile_matches_the_collated_batches(tiny_llama, tmp_path, packing):
     """Rows x width of every micro-batch and its supervised tokens, against the real collate."""
     from tunelab.config import load_config
@@ -172,6 +179,7 @@ def test_data_profile_matches_the_collated_batches(tiny_llama, tmp_path, packing
     assert prof["packed"] is packing
 
 
+@pytest.mark.e2e
 def test_planned_steps_equal_a_real_run_and_timing_is_measured(toy_classification, tmp_path):
     """`tunelab plan --json` on the toy config: its step and evaluation counts are those the real
     run then takes, the time comes from measured steps, and a gradient-checkpointing what-if
@@ -202,6 +210,7 @@ def test_planned_steps_equal_a_real_run_and_timing_is_measured(toy_classificatio
     assert {s["change"] for s in p["suggestions"]} >= {"train.gradient_checkpointing=true", "method=lora"}
 
 
+@pytest.mark.unit
 def test_gradient_checkpointing_keeps_fewer_activations_but_recomputes(toy_classification):
     """The what-if the planner offers: checkpointing saves only block inputs (fewer saved bytes),
     backward recomputes each block (more FLOPs), and one block's activations come back as transient."""
@@ -215,6 +224,7 @@ def test_gradient_checkpointing_keeps_fewer_activations_but_recomputes(toy_class
     assert ckpt["memory"]["transient"] > plain["memory"]["transient"]
 
 
+@pytest.mark.e2e
 def test_plan_bad_config_is_one_line_exit_2(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("task: classification\ndata:\n  train: missing.jsonl\ntrain:\n  batch_size: zero\n", encoding="utf-8")
@@ -223,6 +233,7 @@ def test_plan_bad_config_is_one_line_exit_2(tmp_path):
     assert "batch_size" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.parity
 def test_plan_for_two_processes_matches_the_ddp_setup(toy_classification):
     """--nproc 2: the steps are those the DDP setup computes (a step takes 2 x grad_accum
     micro-batches), DDP's gradient buckets join the per-process memory, and on the CPU the two

@@ -31,6 +31,7 @@ def _zero(psi, n):
 @pytest.mark.parametrize("n,expected", [
     (1, [120, 120, 120, 120]), (4, [120, 52.5, 41.3, 30]), (16, [120, 35.6, 21.6, 7.5]),
     (64, [120, 31.4, 16.6, 1.88]), (256, [120, 30.4, 15.4, 0.47]), (1024, [120, 30.1, 15.1, 0.12])])
+@pytest.mark.unit
 def test_zero_paper_table_1_for_7_5b(n, expected):
     """Rajbhandari et al. 2020, Table 1, psi = 7.5B, K = 12: baseline, P_os, P_os+g, P_os+g+p per device."""
     got = _zero(7.5e9, n)
@@ -38,6 +39,7 @@ def test_zero_paper_table_1_for_7_5b(n, expected):
     assert [half_up(g, p) for g, p in zip(got, places)] == expected
 
 
+@pytest.mark.unit
 def test_zero_paper_large_models():
     """Table 1's 1T row at N = 1024: 15.6 GB with P_os+g+p; 128B at 1024: 2 GB (16 x 128 / 1024)."""
     assert half_up(_zero(1e12, 1024)[3], 1) == 15.6
@@ -45,6 +47,7 @@ def test_zero_paper_large_models():
     assert _zero(1e12, 1024)[0] == 16000
 
 
+@pytest.mark.unit
 def test_fsdp_shards_like_zero3_and_offload_moves_states_to_the_host():
     z3 = memory.model_states(7.5e9, 7.5e9, strategy="zero3", n=64)
     fs = memory.model_states(7.5e9, 7.5e9, strategy="fsdp", n=64)
@@ -60,6 +63,7 @@ def test_fsdp_shards_like_zero3_and_offload_moves_states_to_the_host():
 
 @pytest.mark.parametrize("strategy,shares", [
     ("fsdp", (0.5, 0.5, 0.5)), ("zero1", (1.0, 1.0, 0.5)), ("zero2", (1.0, 0.5, 0.5)), ("zero3", (0.5, 0.5, 0.5))])
+@pytest.mark.unit
 def test_fp32_shares_match_what_the_sharded_processes_hold(strategy, shares):
     """The per-rank shares tests/test_sharding.py measures from the tensors 2 CPU processes hold (fp32):
     weights P x 4 bytes, gradients P x 4, optimizer 2P x 4 under FSDP2 and 3P x 4 under DeepSpeed
@@ -73,6 +77,7 @@ def test_fp32_shares_match_what_the_sharded_processes_hold(strategy, shares):
     assert [h / w for h, w in zip(held, whole)] == list(shares)
 
 
+@pytest.mark.unit
 def test_qlora_bits_and_the_65b_base():
     """Dettmers et al. 2023: NF4 + double quantisation 4.127 bits per parameter, 4.5 without; 65B ~ 33.5 GB."""
     assert round(memory.nf4_bits(), 3) == 4.127
@@ -87,6 +92,7 @@ def _write(config, tmp_path, name):
     return str(path)
 
 
+@pytest.mark.unit
 def test_lora_paper_counts(tmp_path):
     """Hu et al. 2021: RoBERTa-base r=8 on query/value: 294,912; GPT-3 175B r=4 on Wq, Wv: 18,874,368
     (GPT-2-style fused c_attn, q and v as its d -> d slices)."""
@@ -105,6 +111,7 @@ def test_lora_paper_counts(tmp_path):
     assert 174e9 < m.counts["total"] < 176e9
 
 
+@pytest.mark.parity
 def test_lora_count_equals_peft_on_the_meta_model(tmp_path):
     """The analytic r x (in + out) count against peft's own trainable count (tiny Llama and GPT-2)."""
     from peft import LoraConfig, get_peft_model
@@ -133,6 +140,7 @@ def _families():
 
 
 @pytest.mark.parametrize("config", _families(), ids=lambda c: c.model_type)
+@pytest.mark.parity
 def test_meta_parameter_count_equals_the_real_model(config, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -144,6 +152,7 @@ def test_meta_parameter_count_equals_the_real_model(config, tmp_path):
     assert m.task == ("classification" if config.model_type in ("bert", "roberta") else "causal_lm")
 
 
+@pytest.mark.unit
 def test_korthikanti_layer_formula_exactly():
     """Korthikanti et al. 2022 section 4.1: s b h (34 + 5 a s / h) bytes per GPT layer; 2 s b h with full recompute."""
     shape = arch.Shape(model_type="gpt", layers=24, hidden=1024, heads=16, kv_heads=16, head_dim=64,
@@ -178,6 +187,7 @@ def _probe_vs_formula(config, amp, s=256, b=2):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parity
 def test_activation_formula_agrees_with_the_probe(impl):
     """The formula against the fake-tensor probe (real saved tensors) on tiny Llama and GPT-2, fp32 and
     bf16 autocast: 0.6-2.7% above it (README: "Planning for other hardware" states the figures)."""
@@ -193,6 +203,7 @@ def test_activation_formula_agrees_with_the_probe(impl):
             assert _probe_vs_formula(config, amp) == pytest.approx(1.0, abs=tol), (config.model_type, amp)
 
 
+@pytest.mark.parity
 def test_lora_activation_formula_agrees_with_the_probe():
     """Under LoRA the frozen projections keep nothing and the adapted ones their (dropout) inputs:
     against the probe on a peft-wrapped tiny Llama (all projections, or q/v) and GPT-2 (c_attn),
@@ -224,6 +235,7 @@ def test_lora_activation_formula_agrees_with_the_probe():
             assert f / measured == pytest.approx(1.0, abs=0.12), (config.model_type, targets, amp)
 
 
+@pytest.mark.parity
 def test_flops_per_token_against_torch_flop_counter():
     """6P + 12 L s d per token (full) against FlopCounterMode on a real forward + backward; LoRA's 4P + 6P_a."""
     from transformers import LlamaConfig
@@ -244,6 +256,7 @@ def test_flops_per_token_against_torch_flop_counter():
     assert lora["weights"] == 4e9 + 6e6
 
 
+@pytest.mark.unit
 def test_time_cost_and_break_even_by_hand():
     t = timecost.time_and_cost(6 * 7e9 * 1e7, devices=8, peak_flops=312e12, mfu=0.5, price_per_hour=2.0)
     assert t["seconds"] == pytest.approx(6 * 7e9 * 1e7 / (8 * 312e12 * 0.5))
@@ -256,6 +269,7 @@ def test_time_cost_and_break_even_by_hand():
     assert timecost.break_even(5.0, tokens_saved=1, price_in=0.0, price_out=1.0)["break_even_requests"] is None
 
 
+@pytest.mark.unit
 def test_hardware_table():
     for name in ("A10G", "L4", "RTX4090", "A100-40GB", "A100-80GB", "H100", "H200", "B200", "MI300X"):
         assert name in ACCELERATORS
@@ -274,6 +288,7 @@ def llama_json(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.e2e
 def test_json_schema_and_sums(llama_json):
     res = CliRunner().invoke(app, ["plan", "--model", llama_json, "--gpu", "L4", "--gpus", "4", "--strategy", "zero3",
                                    "--method", "full", "--seq-len", "512", "--batch-size", "2", "--tokens", "1e7",
@@ -292,6 +307,7 @@ def test_json_schema_and_sums(llama_json):
     assert p["fits"] is True and "--set distributed.strategy=zero3" in p["command"] and "--nproc 4" in p["command"]
 
 
+@pytest.mark.e2e
 def test_nothing_fits_says_what_is_missing(llama_json):
     res = CliRunner().invoke(app, ["plan", "--model", llama_json, "--method", "full", "--gpu-memory", "1.2",
                                    "--gpu-tflops", "10", "--seq-len", "256", "--json"])
@@ -302,6 +318,7 @@ def test_nothing_fits_says_what_is_missing(llama_json):
     assert "or lora (fits as it is" in p["missing"]
 
 
+@pytest.mark.e2e
 def test_recommendations_fit_and_their_commands_load(llama_json, tmp_path):
     """Each recommendation fits, keeps the effective batch, and its --set keys are real config keys."""
     from tunelab.config import Config, load_config
@@ -322,6 +339,7 @@ def test_recommendations_fit_and_their_commands_load(llama_json, tmp_path):
         load_config(cfg, sets)
 
 
+@pytest.mark.e2e
 def test_config_yaml_values_with_flags_overriding(toy_classification, tmp_path):
     """A CONFIG.yaml gives the defaults (model, method, batch, length), the flags win."""
     import yaml
@@ -339,12 +357,14 @@ def test_config_yaml_values_with_flags_overriding(toy_classification, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--gpu", "Z80"], "--gpu"), (["--strategy", "zero4"], "--strategy"), (["--offload"], "--offload"),
     (["--method", "prefix"], "--method"), (["--precision", "fp16", "--strategy", "fsdp", "--gpus", "2"], "--precision"), (["--lora-targets", "nope_proj", "--method", "lora"], "nope_proj")])
+@pytest.mark.e2e
 def test_bad_flags_are_one_line_exit_2(llama_json, args, needle):
     res = CliRunner().invoke(app, ["plan", "--model", llama_json, *args])
     assert res.exit_code == 2, res.output
     assert needle in res.output and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_unreadable_config_json_is_exit_2(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text("{not json", encoding="utf-8")
@@ -352,6 +372,7 @@ def test_unreadable_config_json_is_exit_2(tmp_path):
     assert res.exit_code == 2 and "config.json" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.unit
 def test_plan_one_lora_trainable_is_adapters(llama_json):
     m = Model(Spec(model=llama_json, gpu=lookup("L4"), method="lora", lora_r=8, lora_targets=["q_proj", "v_proj"]))
     p = plan_one(m, Spec(model=llama_json, gpu=lookup("L4"), method="lora", lora_r=8, lora_targets=["q_proj", "v_proj"]))

@@ -17,7 +17,7 @@ import torch
 
 from conftest import tiny_chat_tokenizer_build, tiny_llama_build, write_jsonl
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.parity]
 torch.set_num_threads(1)  # hidden-32 models: a second thread only waits on a shared 2-core box
 
 STEP_SCRIPT = textwrap.dedent('''

@@ -12,6 +12,8 @@ import pytest
 
 from tunelab.monitor.progress import Progress, clock, header_lines, status_text
 
+pytestmark = pytest.mark.unit
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

@@ -44,6 +44,7 @@ def _renders(tokenizer, n_messages: int, max_length: int) -> int:
     return calls["messages"]
 
 
+@pytest.mark.unit
 def test_a_4000_message_conversation_costs_linear_work(tiny_chat_tokenizer):
     """Messages rendered in total (each render costs its length): was n^2/2 (8 million for 4000)."""
     small, large = _renders(tiny_chat_tokenizer, 500, 256), _renders(tiny_chat_tokenizer, 4000, 256)
@@ -51,6 +52,7 @@ def test_a_4000_message_conversation_costs_linear_work(tiny_chat_tokenizer):
     assert large - small <= 2 * 3500 + 100  # the growth is one render's worth: linear in n
 
 
+@pytest.mark.unit
 def test_the_spans_are_the_same_as_the_quadratic_reference(tiny_chat_tokenizer):
     """encode_within's cut-short spans equal encode_full's spans cut at max_length."""
     from tunelab.data.chat import Message
@@ -76,6 +78,7 @@ def _config(tmp_path: Path, model: Path, extra: str = "", data: str = "") -> Pat
     return cfg
 
 
+@pytest.mark.unit
 def test_a_missing_value_label_is_a_class_when_listed(tmp_path):
     from tunelab.config import Config
     from tunelab.data.classification import load_train_eval
@@ -113,6 +116,7 @@ class _Boom:
         return (os.system, ("touch PWNED",))
 
 
+@pytest.mark.unit
 def test_pickle_weights_load_with_weights_only_when_opted_in(tmp_path, tiny_bert):
     from tunelab.models.load import load_classifier
     from tunelab.models.registry import resolve_model
@@ -124,6 +128,7 @@ def test_pickle_weights_load_with_weights_only_when_opted_in(tmp_path, tiny_bert
     assert model.config.num_labels == 2
 
 
+@pytest.mark.e2e
 def test_a_malicious_pickle_is_never_run_even_when_opted_in(tmp_path, tiny_bert, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = _pickle_model(tmp_path, tiny_bert, payload=pickle.dumps({"w": _Boom()}))
@@ -138,6 +143,7 @@ def test_a_malicious_pickle_is_never_run_even_when_opted_in(tmp_path, tiny_bert,
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.unit
 def test_a_new_head_is_said_in_one_line_and_nothing_else_is_reinitialised(tiny_bert, caplog):
     from tunelab.models.load import load_classifier
     from tunelab.models.registry import resolve_model
@@ -148,6 +154,7 @@ def test_a_new_head_is_said_in_one_line_and_nothing_else_is_reinitialised(tiny_b
     assert same.tunelab_load_note is None
 
 
+@pytest.mark.unit
 def test_a_damaged_metrics_line_in_the_middle_is_an_input_error_on_resume(tmp_path):
     from tunelab.run_dir import trim_metrics
 
@@ -159,6 +166,7 @@ def test_a_damaged_metrics_line_in_the_middle_is_an_input_error_on_resume(tmp_pa
     assert path.read_text().count("\n") == 3  # untouched
 
 
+@pytest.mark.e2e
 def test_an_output_dir_under_a_file_is_refused_before_the_setup(tmp_path):
     (tmp_path / "afile").write_text("x")
     (tmp_path / "train.csv").write_text("text,label\na,pos\nb,neg\n")
@@ -167,6 +175,7 @@ def test_an_output_dir_under_a_file_is_refused_before_the_setup(tmp_path):
     assert res.exit_code == 2 and res.stderr.strip().endswith("afile is a file"), res.stderr
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_with_a_pickled_object_is_refused_on_resume(toy_classification, tmp_path):
     """Even with a manifest that matches, a checkpoint's .pt file holding code is refused, not run."""
     import hashlib

@@ -63,6 +63,7 @@ def assert_one_error(result, code: int, pattern: str) -> str:
 # ---------------------------------------------------------------- the lock
 
 
+@pytest.mark.e2e
 def test_a_second_train_or_resume_on_a_locked_dir_is_refused_naming_the_holder(quick, tmp_path):
     """A real second process holds the run dir's lock (as a running `train` does); both a fresh train
     and a resume are exit 2 naming its pid and host; a SIGKILL releases it (kernel), and the dir is usable."""
@@ -90,6 +91,7 @@ def test_a_second_train_or_resume_on_a_locked_dir_is_refused_naming_the_holder(q
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.e2e
 def test_the_lock_is_held_for_the_whole_run_and_released_after(quick, tmp_path):
     from tunelab.config import load_config
     from tunelab.run import run_training
@@ -107,6 +109,7 @@ def test_the_lock_is_held_for_the_whole_run_and_released_after(quick, tmp_path):
     assert RunLock(out).holder() is None
 
 
+@pytest.mark.unit
 def test_retention_removes_only_its_own_or_dead_temp_folders(tmp_path):
     from tunelab.train.checkpoint import apply_retention
 
@@ -133,6 +136,7 @@ def _enospc(*_a, **_k):
 
 
 @pytest.mark.parametrize("where", ["safetensors", "torch_save"])
+@pytest.mark.e2e
 def test_disk_full_in_a_checkpoint_names_the_intact_one_and_how_to_resume(quick, tmp_path, monkeypatch, where):
     """torch and safetensors report ENOSPC in their own words; the line is the same either way."""
     import torch
@@ -173,6 +177,7 @@ def test_disk_full_in_a_checkpoint_names_the_intact_one_and_how_to_resume(quick,
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.e2e
 def test_disk_full_in_metrics_jsonl_leaves_only_whole_rows(quick, tmp_path, monkeypatch):
     """A row cut halfway by ENOSPC is cut back out of the file; the run resumes without hand-editing."""
     import tunelab.monitor.metrics_log as ml
@@ -199,6 +204,7 @@ def test_disk_full_in_metrics_jsonl_leaves_only_whole_rows(quick, tmp_path, monk
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.unit
 def test_metrics_log_on_a_real_full_device_raises_enospc_and_writes_nothing(tmp_path):
     """/dev/full answers every write with a real ENOSPC."""
     from tunelab.monitor.metrics_log import MetricsLog
@@ -211,6 +217,7 @@ def test_metrics_log_on_a_real_full_device_raises_enospc_and_writes_nothing(tmp_
 
 
 @pytest.mark.parametrize("what", ["final", "summary", "report"])
+@pytest.mark.e2e
 def test_disk_full_at_the_end_of_a_run_says_what_is_intact(quick, tmp_path, monkeypatch, what):
     config, _ = quick
     out = tmp_path / "run"
@@ -234,6 +241,7 @@ def test_disk_full_at_the_end_of_a_run_says_what_is_intact(quick, tmp_path, monk
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp") or ".tmp-" in p.name]
 
 
+@pytest.mark.unit
 def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     import tunelab.durable as durable
 
@@ -255,6 +263,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
         return False
 
 
+@pytest.mark.e2e
 def test_a_real_full_tmpfs_ends_with_one_line_and_resumes_after_space_is_freed(quick, tmp_path):
     config, _ = quick
     mnt = tmp_path / "small"
@@ -280,6 +289,7 @@ def test_a_real_full_tmpfs_ends_with_one_line_and_resumes_after_space_is_freed(q
 # ---------------------------------------------------------------- torn metrics.jsonl and resume checks
 
 
+@pytest.mark.e2e
 def test_a_torn_last_metrics_line_is_cut_on_resume_and_said(quick, tmp_path, caplog):
     from conftest import stop_after
 
@@ -301,6 +311,7 @@ def test_a_torn_last_metrics_line_is_cut_on_resume_and_said(quick, tmp_path, cap
 
 @pytest.mark.parametrize("change, key", [({"method": "lora"}, "method"), ({"train": {"seed": 9}}, "train.seed"),
                                           ({"model": {"name": "other-model"}}, "model.name")])
+@pytest.mark.e2e
 def test_resume_under_another_config_is_refused_naming_the_difference(quick, tmp_path, change, key):
     from conftest import stop_after
 
@@ -322,6 +333,7 @@ def test_resume_under_another_config_is_refused_naming_the_difference(quick, tmp
     assert sorted((p.name, p.stat().st_size) for p in out.rglob("*") if p.is_file() and p.name != ".lock") == before
 
 
+@pytest.mark.e2e
 def test_a_damaged_summary_json_is_an_input_error(quick, tmp_path):
     config, _ = quick
     out = tmp_path / "run"
@@ -333,6 +345,7 @@ def test_a_damaged_summary_json_is_an_input_error(quick, tmp_path):
 # ---------------------------------------------------------------- diagnoses
 
 
+@pytest.mark.e2e
 def test_nonfinite_losses_name_their_rows_and_only_an_existing_checkpoint(toy_classification, tmp_path, monkeypatch):
     """Rows holding an unknown word give a NaN loss (patched loss); the diverged line names their
     file:line, and says no checkpoint exists when none was saved before the fault."""

@@ -15,6 +15,8 @@ import pytest
 from tunelab.analysis import plots
 from tunelab.analysis.report import render_report, write_report
 
+pytestmark = pytest.mark.unit
+
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium-headless-shell", "chromium", "chromium-browser",
                                                        "google-chrome")) if p), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine "

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 
 
 @pytest.mark.parametrize("grad_accum,stop_at", [(1, 5), (2, 3), (1, 8)])  # 8 = exactly an epoch end
+@pytest.mark.e2e
 def test_resume_is_bit_identical(toy_classification, tmp_path, grad_accum, stop_at):
     raw = copy.deepcopy(toy_classification["config"])
     raw["train"].update({"grad_accum": grad_accum, "eval_every": 3})
@@ -77,6 +78,7 @@ def one_step_weights(raw, batch_size, grad_accum):
 
 
 @pytest.mark.parametrize("n_rows,small,accum", [(4, 1, 4), (5, 2, 3)])  # 5 = 2 + 2 + 1: uneven micro-batches
+@pytest.mark.parity
 def test_accumulation_equals_one_large_batch(toy_classification, n_rows, small, accum):
     raw = copy.deepcopy(toy_classification["config"])
     raw["data"].update({"max_rows": n_rows, "eval": None, "eval_split": 0.0})
@@ -92,6 +94,7 @@ def test_accumulation_equals_one_large_batch(toy_classification, n_rows, small, 
     assert all(torch.equal(base[k], big[k]) for k in big)  # deterministic reference
 
 
+@pytest.mark.e2e
 def test_early_stopping_state_survives_a_resume(toy_classification, tmp_path):
     """Nothing improves by 0.5: best at the first eval (step 3), bad evals at 6 and 8 (the epoch
     end), stop at 8. Stopped at step 7 (one bad eval counted) and resumed, it must still stop at 8."""
@@ -109,6 +112,7 @@ def test_early_stopping_state_survives_a_resume(toy_classification, tmp_path):
 
 
 @pytest.mark.parametrize("final", ["best", "last"])
+@pytest.mark.e2e
 def test_evaluation_time_is_kept_out_of_the_training_rate(toy_classification, tmp_path, final):
     """An evaluation that sleeps 0.4 s per call: the summary's eval_seconds holds that time, and
     samples_per_second is samples / (loop time - eval time), not samples / loop time. The final
@@ -158,6 +162,7 @@ def test_evaluation_time_is_kept_out_of_the_training_rate(toy_classification, tm
     assert step in (8, 16)  # an epoch end: 64 rows / batch 8 = 8 steps per epoch
 
 
+@pytest.mark.e2e
 def test_resume_auto_without_a_checkpoint_starts_over_cleanly(toy_classification, tmp_path):
     """A run killed before its first checkpoint left rows behind: --resume auto finds nothing to
     resume, so the run starts over and its metrics.jsonl holds only the new run's rows."""
@@ -179,6 +184,7 @@ def test_resume_auto_without_a_checkpoint_starts_over_cleanly(toy_classification
     assert not (out / "tensorboard").exists()  # no logger asked for one in this config
 
 
+@pytest.mark.e2e
 def test_final_best_under_gradual_unfreezing_ships_the_best_steps_weights(toy_classification, tmp_path):
     """Blocks unfrozen after the best step must not leak into final/: the best checkpoint holds
     every parameter the optimizer owns, so final/ is that step's model and the summary's stored
@@ -205,6 +211,7 @@ def test_final_best_under_gradual_unfreezing_ships_the_best_steps_weights(toy_cl
     assert fresh["loss"] == pytest.approx(s["final"]["loss"], rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_resume_auto_with_bad_input_leaves_the_run_dir_as_it_was(toy_classification, tmp_path):
     """No checkpoint to resume and a config that fails to load its model: exit as bad input, and
     the previous attempt's files are still there (start-over happens only once setup succeeded)."""
@@ -221,6 +228,7 @@ def test_resume_auto_with_bad_input_leaves_the_run_dir_as_it_was(toy_classificat
     assert (out / "metrics.jsonl").read_text() == old
 
 
+@pytest.mark.e2e
 def test_a_resume_on_another_eval_file_does_not_reuse_the_stored_evaluation(toy_classification, tmp_path):
     """Cut at step 10, resumed from that checkpoint with a different eval file: the final metrics
     are those of final/ on the new file, not the checkpoint's evaluation on the old one."""

@@ -7,6 +7,8 @@ import torch
 
 from tunelab.train.schedules import build_scheduler, lr_factor, warmup_steps_for
 
+pytestmark = pytest.mark.unit
+
 
 def f(step, name, total=100, warm=10, m=0.0, d=0.1):
     return lr_factor(step, name=name, total_steps=total, warmup_steps=warm, min_lr_ratio=m, decay_ratio=d)

@@ -35,6 +35,7 @@ def step(model, opt):
 # ------------------------------------------------------------------ freezing
 
 
+@pytest.mark.unit
 def test_freeze_embeddings_and_first_block_no_grad_no_state():
     m = bert()
     freeze(m, embeddings=True, blocks=1)
@@ -53,12 +54,14 @@ def test_freeze_embeddings_and_first_block_no_grad_no_state():
     assert trainable == by_hand and total == sum(p.numel() for p in m.parameters())
 
 
+@pytest.mark.unit
 def test_freeze_all_but_head():
     m = bert()
     freeze(m, all_but_head=True)
     assert [n for n, p in m.named_parameters() if p.requires_grad] == ["classifier.weight", "classifier.bias"]
 
 
+@pytest.mark.e2e
 def test_feature_extraction_trains_only_the_head(toy_classification, tmp_path):
     raw = copy.deepcopy(toy_classification["config"])
     raw["method"] = "feature_extraction"
@@ -71,6 +74,7 @@ def test_feature_extraction_trains_only_the_head(toy_classification, tmp_path):
 # ------------------------------------------------------------------ L2-SP, EWC, Mixout
 
 
+@pytest.mark.unit
 def test_l2sp_and_ewc_match_their_formulas():
     m = bert()
     params = anchored_params(m)
@@ -86,6 +90,7 @@ def test_l2sp_and_ewc_match_their_formulas():
     assert ewc_penalty(params, anchor, fisher, 2.0).item() == pytest.approx(by_hand, rel=1e-5)
 
 
+@pytest.mark.unit
 def test_fisher_is_mean_squared_gradient():
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 1, bias=False)
@@ -103,6 +108,7 @@ def test_fisher_is_mean_squared_gradient():
     assert torch.allclose(fisher["weight"], expected / 12, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_l2sp_pulls_weights_back_in_a_run(toy_classification, tmp_path):
     def drift(l2sp):
         raw = copy.deepcopy(toy_classification["config"])
@@ -119,6 +125,7 @@ def test_l2sp_pulls_weights_back_in_a_run(toy_classification, tmp_path):
     assert drift(50.0) < 0.5 * drift(0.0)
 
 
+@pytest.mark.unit
 def test_mixout_mixes_and_is_unbiased():
     torch.manual_seed(0)
     w0, w = torch.randn(200, 50), torch.randn(200, 50)
@@ -138,6 +145,7 @@ def test_mixout_mixes_and_is_unbiased():
     assert torch.equal(mix(w), w)
 
 
+@pytest.mark.unit
 def test_mixout_wraps_backbone_linears_and_is_removed_before_saving():
     m = bert(layers=2)
     n = apply_mixout(m, 0.1)
@@ -154,6 +162,7 @@ def test_mixout_wraps_backbone_linears_and_is_removed_before_saving():
 # ------------------------------------------------------------------ gradual unfreezing
 
 
+@pytest.mark.unit
 def test_gradual_unfreezing_order_and_optimizer_state():
     m = bert(layers=3)
     opt = build_optimizer(param_groups(m, lr=1e-3, weight_decay=0.0))
@@ -188,6 +197,7 @@ def test_gradual_unfreezing_order_and_optimizer_state():
     {"unfreeze": {"every": 3, "unit": "steps"}, "regularization": {"ewc": 10.0, "ewc_batches": 2}},
     {"method": "freeze", "freeze": {"embeddings": True, "blocks": 1}, "optim": {"layer_lr_decay": 0.8, "lr": 3e-3}},
 ])
+@pytest.mark.e2e
 def test_resume_is_exact_with_techniques(toy_classification, tmp_path, extra):
     from safetensors.torch import load_file
 
@@ -208,6 +218,7 @@ def test_resume_is_exact_with_techniques(toy_classification, tmp_path, extra):
 # ------------------------------------------------------------------ precision, checkpointing
 
 
+@pytest.mark.parity
 def test_gradient_checkpointing_gives_the_same_gradient():
     from tunelab.run import enable_gradient_checkpointing
 
@@ -232,6 +243,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.e2e
 def test_mixed_precision_trains_with_fp32_master_weights(toy_classification, tmp_path, precision):
     raw = copy.deepcopy(toy_classification["config"])
     raw["train"].update({"precision": precision, "epochs": 8})
@@ -247,6 +259,7 @@ def test_mixed_precision_trains_with_fp32_master_weights(toy_classification, tmp
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parity
 def test_feature_cache_matches_the_uncached_run(toy_classification, tmp_path):
     """Cached head inputs give the same training as running the frozen backbone every step."""
     from safetensors.torch import load_file
@@ -271,6 +284,7 @@ def test_feature_cache_matches_the_uncached_run(toy_classification, tmp_path):
 # ------------------------------------------------------------------ forgetting probe
 
 
+@pytest.mark.unit
 def test_probe_compare_by_hand():
     from tunelab.evaluate.probe import compare
 
@@ -284,6 +298,7 @@ def test_probe_compare_by_hand():
     assert r["embedding_cosine_mean"] == pytest.approx(1.0) and not r["forgetting_flag"]
 
 
+@pytest.mark.e2e
 def test_probe_in_a_run_sees_more_drift_at_a_higher_lr(toy_classification, tmp_path):
     from conftest import write_jsonl, sentiment_rows
 
@@ -299,6 +314,7 @@ def test_probe_in_a_run_sees_more_drift_at_a_higher_lr(toy_classification, tmp_p
     assert cosines[1e-5] > 0.99 and cosines[3e-3] < cosines[1e-5]
 
 
+@pytest.mark.e2e
 def test_replay_data_is_mixed_into_each_epoch(toy_classification, tmp_path):
     from conftest import write_jsonl, sentiment_rows
 
@@ -310,6 +326,7 @@ def test_replay_data_is_mixed_into_each_epoch(toy_classification, tmp_path):
     assert s["samples"] == 160 and s["steps"] == 20
 
 
+@pytest.mark.unit
 def test_ewc_fisher_from_a_named_reference_file(toy_classification, tmp_path):
     from conftest import write_jsonl, sentiment_rows
     from tunelab.run import fisher_batches
@@ -323,6 +340,7 @@ def test_ewc_fisher_from_a_named_reference_file(toy_classification, tmp_path):
     assert [len(b["labels"]) for b in batches] == [8, 4]  # 12 rows in batches of 8: the named file, not train
 
 
+@pytest.mark.unit
 def test_auto_precision_follows_the_measured_threshold(monkeypatch):
     from tunelab.train import precision
     from tunelab.train.precision import CPU_BF16_MIN_PARAMS, resolve_precision
