@@ -172,6 +172,7 @@ def test_q4_k_m_export_reads_back_within_tolerance(wide_llama, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_real_llama_cpp_loads_and_runs_the_files(wide_llama, tmp_path):
     """Real llama.cpp (node-llama-cpp's CPU build) loads the f16 and q4_k_m files, splits the prompts into the
     tokenizer's ids, and continues them greedily as the source does (near-ties excepted)."""
