@@ -162,6 +162,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("task,strategy", [(t, s) for t in ("cls", "chat") for s in STRATEGIES]
                          + [("cls+lora", "fsdp"), ("cls+lora", "zero3"), ("chat+lora+gc", "zero3"), ("chat+qlora", "fsdp")])
+@pytest.mark.parity
 def test_two_sharded_processes_train_like_one_process(sharded, strategy, task):
     """Same global batch, fp32, AdamW: the loss curve, the gradient norms and the final weights of 2
     sharded processes equal one process's. Tolerance: the gradient sums run in another order (per
@@ -184,6 +185,7 @@ def test_two_sharded_processes_train_like_one_process(sharded, strategy, task):
 
 @pytest.mark.parametrize("task,strategy", [("cls+lora", "fsdp"), ("cls+lora", "zero3"), ("chat+lora+gc", "zero3"),
                                            ("chat+qlora", "fsdp")])
+@pytest.mark.parity
 def test_saved_adapter_of_two_sharded_processes_equals_one_process_adapter(sharded, task, strategy):
     """final/'s adapter_model.safetensors as a sharded run writes it (rank 0's skeleton filled from the
     consolidated shards) against the one a single process writes after the same steps: the same keys,
@@ -222,6 +224,7 @@ def test_saved_adapter_of_two_sharded_processes_equals_one_process_adapter(shard
     ("zero2", (1.0, 0.5, 0.5)),
     ("zero3", (0.5, 0.5, 0.5)),
 ])
+@pytest.mark.parity
 def test_each_process_holds_its_share_of_the_model_states(sharded, strategy, shares):
     """Read from the tensors each process holds (local shards, ZeRO's partitions), against the whole:
     P fp32 weights, P gradients, and AdamW's 2P moments (+ ZeRO's fp32 master copy: 3P)."""
@@ -266,6 +269,7 @@ def fsdp_run(tmp_path_factory):
             "bert": folder / "bert"}
 
 
+@pytest.mark.e2e
 def test_fsdp_cli_run_writes_one_run_dir_and_a_consolidated_final(fsdp_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
@@ -306,6 +310,7 @@ def test_fsdp_cli_run_writes_one_run_dir_and_a_consolidated_final(fsdp_run):
     assert summary["final"]["accuracy"] == pytest.approx(rows[-1]["eval_accuracy"])
 
 
+@pytest.mark.e2e
 def test_fsdp_sigkill_then_resume_is_bit_identical(fsdp_run, tmp_path):
     """Every process SIGKILLed after the step-2 checkpoint; --resume auto ends at the same weights and log."""
     import os
@@ -340,6 +345,7 @@ def test_fsdp_sigkill_then_resume_is_bit_identical(fsdp_run, tmp_path):
     (["distributed.strategy=zero3", "method=qlora"], "method qlora is not supported with distributed.strategy zero3"),
     (["distributed.strategy=fsdp3"], "distributed.strategy"),
 ])
+@pytest.mark.e2e
 def test_unsupported_combinations_are_refused_before_any_process_starts(toy_classification, tmp_path, sets, words):
     import os
 
@@ -358,6 +364,7 @@ def test_unsupported_combinations_are_refused_before_any_process_starts(toy_clas
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parity
 def test_two_nodes_of_one_process_match_two_processes_on_one_node(fsdp_run, tmp_path):
     """torchrun's rendezvous across 'machines': two `tunelab train --nnodes 2` commands (node ranks 0
     and 1, one process each, localhost) train exactly what `--nproc 2` on one node trained."""
@@ -387,6 +394,7 @@ def test_two_nodes_of_one_process_match_two_processes_on_one_node(fsdp_run, tmp_
     (["--nnodes", "2"], "needs --master-addr"),
     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"], "--node-rank 2 is not below --nnodes 2"),
 ])
+@pytest.mark.e2e
 def test_bad_multi_node_flags_are_refused(toy_classification, tmp_path, args, words):
     from typer.testing import CliRunner
 
@@ -399,6 +407,7 @@ def test_bad_multi_node_flags_are_refused(toy_classification, tmp_path, args, wo
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.unit
 def test_final_adapter_from_a_sharded_checkpoint_is_whole(tiny_bert, tmp_path):
     """The peers' ZeRO-3 failure: an empty or partial adapter file. final/ is saved from rank 0's
     skeleton filled with the consolidated weights: every adapter tensor is there, with those values."""

@@ -48,6 +48,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.e2e
 def test_only_the_first_rank_tokenizes_and_before_the_group_starts(tmp_path):
     from tiny_models import conversations, tiny_llama_folder
 

@@ -100,12 +100,14 @@ def assert_continues(resumed: Path, reference: Path, stderr: str) -> None:
     assert summary["status"] == "completed"
 
 
+@pytest.mark.parity
 def test_the_steps_moved_the_weights_far_beyond_the_bound(runs):
     base = load_file(str(next((runs["config"].parent / "bert").glob("*.safetensors"))))
     final = load_file(str(runs["two"] / "final" / "model.safetensors"))
     assert max((final[k] - base[k]).abs().max().item() for k in final if k in base) > 5e-3
 
 
+@pytest.mark.parity
 def test_fsdp_run_of_two_processes_continues_in_one(runs):
     """DCP's shards read whole into one process (no process group); grad_accum 2 keeps 8 examples a step."""
     assert (runs["two"] / "checkpoints" / "step-000002" / "shards" / ".metadata").is_file()
@@ -114,6 +116,7 @@ def test_fsdp_run_of_two_processes_continues_in_one(runs):
     assert json.loads((runs["one"] / "checkpoints" / "step-000004" / "state.json").read_text())["loop"]["world_size"] == 1
 
 
+@pytest.mark.parity
 def test_one_process_run_continues_as_two_fsdp_processes(runs):
     """Whole weights.safetensors + optimizer.pt cut into each fsdp process's shards."""
     out = runs["two_again"]
@@ -122,6 +125,7 @@ def test_one_process_run_continues_as_two_fsdp_processes(runs):
     assert json.loads((out / "checkpoints" / "step-000006" / "state.json").read_text())["loop"]["world_size"] == 2
 
 
+@pytest.mark.e2e
 def test_another_window_is_refused_with_the_grad_accum_that_keeps_it(runs, tmp_path):
     from typer.testing import CliRunner
 
@@ -176,6 +180,7 @@ def test_zero_checkpoints_continue_only_with_their_world_size(tmp_path):
         check_resume_layout(dcp, fsdp.model_copy(update={"train": fsdp.train.model_copy(update={"batch_size": 2})}), 1)
 
 
+@pytest.mark.parity
 def test_zero2_run_of_two_processes_continues_as_three(tmp_path):
     """A ZeRO checkpoint of 2 processes resharded for 3 through DeepSpeed's universal checkpoint
     (ds_to_universal on rank 0, load_universal on every process): 2 x grad_accum 3 = 3 x 2 micro-batches
