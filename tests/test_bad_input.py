@@ -198,7 +198,7 @@ CONFIG_CASES = [
     config_case("unknown_nested_key", BASE + "optim:\n  lr: 1.0e-3\n  lrr: 1\n", "cfg.yaml:8 field 'optim.lrr'", "unknown key"),
     config_case("unknown_data_key", BASE + "  text_col: sentence\n", "cfg.yaml:6 field 'data.text_col'", "unknown key"),
     config_case("lr_not_a_number", BASE + "optim:\n  lr: fast\n", "cfg.yaml:7 field 'optim.lr'", "'fast'"),
-    config_case("lr_negative", BASE + "optim:\n  lr: -1.0e-3\n", "cfg.yaml:7 field 'optim.lr'", "greater than 0"),
+    config_case("lr_negative", BASE + "optim:\n  lr: -1.0e-3\n", "cfg.yaml:7 field 'optim.lr'", "must be > 0"),
     config_case("lr_nan", BASE + "optim:\n  lr: .nan\n", "cfg.yaml:7 field 'optim.lr'"),
     config_case("eps_infinite", BASE + "optim:\n  eps: .inf\n", "cfg.yaml:7 field 'optim.eps'"),
     config_case("weight_decay_list", BASE + "optim:\n  weight_decay: [0.1]\n", "cfg.yaml:7 field 'optim.weight_decay'"),
