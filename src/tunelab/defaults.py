@@ -191,9 +191,10 @@ def default_lines(chosen: dict) -> list[str]:
 def eval_trust(cfg, info: dict, final: dict | None) -> dict | None:
     """How far to trust the evaluation that picked final/ (summary.json `eval_trust`, the report).
 
-    The 95% interval of an accuracy on n rows is +-1.96 sqrt(p(1-p)/n) (normal approximation); a
-    split of the training file also shares its distribution, so it reads higher than new data
-    would (SST-2: the split said 0.8625 where an independent test gave 0.80)."""
+    The 95% interval of an accuracy on n rows is Wilson's score interval (the normal approximation
+    +-1.96 sqrt(p(1-p)/n) says +-0 at p = 1, which the demo's 120 rows hit; Wilson's stays honest at
+    the ends); a split of the training file also shares its distribution, so it reads higher than new
+    data would (SST-2: the split said 0.8625 where an independent test gave 0.80)."""
     rows = info.get("eval_rows") or info.get("eval_units")
     if not rows:
         return None
@@ -202,7 +203,11 @@ def eval_trust(cfg, info: dict, final: dict | None) -> dict | None:
            "rows": rows, "same_distribution_as_training": True if split else None}
     acc = (final or {}).get("accuracy")
     if isinstance(acc, (int, float)) and 0 <= acc <= 1:
-        out["accuracy_95ci"] = round(1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / rows), 4)
+        z2 = 1.96 ** 2 / rows
+        centre = (acc + z2 / 2) / (1 + z2)
+        half = 1.96 * math.sqrt(acc * (1 - acc) / rows + z2 / (4 * rows)) / (1 + z2)
+        out["accuracy_95ci"] = round(half, 4)
+        out["accuracy_95_interval"] = [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
     small = rows < 1000
     if split and small:
         out["trust"] = "low"
@@ -212,7 +217,8 @@ def eval_trust(cfg, info: dict, final: dict | None) -> dict | None:
         out["trust"] = "fair"
     parts = [f"the evaluation has {rows} rows"]
     if "accuracy_95ci" in out:
-        parts.append(f"accuracy is known to +-{out['accuracy_95ci']:.3f} (95%)")
+        lo, hi = out["accuracy_95_interval"]
+        parts.append(f"its accuracy {acc:.3f} means {lo:.3f}-{hi:.3f} (95% interval)")
     if split:
         parts.append("they are a split of the training file, so new data will likely score lower; measure final/ on "
                      "a separate test file (`tunelab eval RUN/final TEST`) before relying on the number")
