@@ -51,6 +51,17 @@ def greedy(model, ids: list[int], new_tokens: int) -> list[int]:
     return out[len(ids):]
 
 
+def parting(source, ids: list[int], ga: list[int], gb: list[int]) -> tuple[int, float | None]:
+    """Where the source's greedy continuation `ga` and another's `gb` of `ids` part (the number of equal
+    leading tokens), and the source's preference for its token over the other's there (None when they
+    do not part within the shorter one)."""
+    same = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y), min(len(ga), len(gb)))
+    if same >= min(len(ga), len(gb)):
+        return same, None
+    at = _logits(source, ids + ga[:same])[-1]
+    return same, float(at[ga[same]] - at[gb[same]])
+
+
 def compare(source, output, tokenizer, prompts: list[str], kind: str, *, output_tokenizer=None,
             new_tokens: int = 8) -> dict:
     """The check as a JSON-ready dict; `passed` says whether it is within `TOLERANCES[kind]`."""
@@ -66,11 +77,7 @@ def compare(source, output, tokenizer, prompts: list[str], kind: str, *, output_
         max_diff = max(max_diff, diff)
         scale_parts.append(a.flatten())
         ga, gb = greedy(source, ids, new_tokens), greedy(output, ids, new_tokens)
-        same = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y), len(ga))
-        margin = None
-        if same < len(ga):  # the source's preference for its token over the output's, where they part
-            at = _logits(source, ids + ga[:same])[-1]
-            margin = float(at[ga[same]] - at[gb[same]])
+        same, margin = parting(source, ids, ga, gb)
         rows.append({"prompt_tokens": len(ids), "max_logit_diff": diff, "greedy_equal": ga == gb,
                      "source_greedy_ids": ga,
                      "greedy_agree_tokens": same, "margin_where_they_part": margin,
@@ -108,11 +115,8 @@ def compare_llamacpp(source, tokenizer, prompts: list[str], report: dict, gguf_f
     rows, parted = [], 0
     for want_ids, row, cont, toks in zip(ids, report["per_prompt"], got["greedy"], got["tokenized"]):
         ga = row["source_greedy_ids"]
-        same = next((i for i, (x, y) in enumerate(zip(ga, cont)) if x != y), min(len(ga), len(cont)))
-        near_tie = False
-        if cont != ga and same < min(len(ga), len(cont)):
-            at = _logits(source, want_ids + ga[:same])[-1]
-            near_tie = float(at[ga[same]] - at[cont[same]]) < 2 * tol
+        same, margin = parting(source, want_ids, ga, cont)
+        near_tie = margin is not None and margin < 2 * tol
         parted += cont != ga and not near_tie
         rows.append({"tokens_equal": toks == want_ids, "greedy_equal": cont == ga, "greedy_agree_tokens": same,
                      "near_tie": near_tie, "llamacpp_continuation": tokenizer.decode(cont)})

@@ -173,7 +173,7 @@ def pre_tokenizer_name(state: dict) -> str:
 
     Anything else is refused: a name llama.cpp does not know makes it refuse the file, and a wrong
     known name makes it split text differently from training (checked against real llama.cpp in
-    tests/test_export_llamacpp.py)."""
+    tests/test_kquants.py)."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
     pre = state.get("pre_tokenizer") or {}

@@ -28,10 +28,6 @@ def _rint(a: np.ndarray) -> np.ndarray:
     return np.rint(a).astype(np.int32)
 
 
-def _fp16(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float16).astype(np.float32)
-
-
 def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1,
                      nstep: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row of `x` (rows x n): (scale, the_min, L) minimising sum w*(scale*L - the_min - x)^2 over a

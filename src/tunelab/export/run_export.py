@@ -101,10 +101,9 @@ def _export_one(model, tokenizer, path: Path, quant: str, prompts: list[str], na
         report_path.write_text(json.dumps(report, indent=1), encoding="utf-8")
         raise ExportMismatch(f"the GGUF metadata lost the chat template or end-of-turn token (details in {report_path})")
     report["llama_cpp"] = _run_llamacpp(model, tokenizer, prompts, report, path, llama_cpp)
+    report["passed"] = report["llama_cpp"].get("passed", True)
     report_path.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    if not report["llama_cpp"].get("passed", True):
-        report["passed"] = False
-        report_path.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    if not report["passed"]:
         raise ExportMismatch(f"real llama.cpp runs the file differently: {'; '.join(report['llama_cpp']['problems'])} "
                              f"(details in {report_path})")
     return {**written, "report": str(report_path), "check": report}
