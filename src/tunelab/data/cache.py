@@ -41,8 +41,11 @@ log = logging.getLogger("tunelab")
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-_CODE_MODULES = ("readers.py", "chat.py", "chat_template.py", "classification.py", "cache.py", "encoded.py",
-                 "preference.py", "hf.py", "parallel.py")
+# the modules whose code shapes an entry's rows, relative to the tunelab package (tasks/lm_data.py's encoders
+# and data/stream.py's chunked reader too: a file is read here, nothing is imported)
+_CODE_MODULES = tuple(f"data/{m}" for m in ("readers.py", "chat.py", "chat_template.py", "classification.py",
+                                            "cache.py", "encoded.py", "preference.py", "hf.py", "parallel.py",
+                                            "stream.py")) + ("tasks/lm_data.py",)
 
 
 def data_cache_root() -> Path:
@@ -101,7 +104,7 @@ def code_stamp() -> str:
     encoding code changes the key even where the version number was not raised."""
     from tunelab import __version__
 
-    here = Path(__file__).parent
+    here = Path(__file__).parent.parent
     h = hashlib.sha256(f"{__version__}:{FORMAT}".encode())
     for name in _CODE_MODULES:
         if (here / name).is_file():
@@ -353,5 +356,5 @@ def clear_entries() -> dict:
     return {"removed": removed, "bytes": freed, "root": str(root)}
 
 
-__all__ = ["prepare", "data_cache_root", "file_stamp", "tokenizer_stamp", "entry_key", "open_or_build", "Store",
+__all__ = ["data_cache_root", "file_stamp", "tokenizer_stamp", "entry_key", "open_or_build", "Store",
            "StoreWriter", "validate", "list_entries", "clear_entries"]
