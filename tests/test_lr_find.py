@@ -66,9 +66,11 @@ def _linear_task(n: int = 512, dim: int = 8, seed: int = 0):
     def loss_fn(model, batch):
         return ((model(batch["x"]) - batch["y"]) ** 2).sum(), len(batch["y"])
 
-    train = SimpleNamespace(lengths=[1] * n, collate=lambda idx: {"x": x[idx], "y": y[idx],
-                                                                   "attention_mask": torch.ones(len(idx), 1)},
-                            count=len)
+    from tunelab.train.protocols import TrainSet
+
+    train = TrainSet(lengths=[1] * n, collate=lambda idx: {"x": x[idx], "y": y[idx],
+                                                            "attention_mask": torch.ones(len(idx), 1)},
+                     count=len)
     return SimpleNamespace(train=train, loss_fn=loss_fn, train_stats=None)
 
 
@@ -156,6 +158,22 @@ def test_the_fingerprint_follows_model_data_method_and_step_shape(toy_classifica
         other[key] = {**other[key], **value} if isinstance(value, dict) else value
         assert lr_find.fingerprint(Config.model_validate(other), "fp32") != base, key
     assert lr_find.fingerprint(Config.model_validate(raw), "bf16") != base
+
+
+def test_the_fingerprint_of_a_list_of_sources_follows_each_source(toy_classification):
+    """data.train as weighted sources (chat, causal_lm) is stamped source by source; it raised TypeError."""
+    from tunelab.config import DataSource
+
+    cfg = Config.model_validate(_auto_cfg(toy_classification))
+    path = cfg.data.train
+
+    def mixed(weight):
+        sources = [DataSource(path=path), DataSource(path=path, weight=weight, name="again")]
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": sources})})
+
+    assert lr_find.fingerprint(mixed(1.0), "fp32") == lr_find.fingerprint(mixed(1.0), "fp32")
+    assert lr_find.fingerprint(mixed(3.0), "fp32") != lr_find.fingerprint(mixed(1.0), "fp32")
+    assert lr_find.fingerprint(mixed(1.0), "fp32") != lr_find.fingerprint(cfg, "fp32")
 
 
 def test_cli_lr_find_stores_prints_json_and_reuses(toy_classification, tmp_path):

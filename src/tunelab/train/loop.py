@@ -161,6 +161,14 @@ def train_row(state: LoopState, s: LoopSettings, epoch: float, lr: float, grad_n
     return row
 
 
+def epoch_windows(task, batch_size: int, seed: int, epoch: int, per_step: int) -> list[list]:
+    """One epoch's accumulation windows of `per_step` micro-batches, in the loop's order (the task's
+    epoch subset applied: replay and weighted mixing); the lr range test (train/lr_find.py) walks the same."""
+    subset = task.train.epoch_subset(epoch) if task.train.epoch_subset else None
+    batches = epoch_batches(task.train.lengths, batch_size, seed=seed, epoch=epoch, subset=subset)
+    return [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
+
+
 def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, state: LoopState,
                tracker: BestTracker, io: LoopIO, autocast, replicas: Replicas | None = None) -> LoopState:
     replicas = replicas or OneProcess(model, task.loss_fn)
@@ -170,10 +178,8 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
     started = time.monotonic() - state.train_seconds
     bad_in_a_row = 0
     while state.step < s.total_steps and state.status == "running":
-        subset = task.train.epoch_subset(state.epoch) if task.train.epoch_subset else None
-        batches = epoch_batches(task.train.lengths, s.batch_size, seed=s.seed, epoch=state.epoch, subset=subset)
-        per_step = s.grad_accum * replicas.world_size  # micro-batches per optimizer step, all processes
-        windows = [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
+        # micro-batches per optimizer step, all processes
+        windows = epoch_windows(task, s.batch_size, s.seed, state.epoch, s.grad_accum * replicas.world_size)
         while state.window < len(windows) and state.step < s.total_steps:
             window = windows[state.window]
             if s.unfreeze is not None:

@@ -35,9 +35,8 @@ from pathlib import Path
 
 import torch
 
-from tunelab.data.batching import epoch_batches
 from tunelab.errors import InputError
-from tunelab.train.loop import backward_window
+from tunelab.train.loop import backward_window, epoch_windows
 from tunelab.train.protocols import OneProcess
 
 LR_FIND_FILE = "lr_find.json"
@@ -113,9 +112,7 @@ def _windows(task, batch_size: int, grad_accum: int, seed: int, steps: int):
     """Accumulation windows in the loop's own order (epoch 0, then 1, ...), as many as the sweep needs."""
     epoch = 0
     while True:
-        batches = epoch_batches(task.train.lengths, batch_size, seed=seed, epoch=epoch)
-        for i in range(0, len(batches), grad_accum):
-            yield batches[i : i + grad_accum]
+        yield from epoch_windows(task, batch_size, seed, epoch, grad_accum)
         epoch += 1
 
 
@@ -171,7 +168,8 @@ def fingerprint(cfg, precision: str, test: RangeTest = RangeTest()) -> str:
     """What the sweep's result depends on: model, data, method and what shapes a step."""
     d, o, t = cfg.data, cfg.optim, cfg.train
     parts = {"task": cfg.task, "model": [cfg.model.name, _stamp(cfg.model.name), cfg.model.max_length],
-             "data": [_stamp(d.train), d.max_rows, d.eval, d.eval_split, d.text_column, d.label_column,
+             "data": [_stamp(d.train) if isinstance(d.train, str) else [[_stamp(x.path), x.model_dump()] for x in d.train],
+                      d.max_rows, d.eval, d.eval_split, d.text_column, d.label_column,
                       d.text_pair_column, d.header, d.format, d.packing],
              "method": [cfg.method, cfg.lora.model_dump(), cfg.freeze.model_dump(), cfg.unfreeze.model_dump()],
              "optim": [o.weight_decay, list(o.betas), o.eps, o.head_lr, o.head_lr_multiplier, o.layer_lr_decay],
