@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from tunelab.device import run_device
+from tunelab.device import cpu_has_bf16, run_device
 
 # heads that are created (or resized) by tunelab and must stay in full precision under QLoRA
 QLORA_SKIP_MODULES = ["classifier", "score", "lm_head"]
@@ -28,10 +28,7 @@ def compute_dtype(device: torch.device | None = None) -> torch.dtype:
     device = device or run_device()
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    except (AttributeError, RuntimeError):
-        return torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 def nf4_config(skip_modules: list[str] | None = None, storage: torch.dtype = torch.uint8):

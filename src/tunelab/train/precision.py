@@ -12,6 +12,8 @@ from functools import partial
 
 import torch
 
+from tunelab.device import cpu_has_bf16
+
 # benchmarks/results/precision_cpu.json (this CPU: AVX512-BF16, no AMX): bf16 autocast took 0.50x the
 # fp32 step time for MiniLM (22.7M) and 0.39x for SmolLM2-135M, 0.51x at 5.5M, ~0.9x (noise) at 0.66M.
 CPU_BF16_MIN_PARAMS = 5_000_000
@@ -23,15 +25,6 @@ def resolve_precision(precision: str, device: torch.device, n_params: int) -> st
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if n_params >= CPU_BF16_MIN_PARAMS and cpu_has_bf16() else "fp32"
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 / AMX, as oneDNN reports it). Without it
-    bf16 matmuls are emulated: measured on an AVX2-only AMD EPYC, 0.1-0.2 GFLOP/s against ~10 in fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def autocast_factory(precision: str, device: torch.device):
