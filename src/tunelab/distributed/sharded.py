@@ -151,10 +151,6 @@ def full_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return consolidate(shards)
 
 
-def is_sharded_checkpoint(checkpoint: Path) -> bool:
-    return (checkpoint / SHARDS).is_dir()
-
-
 class ShardedRun:
     """What a sharded run keeps beside the recipe: the loop's replicas, rank 0's skeleton for
     final/, and every process's bytes held (gathered at the end for summary.json)."""

@@ -73,7 +73,6 @@ def chunked_supervised_loss(chunk: int):
         hidden, targets = supervised_hidden(model, batch)
         return linear_cross_entropy(hidden, head, targets, chunk), int(targets.numel())
 
-    loss_fn.chunk = chunk
     return loss_fn
 
 
