@@ -29,6 +29,41 @@ def test_pack_covers_every_example_once_within_capacity():
     assert len(bins) <= 2 * sum(lengths) / 64 + 1  # FFD is never worse than twice the optimum
 
 
+def _first_fit_decreasing_quadratic(lengths: list[int], max_length: int) -> list[list[int]]:
+    """The packer as it was before the segment tree: each example, longest first (ties in order), into
+    the lowest-numbered bin with room, else a new bin; the reference the fast one must equal."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins, room = [], []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_length - lengths[i])
+    return bins
+
+
+@pytest.mark.unit
+def test_pack_equals_the_quadratic_first_fit_on_random_lengths():
+    import random
+
+    import numpy as np
+
+    rng = random.Random(7)
+    for trial in range(240):
+        n, cap = rng.randint(0, 250), rng.choice([1, 3, 16, 64, 100, 512])
+        draw = (lambda: rng.randint(0, cap), lambda: rng.choice([1, cap // 3 or 1, cap // 2 or 1, cap]),
+                lambda: rng.randint(1, max(1, cap // 4)),
+                lambda: min(cap, int(rng.expovariate(5 / cap)) + 1))[trial % 4]  # zeros, runs, small, skewed
+        lengths = [draw() for _ in range(n)]
+        want = _first_fit_decreasing_quadratic(lengths, cap)
+        assert pack(lengths, cap) == want, (trial, cap, lengths)
+        assert pack(np.asarray(lengths), cap) == want  # the tables' numpy lengths, as they come
+
+
 @pytest.mark.unit
 def test_pack_rejects_example_longer_than_max_length():
     with pytest.raises(ValueError, match="example 1"):

@@ -11,32 +11,75 @@ example's first token.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tunelab.data.chat_template import IGNORE_INDEX
 
 
-def pack(lengths: list[int], max_length: int) -> list[list[int]]:
+def pack(lengths, max_length: int) -> list[list[int]]:
     """Bins of example indices, first-fit decreasing; each bin's total length is <= max_length.
 
     Deterministic: ties keep the original order. Raises ValueError for an example longer than
     max_length (encode with the same max_length first).
+
+    First-fit in O(n log n): the bins' free room sits in a max segment tree, so "the first bin with
+    room for x" is one walk down it (the left child whenever it has the room) and a placement one
+    walk up (stopping where a maximum does not change). A run of equal lengths is placed in bulk:
+    the bin first-fit picks for one of them stays the first fit for the next until it is too full,
+    so it takes room // x of them at once. The bins are those of the plain quadratic scan (each
+    example to the lowest-numbered bin with room, else a new bin), identical, tested against it.
     """
-    too_long = [i for i, n in enumerate(lengths) if n > max_length]
-    if too_long:
-        raise ValueError(f"example {too_long[0]} has {lengths[too_long[0]]} tokens > max_length {max_length}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    too_long = np.flatnonzero(lengths > max_length)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(f"example {i} has {int(lengths[i])} tokens > max_length {max_length}")
+    n = len(lengths)
+    if not n:
+        return []
+    order = np.argsort(-lengths, kind="stable")  # decreasing, ties in their original order
+    ordered = lengths[order]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(ordered)) + 1, [n]]).tolist()
+    order = order.tolist()
+    size = 1 << max(0, (n - 1).bit_length())  # leaves: one per possible bin (never more bins than examples)
+    room = [0] * (2 * size)  # room[size + b]: bin b's free tokens; room[i]: the most of its subtree
     bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(max_length - lengths[i])
+
+    def set_room(leaf: int, value: int) -> None:
+        room[leaf] = value
+        leaf >>= 1
+        while leaf:
+            best = max(room[2 * leaf], room[2 * leaf + 1])
+            if room[leaf] == best:
+                return
+            room[leaf] = best
+            leaf >>= 1
+
+    for a, b in zip(starts, starts[1:]):
+        x, items, pos = int(ordered[a]), order[a:b], 0
+        if x == 0:  # room >= 0 everywhere: all of them into the first bin
+            if bins:
+                bins[0].extend(items)
+            else:
+                bins.append(list(items))
+                set_room(size, max_length)
+            continue
+        while pos < len(items):
+            if room[1] >= x:
+                leaf = 1
+                while leaf < size:
+                    leaf <<= 1
+                    if room[leaf] < x:
+                        leaf += 1
+                take = min(len(items) - pos, room[leaf] // x)
+                bins[leaf - size].extend(items[pos : pos + take])
+                set_room(leaf, room[leaf] - take * x)
+            else:
+                take = min(len(items) - pos, max_length // x)
+                bins.append(items[pos : pos + take])
+                set_room(size + len(bins) - 1, max_length - take * x)
+            pos += take
     return bins
 
 
