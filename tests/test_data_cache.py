@@ -53,9 +53,15 @@ def test_store_round_trip_and_damaged_entries_rebuilt_never_used():
     assert open_or_build(parts, LAYOUT, build).key == store.key and len(calls) == 1  # a hit
 
     ids = store.folder / "input_ids.i4"
-    for damage in ("flip", "truncate", "no_manifest", "bad_manifest"):
-        if damage == "flip":  # same size, one token changed: only the checksum sees it
+    for damage in ("flip", "offsets", "truncate", "no_manifest", "bad_manifest"):
+        if damage == "flip":  # same size, one token changed: only the checksums (the full check) see it
             raw = bytearray(ids.read_bytes()); raw[0] ^= 1; ids.write_bytes(bytes(raw))
+            before = len(calls)
+            assert StoreTable(open_or_build(parts, LAYOUT, build))[0].input_ids == [4, 6, 7]  # a hit reads no checksum
+            assert len(calls) == before
+        elif damage == "offsets":  # the last offset no longer the manifest's token count: the cheap check sees it
+            off = store.folder / "offsets.i8"
+            raw = bytearray(off.read_bytes()); raw[-8] ^= 1; off.write_bytes(bytes(raw))
         elif damage == "truncate":
             ids.write_bytes(ids.read_bytes()[:-4])
         elif damage == "no_manifest":  # a build killed before its manifest
@@ -63,7 +69,7 @@ def test_store_round_trip_and_damaged_entries_rebuilt_never_used():
         else:
             (store.folder / "manifest.json").write_text("{not json")
         before = len(calls)
-        again = StoreTable(open_or_build(parts, LAYOUT, build))
+        again = StoreTable(open_or_build(parts, LAYOUT, build, verify=damage == "flip"))
         assert len(calls) == before + 1, damage  # rebuilt, not used
         assert [again[i].input_ids for i in range(4)] == rows
     assert sorted(p.name for p in data_cache_root().iterdir() if p.is_dir()) == [store.key]  # nothing left aside
@@ -75,6 +81,30 @@ def test_store_round_trip_and_damaged_entries_rebuilt_never_used():
     with pytest.raises(ValueError):
         open_or_build({"encoder": "test", "n": 2}, LAYOUT, failing)
     assert sorted(p.name for p in data_cache_root().iterdir() if p.is_dir()) == [store.key]  # no partial entry
+
+
+@pytest.mark.unit
+def test_a_hit_reads_no_checksum_and_verify_reads_them_all(monkeypatch):
+    from tunelab.data import cache
+    from tunelab.data.cache import list_entries, open_or_build
+
+    calls: list = []
+    store = open_or_build({"encoder": "test", "n": 3}, LAYOUT, _rows_builder(calls, [[1, 2, 3], [4, 5]]))
+    hashed: list = []
+    real = cache._sha256_file
+    monkeypatch.setattr(cache, "_sha256_file", lambda path, *a: hashed.append(Path(path).name) or real(path, *a))
+    open_or_build({"encoder": "test", "n": 3}, LAYOUT, _rows_builder(calls, []))
+    assert hashed == [] and len(calls) == 1  # a hit: manifest, sizes and offsets only
+    assert list_entries()[0]["state"] == "ok" and hashed == []
+    assert list_entries(verify=True)[0]["state"] == "ok" and sorted(hashed) == sorted(store.manifest["files"])
+    monkeypatch.setenv("TUNELAB_DATA_CACHE_VERIFY", "1")
+    hashed.clear()
+    open_or_build({"encoder": "test", "n": 3}, LAYOUT, _rows_builder(calls, []))
+    assert sorted(hashed) == sorted(store.manifest["files"]) and len(calls) == 1
+    ids = store.folder / "input_ids.i4"
+    raw = bytearray(ids.read_bytes()); raw[0] ^= 1; ids.write_bytes(bytes(raw))
+    bad = list_entries(verify=True)[0]
+    assert bad["state"] == "damaged" and "checksum" in bad["why"] and list_entries()[0]["state"] == "ok"
 
 
 def _chat_cfg(tmp_path: Path, model: Path, **data) -> "object":

@@ -1,7 +1,8 @@
 """`tunelab cache ls|clear`: the encoded-data cache (tunelab.data.cache), registered by cli.py.
 
-`ls` lists every entry with its size, rows and the files it encodes, plus the size of the other
-things tunelab keeps in $TUNELAB_CACHE (GGUF conversions, the Python API's data files); `clear`
+`ls` lists every entry with its size, rows and the files it encodes (a damaged one with why; --verify
+compares every checksum too), plus the size of the other things tunelab keeps in $TUNELAB_CACHE
+(GGUF conversions, the Python API's data files); `clear`
 deletes the encoded-data entries (with --all everything under $TUNELAB_CACHE). Both take --json.
 """
 
@@ -33,10 +34,10 @@ def _others() -> list[dict]:
             if p.is_dir() and p.resolve() != data_root.resolve()]
 
 
-def cache_listing() -> dict:
+def cache_listing(verify: bool = False) -> dict:
     from tunelab.data.cache import data_cache_root, list_entries
 
-    entries = list_entries()
+    entries = list_entries(verify)
     others = _others()
     return {"root": str(data_cache_root()), "entries": entries, "bytes": sum(e["bytes"] for e in entries),
             "other": others}
@@ -47,7 +48,8 @@ def listing_lines(out: dict) -> list[str]:
     for e in out["entries"]:
         what = ", ".join(f for f in e.get("files") or [] if f) or "?"
         rows = f"{e['rows']:,} rows, " if e.get("rows") is not None else ""
-        lines.append(f"  {e['key']}  {e['state']:<8} {human_bytes(e['bytes']):>9}  {rows}{e.get('encoder') or ''} {what}")
+        why = f" ({e['why']})" if e.get("why") else ""
+        lines.append(f"  {e['key']}  {e['state']:<8} {human_bytes(e['bytes']):>9}  {rows}{e.get('encoder') or ''} {what}{why}")
     for o in out["other"]:
         lines.append(f"{o['name']}: {o['path']} ({human_bytes(o['bytes'])})")
     return lines
@@ -59,11 +61,13 @@ def register(app: typer.Typer, guard) -> None:
     app.add_typer(cache_app, name="cache")
 
     @cache_app.command("ls")
-    def ls(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    def ls(as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+           verify: bool = typer.Option(False, "--verify", help="Read every entry whole and compare its checksums "
+                                       "(a run checks only the manifest, sizes and offsets).")):
         """Every encoded-data entry (key, state, size, rows, the files it encodes) and the other caches' sizes."""
 
         def go():
-            out = cache_listing()
+            out = cache_listing(verify)
             typer.echo(json.dumps(out) if as_json else "\n".join(listing_lines(out)))
 
         guard(go)

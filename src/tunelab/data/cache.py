@@ -9,17 +9,25 @@ are ragged integer lists, and what reads them needs random access by row and all
 tokens with an int64 offsets array gives both with no copy (`lengths = diff(offsets)`, row i =
 `values[off[i]:off[i+1]]`), is appended to chunk by chunk while encoding without knowing the row
 count up front, and needs only numpy to read: opening an entry costs no `datasets`/pyarrow import
-(about a second) and a row read no Arrow ListArray -> Python conversion. Checksums are taken while
-writing, so validating an entry is one sequential read.
+(about a second) and a row read no Arrow ListArray -> Python conversion.
 
 Layout under `data_cache_root()` ($TUNELAB_DATA_CACHE, else $TUNELAB_CACHE/encoded, else
 ~/.cache/tunelab/encoded): one folder per key (a sha256 over the fingerprint parts) holding the
 arrays and `manifest.json` (format, key, the parts, rows, each file's bytes and sha256, the
 encoder's statistics). An entry is built in a `.tmp-*` folder, the manifest written last, then the
-folder renamed into place, so a killed build never leaves a folder that looks complete. An entry
-whose manifest is missing or unreadable, of another format, or whose files' sizes or checksums
-differ from the manifest is moved aside, deleted and rebuilt: never used. Builders of the same key
-take a file lock, so concurrent ranks encode once and the others wait, then read.
+folder renamed into place, so a killed build never leaves a folder that looks complete. Builders of
+the same key take an exclusive file lock, so concurrent ranks encode once and the others wait, then
+read; a reader of a finished entry takes the lock shared (readers never wait for each other).
+
+What a hit checks, and so what damage is caught: the checksums are taken once, while the entry is
+written; a hit does not read the data again (a 1M-row entry is gigabytes, read on every run, rank
+and resume). It checks, in O(files): the manifest is there, parses, and is of this format and key;
+every file it names exists with the size it records; the offsets array starts at 0 and ends at the
+manifest's token count. A build that did not finish, a deleted, truncated or extended file, a
+damaged or foreign manifest are therefore caught on every hit, and the entry is moved aside,
+deleted and rebuilt: never used. Bytes changed in place at the same size (a bit flip on disk) are
+caught only by the full check, which compares every file's sha256 with the manifest: asked with
+`verify=True`, $TUNELAB_DATA_CACHE_VERIFY=1, or `tunelab cache ls --verify`.
 """
 
 from __future__ import annotations
@@ -218,6 +226,14 @@ class Store:
             self._maps[name] = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
         return self._maps[name]
 
+    def mapped(self) -> "Store":
+        """Every file mapped now (under the caller's lock): a later deletion of the entry does not
+        pull the data from under this reader (a mapped file lives on after its unlink)."""
+        for name in self.manifest["files"]:
+            code = name.rsplit(".", 1)[1]
+            self._map(name, "u1" if code == "utf8" else _dtype(code).str)
+        return self
+
     def offsets(self) -> np.ndarray:
         return self._map("offsets.i8", "<i8")
 
@@ -239,8 +255,9 @@ class Store:
         return bytes(data[ends[i] : ends[i + 1]]).decode("utf-8")
 
 
-def validate(folder: Path, key: str) -> tuple[dict | None, str | None]:
-    """(manifest, None) for an intact entry, else (None, why it is not)."""
+def validate(folder: Path, key: str, full: bool = False) -> tuple[dict | None, str | None]:
+    """(manifest, None) for an intact entry, else (None, why it is not). The cheap check (see the
+    module's docstring) always; with `full` also every file's sha256 against the manifest."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -249,20 +266,32 @@ def validate(folder: Path, key: str) -> tuple[dict | None, str | None]:
         return None, f"unreadable manifest ({type(e).__name__})"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("key") != key:
         return None, "manifest of another format or key"
-    for name, want in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    for name, want in files.items():
         path = folder / name
         if not path.is_file() or path.stat().st_size != want["bytes"]:
             return None, f"{name} is missing or has the wrong size"
-        if _sha256_file(path) != want["sha256"]:
-            return None, f"{name} does not match its checksum"
+    if "offsets.i8" in files:
+        ends = np.memmap(folder / "offsets.i8", dtype="<i8", mode="r")
+        if len(ends) != manifest.get("rows", -1) + 1 or ends[0] != 0 or ends[-1] != manifest.get("tokens"):
+            return None, "offsets.i8 does not agree with the manifest's rows and tokens"
+    if full:
+        for name, want in files.items():
+            if _sha256_file(folder / name) != want["sha256"]:
+                return None, f"{name} does not match its checksum"
     return manifest, None
 
 
+def verify_requested() -> bool:
+    """$TUNELAB_DATA_CACHE_VERIFY=1: every hit also compares the checksums (reads the whole entry)."""
+    return os.environ.get("TUNELAB_DATA_CACHE_VERIFY", "").strip().lower() in ("1", "true", "yes")
+
+
 @contextmanager
-def _locked(root: Path, key: str):
+def _locked(root: Path, key: str, shared: bool = False):
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".lock-{key}", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -279,21 +308,30 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def open_or_build(parts: dict, layout: dict, build: Callable[[StoreWriter], dict], what: str = "data") -> Store:
+def open_or_build(parts: dict, layout: dict, build: Callable[[StoreWriter], dict], what: str = "data",
+                  verify: bool | None = None) -> Store:
     """The intact entry for `parts`, building it with `build(writer) -> meta` when there is none.
 
     `layout`: {"ragged": {name: dtype}, "columns": {name: dtype}, "strings": (names...)}. An
-    exception in `build` (bad input) leaves nothing behind.
+    exception in `build` (bad input) leaves nothing behind. `verify`: also compare the checksums on
+    a hit (default: $TUNELAB_DATA_CACHE_VERIFY).
     """
     root = data_cache_root()
     key = entry_key(parts)
     final = root / key
-    with _locked(root, key):
-        if final.exists():
-            manifest, why = validate(final, key)
+    full = verify_requested() if verify is None else verify
+    if final.exists():  # the common case, a hit: a shared lock, so readers never queue behind each other
+        with _locked(root, key, shared=True):
+            manifest, _ = validate(final, key, full)
             if manifest is not None:
                 log.info("%s: encoded data read from the cache (%s)", what, final)
-                return Store(final, manifest)
+                return Store(final, manifest).mapped()
+    with _locked(root, key):
+        if final.exists():  # damaged, or built by another process while this one waited
+            manifest, why = validate(final, key, full)
+            if manifest is not None:
+                log.info("%s: encoded data read from the cache (%s)", what, final)
+                return Store(final, manifest).mapped()
             log.warning("%s: the data cache entry %s is damaged (%s); encoding again", what, final, why)
             _discard(final)
         tmp = root / f".tmp-{key}-{os.getpid()}"
@@ -309,7 +347,7 @@ def open_or_build(parts: dict, layout: dict, build: Callable[[StoreWriter], dict
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         log.info("%s: encoded data cached in %s", what, final)
-        return Store(final, manifest)
+        return Store(final, manifest).mapped()
 
 
 # ----------------------------------------------------------------------------------- ls / clear
@@ -319,8 +357,9 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def list_entries() -> list[dict]:
-    """Every encoded-data entry: key, state (ok / damaged / building), bytes, rows, what it encodes."""
+def list_entries(verify: bool = False) -> list[dict]:
+    """Every encoded-data entry: key, state (ok / damaged / building / deleting), bytes, rows, what it
+    encodes; a damaged one says why. `verify`: the full check (every checksum), not only the cheap one."""
     root = data_cache_root()
     out = []
     if not root.is_dir():
@@ -332,13 +371,14 @@ def list_entries() -> list[dict]:
         if folder.name.startswith((".tmp-", ".bad-")):
             entry["state"] = "building" if folder.name.startswith(".tmp-") else "deleting"
         else:
-            try:
-                m = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            m, why = validate(folder, folder.name, full=verify)
+            if m is None:
+                entry.update(state="damaged", why=why)
+            else:
+                parts = m.get("parts") if isinstance(m.get("parts"), dict) else {}
                 entry.update(state="ok", rows=m.get("rows"), tokens=m.get("tokens"), created=m.get("created"),
-                             encoder=m.get("parts", {}).get("encoder"),
-                             files=[f.get("path") or f.get("hf") for f in m.get("parts", {}).get("files", [])])
-            except (OSError, ValueError, AttributeError):
-                entry["state"] = "damaged"
+                             encoder=parts.get("encoder"),
+                             files=[f.get("path") or f.get("hf") for f in parts.get("files", [])])
         out.append(entry)
     return out
 
@@ -357,4 +397,4 @@ def clear_entries() -> dict:
 
 
 __all__ = ["data_cache_root", "file_stamp", "tokenizer_stamp", "entry_key", "open_or_build", "Store",
-           "StoreWriter", "validate", "list_entries", "clear_entries"]
+           "StoreWriter", "validate", "verify_requested", "list_entries", "clear_entries"]
