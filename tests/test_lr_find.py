@@ -102,6 +102,30 @@ def test_the_sweep_restores_weights_optimizer_and_rng_bit_identically():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: the snapshot must not hold a second device copy"))])
+def test_the_snapshot_is_host_copies_that_do_not_alias_the_model(device):
+    torch.manual_seed(1)
+    model = torch.nn.Linear(8, 2).to(device)
+    optimizer = build_optimizer(param_groups(model, lr=1e-3, weight_decay=0.01))
+    model(torch.randn(4, 8, device=device)).sum().backward()
+    optimizer.step()
+    snap = lr_find._snapshot(model, optimizer)
+    tensors = list(snap["params"].values()) + [v for st in snap["optimizer"]["state"].values()
+                                               for v in st.values() if isinstance(v, torch.Tensor)]
+    assert len(snap["params"]) == 2 and len(tensors) > 2
+    assert all(t.device.type == "cpu" for t in tensors)
+    live = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    live |= {v.untyped_storage().data_ptr() for st in optimizer.state.values() for v in st.values()
+             if isinstance(v, torch.Tensor)}
+    assert not live & {t.untyped_storage().data_ptr() for t in tensors}  # copies: later steps leave them as they are
+    before = {k: v.clone() for k, v in snap["params"].items()}
+    optimizer.step()  # the same gradients again: the weights move
+    lr_find._restore(model, optimizer, snap)
+    assert all(torch.equal(p.detach().cpu(), before[n]) for n, p in model.named_parameters())
+    assert all(v.device.type == device for st in optimizer.state.values() for k, v in st.items() if k != "step")
+
+
 def _auto_cfg(toy, **train):
     raw = copy.deepcopy(toy["config"])
     raw["optim"] = {"lr": "auto", "head_lr_multiplier": 1.0}

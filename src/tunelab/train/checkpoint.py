@@ -48,19 +48,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def trainable_state(model: torch.nn.Module, optimizer=None) -> dict[str, torch.Tensor]:
-    """Trainable parameters by name; a tensor shared by two names is stored once.
+def trainable_state(model: torch.nn.Module, optimizer=None, *, copy: bool = False) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name, on the host; a tensor shared by two names is stored once.
 
     Trainable means: requires grad now, or belongs to the optimizer. Under gradual unfreezing every
     parameter is in the optimizer while the lower blocks still wait frozen; a checkpoint must hold
     them too, or `final: best` would ship the best step's head on later steps' blocks.
+    `copy`: host copies even of parameters that live on the host (a CPU parameter is otherwise
+    returned as itself), for a snapshot that must outlast later optimizer steps.
     """
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer is not None else set()
     out, seen = {}, set()
     for name, p in model.named_parameters():
         if (p.requires_grad or id(p) in in_optimizer) and p.data_ptr() not in seen:
             seen.add(p.data_ptr())
-            out[name] = p.detach().cpu().contiguous()
+            out[name] = p.detach().to("cpu", copy=copy).contiguous()
     return out
 
 

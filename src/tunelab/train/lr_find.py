@@ -29,13 +29,13 @@ import json
 import logging
 import math
 import os
-import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from tunelab.errors import InputError
+from tunelab.train.checkpoint import rng_state, set_rng_state, trainable_state
 from tunelab.train.loop import backward_window, epoch_windows
 from tunelab.train.protocols import OneProcess
 
@@ -86,12 +86,22 @@ def pick_lr(lrs: list[float], smoothed: list[float]) -> dict:
             "lr_min": lr_min, "lr_steepest": lr_steep}
 
 
+def _host_copy(value):
+    """A copy of an optimizer state dict with every tensor on the host (numbers and structure copied too)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
 def _snapshot(model, optimizer) -> dict:
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-            "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": rng, "training": model.training}
+    """Everything the sweep changes, as host copies (checkpoint's own helpers): on a GPU the sweep
+    would otherwise hold a second device copy of the trainable weights and the optimizer state."""
+    return {"params": trainable_state(model, optimizer, copy=True), "optimizer": _host_copy(optimizer.state_dict()),
+            "rng": rng_state(), "training": model.training}
 
 
 def _restore(model, optimizer, snap: dict) -> None:
@@ -99,12 +109,9 @@ def _restore(model, optimizer, snap: dict) -> None:
         for n, p in model.named_parameters():
             if n in snap["params"]:
                 p.copy_(snap["params"][n])
-    optimizer.load_state_dict(snap["optimizer"])
+    optimizer.load_state_dict(snap["optimizer"])  # moves the state back onto each parameter's device
     optimizer.zero_grad(set_to_none=True)
-    torch.set_rng_state(snap["rng"]["torch"])
-    random.setstate(snap["rng"]["python"])
-    if "cuda" in snap["rng"]:
-        torch.cuda.set_rng_state_all(snap["rng"]["cuda"])
+    set_rng_state(snap["rng"])
     model.train(snap["training"])
 
 
