@@ -230,3 +230,21 @@ def test_auto_is_refused_where_the_sweep_cannot_run():
         with pytest.raises(InputError) as e:
             lr_find.starting_lr(cfg, sharded, precision)
         assert e.value.field == "optim.lr"
+
+
+def test_auto_falls_back_to_the_lr_the_config_would_get_without_it():
+    """One definition (defaults.default_lr): a preference run has no family default (recipe_for gives
+    none), so `auto` starts from the field's own 2e-5, not the causal-LM SFT value (5e-5 for SmolLM2)."""
+    from tunelab.config import OptimConfig, config_from_dict
+    from tunelab.defaults import default_lr
+
+    for task, method in (("preference", "full"), ("preference", "lora"), ("chat", "lora"), ("classification", "full")):
+        raw = {"task": task, "method": method, "data": {"train": "t.jsonl"}}
+        if task != "classification":
+            raw["model"] = {"name": "smollm2-135m-instruct"}
+        plain = config_from_dict(raw)
+        auto = config_from_dict({**raw, "optim": {"lr": "auto"}})
+        assert lr_find.starting_lr(auto, False, "fp32") == default_lr(auto) == plain.optim.lr, (task, method)
+    pref = config_from_dict({"task": "preference", "model": {"name": "smollm2-135m-instruct"},
+                             "data": {"train": "t.jsonl"}, "optim": {"lr": "auto"}})
+    assert lr_find.starting_lr(pref, False, "fp32") == OptimConfig.model_fields["lr"].default == 2e-5

@@ -47,22 +47,11 @@ def register(app: typer.Typer, guard) -> None:
             from tunelab.run import setup
             from tunelab.train import lr_find
 
-            cfg = load_config(config, list(set_))
-            r = setup(cfg)
-            fp = lr_find.fingerprint(cfg, r.precision)
-            found = None if force else lr_find.load_cached(fp, output_dir)
-            source = "cache"
-            if found is None:
-                found = lr_find.range_test(r.model, r.optimizer, r.task, r.autocast, base_lr=r.settings.base_lr,
-                                           batch_size=r.settings.batch_size, grad_accum=r.settings.grad_accum,
-                                           max_grad_norm=r.settings.max_grad_norm, seed=r.settings.seed)
-                found.update(fingerprint=fp, placeholder_lr=r.settings.base_lr)
-                source = "sweep"
-            found["source"] = source
+            found = lr_find.find_lr(setup(load_config(config, list(set_))), output_dir, force=force)
             if output_dir is not None:
                 output_dir.mkdir(parents=True, exist_ok=True)
             lr_find.store(found, output_dir)
-            stored = [str(lr_find.cache_dir() / f"{fp}.json")]
+            stored = [str(lr_find.cache_dir() / f"{found['fingerprint']}.json")]
             if output_dir is not None:
                 stored.insert(0, str(output_dir / lr_find.LR_FIND_FILE))
             found["stored"] = stored

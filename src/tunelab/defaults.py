@@ -148,6 +148,15 @@ def recipe_for(cfg) -> list[Default]:
     return out
 
 
+def default_lr(cfg) -> float:
+    """The optim.lr this config gets when it does not say one (the number behind `optim.lr: auto` until the
+    range test replaces it): `recipe_for`'s, else the field's own default (task preference)."""
+    for d in recipe_for(cfg):
+        if d.key == "optim.lr":
+            return d.value
+    return type(cfg.optim).model_fields["lr"].default
+
+
 def _set(cfg, key: str, value) -> bool:
     """Set `key` unless the user set it (or a run dir's config.yaml spelled it out); True when set."""
     section_name, field = key.split(".")

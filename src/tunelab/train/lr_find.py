@@ -220,7 +220,9 @@ def store(result: dict, run_dir: Path | None) -> None:
 
 
 def starting_lr(cfg, sharded: bool, precision: str) -> float:
-    """optim.lr, or under `auto` the family default (the range test replaces it before training)."""
+    """optim.lr, or under `auto` the default the config would get without it (defaults.default_lr, the one
+    definition: the family default, or the field's own for task preference); the range test replaces it
+    before training and falls back to it when the loss never falls."""
     if cfg.optim.lr != "auto":
         return cfg.optim.lr
     if precision == "fp16":
@@ -229,30 +231,34 @@ def starting_lr(cfg, sharded: bool, precision: str) -> float:
     if sharded:
         raise InputError("optim.lr: auto runs its range test on one process's model; under distributed.strategy "
                          f"{cfg.distributed.strategy} give a number (`tunelab lr-find CONFIG` finds one)", field="optim.lr")
-    from tunelab.defaults import learning_rate, model_kind_and_size
+    from tunelab.defaults import default_lr
 
-    return learning_rate(cfg.task, cfg.method, *model_kind_and_size(cfg.model.name)).value
+    return default_lr(cfg)
+
+
+def find_lr(r, out: Path | None, *, force: bool = False, world_size: int = 1) -> dict:
+    """The range test's result for the run's Recipe `r`: a stored one (RUN/lr_find.json or the user
+    cache) when its fingerprint matches and not `force`, else a fresh sweep (weights, optimizer and
+    RNG restored); `source` says which. Stores nothing: the callers decide where (`store`)."""
+    fp = fingerprint(r.cfg, r.precision)
+    found = None if force else load_cached(fp, out)
+    if found is not None:
+        return {**found, "source": "cache"}
+    if world_size > 1:
+        raise InputError("optim.lr: auto: no stored range test for this model, data and method; with several "
+                         "processes run `tunelab lr-find CONFIG` first (its result is cached)", field="optim.lr")
+    log.info("optim.lr: auto - running the learning-rate range test")
+    found = range_test(r.model, r.optimizer, r.task, r.autocast, base_lr=r.settings.base_lr,
+                       batch_size=r.settings.batch_size, grad_accum=r.settings.grad_accum,
+                       max_grad_norm=r.settings.max_grad_norm, seed=r.settings.seed)
+    return {**found, "fingerprint": fp, "placeholder_lr": r.settings.base_lr, "source": "sweep"}
 
 
 def with_found_lr(r, out: Path | None, group, build_optimization):
-    """optim.lr: auto - the range test's lr (RUN/lr_find.json or the user cache when its fingerprint
-    matches, else a fresh sweep, stored), a fresh optimizer and schedule at it (`build_optimization`,
-    run.py's), and a config that says the number (config.yaml, the summary): the run's Recipe `r`
-    with those replaced. The sweep restores weights, optimizer and RNG."""
-    fp = fingerprint(r.cfg, r.precision)
-    found = load_cached(fp, out)
-    if found is None:
-        if group.world_size > 1:
-            raise InputError("optim.lr: auto: no stored range test for this model, data and method; with several "
-                             "processes run `tunelab lr-find CONFIG` first (its result is cached)", field="optim.lr")
-        log.info("optim.lr: auto - running the learning-rate range test")
-        found = range_test(r.model, r.optimizer, r.task, r.autocast, base_lr=r.settings.base_lr,
-                                   batch_size=r.settings.batch_size, grad_accum=r.settings.grad_accum,
-                                   max_grad_norm=r.settings.max_grad_norm, seed=r.settings.seed)
-        found.update(fingerprint=fp, placeholder_lr=r.settings.base_lr)
-        found["source"] = "sweep"
-    else:
-        found["source"] = "cache"
+    """optim.lr: auto - the range test's lr (`find_lr`: stored, else a fresh sweep, stored), a fresh
+    optimizer and schedule at it (`build_optimization`, run.py's), and a config that says the number
+    (config.yaml, the summary): the run's Recipe `r` with those replaced."""
+    found = find_lr(r, out, world_size=group.world_size)
     if out is not None and group.is_main:
         store(found, out)
     lr = found["lr"] or r.settings.base_lr
