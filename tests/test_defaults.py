@@ -73,6 +73,25 @@ def test_size_from_a_folders_config(tmp_path):
     assert model_kind_and_size("org/unknown-model") == (None, None)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "mixtral", "granite", "olmo2", "gpt2", "bert",
+                                        "electra", "xlm-roberta"])
+def test_the_defaults_and_the_planner_read_a_family_alike(model_type, tmp_path):
+    """One table (models/families.py): the size estimate counts a gated MLP (3 h x i per layer) exactly
+    where the planner's shape has one, and an encoder is an encoder to both (granite, mixtral and
+    gemma3_text were gated to the planner only; ELECTRA and XLM-R were causal LMs to it)."""
+    from transformers import AutoConfig
+
+    from tunelab.plan import arch
+
+    config = AutoConfig.for_model(model_type)
+    config.save_pretrained(tmp_path)
+    kind, n = model_kind_and_size(str(tmp_path))
+    shape = arch.shape_of(config, arch.default_task(config))
+    h, i, layers, vocab = shape.hidden, shape.intermediate, shape.layers, shape.vocab
+    assert n == vocab * h + layers * (4 * h * h + (3 if shape.gated_mlp else 2) * h * i), model_type
+    assert (kind == "encoder") == (arch.default_task(config) == "classification"), model_type
+
+
 def test_eval_trust_says_how_far_to_trust_a_split():
     cfg = _cfg()
     t = eval_trust(cfg, {"eval_rows": 400}, {"accuracy": 0.86})

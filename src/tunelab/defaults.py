@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.models.families import gated_mlp, is_encoder
+
 # parameters of the embedded models (count_params on the loaded models), so no file is read for them
 EMBEDDED_SIZES = {"minilm": ("encoder", 22_713_216), "smollm2-135m-instruct": ("causal", 134_515_008)}
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "albert",
-                 "camembert", "mpnet", "modernbert", "xlm", "ernie")
 
 # measured (benchmarks/README.md, "How the defaults were chosen"): SST-2, first 4000 train rows, MiniLM, 3 epochs,
 # dev rows 1-2000: body lr 2e-5 with head x20 and batch 8 (run C) 0.8705; lr 1e-4, head 1e-4, batch 16 (B) 0.8770;
@@ -61,7 +61,7 @@ def model_kind_and_size(name: str) -> tuple[str | None, int | None]:
         return None, None
     archs = " ".join(c.get("architectures") or [])
     model_type = str(c.get("model_type", ""))
-    kind = "encoder" if model_type in ENCODER_TYPES else (
+    kind = "encoder" if is_encoder(model_type) else (
         "causal" if "CausalLM" in archs or "LMHead" in archs or c.get("is_decoder") else None)
     try:
         h = int(c.get("hidden_size") or c.get("n_embd") or c.get("d_model"))
@@ -70,7 +70,7 @@ def model_kind_and_size(name: str) -> tuple[str | None, int | None]:
         vocab = int(c.get("vocab_size") or 0)
     except (TypeError, ValueError):
         return kind, None
-    gated = model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2")
+    gated = gated_mlp(model_type, c.get("hidden_act") or c.get("activation_function"))
     return kind, vocab * h + layers * (4 * h * h + (3 if gated else 2) * h * inter)
 
 

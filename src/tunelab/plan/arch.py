@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import InputError
+from tunelab.models import families
 
 FUSED_SLICES = ("q", "k", "v")  # virtual targets: slices of a fused c_attn
 
@@ -84,11 +85,12 @@ def read_config(spec: str, *, trust_remote_code: bool = False, revision: str | N
 
 
 def default_task(config) -> str:
-    """causal_lm for models with a causal-LM class, classification for encoders (BERT, RoBERTa)."""
+    """causal_lm for models with a causal-LM class, classification for encoders (models.families: BERT,
+    RoBERTa, XLM-R, ELECTRA, ... some of which have a causal-LM class too)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return "causal_lm" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(
-        config, "is_encoder_decoder", False) and config.model_type not in ("bert", "roberta") else "classification"
+        config, "is_encoder_decoder", False) and not families.is_encoder(config.model_type) else "classification"
 
 
 def build_meta(config, task: str, num_labels: int = 2) -> nn.Module:
@@ -110,8 +112,7 @@ def shape_of(config, task: str) -> Shape:
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     act = str(getattr(text, "hidden_act", getattr(text, "activation_function", "")))
-    gated = text.model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-                                "mixtral", "olmo", "olmo2", "granite") or "glu" in act
+    gated = families.gated_mlp(text.model_type, act)
     drop = [getattr(text, k, 0.0) or 0.0 for k in ("hidden_dropout_prob", "resid_pdrop", "hidden_dropout", "dropout")]
     att = [getattr(text, k, 0.0) or 0.0 for k in ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")]
     return Shape(model_type=text.model_type, layers=text.num_hidden_layers, hidden=hidden, heads=heads,
@@ -119,7 +120,7 @@ def shape_of(config, task: str) -> Shape:
                  intermediate=inter, gated_mlp=gated, vocab=text.vocab_size, causal=task != "classification",
                  attention_dropout=float(max(att)), hidden_dropout=float(max(drop)),
                  norm="rmsnorm" if getattr(text, "rms_norm_eps", None) is not None else "layernorm",
-                 fused_qkv=text.model_type in ("gpt2", "gpt_bigcode", "phi3", "falcon", "bloom"))
+                 fused_qkv=families.fused_qkv(text.model_type))
 
 
 # ---------------------------------------------------------------- parameter counts
