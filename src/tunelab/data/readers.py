@@ -137,32 +137,41 @@ def _lines(text: str) -> list[str]:
     return io.StringIO(text, newline="\n").readlines()
 
 
-def check_line_lengths(path: Path, text: str, limit: int = MAX_LINE_CHARS) -> None:
-    """Refuse a line longer than `limit` characters (linear time), naming its line."""
+def check_line_lengths(path: Path, text: str, limit: int = MAX_LINE_CHARS, first_line: int = 1) -> None:
+    """Refuse a line longer than `limit` characters (linear time), naming its line (`first_line`: the
+    file's line number of the text's first line, for a chunk of a file)."""
     lengths = list(map(len, text.split("\n")))
     if max(lengths, default=0) > limit:
         i = next(i for i, n in enumerate(lengths) if n > limit)
         raise InputError(f"line has {lengths[i]:,} characters, more than the limit of {limit:,} "
-                         "(newlines lost, or not a line-based file?)", file=path, line=i + 1)
+                         "(newlines lost, or not a line-based file?)", file=path, line=first_line + i)
+
+
+def decode_text(path: Path, raw: bytes, first_line: int = 1) -> str:
+    """A file's bytes (or a chunk of whole lines of it starting at `first_line`) as text: refused,
+    at their line, when they are UTF-16/32 (a BOM at the file's start), hold a NUL byte or are not
+    UTF-8; the file's own UTF-8 BOM is dropped."""
+    if first_line == 1:
+        for bom, name in _UTF16_32_BOMS:  # Excel's "Unicode text" export: NUL bytes, but not binary
+            if raw.startswith(bom):
+                raise InputError(f"file is {name} text; re-save it as UTF-8", file=path)
+    nul = raw.find(b"\x00")
+    if nul >= 0:  # anywhere in the file, not only its first block: a NUL is never text
+        raise InputError("holds a NUL byte (a binary file, or a corrupt one), not text data", file=path,
+                         line=first_line + raw.count(b"\n", 0, nul))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        raise InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8", file=path, line=line) from None
+    return text.removeprefix("\ufeff") if first_line == 1 else text
 
 
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     if not raw.strip():
         raise InputError("file is empty", file=path)
-    for bom, name in _UTF16_32_BOMS:  # Excel's "Unicode text" export: NUL bytes, but not binary
-        if raw.startswith(bom):
-            raise InputError(f"file is {name} text; re-save it as UTF-8", file=path)
-    nul = raw.find(b"\x00")
-    if nul >= 0:  # anywhere in the file, not only its first block: a NUL is never text
-        raise InputError("holds a NUL byte (a binary file, or a corrupt one), not text data", file=path,
-                         line=raw.count(b"\n", 0, nul) + 1)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8", file=path, line=line) from None
-    return text.removeprefix("\ufeff")
+    return decode_text(path, raw)
 
 
 def _read_jsonl(path: Path, text: str, first_line: int = 1, first_index: int = 0) -> list[Record]:
