@@ -112,13 +112,99 @@ def label_names_from(values: list[str | int], declared: list[str] | None) -> lis
 
 def check_one_kind(raw: list[str | int], records: list[Record], path: Path, column: str) -> None:
     """Labels are all names or all ids; point at the first label of the rarer kind."""
-    ints = sum(isinstance(v, int) for v in raw)
-    if 0 < ints < len(raw):
-        odd = int if ints <= len(raw) - ints else str
-        i = next(i for i, v in enumerate(raw) if isinstance(v, odd))
-        kind, others = ("a number", "names") if odd is int else ("a name", "numbers")
-        raise InputError(f"label {raw[i]!r} is {kind} but the other labels are {others}; use one kind, "
-                         "or list the names in data.labels", file=path, field=column, **records[i].where())
+    labels = RawLabels()
+    for value, rec in zip(raw, records):
+        labels.add(value, rec)
+    labels.check_one_kind(path, column)
+
+
+class RawLabels:
+    """A file's labels as written, dictionary-encoded: the distinct values in the order they first
+    occur (a row holds the code of its value), each one's row count and its first row. The checks
+    and the mapping onto label ids work on the values, not the rows, so a cache entry keeps one
+    small code per row and the label vocabulary can be chosen after encoding (data.labels, the
+    first training source's labels) with the same errors at the same rows as a row-by-row check."""
+
+    def __init__(self, values: list | None = None, counts: list[int] | None = None, first: list | None = None):
+        self.values: list[str | int] = list(values or [])
+        self.counts: list[int] = list(counts or [])
+        self.first: list[tuple[int, dict]] = [(int(i), dict(w)) for i, w in (first or [])]  # (record index, where)
+        self._code = {(type(v), v): c for c, v in enumerate(self.values)}
+
+    def add(self, value: str | int, rec: Record) -> int:
+        """The code of a row's label (a new value gets the next one)."""
+        code = self._code.get((type(value), value))
+        if code is None:
+            code = self._code[(type(value), value)] = len(self.values)
+            self.values.append(value)
+            self.counts.append(0)
+            self.first.append((rec.index, rec.where()))
+        self.counts[code] += 1
+        return code
+
+    def to_meta(self) -> dict:
+        return {"values": self.values, "counts": self.counts, "first": [[i, w] for i, w in self.first]}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "RawLabels":
+        return cls(meta["values"], meta["counts"], meta["first"])
+
+    def check_one_kind(self, path: Path, column: str) -> None:
+        """Labels are all names or all ids; point at the first label of the rarer kind."""
+        n = sum(self.counts)
+        ints = sum(c for v, c in zip(self.values, self.counts) if isinstance(v, int))
+        if 0 < ints < n:
+            odd = int if ints <= n - ints else str
+            code = min((c for c, v in enumerate(self.values) if isinstance(v, odd)), key=lambda c: self.first[c][0])
+            kind, others = ("a number", "names") if odd is int else ("a name", "numbers")
+            raise InputError(f"label {self.values[code]!r} is {kind} but the other labels are {others}; use one "
+                             "kind, or list the names in data.labels", file=path, field=column, **self.first[code][1])
+
+    def ids(self, names: list[str], declared: bool, path: Path, column: str, why_unknown: str) -> list[int]:
+        """Each code's label id in `names`; an unknown label raises at the first row holding one, its
+        message `why_unknown` formatted with the label and the names."""
+        ids = [to_id(v, names, declared) for v in self.values]
+        unknown = [c for c, i in enumerate(ids) if i is None]
+        if unknown:
+            code = min(unknown, key=lambda c: self.first[c][0])
+            raise InputError(why_unknown.format(label=repr(self.values[code]), names=names), file=path, field=column,
+                             **self.first[code][1])
+        return ids
+
+
+def resolve_labels(raw: RawLabels, path: Path, column: str, label_names: list[str] | None, declared: bool,
+                   why_unknown: str | None = None) -> tuple[list[str], list[int]]:
+    """(label names in id order, each code's id): with `label_names` (declared, or the training
+    data's) every label must be in them; else the file's own labels, all of one kind, make them."""
+    fixed = label_names is not None
+    if not fixed:
+        raw.check_one_kind(path, column)
+    names = label_names if fixed else label_names_from(raw.values, None)
+    if why_unknown is None:
+        why_unknown = ("label {label} does not occur in the training data {names}" if fixed and not declared
+                       else "label {label} is not one of {names}")
+    return names, raw.ids(names, declared, path, column, why_unknown)
+
+
+def row_source(path: Path, rec: Record) -> str:
+    """A classification row's place, as summaries and errors name it: file name and line (or #index)."""
+    return f"{path.name}:{rec.line}" if rec.line is not None else f"{path.name}#{rec.index}"
+
+
+def parse_rows(records: list[Record], path: Path, text_column: str, label_column: str, text_pair_column: str | None,
+               allowed: list[str] | None, labels: RawLabels) -> tuple[list[str], list[str] | None, list[int], list[str]]:
+    """(texts, second texts, label codes, file:line places) of records, every row checked; `allowed`:
+    the label names that may look like a missing value (data.labels), `labels` collects the codes."""
+    texts, pairs, codes, source = [], [] if text_pair_column else None, [], []
+    for rec in records:
+        texts.append(record_text(rec, path, text_column))
+        if pairs is not None:
+            pairs.append(record_text(rec, path, text_pair_column))
+        value = record_label(rec, path, label_column)
+        check_missing_label(value, rec, path, label_column, allowed)
+        codes.append(labels.add(value, rec))
+        source.append(row_source(path, rec))
+    return texts, pairs, codes, source
 
 
 def to_id(value: str | int, names: list[str], declared: bool) -> int | None:
@@ -153,28 +239,11 @@ def load_examples(
     records = read_records(path, fmt, header=header, columns=columns)
     if max_rows is not None:
         records = records[:max_rows]
-    texts, pairs, raw, source = [], [] if text_pair_column else None, [], []
-    for rec in records:
-        texts.append(record_text(rec, path, text_column))
-        if pairs is not None:
-            pairs.append(record_text(rec, path, text_pair_column))
-        raw.append(record_label(rec, path, label_column))
-        check_missing_label(raw[-1], rec, path, label_column, label_names)
-        source.append(f"{path.name}:{rec.line}" if rec.line is not None else f"{path.name}#{rec.index}")
-    fixed_vocab = label_names is not None
-    if not fixed_vocab:
-        check_one_kind(raw, records, path, label_column)
-    names = label_names if fixed_vocab else label_names_from(raw, None)
-    labels = []
-    for rec, value in zip(records, raw):
-        idx = to_id(value, names, declared)
-        if idx is None:
-            why = f"label {value!r} is not one of {names}"
-            if fixed_vocab and not declared:
-                why = f"label {value!r} does not occur in the training data {names}"
-            raise InputError(why, file=path, field=label_column, **rec.where())
-        labels.append(idx)
-    return Examples(texts, labels, pairs, source), names
+    raw = RawLabels()
+    texts, pairs, codes, source = parse_rows(records, path, text_column, label_column, text_pair_column, label_names,
+                                             raw)
+    names, ids = resolve_labels(raw, path, label_column, label_names, declared)
+    return Examples(texts, [ids[c] for c in codes], pairs, source), names
 
 
 def load_train_eval(data_cfg, seed: int) -> tuple[Examples, Examples | None, list[str]]:
@@ -210,7 +279,6 @@ def load_train_eval(data_cfg, seed: int) -> tuple[Examples, Examples | None, lis
         raise InputError(f"eval_split {data_cfg.eval_split} of {len(train)} rows leaves no training rows for "
                          f"label {lost[0]!r}; lower data.eval_split or give data.eval", field="data.eval_split")
     return train.subset(train_idx), train.subset(eval_idx), names
-    return train.subset(train_idx), train.subset(eval_idx), names
 
 
 def stratified_split(labels: list[int], share: float, seed: int) -> tuple[list[int], list[int]]:
@@ -238,25 +306,34 @@ def label_counts(ex: Examples, names: list[str]) -> dict[str, int]:
     return counts
 
 
-def encode(examples: Examples, tokenizer, max_length: int) -> tuple[list[dict], int]:
-    """Token ids per example (no padding) and how many were cut at `max_length`."""
+def encode_rows(examples: Examples, tokenizer, max_length: int) -> tuple[list[dict], list[bool]]:
+    """Token ids per example (no padding) and, per example, whether it was cut at `max_length`."""
     enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     features = [{k: enc[k][i] for k in keys} for i in range(len(examples))]
     # only an example that fills max_length can have been cut: tokenize just those again, whole
     at_limit = [i for i, f in enumerate(features) if len(f["input_ids"]) >= max_length]
-    truncated = 0
+    cut = [False] * len(features)
     if at_limit:
         texts = [examples.texts[i] for i in at_limit]
         pairs = [examples.pairs[i] for i in at_limit] if examples.pairs is not None else None
         full = tokenizer(texts, pairs, truncation=False)["input_ids"]
-        truncated = sum(len(ids) > max_length for ids in full)
-    return features, truncated
+        for i, ids in zip(at_limit, full):
+            cut[i] = len(ids) > max_length
+    return features, cut
 
 
-def make_batches(features: list[dict], labels: list[int], pad_id: int, batch_size: int):
-    """Padded batches in file order (for evaluation), grouped by length to pad little."""
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+def encode(examples: Examples, tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Token ids per example (no padding) and how many were cut at `max_length`."""
+    features, cut = encode_rows(examples, tokenizer, max_length)
+    return features, sum(cut)
+
+
+def make_batches(features, labels, pad_id: int, batch_size: int, lengths=None):
+    """Padded batches in file order (for evaluation), grouped by length to pad little. `features`:
+    a list of feature dicts, or a table of them (with its `lengths`, so no row is read to sort)."""
+    lengths = [len(f["input_ids"]) for f in features] if lengths is None else lengths
+    order = sorted(range(len(features)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         yield pad_batch([features[i] for i in idx], pad_id, [labels[i] for i in idx])
