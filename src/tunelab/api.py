@@ -106,7 +106,7 @@ def as_config(config, overrides: list[str] | None = None, data: dict[str, str] |
     `data`: {"train": path, "eval": path} set as data.train / data.eval (before validation for a
     dict, so a dict config may leave them out).
     """
-    from tunelab.config import Config, apply_overrides, config_from_dict, load_config
+    from tunelab.config import Config, apply_overrides, config_from_dict, given_keys, load_config
 
     data = data or {}
     if isinstance(config, dict):
@@ -114,8 +114,8 @@ def as_config(config, overrides: list[str] | None = None, data: dict[str, str] |
         if data:
             raw["data"] = {**(raw.get("data") or {}), **data}
         return config_from_dict(apply_overrides(raw, overrides or []))
-    if isinstance(config, Config):
-        cfg = (config_from_dict(apply_overrides(json.loads(config.model_dump_json()), overrides))
+    if isinstance(config, Config):  # only the keys its user set count as set: the defaults re-resolve
+        cfg = (config_from_dict(apply_overrides(given_keys(config), overrides))
                if overrides else config.model_copy(deep=True))
     elif isinstance(config, (str, Path)):
         cfg = load_config(config, overrides or [])

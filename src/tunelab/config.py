@@ -673,6 +673,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return apply_defaults(_resolve_paths(validate_raw(raw, path=path, overrides=overrides, lines=lines), path.parent))
 
 
+def given_keys(model: BaseModel) -> dict:
+    """The keys a config's user set (in a file, with --set, through the API, or by assigning
+    `cfg.train.epochs = 1`), as a mapping `config_from_dict` validates back; what defaults.py filled
+    in is not among them, so the result re-resolves its own defaults. Unlike
+    model_dump(exclude_unset=True), a section changed only by assignment counts as given."""
+    out = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            inner = given_keys(value)
+            if name in model.model_fields_set or inner:
+                out[name] = inner
+        elif name in model.model_fields_set:
+            out[name] = model.model_dump(mode="json", include={name})[name]
+    return out
+
+
 def config_from_dict(raw: dict, base: str | Path | None = None) -> Config:
     """A config given as a mapping (the Python API, `tunelab.train({...})`): validated exactly as a
     file is, its errors naming the field (there is no file or line); relative paths resolve against

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import Config
+from tunelab.config import Config, given_keys
 from tunelab.errors import InputError
 from tunelab.plan.memory import nf4_bits
 from tunelab.plan.probe import meta_model, probe
@@ -78,7 +78,9 @@ def data_profile(cfg: Config) -> dict:
         from tunelab.tasks.causal_lm import batcher
         from tunelab.tasks.lm_data import load_lm_data
 
-        lm = load_lm_data(cfg, tok, max_len, generating=False)  # the run's own data path (and cache)
+        r = cfg.regularization  # the run's own data path (and cache)
+        lm = load_lm_data(cfg.data, tok, max_len, task=cfg.task, seed=cfg.train.seed, generating=False,
+                          replay_data=r.replay_data, replay_ratio=r.replay_ratio)
         packed = bool(cfg.data.packing)
         units, _ = batcher(lm.train, 0, packed, max_len, units=lm.units)
         tokens, sup = lengths_of(lm.train), supervised_of(lm.train)
@@ -428,7 +430,7 @@ def suggest(cfg: Config, profile: dict, memory: dict, precision: str) -> list[di
     out = []
     for label, change in LEVERS:
         # what the user set, not every default: validators judge a section "set" by its presence
-        raw = cfg.model_dump(mode="json", exclude_unset=True)
+        raw = given_keys(cfg)
         if label.startswith("train.precision") and precision != "fp32":
             continue
         if change is None:
