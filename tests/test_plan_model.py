@@ -68,10 +68,8 @@ def test_fp32_shares_match_what_the_sharded_processes_hold(strategy, shares):
     """The per-rank shares tests/test_sharding.py measures from the tensors 2 CPU processes hold (fp32):
     weights P x 4 bytes, gradients P x 4, optimizer 2P x 4 under FSDP2 and 3P x 4 under DeepSpeed
     (moments + its fp32 partition copy), each times its share; the planner's fp32 states must agree."""
-    from tunelab.plan.model_plan import layout_for
-
     p = 1e6
-    m = memory.model_states(p, p, precision="fp32", strategy=strategy, n=2, layout=layout_for(strategy))
+    m = memory.model_states(p, p, precision="fp32", strategy=strategy, n=2, layout=memory.layout_for(strategy))
     whole = (4 * p, 4 * p, (2 if strategy == "fsdp" else 3) * 4 * p)
     held = (m["weights"], m["gradients"], m["optimizer"] + m["master_weights"])
     assert [h / w for h, w in zip(held, whole)] == list(shares)

@@ -40,3 +40,42 @@ def test_each_process_plans_its_share_of_the_model_states(toy_classification, st
     # (the runtime baseline is this process's RSS at each call: compare without it)
     assert two["memory_mb"]["peak"] - two["memory_mb"]["runtime"] == pytest.approx(
         one["memory_mb"]["peak"] - one["memory_mb"]["runtime"] - freed / MB + buffers, abs=0.3)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_both_planners_give_each_process_the_same_bytes(method, tmp_path):
+    """One definition (plan.memory.device_states): `tunelab plan CONFIG --nproc 2` (planner.shard_states
+    on the configured meta model) and `tunelab plan --model ... --gpus 2` (model_plan.per_device from
+    the config.json) give each process the same weights, gradients, optimizer state (master included)
+    and communication buffers for every sharded strategy and precision. They had differed: FSDP2's
+    gathered bf16 blocks counted at 4 bytes, ZeRO-2's reduce bucket bounded by a rank's gradient shard,
+    a QLoRA base counted in fp32 under fsdp, the gathered unit one module rather than one block."""
+    from transformers import LlamaConfig
+
+    from tunelab.config import config_from_dict
+    from tunelab.plan.hardware import lookup
+    from tunelab.plan.memory import CUDA_CONTEXT_BYTES
+    from tunelab.plan.model_plan import Model, Spec, per_device
+    from tunelab.plan.probe import meta_model
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256).save_pretrained(tmp_path)
+    strategies = ("fsdp",) if method == "qlora" else ("fsdp", "zero1", "zero2", "zero3")
+    for strategy in strategies:
+        for precision in ("bf16", "fp32"):
+            cfg = config_from_dict({"task": "causal_lm", "method": method, "model": {"name": str(tmp_path)},
+                                    "data": {"train": "t.jsonl"}, "train": {"precision": precision}})
+            model = meta_model(cfg, None)
+            pb = planner.param_bytes(model, cfg)
+            est = {"memory": {k: pb[k] for k in ("weights", "gradients", "optimizer")} | {"peak": 0.0},
+                   "params": pb, "precision": precision, "model": model}
+            planner.shard_states(est, cfg, strategy, 2)
+            spec = Spec(model=str(tmp_path), gpu=lookup("L4"), method=method, task="causal_lm", precision=precision,
+                        strategy=strategy, gpus=2)
+            d = per_device(Model(spec), spec)["per_device"]
+            hardware = {"weights": d["weights_bytes"], "gradients": d["gradients_bytes"],
+                        "optimizer": d["optimizer_bytes"] + d["master_weights_bytes"],
+                        "sharding_buffers": d["overhead_bytes"] - CUDA_CONTEXT_BYTES}
+            here = {k: round(est["memory"][k]) for k in hardware}
+            assert here == hardware, (strategy, precision)
+            assert here["sharding_buffers"] > 0

@@ -215,6 +215,19 @@ def _first_block(name: str) -> bool:
     return any(p == "0" for p in parts[:-1])
 
 
+def gathered_unit_params(model: nn.Module) -> int:
+    """Parameters of the unit a parameter-sharding strategy gathers at a time: one transformer block
+    (models.anatomy.find_blocks, FSDP2's wrapping unit, also taken for ZeRO-3's layer-by-layer
+    fetch); the largest single module where no blocks are found."""
+    from tunelab.models.anatomy import find_blocks
+
+    try:
+        _, blocks = find_blocks(model)
+    except InputError:
+        return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    return sum(p.numel() for p in blocks[0].parameters())
+
+
 def head_params(model: nn.Module, task: str) -> int:
     """Parameters of a new classification head (trained fully under every method); 0 for causal LMs."""
     if task != "classification":

@@ -47,6 +47,35 @@ SHARDED = {"ddp": (), "zero1": ("master", "optimizer"), "zero2": ("master", "opt
 CUDA_CONTEXT_BYTES = 2**30  # CUDA context, cuBLAS/NCCL workspaces and allocator reserve: 1 GiB, stated
 
 
+def layout_for(strategy: str) -> str:
+    """How a strategy keeps mixed-precision parameters (as tunelab's distributed.strategy runs them):
+    DeepSpeed's bf16 engine (zero1/2/3) holds 16-bit weights and gradients plus an fp32 master copy in
+    the optimizer partition; DDP and FSDP2 keep fp32 parameters (FSDP2's sharded ones are the master)."""
+    return "zero" if strategy.startswith("zero") else "autocast"
+
+
+def compute_bytes(precision: str) -> int:
+    """Element size of what is computed and gathered: 2 under bf16/fp16 (autocast's casts, FSDP2's
+    MixedPrecisionPolicy(param_dtype=bf16), DeepSpeed's 16-bit engine), 4 in fp32."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
+def device_states(total: float, trainable: float, *, quantized: float = 0, precision: str = "bf16",
+                  strategy: str = "ddp", n: int = 1, offload: bool = False, unit_params: float = 0) -> dict:
+    """`model_states` in the layout the strategy keeps (`layout_for`) plus its communication buffers
+    (`buffers`, `comm_overhead` over the unsharded gradients and `unit_params`, the parameters of the
+    largest unit gathered at a time): the one definition both planners use (plan.model_plan for other
+    hardware, plan.planner for `--nproc` on this machine)."""
+    layout = layout_for(strategy)
+    common = dict(precision=precision, strategy=strategy, layout=layout, quantized=quantized)
+    out = model_states(total, trainable, n=n, offload=offload, **common)
+    whole_gradients = model_states(total, trainable, n=1, **common)["gradients"]
+    out["buffers"] = comm_overhead(strategy, grad_bytes=whole_gradients, largest_layer_params=unit_params,
+                                   act_bytes=compute_bytes(precision), n=n)
+    out["layout"] = layout
+    return out
+
+
 def nf4_bits(double_quant: bool = True, block: int = 64, block2: int = 256) -> float:
     """Bits per weight of NF4: 4-bit codes + the absmax of each block (fp32, or 8-bit + fp32 per block2)."""
     return 4 + (8 / block + 32 / (block * block2) if double_quant else 32 / block)

@@ -55,13 +55,6 @@ class Spec:
         return self.gpus * self.nodes
 
 
-def layout_for(strategy: str) -> str:
-    """How a strategy keeps mixed-precision parameters (as tunelab's distributed.strategy runs them):
-    DeepSpeed's bf16 engine (zero1/2/3) holds 16-bit weights and gradients plus an fp32 master copy in
-    the optimizer partition; DDP and FSDP2 keep fp32 parameters (FSDP2's sharded ones are the master)."""
-    return "zero" if strategy.startswith("zero") else "autocast"
-
-
 def computes_under_autocast(strategy: str) -> bool:
     """DDP (and one process) runs fp32 modules under torch.autocast: an fp32 residual stream, a 16-bit
     cast of each projection's input and of each weight. FSDP2's MixedPrecisionPolicy(param_dtype=bf16)
@@ -80,20 +73,13 @@ class Model:
         self.counts = arch.counts(self.module, self.task)
         self.head = arch.head_params(self.module, self.task)
         self._lora: dict = {}
-        layers = arch.linear_layers(self.module, self.task)
-        per_layer = self.counts["quantizable"] - sum(i * o for n, (i, o) in layers.items() if not _in_block(n))
-        self.layer_params = per_layer / max(1, self.shape.layers)
+        self.unit_params = arch.gathered_unit_params(self.module)
 
     def lora(self, targets, r: int) -> dict:
         key = (tuple(targets) if not isinstance(targets, str) else targets, r)
         if key not in self._lora:
             self._lora[key] = arch.lora_params(self.module, self.task, targets, r)
         return self._lora[key]
-
-
-def _in_block(name: str) -> bool:
-    """A module inside a repeated transformer block (a numbered child such as layers.3 or h.3)."""
-    return any(part.isdigit() for part in name.split("."))
 
 
 def params_for(model: Model, spec: Spec) -> dict:
@@ -111,12 +97,11 @@ def params_for(model: Model, spec: Spec) -> dict:
 def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     """The itemised bytes on each device (the `per_device` object) and what goes to host memory."""
     params = params or params_for(model, spec)
-    n = spec.devices
-    layout = layout_for(spec.strategy)
-    states = memory.model_states(params["total"], params["trainable"], precision=spec.precision,
-                                 strategy=spec.strategy, n=n, offload=spec.offload, layout=layout,
-                                 quantized=params["quantized"])
-    act_bytes = 4 if spec.precision == "fp32" else 2
+    states = memory.device_states(params["total"], params["trainable"], quantized=params["quantized"],
+                                  precision=spec.precision, strategy=spec.strategy, n=spec.devices,
+                                  offload=spec.offload,  # a block's adapters are gathered with it
+                                  unit_params=model.unit_params + params["adapter"] / max(1, model.shape.layers))
+    act_bytes = memory.compute_bytes(spec.precision)
     # tunelab's autocast keeps the residual stream (embeddings + residual adds) in fp32: norm inputs too
     autocast = computes_under_autocast(spec.strategy) and act_bytes == 2
     norm_bytes = 4 if autocast else act_bytes
@@ -134,16 +119,14 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     tokens = spec.batch_size * (spec.seq_len if model.task != "classification" else 1)
     logits = memory.logits_bytes(tokens, model.shape.vocab if model.task != "classification" else spec.num_labels,
                                  act_bytes)
-    overhead = memory.CUDA_CONTEXT_BYTES + memory.comm_overhead(
-        spec.strategy, grad_bytes=states["gradients"] * (n if "gradients" in memory.SHARDED[spec.strategy] else 1),
-        largest_layer_params=int(model.layer_params), act_bytes=act_bytes, n=n)
+    overhead = memory.CUDA_CONTEXT_BYTES + states["buffers"]
     out = {"weights_bytes": states["weights"], "gradients_bytes": states["gradients"],
            "optimizer_bytes": states["optimizer"], "master_weights_bytes": states["master_weights"],
            "model_states_bytes": states["model_states"], "activations_bytes": acts["total"],
            "logits_bytes": logits, "overhead_bytes": overhead}
     out["total_bytes"] = out["model_states_bytes"] + acts["total"] + logits + overhead
     out = {k: int(round(v)) for k, v in out.items()}
-    return {"per_device": out, "cpu_bytes": int(states["cpu"]), "activations": acts, "layout": layout}
+    return {"per_device": out, "cpu_bytes": int(states["cpu"]), "activations": acts, "layout": states["layout"]}
 
 
 def flops_for(model: Model, spec: Spec, params: dict) -> dict:

@@ -177,7 +177,8 @@ def param_bytes(model, cfg: Config) -> dict:
     weights = (total - quantizable) * 4 + quantizable * NF4_BITS / 8
     reg = cfg.regularization
     copies = (1 if (reg.l2sp or reg.ewc) else 0) + (1 if reg.ewc else 0) + (1 if reg.mixout else 0)
-    return {"total_params": total, "trainable_params": trainable, "weights": weights, "gradients": trainable * 4,
+    return {"total_params": total, "trainable_params": trainable, "quantized_params": quantizable,
+            "weights": weights, "gradients": trainable * 4,
             "optimizer": trainable * 8, "regularizers": trainable * 4 * copies}
 
 
@@ -224,25 +225,23 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
 
 
 def shard_states(est: dict, cfg: Config, strategy: str, nproc: int) -> None:
-    """Per-process model states under a sharded strategy (plan.memory.model_states, the ZeRO paper's
-    cuts), in place of the one-process weights, gradients and optimizer state; `sharding_change`
+    """Per-process model states under a sharded strategy (plan.memory.device_states, the ZeRO paper's
+    cuts, as the hardware plan takes them), in place of the one-process weights, gradients and optimizer state; `sharding_change`
     (negative) is what that frees, `sharding_buffers` the strategy's communication buffers.
 
     The layouts are the ones each implementation keeps (measured per rank in tests/test_sharding.py):
     FSDP2 shards the fp32 parameters, their gradients and AdamW's two moments (no master copy);
     DeepSpeed keeps its optimizer partition as an fp32 master plus the moments (K = 12 bytes), and
     16-bit weights and gradients under bf16/fp16."""
-    from tunelab.plan.memory import comm_overhead, model_states
+    from tunelab.plan.arch import gathered_unit_params
+    from tunelab.plan.memory import device_states
 
     mem, pb = est["memory"], est["params"]
-    layout = "autocast" if strategy == "fsdp" else "zero"
-    ms = model_states(pb["total_params"], pb["trainable_params"], precision=est["precision"], strategy=strategy,
-                      n=nproc, offload=cfg.distributed.cpu_offload, layout=layout)
-    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in est["model"].modules()), default=0)
-    act = 2 if est["precision"] in ("bf16", "fp16") and layout == "zero" else 4
+    ms = device_states(pb["total_params"], pb["trainable_params"], quantized=pb["quantized_params"],
+                       precision=est["precision"], strategy=strategy, n=nproc, offload=cfg.distributed.cpu_offload,
+                       unit_params=gathered_unit_params(est["model"]))
     new = {"weights": ms["weights"], "gradients": ms["gradients"], "optimizer": ms["master_weights"] + ms["optimizer"],
-           "sharding_buffers": comm_overhead(strategy, grad_bytes=ms["gradients"], largest_layer_params=largest,
-                                             act_bytes=act, n=nproc)}
+           "sharding_buffers": ms["buffers"]}
     before = mem["weights"] + mem["gradients"] + mem["optimizer"]
     mem["sharding_change"] = sum(new.values()) - before
     mem.update(new)
