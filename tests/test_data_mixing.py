@@ -91,7 +91,10 @@ def test_source_lists_config_rules(tmp_path):
 
     ok = cfg(train=[{"path": "a.jsonl", "weight": 3}, {"path": "a.jsonl", "name": "again"}])
     assert [s.path for s in ok.data.train] == [str(tmp_path / "a.jsonl")] * 2  # paths resolved like a file's
-    for data, task, field in ((dict(train=[{"path": "a.jsonl"}]), "classification", "data.train"),
+    assert cfg(task="classification", train=[{"path": "a.jsonl", "format": "jsonl"}]).data.train[0].format == "jsonl"
+    for data, task, field in ((dict(train=[{"path": "a.jsonl", "format": "openai"}]), "classification",
+                               "data.train[0].format"),
+                              (dict(train=[{"path": "a.jsonl", "format": "csv"}]), "chat", "data.train[0].format"),
                               (dict(train=[{"path": "a.jsonl"}, {"path": "a.jsonl"}]), "chat", "data.train"),
                               (dict(train=[{"path": "a.jsonl", "weight": 0}]), "chat", "weight"),
                               (dict(train="a.jsonl", mix_sampling="with_replacement"), "chat", "data.mix_sampling")):
