@@ -72,14 +72,17 @@ class ModelConfig(Section):
 
 
 class DataSource(Section):
-    """One source of a weighted mix: data.train (or data.eval) given as a list of these (chat, causal_lm)."""
+    """One source of a weighted mix: data.train (or data.eval) given as a list of these (every task)."""
 
     path: str = Field(min_length=1)
     weight: float = Field(1.0, gt=0, le=1_000_000, description="Share of each epoch: weight / sum of the weights; an "
                           "epoch is one pass over the first source (data/mixing.py).")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="The source's name in summary.json "
                              "and in its eval_<name>_loss; default the file's stem.")
-    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt"] = "auto"
+    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet", "openai", "sharegpt", "alpaca",
+                    "prompt_completion", "text", "txt", "preference"] = Field(
+        "auto", description="This source's file format (classification) or record format (chat, causal_lm, "
+        "preference); auto: data.format.")
 
     def label(self) -> str:
         return self.name or Path(self.path).stem
@@ -97,10 +100,11 @@ FileOrSources = Annotated[Union[Annotated[str, Field(min_length=1), Tag("[file]"
 
 
 class DataConfig(Section):
-    train: FileOrSources = Field(description="A data file, or (chat, causal_lm) a list of sources "
-                                 "[{path, weight, name, format}] mixed by weight in each epoch.")
-    eval: FileOrSources | None = Field(None, description="An eval file, or a list of sources: each one's loss is "
-                                       "reported as eval_<name>_loss, beside eval_loss over all.")
+    train: FileOrSources = Field(description="A data file (or dataset: a save_to_disk folder, hf:ORG/NAME), or a "
+                                 "list of sources [{path, weight, name, format}] mixed by weight in each epoch.")
+    eval: FileOrSources | None = Field(None, description="An eval file, or a list of sources: each one's loss (and "
+                                       "accuracy, preference accuracy) is reported as eval_<name>_*, beside eval_loss "
+                                       "over all.")
     mix_sampling: Literal["without_replacement", "with_replacement"] = Field(
         "without_replacement", description="How a list of training sources is drawn each epoch: exact shares from "
         "each source's shuffled order, cycling (without), or each row's source drawn by weight (with).")
@@ -448,16 +452,19 @@ class Config(Section):
         self.data.packing = False
 
     def _source_rules(self) -> None:
-        """data.train / data.eval as lists of sources: chat and causal_lm only, distinct names, one mix."""
+        """data.train / data.eval as lists of sources: formats of the task, distinct names, one mix."""
         d, r = self.data, self.regularization
+        files, records = ("csv", "tsv", "jsonl", "json", "parquet"), ("openai", "sharegpt", "alpaca",
+                                                                     "prompt_completion", "text", "txt")
+        allowed = {"classification": files, "preference": ("preference",)}.get(self.task, records)
         for key in ("train", "eval"):
             sources = getattr(d, key)
             if not isinstance(sources, list):
                 continue
-            if self.task not in ("chat", "causal_lm"):
-                raise RuleError(f"data.{key}", f"data.{key} as a list of sources applies to chat and causal_lm; for "
-                                f"{self.task} give one file (classification mixes a second file with "
-                                "regularization.replay_data)")
+            for i, s in enumerate(sources):
+                if s.format != "auto" and s.format not in allowed:
+                    raise RuleError(f"data.{key}[{i}].format", f"format '{s.format}' does not apply to task "
+                                    f"{self.task}: use auto or one of {', '.join(allowed)}")
             names = [s.label() for s in sources]
             twice = next((n for n in names if names.count(n) > 1), None)
             if twice:

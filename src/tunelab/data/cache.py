@@ -93,11 +93,17 @@ def tokenizer_stamp(tokenizer) -> str:
     """A hash of what makes a tokenizer encode as it does: its serialized fast tokenizer (vocabulary,
     merges, normalizer, pre/post-processors, added tokens), chat template, special tokens, padding
     and truncation sides and its class. The folder it was loaded from is left out: a copied model
-    folder encodes the same."""
+    folder encodes the same; so is the truncation / padding state the last call left on the fast
+    tokenizer's backend (a call with truncation=True, max_length=n sets it: the same tokenizer
+    would otherwise change its key by being used)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    serialized = json.loads(backend.to_str()) if backend is not None else None
+    if serialized is not None:  # the truncation / padding of the last call, set on the backend by each call: not identity
+        serialized.pop("truncation", None)
+        serialized.pop("padding", None)
     parts = {
         "class": type(tokenizer).__name__,
-        "backend": backend.to_str() if backend is not None else None,
+        "backend": serialized,
         "vocab": None if backend is not None else sorted(tokenizer.get_vocab().items()),
         "chat_template": getattr(tokenizer, "chat_template", None),
         "special": getattr(tokenizer, "special_tokens_map", {}),
@@ -131,21 +137,30 @@ def entry_key(parts: dict) -> str:
 
 class StoreWriter:
     """Appends rows chunk by chunk to one entry's files: ragged int columns sharing one offsets
-    array, per-row int columns, and string columns (UTF-8 bytes + their own offsets)."""
+    array, per-row int columns, and string columns (UTF-8 bytes + their own offsets). With no
+    `folder` the arrays are kept in memory instead (data.cache: false), for `in_memory()`."""
 
-    def __init__(self, folder: Path, ragged: dict[str, str], columns: dict[str, str], strings: tuple[str, ...] = ()):
+    def __init__(self, folder: Path | None, ragged: dict[str, str], columns: dict[str, str],
+                 strings: tuple[str, ...] = ()):
         self.folder, self.ragged, self.columns, self.strings = folder, ragged, columns, strings
         self.rows, self._tokens, self._chars = 0, 0, {s: 0 for s in strings}
         self._files: dict[str, tuple] = {}
+        self._kept: dict[str, list[np.ndarray]] = {}
         names = ["offsets.i8", *(f"{c}.{d}" for c, d in ragged.items()), *(f"{c}.{d}" for c, d in columns.items()),
                  *(f"{s}.utf8" for s in strings), *(f"{s}.offsets.i8" for s in strings)]
         for name in names:
-            self._files[name] = (open(folder / name, "wb"), hashlib.sha256(), [0])
+            if folder is None:
+                self._kept[name] = []
+            else:
+                self._files[name] = (open(folder / name, "wb"), hashlib.sha256(), [0])
         self._write("offsets.i8", np.zeros(1, dtype="<i8"))
         for s in strings:
             self._write(f"{s}.offsets.i8", np.zeros(1, dtype="<i8"))
 
     def _write(self, name: str, arr: np.ndarray) -> None:
+        if self.folder is None:
+            self._kept[name].append(np.array(arr, dtype=_dtype(name.rsplit(".", 1)[1].replace("utf8", "u1"))))
+            return
         f, h, size = self._files[name]
         data = np.ascontiguousarray(arr).tobytes()
         f.write(data)
@@ -194,6 +209,14 @@ class StoreWriter:
         os.rename(tmp, self.folder / MANIFEST)
         return manifest
 
+    def in_memory(self, meta: dict) -> "Store":
+        """The rows written so far as a Store held in memory (a writer made without a folder)."""
+        maps = {name: np.concatenate(parts) for name, parts in self._kept.items()}
+        manifest = {"format": FORMAT, "key": None, "rows": self.rows, "tokens": self._tokens, "parts": {},
+                    "ragged": self.ragged, "columns": self.columns, "strings": list(self.strings),
+                    "files": {name: {"bytes": int(a.nbytes)} for name, a in maps.items()}, "meta": meta}
+        return Store(None, manifest, maps)
+
     def abort(self) -> None:
         for f, _, _ in self._files.values():
             f.close()
@@ -209,11 +232,11 @@ def _dtype(code: str) -> np.dtype:
 class Store:
     """An opened, validated entry: memory-mapped arrays, read on demand."""
 
-    def __init__(self, folder: Path, manifest: dict):
+    def __init__(self, folder: Path | None, manifest: dict, arrays: dict[str, np.ndarray] | None = None):
         self.folder, self.manifest = folder, manifest
         self.rows: int = manifest["rows"]
         self.meta: dict = manifest["meta"]
-        self._maps: dict[str, np.ndarray] = {}
+        self._maps: dict[str, np.ndarray] = dict(arrays or {})
 
     @property
     def key(self) -> str:
@@ -308,14 +331,22 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _writer(folder: Path | None, layout: dict) -> StoreWriter:
+    return StoreWriter(folder, layout.get("ragged", {}), layout.get("columns", {}), tuple(layout.get("strings", ())))
+
+
 def open_or_build(parts: dict, layout: dict, build: Callable[[StoreWriter], dict], what: str = "data",
-                  verify: bool | None = None) -> Store:
+                  verify: bool | None = None, keep: bool = True) -> Store:
     """The intact entry for `parts`, building it with `build(writer) -> meta` when there is none.
 
     `layout`: {"ragged": {name: dtype}, "columns": {name: dtype}, "strings": (names...)}. An
     exception in `build` (bad input) leaves nothing behind. `verify`: also compare the checksums on
-    a hit (default: $TUNELAB_DATA_CACHE_VERIFY).
+    a hit (default: $TUNELAB_DATA_CACHE_VERIFY). `keep` False (data.cache: false): build in memory,
+    neither read nor write the cache; the same arrays, so the same rows.
     """
+    if not keep:
+        writer = _writer(None, layout)
+        return writer.in_memory(build(writer))
     root = data_cache_root()
     key = entry_key(parts)
     final = root / key
@@ -337,7 +368,7 @@ def open_or_build(parts: dict, layout: dict, build: Callable[[StoreWriter], dict
         tmp = root / f".tmp-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        writer = StoreWriter(tmp, layout.get("ragged", {}), layout.get("columns", {}), tuple(layout.get("strings", ())))
+        writer = _writer(tmp, layout)
         try:
             meta = build(writer)
             manifest = writer.finish(key, parts, meta)

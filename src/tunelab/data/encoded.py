@@ -93,18 +93,22 @@ def supervised_of(examples) -> list[int]:
 
 
 class UnitSources(Sequence):
-    """The file:line places of each training unit's examples ("a, b" for a pack), made when asked
-    (to name the rows of a NaN/Inf step), not decoded for every unit up front."""
+    """The file:line places of each training unit's examples ("a, b" for a pack; `units` None: each
+    row its own unit), made when asked (to name the rows of a NaN/Inf step), not decoded for every
+    unit up front."""
 
-    def __init__(self, examples, units: list[list[int]]):
+    def __init__(self, examples, units: list[list[int]] | None = None):
         self.examples, self.units = examples, units
 
     def __len__(self) -> int:
-        return len(self.units)
+        return len(self.units if self.units is not None else self.examples)
 
     def __getitem__(self, i: int) -> str:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
         source = getattr(self.examples, "source", None)
-        names = (source(j) if source is not None else self.examples[j].source for j in self.units[i])
+        rows = self.units[i] if self.units is not None else [i]
+        names = (source(j) if source is not None else self.examples[j].source for j in rows)
         return ", ".join(dict.fromkeys(s for s in names if s)) or f"#{i}"
 
 

@@ -85,15 +85,16 @@ def source_of(offsets: Sequence[int], index: int) -> int:
 
 
 class ConcatTable(Sequence):
-    """Encoded-example tables (data.encoded) laid end to end: one index space over all sources."""
+    """Encoded tables (data.encoded's, tasks' classification and pair tables) laid end to end: one
+    index space over all sources; each of `columns` (per-row numpy arrays of the tables) joined."""
 
     kind: str | None = None
 
-    def __init__(self, tables: list):
+    def __init__(self, tables: list, columns: tuple[str, ...] = ("lengths", "supervised")):
         self.tables = tables
         self.offsets = np.concatenate([[0], np.cumsum([len(t) for t in tables])]).astype(np.int64)
-        self.lengths = np.concatenate([np.asarray(t.lengths, dtype=np.int64) for t in tables])
-        self.supervised = np.concatenate([np.asarray(t.supervised, dtype=np.int64) for t in tables])
+        for name in columns:
+            setattr(self, name, np.concatenate([np.asarray(getattr(t, name), dtype=np.int64) for t in tables]))
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

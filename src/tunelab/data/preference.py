@@ -53,12 +53,20 @@ def is_preference_record(record: Record) -> bool:
 
 def read_preference_data(path: str | Path, fmt: str = "auto") -> list[PreferencePair]:
     """Every pair of a data file, validated; InputError (file, line, field) at the first bad one."""
-    path = Path(path)
+    check_format(fmt)
+    return parse_pairs(read_records(path), Path(path))
+
+
+def check_format(fmt: str) -> None:
     if fmt not in ("auto", "preference"):
         raise InputError(f"task 'preference' reads prompt/chosen/rejected records, not '{fmt}': set data.format: auto "
                          "or preference", field="data.format")
-    records = read_records(path)
-    if not is_preference_record(records[0]):
+
+
+def parse_pairs(records: list[Record], path: Path, first: bool = True) -> list[PreferencePair]:
+    """The pairs of records (a file's, or a chunk of them: `first` says it holds the file's first record,
+    whose keys must be a preference record's)."""
+    if first and records and not is_preference_record(records[0]):
         raise InputError(f"a preference record needs the keys prompt, chosen and rejected; found {sorted(records[0].fields)}",
                          file=path, **records[0].where())
     return [parse_pair(rec, path) for rec in records]
@@ -153,6 +161,13 @@ def encode_pairs(pairs: list[PreferencePair], tokenizer, max_length: int,
         out.append(enc)
     tokens = sum(p.tokens() for p in out)
     answer_tokens = sum(p.chosen.supervised() + p.rejected.supervised() for p in out)
-    return out, {"pairs": len(out), "truncated_prompts": prompts_cut, "truncated_answers": answers_cut,
-                 "tokens": tokens, "answer_tokens": answer_tokens,
-                 "answer_share": round(answer_tokens / tokens, 4) if tokens else 0.0}
+    return out, pair_stats([{"pairs": len(out), "truncated_prompts": prompts_cut, "truncated_answers": answers_cut,
+                             "tokens": tokens, "answer_tokens": answer_tokens}])
+
+
+def pair_stats(parts: list[dict]) -> dict:
+    """Encode statistics of several chunks of pairs as of one: the counts summed, the answer share of them."""
+    keys = ("pairs", "truncated_prompts", "truncated_answers", "tokens", "answer_tokens")
+    out = {k: sum(p[k] for p in parts) for k in keys}
+    out["answer_share"] = round(out["answer_tokens"] / out["tokens"], 4) if out["tokens"] else 0.0
+    return out

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from tunelab.data.batching import epoch_batches
@@ -62,6 +63,9 @@ class LoopState:
     # size can keep them (distributed.reshard); 0: not recorded (a checkpoint of an older tunelab)
     grad_accum: int = 0
     batch_size: int = 0
+    # several training sources: the units and rows each one has given so far (TrainSet.unit_source order)
+    source_units: list = field(default_factory=list)
+    source_rows: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +104,19 @@ def backward_window(window: list[list[int]], units: int, task: TaskRun, replicas
                 stats[k] += measured[k] if counted else 0.0
     window_loss, tokens, *sums = replicas.sum(window_loss, tokens, *stats.values())
     return window_loss, int(tokens), dict(zip(stats, sums))
+
+
+def count_sources(state: LoopState, window: list[list[int]], train) -> None:
+    """Add a window's units and rows to the counts of the sources they came from (the whole window:
+    every process knows it, so the counts are the run's, on every process)."""
+    idx = np.fromiter((i for micro in window for i in micro), dtype=np.int64)
+    src = np.asarray(train.unit_source)[idx]
+    n = max(len(state.source_units), int(np.max(train.unit_source)) + 1)
+    rows = np.asarray(train.unit_rows)[idx] if train.unit_rows is not None else np.ones_like(src)
+    units = np.bincount(src, minlength=n)
+    rows = np.bincount(src, weights=rows, minlength=n)
+    state.source_units = [int(a + b) for a, b in zip(state.source_units or [0] * n, units)]
+    state.source_rows = [int(a + b) for a, b in zip(state.source_rows or [0] * n, rows)]
 
 
 def evaluation_due(step: int, eval_every: int | None, end_of_epoch: bool, total_steps: int) -> bool:
@@ -190,6 +207,8 @@ def train_loop(model, optimizer, scheduler, task: TaskRun, s: LoopSettings, stat
                 state.pending_stats[k] = state.pending_stats.get(k, 0.0) + v
             state.tokens += tokens
             state.samples += sum(len(idx) for idx in window)
+            if task.train.unit_source is not None:
+                count_sources(state, window, task.train)
             penalty = 0.0
             if s.penalty is not None:
                 reg = s.penalty(model)

@@ -37,6 +37,10 @@ class TrainSet:
     epoch_subset: Callable[[int], list[int]] | None = None  # examples of epoch e (replay mixing)
     epoch_size: int | None = None  # examples per epoch when epoch_subset is set
     sources: list[str] | None = None  # "file:line" per example index, to name the rows behind a NaN/Inf loss
+    # several training sources (data.train as a list, replay): each unit's source index, and the rows (examples)
+    # each unit holds (None: one; a pack holds several), so the loop counts what every source really gave
+    unit_source: Any = None
+    unit_rows: Any = None
 
     def examples_per_epoch(self) -> int:
         return self.epoch_size if self.epoch_size is not None else len(self.lengths)
