@@ -49,11 +49,12 @@ log = logging.getLogger("tunelab")
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-# the modules whose code shapes an entry's rows, relative to the tunelab package (tasks/lm_data.py's encoders
-# and data/stream.py's chunked reader too: a file is read here, nothing is imported)
+# the modules whose code shapes an entry's rows, relative to the tunelab package (the tasks' encoders, data/stream.py's
+# chunked reader and data/curate.py's text keys too: a file is read here, nothing is imported)
 _CODE_MODULES = tuple(f"data/{m}" for m in ("readers.py", "chat.py", "chat_template.py", "classification.py",
                                             "cache.py", "encoded.py", "preference.py", "hf.py", "parallel.py",
-                                            "stream.py")) + ("tasks/lm_data.py",)
+                                            "stream.py", "curate.py")) + tuple(
+    f"tasks/{m}" for m in ("lm_data.py", "classification_data.py", "preference_data.py"))
 
 
 def data_cache_root() -> Path:
