@@ -376,3 +376,49 @@ def test_plan_one_lora_trainable_is_adapters(llama_json):
     p = plan_one(m, Spec(model=llama_json, gpu=lookup("L4"), method="lora", lora_r=8, lora_targets=["q_proj", "v_proj"]))
     assert p["trainable_params"] == 4 * 2 * 8 * (512 + 512)
     assert p["per_device"]["optimizer_bytes"] == 8 * p["trainable_params"]
+
+
+@pytest.mark.unit
+def test_qlora_is_recommended_under_fsdp_where_only_sharding_makes_it_fit(llama_json, tmp_path):
+    """QLoRA runs under FSDP2 (the 4-bit base packed in bfloat16 and sharded), so on a device too small
+    for an unsharded QLoRA run the recommendation is QLoRA x fsdp with the keys that train it; the
+    strategies offered to QLoRA are exactly those distributed.strategy accepts for it."""
+    from tunelab.config import load_config
+    from tunelab.distributed.sharded import check_strategy
+    from tunelab.errors import InputError
+    from tunelab.plan import recommend
+    from tunelab.plan.hardware import custom
+
+    base = Spec(model=llama_json, gpu=lookup("L4"), method="qlora", seq_len=256, gpus=4, gradient_checkpointing=True)
+    model = Model(base)
+    alone = plan_one(model, replace_spec(base, strategy="ddp"))["per_device"]["total_bytes"]
+    sharded = plan_one(model, replace_spec(base, strategy="fsdp"))["per_device"]["total_bytes"]
+    assert sharded < alone
+    spec = replace_spec(base, gpu=custom((sharded + alone) / 2 / 2**30, 100))  # GiB, as the table
+    recs = recommend.recommend(model, spec, methods=["qlora"])
+    assert recs and {(r["method"], r["strategy"], r["offload"]) for r in recs} == {("qlora", "fsdp", False)}
+    line = recs[0]["command"]
+    assert "--set method=qlora" in line and "--set distributed.strategy=fsdp" in line and "--nproc 4" in line
+    (tmp_path / "train.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
+    cfg = tmp_path / "CONFIG.yaml"
+    cfg.write_text(f"task: causal_lm\ndata: {{train: {tmp_path / 'train.jsonl'}}}\n", encoding="utf-8")
+    words = line.split()
+    loaded = load_config(cfg, [words[i + 1] for i, w in enumerate(words) if w == "--set"])
+    assert (loaded.method, loaded.distributed.strategy) == ("qlora", "fsdp")
+    for strategy in memory.STRATEGIES:
+        try:
+            check_strategy(4, strategy=strategy, task="causal_lm", method="qlora", precision="bf16",
+                           regularization=loaded.regularization, final="best")
+            accepted = True
+        except InputError:
+            accepted = False
+        assert accepted == (strategy in recommend.QLORA_STRATEGIES), strategy
+    # one device too few for it: the missing line names the GPUs QLoRA under fsdp still needs
+    short = recommend.missing(model, replace_spec(spec, gpus=1))
+    assert "for qlora (fsdp + checkpointing" in short, short
+
+
+def replace_spec(spec, **changes):
+    from dataclasses import replace
+
+    return replace(spec, **changes)

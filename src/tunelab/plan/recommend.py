@@ -2,7 +2,8 @@
 when none does.
 
 The search: method (full, LoRA, QLoRA; only the one asked for when --method is given) x strategy
-(ddp, zero1, zero2, zero3, fsdp, each sharded one also with --offload) x gradient checkpointing
+(ddp, zero1, zero2, zero3, fsdp, each sharded one also with --offload; QLoRA: ddp or fsdp, not
+offloaded, as distributed.strategy runs it) x gradient checkpointing
 (off, on) x the largest power-of-two micro-batch that fits, with the accumulation that keeps the
 effective batch (micro-batch x accumulation x devices) of the spec. Per method and checkpointing
 choice the least-communicating strategy that fits is kept (ddp before zero1, zero2, fsdp/zero3,
@@ -20,7 +21,10 @@ from tunelab.plan import memory
 from tunelab.plan.model_plan import METHODS, Model, Spec, gib, plan_one, with_changes
 
 COMM_ORDER = {"ddp": 0, "zero1": 1, "zero2": 2, "fsdp": 3, "zero3": 4}
-QLORA_STRATEGIES = ("ddp",)  # 4-bit bases are not sharded by tunelab's strategies
+# QLoRA runs under ddp and under fsdp (FSDP2 shards the 4-bit base, packed in bfloat16:
+# models.quantization.quantization_for); distributed.sharded.check_strategy refuses it under zero*.
+# Not offloaded: FSDP2's CPU offload of the packed 4-bit weights has not been tried.
+QLORA_STRATEGIES = ("ddp", "fsdp")
 
 
 def _strategies(method: str, devices: int, precision: str) -> list[tuple[str, bool]]:
@@ -28,8 +32,9 @@ def _strategies(method: str, devices: int, precision: str) -> list[tuple[str, bo
         return [("ddp", False)]
     if devices == 1:
         return [("ddp", False)] + ([("zero3", False), ("zero3", True)] if method != "qlora" else [])
-    names = QLORA_STRATEGIES if method == "qlora" else memory.STRATEGIES
-    out = [(s, False) for s in names] + [(s, True) for s in names if s != "ddp"]
+    if method == "qlora":
+        return [(s, False) for s in QLORA_STRATEGIES]
+    out = [(s, False) for s in memory.STRATEGIES] + [(s, True) for s in memory.STRATEGIES if s != "ddp"]
     return sorted(out, key=lambda so: (so[1], COMM_ORDER[so[0]]))
 
 
@@ -68,26 +73,29 @@ def recommend(model: Model, spec: Spec, *, methods=None, limit: int = 6) -> list
 
 
 def missing(model: Model, spec: Spec) -> str:
-    """What would make something fit: more of these devices (for full / LoRA under zero3) or QLoRA."""
+    """What would make something fit: more of these devices (for full / LoRA under zero3, QLoRA under
+    fsdp, the sharding each runs with) or QLoRA."""
     lean = with_changes(spec, batch_size=1, gradient_checkpointing=True)
     parts = []
-    for method in ("full", "lora"):
-        need = devices_needed(model, with_changes(lean, method=method, strategy="zero3", offload=False))
+    q = plan_one(model, with_changes(lean, method="qlora", strategy="ddp", offload=False))
+    for method, strategy in (("full", "zero3"), ("lora", "zero3"), ("qlora", "fsdp")):
+        if method == "qlora" and q["fits"]:
+            break
+        need = devices_needed(model, with_changes(lean, method=method, strategy=strategy, offload=False))
         if need is not None and need <= spec.devices:
-            parts.append(f"{method} (fits as it is with zero3 + checkpointing at micro-batch 1)")
+            parts.append(f"{method} (fits as it is with {strategy} + checkpointing at micro-batch 1)")
         elif need is not None:
             more = need - spec.devices
             parts.append(f"{more} more {spec.gpu.memory_gb:g} GB GPU{'s' if more != 1 else ''} for {method} "
-                         f"(zero3 + checkpointing, micro-batch 1: {need} in all)")
-    q = plan_one(model, with_changes(lean, method="qlora", strategy="ddp", offload=False))
+                         f"({strategy} + checkpointing, micro-batch 1: {need} in all)")
     where = f"nothing fits on {spec.devices} x {spec.gpu.name} ({spec.gpu.memory_gb:g} GB): "
     if q["fits"]:
         parts.append("QLoRA (fits with checkpointing at micro-batch 1)")
     if parts:
         return where + "needs " + " or ".join(parts)
     short = q["per_device"]["total_bytes"] - spec.gpu.memory_bytes
-    return (where + "no number of these devices is enough for full or LoRA (what is not sharded, activations "
-            f"and overhead, does not fit one), and QLoRA still needs {gib(short)} GiB more per device: "
+    return (where + "no number of these devices is enough for full, LoRA or QLoRA (what is not sharded, "
+            f"activations and overhead, does not fit one); unsharded, QLoRA needs {gib(short)} GiB more per device: "
             "a shorter --seq-len or a larger device")
 
 
