@@ -68,8 +68,16 @@ def read_chat_data(path: str | Path, fmt: str = "auto") -> ChatData:
             raise InputError(f"a .txt file can only be read as plain text, not as '{fmt}'", file=path)
         return _read_txt(path)
     records = read_records(path)
-    if fmt == "auto":
-        fmt = detect_chat_format(path, records[0])
+    return chat_records(records, path, resolved_format(path, records[0], fmt))
+
+
+def resolved_format(path: Path, first: Record, fmt: str) -> str:
+    """`fmt`, or for auto the format the file's first record shows."""
+    return detect_chat_format(path, first) if fmt == "auto" else fmt
+
+
+def chat_records(records: list[Record], path: Path, fmt: str) -> ChatData:
+    """Records of a known format (a file's, or a chunk of it) as validated conversations or texts."""
     data = ChatData("text" if fmt == "text" else "conversations")
     for rec in records:
         parsed = parse_record(rec, path, fmt)
