@@ -99,7 +99,7 @@ def tunelab_side(path: str, n: int, cache_dir: str, side: str) -> dict:
     tok = _tokenizer()
     base = _peak_mb()
     t0 = time.perf_counter()
-    _, table, stats, _ = read_and_encode(path, _config(path, side != "whole_file"), tok, MAX_LENGTH, "chat")
+    _, table, stats, _ = read_and_encode(path, _config(path, side != "whole_file").data, tok, MAX_LENGTH, "chat")
     lengths = table.lengths
     if side == "cached":
         for i in range(len(table)):  # every row read once, as an epoch does

@@ -425,7 +425,8 @@ def test_data_bad_input_exits_2_with_one_located_line(tmp_path, name):
 @pytest.mark.unit
 def test_train_warns_and_records_quality_without_changing_data(toy_classification, caplog):
     from tunelab.config import Config
-    from tunelab.tasks.classification import data_quality, setup_classification
+    from tunelab.compose import setup_task
+    from tunelab.tasks.classification import data_quality
 
     train = Examples(["Good film", "good  film", "Bad film", "bad film", "Fine"], [1, 1, 0, 1, 1],
                      source=[f"t.jsonl:{i}" for i in range(1, 6)])
@@ -442,7 +443,7 @@ def test_train_warns_and_records_quality_without_changing_data(toy_classificatio
             {"text": "awful boring film", "label": "neg"}, {"text": "the plot was bad", "label": "neg"}]
     write_jsonl(d / "train.jsonl", rows)
     write_jsonl(d / "eval.jsonl", [{"text": "the PLOT was bad", "label": "neg"}, {"text": "lovely music", "label": "pos"}])
-    task = setup_classification(Config.model_validate(toy_classification["config"]))
+    task = setup_task(Config.model_validate(toy_classification["config"]))
     info = task.info
     assert info["train_rows"] == 4 and info["eval_rows"] == 2  # nothing dropped by default
     assert (info["data_quality"]["duplicate_rows"], info["data_quality"]["eval_rows_in_train"]) == (1, 1)

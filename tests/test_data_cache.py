@@ -149,7 +149,7 @@ def test_every_fingerprint_part_misses_and_the_same_inputs_hit(tmp_path, tiny_ll
 
     def encode(cfg=cfg, tok=tok, max_length=64, task="chat"):
         n = len(encode_calls)
-        _, table, _, _ = read_and_encode(str(train), cfg, tok, max_length, task)
+        _, table, _, _ = read_and_encode(str(train), cfg.data, tok, max_length, task)
         return len(encode_calls) > n, table
 
     missed, first = encode()
@@ -206,7 +206,7 @@ def _rows(run: Path) -> list[dict]:
 @pytest.mark.e2e
 def test_cached_and_uncached_runs_are_bit_identical_and_resume_plan_prepare_read_the_cache(
         tmp_path, tiny_llama, encode_calls):
-    from tunelab.tasks.prepare import prepare
+    from tunelab.compose import prepare_data as prepare
     from tunelab.plan.planner import data_profile
     from tunelab.run import run_training, setup
     from conftest import stop_after

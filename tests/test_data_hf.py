@@ -57,14 +57,14 @@ def test_saved_dataset_and_hf_spec_read_like_the_file(tmp_path, tiny_llama, monk
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.data.train == str(tmp_path / "saved") and cfg.data.eval == "hf:" + str(tmp_path / "repo")
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    _, want, _, _ = read_and_encode(str(jsonl), cfg, tok, 64, "chat")
+    _, want, _, _ = read_and_encode(str(jsonl), cfg.data, tok, 64, "chat")
     for source in (cfg.data.train, cfg.data.eval + "@train"):
-        _, got, _, _ = read_and_encode(source, cfg, tok, 64, "chat")
+        _, got, _, _ = read_and_encode(source, cfg.data, tok, 64, "chat")
         assert [got[i].input_ids for i in range(len(got))] == [want[i].input_ids for i in range(len(want))]
         assert [got[i].labels for i in range(len(got))] == [want[i].labels for i in range(len(want))]
     assert got.source(3).endswith("#3")  # located by record index
 
-    _, test_split, _, _ = read_and_encode(str(tmp_path / "dd") + "", cfg, tok, 64, "chat")
+    _, test_split, _, _ = read_and_encode(str(tmp_path / "dd") + "", cfg.data, tok, 64, "chat")
     assert len(test_split) == 6  # a DatasetDict without @split: its train split
 
     before = file_stamp(tmp_path / "saved")

@@ -161,7 +161,7 @@ def test_mixed_run_reports_each_source_and_resumes_mid_epoch_bit_identical(tmp_p
 
 @pytest.mark.e2e
 def test_eval_sources_each_get_their_loss_and_replay_is_a_source(tmp_path, tiny_llama):
-    from tunelab.tasks import setup_task
+    from tunelab.compose import setup_task
 
     write_jsonl(tmp_path / "ev_a.jsonl", conversations(4))
     write_jsonl(tmp_path / "ev_b.jsonl", conversations(7)[4:])
@@ -175,7 +175,7 @@ def test_eval_sources_each_get_their_loss_and_replay_is_a_source(tmp_path, tiny_
 
     parts = {}
     for name in ("a", "b"):  # each eval file alone, through the plain path: the reference
-        _, table, _, _ = read_and_encode(str(tmp_path / f"ev_{name}.jsonl"), cfg, task.tokenizer, 64, "chat")
+        _, table, _, _ = read_and_encode(str(tmp_path / f"ev_{name}.jsonl"), cfg.data, task.tokenizer, 64, "chat")
         parts[name] = lm_metrics(task.model, eval_batches(table, 0, True, 64, 8))
         assert abs(got[f"{name}_loss"] - parts[name]["loss"]) < 1e-6
     n = sum(p["supervised_tokens"] for p in parts.values())

@@ -66,10 +66,10 @@ def test_encoding_in_chunks_equals_encoding_the_whole_file(tmp_path, monkeypatch
                                                          "data": {"train": "train.jsonl", "max_rows": max_rows,
                                                                   "overflow": "drop"}}))
         cfg = load_config(tmp_path / "c.yaml")
-        _, whole, stats, warnings = lm_data.encode_file(cfg.data.train, cfg, tok, 40, "chat")
+        _, whole, stats, warnings = lm_data.encode_file(cfg.data.train, cfg.data, tok, 40, "chat")
         monkeypatch.setattr("tunelab.data.stream.STREAM_ROWS", 5)
         store = open_or_build({"test": max_rows}, LM_LAYOUT,
-                              lambda w: lm_data.encode_stream(cfg.data.train, cfg, tok, 40, "chat", None, w))
+                              lambda w: lm_data.encode_stream(cfg.data.train, cfg.data, tok, 40, "chat", None, w))
         got = StoreTable(store)
         assert [(got[i].input_ids, got[i].labels, got.source(i)) for i in range(len(got))] == [
             (e.input_ids, e.labels, e.source) for e in whole]

@@ -32,7 +32,7 @@ STEP_SCRIPT = textwrap.dedent('''
     from contextlib import nullcontext
     import torch
     from tunelab.config import Config
-    from tunelab.tasks.classification import setup_classification
+    from tunelab.compose import setup_task
     from tunelab.train.early_stop import BestTracker
     from tunelab.train.loop import LoopSettings, LoopState, train_loop
     from tunelab.train.regularizers import make_penalty
@@ -45,7 +45,7 @@ STEP_SCRIPT = textwrap.dedent('''
     def train_steps(raw, batch_size, grad_accum, steps, make_replicas=None, l2sp=0.0, max_grad_norm=None):
         cfg = Config.model_validate(raw)
         torch.manual_seed(0)
-        task = setup_classification(cfg)
+        task = setup_task(cfg)
         model = task.model
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):

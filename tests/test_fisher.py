@@ -51,10 +51,11 @@ def test_linear_fisher_is_the_mean_of_per_example_squared_gradients():
 
 
 def test_classifier_fisher_is_the_same_at_every_batch_size(toy_classification):
-    from tunelab.tasks.classification import classification_loss, setup_classification
+    from tunelab.compose import setup_task
+    from tunelab.tasks.classification import classification_loss
 
     raw = copy.deepcopy(toy_classification["config"])
-    task = setup_classification(Config.model_validate(raw))
+    task = setup_task(Config.model_validate(raw))
     model = task.model
     params = anchored_params(model)
     n = 48

@@ -308,7 +308,7 @@ def test_qlora_tiny_bert(toy_classification, tiny_bert, tmp_path):
     fp32_total = count_params(fp32)[1]
 
     cfg = Config.model_validate(raw)
-    from tunelab.tasks import setup_task
+    from tunelab.compose import setup_task
 
     task = setup_task(cfg)
     model = apply_lora(task.model, cfg.lora, method=cfg.method, task=cfg.task)

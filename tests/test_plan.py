@@ -165,7 +165,7 @@ def test_data_profile_matches_the_collated_batches(tiny_llama, tmp_path, packing
     """Rows x width of every micro-batch and its supervised tokens, against the real collate."""
     from tunelab.config import load_config
     from tunelab.data.batching import epoch_batches
-    from tunelab.tasks import setup_task
+    from tunelab.compose import setup_task
 
     cfg = load_config(chat_config(tmp_path, str(tiny_llama)), [f"data.packing={str(packing).lower()}"])
     prof = planner.data_profile(cfg)

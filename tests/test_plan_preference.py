@@ -43,7 +43,7 @@ def raw(model_dir, train, method="full") -> dict:
 def test_profile_matches_the_collated_pair_batches(model_dir, tmp_path):
     """Rows x width and answer tokens of every micro-batch, against the task's own collate."""
     from tunelab.data.batching import epoch_batches
-    from tunelab.tasks import setup_task
+    from tunelab.compose import setup_task
 
     write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     cfg = config_from_dict(raw(model_dir, tmp_path / "pairs.jsonl"))

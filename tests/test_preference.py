@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import stop_after, tiny_chat_tokenizer_build, tiny_llama_build, write_jsonl
+from tunelab.compose import setup_task
 from tunelab.config import Config, PreferenceConfig
 from tunelab.data.chat import Message
 from tunelab.data.chat_template import IGNORE_INDEX
@@ -21,7 +22,7 @@ from tunelab.data.preference import PreferencePair, encode_pairs, read_preferenc
 from tunelab.distributed import ALONE
 from tunelab.errors import InputError
 from tunelab.monitor.health import HealthMonitor
-from tunelab.tasks.preference import pair_batch, setup_preference
+from tunelab.tasks.preference import pair_batch
 from tunelab.tasks.preference_logps import CACHE_FILE, adapter_off_logps, answer_logps
 from tunelab.train.preference_losses import PreferenceLoss, loss_from_config
 
@@ -264,7 +265,7 @@ def steps(raw: dict, tmp_path: Path, optimizer="sgd", **settings):
 
     cfg = Config.model_validate(raw)
     torch.manual_seed(0)
-    task = setup_preference(cfg)
+    task = setup_task(cfg)
     model = apply_method(task.model, cfg.method, task=cfg.task, freeze_cfg=cfg.freeze, lora=cfg.lora)
     if task.prepare is not None:
         tmp_path.mkdir(parents=True, exist_ok=True)
@@ -318,7 +319,7 @@ def test_reference_cache_equals_recomputed_and_a_resume_reads_it(model_dir, tmp_
     whole = run_training(Config.model_validate(raw), tmp_path / "whole", show_progress=False)
     assert whole["status"] == "completed"
     cache = load_file(str(tmp_path / "whole" / CACHE_FILE))
-    task = setup_preference(Config.model_validate(raw))  # the untouched model, the same pairs
+    task = setup_task(Config.model_validate(raw))  # the untouched model, the same pairs
     pairs = task.prepare.__self__.splits["train"]
     n = cache["train"].shape[0]
     assert n == len(pairs) == 6
@@ -375,7 +376,7 @@ def test_sft_run_then_dpo_from_its_final_adapter(model_dir, tmp_path):
     for method, name in (("lora", tmp_path / "sft"), ("full", tmp_path / "sft" / "final")):  # a run dir or its final/
         cfg = Config.model_validate(raw_config(name, pairs_file, method=method,
                                                **({"lora": {"r": 4}} if method == "lora" else {})))
-        task = setup_preference(cfg)
+        task = setup_task(cfg)
         model = apply_method(task.model, cfg.method, task=cfg.task, freeze_cfg=cfg.freeze, lora=cfg.lora)
         with torch.no_grad():
             got = adapter_off_logps(model, batch) if method == "lora" else answer_logps(model.eval(), batch)[0]

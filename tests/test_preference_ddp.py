@@ -28,7 +28,7 @@ STEP_SCRIPT = textwrap.dedent('''
     from tunelab.config import Config
     from tunelab.distributed import ALONE
     from tunelab.models.adapt import apply_method
-    from tunelab.tasks.preference import setup_preference
+    from tunelab.compose import setup_task
     from tunelab.train.early_stop import BestTracker
     from tunelab.train.loop import LoopSettings, LoopState, train_loop
 
@@ -41,7 +41,7 @@ STEP_SCRIPT = textwrap.dedent('''
     def train_step(raw, batch_size, grad_accum, run_dir, group=ALONE, make_replicas=None):
         cfg = Config.model_validate(raw)
         torch.manual_seed(0)
-        task = setup_preference(cfg)
+        task = setup_task(cfg)
         model = apply_method(task.model, cfg.method, task=cfg.task, freeze_cfg=cfg.freeze, lora=cfg.lora)
         if task.prepare is not None:
             Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -331,6 +332,57 @@ def test_resume_under_another_config_is_refused_naming_the_difference(quick, tmp
     res = train(write_config(folder, cfg, "changed.yaml"), out, "--resume", "auto")
     assert_one_error(res, 2, rf"field '{re.escape(key)}': cannot resume: this run was trained with {re.escape(key)} = ")
     assert sorted((p.name, p.stat().st_size) for p in out.rglob("*") if p.is_file() and p.name != ".lock") == before
+
+
+class NotATensor:
+    """An object that weights_only refuses to unpickle (a checkpoint not written by tunelab)."""
+
+
+def _bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("refusal", ["required_logger", "pickled_object"])
+@pytest.mark.e2e
+def test_a_refused_resume_leaves_the_run_dir_byte_identical(quick, tmp_path, monkeypatch, refusal):
+    """Both refusals come after setup, where open_run used to have trimmed metrics.jsonl already."""
+    import types
+
+    import torch
+    from conftest import stop_after
+
+    from tunelab.config import load_config
+    from tunelab.run import run_training
+    from tunelab.train import checkpoint as ckpt
+
+    config, folder = quick
+    out = tmp_path / "run"
+    assert run_training(load_config(config), out, show_progress=False, should_stop=stop_after(3))["status"] == "interrupted"
+    shutil.rmtree(out / "checkpoints" / ckpt.checkpoint_name(3))  # the resume goes back to step 2 ...
+    assert any(json.loads(line).get("step") == 3 for line in (out / "metrics.jsonl").read_text().splitlines())
+    # ... so it would trim step 3's rows, and tensorboard would add an event file
+    if refusal == "required_logger":
+        def start_run(run_id=None, run_name=None):
+            raise ConnectionError("tracking server unreachable at http://mlflow:5000")
+
+        monkeypatch.setitem(sys.modules, "mlflow", types.SimpleNamespace(set_experiment=lambda name: None,
+                                                                         start_run=start_run))
+        cfg = yaml.safe_load(config.read_text())
+        cfg["monitor"] = {"loggers": ["tensorboard", "mlflow"], "loggers_required": True}
+        config, pattern = write_config(folder, cfg, "loggers.yaml"), r"monitor.loggers.*loggers_required"
+    else:
+        step2 = out / "checkpoints" / ckpt.checkpoint_name(2)
+        torch.save({"lr_lambdas": [NotATensor()]}, step2 / "scheduler.pt")
+        manifest = json.loads((step2 / ckpt.MANIFEST).read_text())  # sealed again: only weights_only refuses it
+        manifest["files"]["scheduler.pt"] = {"bytes": (step2 / "scheduler.pt").stat().st_size,
+                                             "sha256": ckpt._sha256(step2 / "scheduler.pt")}
+        (step2 / ckpt.MANIFEST).write_text(json.dumps(manifest))
+        assert ckpt.verify(step2) is None
+        pattern = "objects other than tensors and numbers"
+    before, folders = _bytes(out), sorted(p for p in out.rglob("*") if p.is_dir())
+    res = train(config, out, "--resume", "auto")
+    assert_one_error(res, 2, pattern)
+    assert _bytes(out) == before and sorted(p for p in out.rglob("*") if p.is_dir()) == folders
 
 
 @pytest.mark.e2e

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab.config import Config
+from tunelab.compose import setup_task
 from tunelab.run import run_training
-from tunelab.tasks.classification import setup_classification
 from tunelab.train.early_stop import BestTracker
 from tunelab.train.loop import LoopSettings, LoopState, train_loop
 from contextlib import nullcontext
@@ -64,7 +64,7 @@ class NullIO:
 def one_step_weights(raw, batch_size, grad_accum):
     cfg = Config.model_validate(raw)
     torch.manual_seed(0)
-    task = setup_classification(cfg)
+    task = setup_task(cfg)
     model = task.model
     for m in model.modules():  # dropout would make two runs differ for reasons other than batching
         if isinstance(m, torch.nn.Dropout):

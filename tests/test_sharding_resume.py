@@ -152,10 +152,17 @@ def fake_checkpoint(folder: Path, world_size: int, *, zero: bool) -> Path:
     return ck
 
 
+def check_resume_layout(checkpoint: Path, cfg, world_size: int) -> str | None:
+    """distributed.reshard.check_resume_layout as run_training calls it, for a checkpoint and a config."""
+    from tunelab.distributed.reshard import check_resume_layout as check
+    from tunelab.train.checkpoint import ResumePoint
+
+    return check(ResumePoint.at(checkpoint), world_size, strategy=cfg.distributed.strategy, train=cfg.train)
+
+
 @pytest.mark.unit
 def test_zero_checkpoints_continue_only_with_their_world_size(tmp_path):
     from tunelab.config import Config
-    from tunelab.distributed.reshard import check_resume_layout
     from tunelab.errors import InputError
 
     ck = fake_checkpoint(tmp_path / "z", 2, zero=True)

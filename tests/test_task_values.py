@@ -32,13 +32,13 @@ def test_feature_cache_keeps_the_replay_mixing(toy_classification, tmp_path):
 @pytest.mark.unit
 def test_task_values_are_frozen_and_cache_features_leaves_its_input_alone(toy_classification):
     from tunelab.models.adapt import apply_method
-    from tunelab.tasks.classification import setup_classification
+    from tunelab.compose import setup_task
     from tunelab.tasks.feature_cache import cache_features
 
     raw = copy.deepcopy(toy_classification["config"])
     raw["method"] = "feature_extraction"
     cfg = Config.model_validate(raw)
-    task = setup_classification(cfg)
+    task = setup_task(cfg)
     with pytest.raises(dataclasses.FrozenInstanceError):
         task.evaluate = None
     with pytest.raises(dataclasses.FrozenInstanceError):

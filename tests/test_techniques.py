@@ -329,14 +329,14 @@ def test_replay_data_is_mixed_into_each_epoch(toy_classification, tmp_path):
 @pytest.mark.unit
 def test_ewc_fisher_from_a_named_reference_file(toy_classification, tmp_path):
     from conftest import write_jsonl, sentiment_rows
+    from tunelab.compose import setup_task
     from tunelab.run import fisher_batches
-    from tunelab.tasks.classification import setup_classification
 
     ref = write_jsonl(tmp_path / "ref.jsonl", sentiment_rows(12, seed=4))
     raw = copy.deepcopy(toy_classification["config"])
     raw["regularization"] = {"ewc": 1.0, "ewc_data": str(ref), "ewc_batches": 5}
     cfg = Config.model_validate(raw)
-    batches = fisher_batches(setup_classification(cfg), cfg)
+    batches = fisher_batches(setup_task(cfg), cfg)
     assert [len(b["labels"]) for b in batches] == [8, 4]  # 12 rows in batches of 8: the named file, not train
 
 

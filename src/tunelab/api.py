@@ -255,7 +255,7 @@ def _evaluate_lm(folder: Path, path: str, batch_size: int, max_length: int) -> d
     model, tok = load(folder, "causal_lm")
     data_kind = "chat" if tok.chat_template else "causal_lm"
     cfg = config_from_dict({"task": data_kind, "data": {"train": path}})
-    _, examples, _, _ = read_and_encode(path, cfg, tok, max_length, data_kind)
+    _, examples, _, _ = read_and_encode(path, cfg.data, tok, max_length, data_kind)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     metrics = lm_metrics(model, eval_batches(examples, pad, False, max_length, batch_size))
     return {**metrics, "rows": len(examples)}

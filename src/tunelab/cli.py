@@ -269,12 +269,12 @@ def _relaunch(cfg, config: Path, set_: list[str], output_dir: Optional[Path], re
     the machine, options that do not work with several processes. The output dir is fixed here so
     that every process writes the same one.
     """
-    from tunelab.distributed import check_supported
+    from tunelab.compose import check_distributed
     from tunelab.distributed.launch import check_nproc, launch
     from tunelab.run_dir import default_output_dir
 
     check_nproc(nproc)
-    check_supported(cfg, nproc * (nodes.nnodes if nodes else 1))
+    check_distributed(cfg, nproc * (nodes.nnodes if nodes else 1))
     out = output_dir or default_output_dir(config)
     # no --nproc for the workers: torchrun's own parser would take it for its --nproc-per-node
     args = ["train", str(config), *[a for item in set_ for a in ("--set", item)], "--output-dir", str(out)]

@@ -11,7 +11,6 @@ import logging
 import os
 import pickle
 import random
-import shutil
 import signal
 import threading
 import time
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from tunelab.compose import check_distributed, prepare_data, setup_task
 from tunelab.device import run_device, to_device
 from tunelab.config import Config, dump_config
 from tunelab.defaults import apply_defaults, eval_trust, resolved_defaults
-from tunelab.distributed import (ALONE, Group, SharedRunIO, check_supported, init_from_env,
-                                 replicas_for)
+from tunelab.distributed import ALONE, Group, SharedRunIO, init_from_env, replicas_for
 from tunelab.distributed.group import prepare_data_before_joining
 from tunelab.distributed.reshard import check_resume_layout, load_model_states, weights_format
 from tunelab.distributed.sharded import ShardedRunIO, shard_before_optimizer
@@ -40,10 +39,10 @@ from tunelab.monitor.health import HealthMonitor, summarize
 from tunelab.monitor.loggers import check_loggers, open_loggers
 from tunelab.monitor.metrics_log import read_metrics
 from tunelab.monitor.progress import Progress, header_info, header_lines
-from tunelab.run_dir import (RunDir, RunLock, check_checkpoint_fits, check_same_run, default_output_dir, peak_memory_mb,
-                             prepare_run_dir, refuse_existing_run, start_over, trim_metrics, write_failure, write_final,
-                             write_summary)
-from tunelab.tasks import TaskRun, setup_task
+from tunelab.run_dir import (RunDir, RunLock, check_checkpoint_fits, check_same_run, default_output_dir, files_as_found,
+                             leave_as_found, peak_memory_mb, prepare_run_dir, refuse_existing_run, start_over,
+                             trim_metrics, write_failure, write_final, write_summary)
+from tunelab.tasks import TaskRun
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import sizes
 from tunelab.train.early_stop import BestTracker
@@ -170,7 +169,7 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
     probe_texts = probe_before = probe_generation = None
     if cfg.probe.data:
         probe_texts = read_probe_texts(cfg.probe.data, cfg.data.text_column, cfg.probe.max_rows)
-        probe_generation = probe_generation_for(cfg, task.tokenizer)
+        probe_generation = probe_generation_for(cfg.probe, cfg.eval.generate, cfg.task, task.tokenizer)
         probe_before = probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length, generation=probe_generation)
     trainable, total = count_params(model)
     precision = resolve_precision(cfg.train.precision, device, total)
@@ -182,7 +181,7 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
     total_steps = sizes.total_steps(per_epoch, cfg.train.epochs, cfg.train.max_steps)
 
     # fsdp shards the model here (its optimizer takes the sharded parameters); zero* after the optimizer
-    sharding = shard_before_optimizer(cfg, model, task.loss_fn, group or ALONE, precision, device)
+    sharding = shard_before_optimizer(cfg.distributed, cfg.train, model, task.loss_fn, group or ALONE, precision, device)
     if sharding is not None and task.generation is not None:
         log.warning("generation measures (eval.generate) are not taken under distributed.strategy %s yet",
                     sharding.strategy)
@@ -226,61 +225,66 @@ def build_optimization(cfg: Config, model, total_steps: int, lr: float):
     return optimizer, scheduler
 
 
-def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool, should_stop,
+def open_run(r: Recipe, out: Path, resume_at: ckpt.ResumePoint | None, show_progress: bool, should_stop,
              group: Group = ALONE, callbacks=None) -> tuple[RunDir | None, LoopState, dict | None]:
     """Create or reopen the run dir; restore a checkpoint, or evaluate the untouched model.
 
     With several processes only rank 0 touches the run dir (the RunDir is None on the others);
-    every process restores the checkpoint into its own replica, with its own RNG state.
+    every process restores the checkpoint into its own replica, with its own RNG state. What can
+    refuse the start (the checkpoint's tensors and objects, a required logger) is judged before
+    anything already in the run dir changes: a refused resume leaves it byte for byte as it was,
+    a refused fresh start leaves no run dir.
     """
-    io = None
     if r.sharding is not None:
         r.sharding.ckpt_root = out / "checkpoints"  # every process writes its checkpoint shards there
-    if resume_from is not None and r.sharding is None and weights_format(resume_from) == "plain":
-        check_checkpoint_fits(resume_from, r.model)  # before anything in the run dir changes
+    if resume_at is not None and r.sharding is None and weights_format(resume_at.path) == "plain":
+        check_checkpoint_fits(resume_at.path, r.model)
+    resumed = resume_at.step if resume_at is not None else 0
+    found = progress = loggers = None
+    try:
+        if group.is_main:
+            found = files_as_found(out)
+            out.mkdir(parents=True, exist_ok=True)
+            progress = Progress(r.settings.total_steps, start_step=resumed, enabled=show_progress,
+                                log_file=out / "warnings.log")  # library warnings go there, not through the display
+            progress.header(header_lines(header_info(r, out, resumed, model_name=r.cfg.model.name, task=r.cfg.task,
+                                                     method=r.cfg.method)))
+            # monitor.loggers_required and one could not start: an input error
+            loggers = open_loggers(r.cfg.monitor, out, json.loads(r.cfg.model_dump_json()),
+                                   resumed if resume_at is not None else None)
+        if r.task.prepare is not None:  # once-per-run work kept in the run dir (preference: reference log-probs)
+            r.task.prepare(r.model, out, group, r.autocast)  # before a resume's weights: the untouched model's
+        if resume_at is not None:
+            restore_checkpoint(r, resume_at, group)
+    except InputError:
+        for opened in (progress, loggers):
+            if opened is not None:
+                opened.close()
+        if found is not None:
+            leave_as_found(out, found)
+        raise
+    io = None
     if group.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume_from is not None:
-            trim_metrics(out / "metrics.jsonl", ckpt.load_state(resume_from)["loop"]["step"])
-        resumed = ckpt.load_state(resume_from)["loop"]["step"] if resume_from is not None else 0
-        progress = Progress(r.settings.total_steps, start_step=resumed, enabled=show_progress,
-                            log_file=out / "warnings.log")  # library warnings go there, not through the display
-        progress.header(header_lines(header_info(r, out, resumed)))
+        if resume_at is not None:  # the rows a killed run logged after its checkpoint
+            trim_metrics(out / "metrics.jsonl", resumed)
         io = RunDir(out, r.model, r.optimizer, r.scheduler, r.cfg.checkpoint.keep_last, progress, should_stop)
-        try:
-            io.loggers, io.health = open_monitors(r, out, resume_from)
-        except InputError:  # monitor.loggers_required and one could not start: leave no run behind
-            progress.close(), io.metrics.close()
-            if resume_from is None:
-                forget_fresh_run(out)
-            raise
+        io.loggers, io.health = loggers, health_monitor(r, out, resume_at is not None)
         io.eval_key = eval_key(r)
         if callbacks is not None:  # the Python API's functions on log / eval / save rows (tunelab.api)
             io.loggers.add("callbacks", callbacks)
-    if r.task.prepare is not None:  # once-per-run work kept in the run dir (preference: reference log-probs)
-        r.task.prepare(r.model, out, group, r.autocast)
     layout = {"world_size": r.world_size, "grad_accum": r.cfg.train.grad_accum, "batch_size": r.cfg.train.batch_size}
     state, before = LoopState(**layout), None
-    if resume_from is not None:
-        try:
-            saved = ckpt.load_checkpoint(resume_from, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
-                                         rank=group.rank, weights=False)
-            # the weights and optimizer state, whatever wrote them: this strategy and world size or another
-            load_model_states(resume_from, r.model, r.optimizer, r.sharding)
-        except pickle.UnpicklingError:  # weights_only refused an object: never run a checkpoint's code
-            raise InputError("a checkpoint file holds objects other than tensors and numbers (refused by "
-                             "weights_only): it was not written by tunelab; resume from another checkpoint",
-                             file=resume_from) from None
-        state = LoopState(**{**saved["loop"], "status": "running", **layout})  # maybe resharded
-        r.tracker.load_state_dict(saved["tracker"])
+    if resume_at is not None:
+        state = LoopState(**{**resume_at.loop, "status": "running", **layout})  # maybe resharded
+        r.tracker.load_state_dict(resume_at.state["tracker"])
         if io is not None:
-            io.best_checkpoint = saved.get("best_checkpoint")
+            io.best_checkpoint = resume_at.state.get("best_checkpoint")
             before = next((row for row in read_metrics(out / "metrics.jsonl") if row.get("before_training")), None)
-        log.info("resumed from %s at step %d/%d", resume_from, state.step, r.settings.total_steps)
+        log.info("resumed from %s at step %d/%d", resume_at.path, state.step, r.settings.total_steps)
     elif r.sharding is not None and r.cfg.train.eval_before and r.task.evaluate is not None:
         # the weights are in pieces: every process joins the evaluation, rank 0 writes as below
         before = {**eval_row(r.sharding.replicas.on_main(r.task.evaluate, r.model), state, 0.0), "before_training": True}
-    if resume_from is None and io is not None:
+    if resume_at is None and io is not None:
         dump_config(r.cfg, out / "config.yaml")
         (out / "param_groups.json").write_text(json.dumps(describe_groups(r.optimizer), indent=1))
         if r.cfg.checkpoint.final == "best_or_base":  # the untouched weights, should no evaluation beat them
@@ -292,13 +296,18 @@ def open_run(r: Recipe, out: Path, resume_from: Path | None, show_progress: bool
     return io, state, before
 
 
-def forget_fresh_run(out: Path) -> None:
-    """Remove what opening a new run wrote (before any training), so a refused start leaves no run dir."""
-    for name in ("metrics.jsonl", "loggers.json", "warnings.log"):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "tensorboard", ignore_errors=True)
-    if out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
-        shutil.rmtree(out, ignore_errors=True)
+def restore_checkpoint(r: Recipe, resume_at: ckpt.ResumePoint, group: Group) -> None:
+    """The checkpoint's weights, optimizer state, schedule and RNG (this rank's) into the recipe's
+    objects, whatever wrote them: this strategy and world size or another. Reads nothing of the run dir
+    but the checkpoint, so a refusal here comes before any change there."""
+    try:
+        ckpt.load_checkpoint(resume_at.path, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler,
+                             rank=group.rank, weights=False, state=resume_at.state)
+        load_model_states(resume_at, r.model, r.optimizer, r.sharding)
+    except pickle.UnpicklingError:  # weights_only refused an object: never run a checkpoint's code
+        raise InputError("a checkpoint file holds objects other than tensors and numbers (refused by "
+                         "weights_only): it was not written by tunelab; resume from another checkpoint",
+                         file=resume_at.path) from None
 
 
 def _stored_eval(io: RunDir, checkpoint: Path) -> dict | None:
@@ -322,15 +331,13 @@ def eval_key(r: Recipe) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def open_monitors(r: Recipe, out: Path, resume_from: Path | None) -> tuple[list, HealthMonitor | None]:
-    """The loggers and the health monitor, both continuing where a resumed run's checkpoint left off
-    (the monitor by replaying the metrics rows up to it, which is exact)."""
-    step = ckpt.load_state(resume_from)["loop"]["step"] if resume_from is not None else None
-    loggers = open_loggers(r.cfg.monitor, out, json.loads(r.cfg.model_dump_json()), step)
+def health_monitor(r: Recipe, out: Path, resumed: bool) -> HealthMonitor | None:
+    """The health monitor; a resumed run's continues where its checkpoint left off (by replaying
+    the metrics rows up to it, which is exact)."""
     if not r.cfg.monitor.health:
-        return loggers, None
-    rows = read_metrics(out / "metrics.jsonl") if resume_from is not None else []
-    return loggers, HealthMonitor.replay(rows, fp16=r.precision == "fp16")
+        return None
+    rows = read_metrics(out / "metrics.jsonl") if resumed else []
+    return HealthMonitor.replay(rows, fp16=r.precision == "fp16")
 
 
 def train(r: Recipe, io: RunDir | None, state: LoopState, group: Group = ALONE) -> LoopState:
@@ -493,32 +500,33 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     DDP replica and rank 0 alone writes the run dir; the other ranks return a short summary.
     """
     wall_start = time.monotonic()
-    prepare_data_before_joining(cfg)  # tokenized once, before any rank waits in a collective
+    prepare_data_before_joining(lambda: prepare_data(cfg))  # tokenized once, before any rank waits in a collective
     group = init_from_env()
-    check_supported(cfg, group.world_size)
+    check_distributed(cfg, group.world_size)
     out = group.broadcast(Path(output_dir) if output_dir else default_output_dir(config_path))
     if resume == "auto":  # a run killed between summary.json and report.html: finish the report
         done = group.broadcast(finish_missing_report(out) if group.is_main else None)
         if done is not None:
             group.close()
             return done
-    resume_from = prepare_run_dir(out, resume)
-    if resume_from is not None:
-        reshard_note = check_resume_layout(resume_from, cfg, group.world_size)
+    resume_at = ckpt.ResumePoint.at(prepare_run_dir(out, resume))  # its state.json, read once for the resume
+    if resume_at is not None:
+        reshard_note = check_resume_layout(resume_at, group.world_size, strategy=cfg.distributed.strategy,
+                                           train=cfg.train)
         if reshard_note and group.is_main:
             log.info("%s", reshard_note)
-        check_same_run(out, cfg, resume_from)
+        check_same_run(out, cfg, resume_at.path)
     group.barrier()  # every process has judged the run dir before rank 0 writes into it
     lock = RunLock(out) if group.is_main else None
     try:
-        return _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, should_stop, wall_start,
+        return _run_locked(cfg, out, resume, resume_at, lock, group, show_progress, should_stop, wall_start,
                            callbacks)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, should_stop, wall_start,
+def _run_locked(cfg, out, resume, resume_at, lock, group, show_progress, should_stop, wall_start,
                 callbacks=None) -> dict:
     """run_training once the run dir is judged: setup, then (holding the run dir's lock) train and save."""
     retries = []
@@ -528,7 +536,7 @@ def _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, shoul
             lock.acquire()  # after the setup (a bad input leaves nothing), before anything is written
             if resume is None and not retries:
                 refuse_existing_run(out)  # another run started and ended here since prepare_run_dir
-        if resume == "auto" and resume_from is None and not group.rank and (out / "metrics.jsonl").exists():
+        if resume == "auto" and resume_at is None and not group.rank and (out / "metrics.jsonl").exists():
             # only now that config, data and model have loaded: a bad input must leave the dir as it was
             log.warning("resume: no intact checkpoint in %s; the run starts over", out)
             start_over(out)
@@ -538,7 +546,7 @@ def _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, shoul
             random.seed(cfg.train.seed + 7919 * group.rank)
             torch.manual_seed(cfg.train.seed + 7919 * group.rank)
         try:
-            io, state, before = open_run(recipe, out, resume_from, show_progress, should_stop, group, callbacks)
+            io, state, before = open_run(recipe, out, resume_at, show_progress, should_stop, group, callbacks)
         except OSError as e:  # config.yaml, param_groups.json, metrics.jsonl on a full disk
             raise write_failure(out, "the run dir's files", e) from None
         try:
@@ -547,9 +555,9 @@ def _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, shoul
         except OutOfMemory:
             if not cfg.train.auto_batch or cfg.train.batch_size == 1:
                 raise
-            cfg, resume_from = _halve_batch(cfg, out)
+            cfg, resume_at = _halve_batch(cfg, out)
             retries.append({"batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-                            "from_checkpoint": resume_from.name if resume_from else None})
+                            "from_checkpoint": resume_at.path.name if resume_at else None})
     if not group.is_main:
         group.close()
         return {"status": state.status, "steps": state.step, "rank": group.rank, "world_size": group.world_size}
@@ -561,7 +569,7 @@ def _run_locked(cfg, out, resume, resume_from, lock, group, show_progress, shoul
     return summary
 
 
-def _halve_batch(cfg: Config, out: Path) -> tuple[Config, Path | None]:
+def _halve_batch(cfg: Config, out: Path) -> tuple[Config, ckpt.ResumePoint | None]:
     """After an OOM: the same effective batch in micro-batches half the size, and where to go on.
 
     With a checkpoint the run continues from it (the batches of the rest of the epoch are cut
@@ -577,4 +585,4 @@ def _halve_batch(cfg: Config, out: Path) -> tuple[Config, Path | None]:
         start_over(out)
     else:
         dump_config(cfg, out / "config.yaml")
-    return cfg, resume_from
+    return cfg, ckpt.ResumePoint.at(resume_from)

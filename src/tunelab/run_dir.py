@@ -151,6 +151,31 @@ def refuse_existing_run(out: Path) -> None:
                          "--output-dir", file=out)
 
 
+def files_as_found(out: Path) -> dict[Path, int | None]:
+    """Every file (its size) and folder (None) of the run dir but the lock, for `leave_as_found`."""
+    if not out.is_dir():
+        return {}
+    return {p: (p.stat().st_size if p.is_file() else None) for p in out.rglob("*") if p.name != LOCK_NAME}
+
+
+def leave_as_found(out: Path, found: dict[Path, int | None]) -> None:
+    """Undo what opening a run wrote before the start was refused (run.open_run): what it added is
+    removed and an append (warnings.log) cut back; a run dir that held only the lock goes whole.
+    Nothing already there is rewritten before a start can no longer be refused, so a refused resume
+    leaves the run dir byte for byte as it was."""
+    if not out.is_dir():
+        return
+    for p in sorted(out.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # a folder's files first
+        if p.name == LOCK_NAME:
+            continue
+        if p not in found:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        elif found[p] is not None and p.is_file() and p.stat().st_size > found[p]:
+            os.truncate(p, found[p])
+    if not found and all(p.name == LOCK_NAME for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
+
+
 # What fixes the parameters a checkpoint holds: a resume under other values would load weights into
 # another model (or silently mean another run).
 IDENTITY_KEYS = ("task", "model.name", "method", "lora.r", "lora.alpha", "lora.target_modules", "lora.dora",

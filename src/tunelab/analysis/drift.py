@@ -128,16 +128,17 @@ def dora_delta(w0, delta, magnitude, *, fan_in_fan_out: bool = False):
     return out.T if fan_in_fan_out else out
 
 
-def lora_scale(module: str, rank: int, cfg: dict) -> float:
-    """alpha / r (alpha / sqrt(r) with rsLoRA), alpha looked up in alpha_pattern as peft does."""
+def lora_scale(module: str, rank: int, adapter_config: dict) -> float:
+    """alpha / r (alpha / sqrt(r) with rsLoRA), alpha looked up in alpha_pattern as peft does
+    (`adapter_config`: the adapter's adapter_config.json)."""
     from tunelab.models.quantization import quiet_bitsandbytes
 
     quiet_bitsandbytes()  # peft imports bitsandbytes, which warns about a kernel tunelab does not use
     from peft.utils.other import get_pattern_key
 
-    patterns = cfg.get("alpha_pattern") or {}
-    alpha = patterns.get(get_pattern_key(patterns.keys(), module), cfg["lora_alpha"])
-    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    patterns = adapter_config.get("alpha_pattern") or {}
+    alpha = patterns.get(get_pattern_key(patterns.keys(), module), adapter_config["lora_alpha"])
+    return alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
 
 
 # ---------------------------------------------------------------- names

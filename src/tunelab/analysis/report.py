@@ -105,12 +105,12 @@ def notices(summary: dict) -> list[str]:
     return [f"<div class='notice {kind}'>{html.escape(text)}</div>" for kind, text in out]
 
 
-def _header(run_dir: Path, summary: dict, cfg: dict) -> tuple[str, str]:
+def _header(run_dir: Path, summary: dict, model_name: str) -> tuple[str, str]:
     from tunelab.model_card import base_model_name
 
     status = summary.get("status", "?")
     badge = "ok" if status in ("completed", "early_stopped") else "bad" if status == "diverged" else "warn"
-    model = base_model_name(str((cfg.get("model") or {}).get("name", "?")))
+    model = base_model_name(model_name)
     facts = [("model", model), ("task", summary.get("task")), ("method", summary.get("method")),
              ("steps", f"{summary.get('steps')} of {summary.get('total_steps', summary.get('steps'))}"),
              ("trainable params", f"{summary.get('trainable_params', 0):,} of {summary.get('total_params', 0):,} "
@@ -146,10 +146,10 @@ def _before_after(summary: dict) -> str | None:
     return f"<table>{head}{rows(main)}</table>{more}"
 
 
-def _curves(rows: list[dict], run_dir: Path, cfg: dict) -> list[str]:
+def _curves(rows: list[dict], run_dir: Path, optim: dict, train: dict) -> list[str]:
+    """The training curves; `optim`, `train`: the run's config.yaml sections (lr, max_grad_norm drawn in)."""
     from tunelab.analysis import plots
 
-    optim, train = cfg.get("optim") or {}, cfg.get("train") or {}
     figs = [("loss", "train and eval loss", plots.loss_figure(rows)),
             ("lr", "learning rate per parameter group", plots.lr_figure(rows, _groups(run_dir), optim.get("lr"))),
             ("grad_norm", "gradient norm and clip threshold", plots.grad_norm_figure(rows, train.get("max_grad_norm"))),
@@ -257,7 +257,7 @@ def render_report(run_dir: str | Path, *, drift: bool = True, drift_top: int = 1
     rows = read_metrics(run_dir / "metrics.jsonl")
     cfg = _config(run_dir)
     final = summary.get("final") or {}
-    title, facts = _header(run_dir, summary, cfg)
+    title, facts = _header(run_dir, summary, str((cfg.get("model") or {}).get("name", "?")))
     sections = ["summary"]
     parts = ["<!doctype html><html lang=en><meta charset='utf-8'>"
              "<meta name=viewport content='width=device-width,initial-scale=1'>"
@@ -267,7 +267,7 @@ def render_report(run_dir: str | Path, *, drift: bool = True, drift_top: int = 1
         sections.append("before_after")
     parts.append(f"<div class=row><div><h2>run</h2>{facts}</div>"
                  + (f"<div><h2>before and after</h2>{table}</div>" if table else "") + "</div>")
-    curves = _curves(rows, run_dir, cfg)
+    curves = _curves(rows, run_dir, cfg.get("optim") or {}, cfg.get("train") or {})
     if curves:
         sections.append("curves")
         parts.append(f"<h2>training curves</h2><div class=grid>{''.join(curves)}</div>")

@@ -138,17 +138,22 @@ class SharedRunIO:
             self.run_dir.save(state, tracker, is_best, metrics, rank_rng=rng)
 
 
-def check_supported(cfg, world_size: int) -> None:
-    """Refuse, at load time, the options that do not work with several processes yet."""
+def check_supported(world_size: int, *, strategy: str, task: str, method: str, train, regularization, final: str,
+                    unfreeze_every: int | None) -> None:
+    """Refuse, at load time, the options that do not work with several processes yet.
+
+    The keys it judges: distributed.strategy, task, method, the train section (precision,
+    auto_batch), the regularization section, checkpoint.final and unfreeze.every."""
     if world_size <= 1:
         return
     from tunelab.distributed.sharded import check_strategy
 
-    check_strategy(cfg, world_size)
-    if cfg.train.auto_batch:
+    check_strategy(world_size, strategy=strategy, task=task, method=method, precision=train.precision,
+                   regularization=regularization, final=final)
+    if train.auto_batch:
         raise InputError("train.auto_batch cannot retry an out-of-memory step with several processes yet; "
                          "set train.auto_batch: false or train with one process", field="train.auto_batch")
-    if cfg.unfreeze.every:
+    if unfreeze_every:
         raise InputError("gradual unfreezing changes which parameters train, which DDP fixes at the start; "
                          "remove unfreeze.every or train with one process", field="unfreeze.every")
 

@@ -95,21 +95,20 @@ class Group:
 ALONE = Group()
 
 
-def prepare_data_before_joining(cfg) -> list:
-    """Read, check and tokenize the run's data into the encoded-data cache (tunelab.tasks.prepare.prepare)
-    before this process joins the group: done by each machine's first process (LOCAL_RANK 0, so a
-    node whose cache folder is not shared fills its own), while the others wait in the group's
-    rendezvous, then only read the cache. A long tokenization can then never outlast a collective's
-    timeout (WAIT_MINUTES) on the ranks that wait for it; a bad input stops this process with exit 2
-    before any group exists (torchrun stops the rest). Alone, or for a task whose data the cache
-    does not hold yet (classification), nothing happens here."""
+def prepare_data_before_joining(prepare) -> list:
+    """Read, check and tokenize the run's data into the encoded-data cache (`prepare()`, e.g. the
+    run's tunelab.compose.prepare_data) before this process joins the group: done by each
+    machine's first process (LOCAL_RANK 0, so a node whose cache folder is not shared fills its
+    own), while the others wait in the group's rendezvous, then only read the cache. A long
+    tokenization can then never outlast a collective's timeout (WAIT_MINUTES) on the ranks that
+    wait for it; a bad input stops this process with exit 2 before any group exists (torchrun
+    stops the rest). Alone, or for a task whose data the cache does not hold yet (classification),
+    nothing happens here."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return []
     if dist.is_initialized():
         return []
-    from tunelab.tasks.prepare import prepare
-
-    return prepare(cfg)
+    return prepare()
 
 
 def init_from_env() -> Group:

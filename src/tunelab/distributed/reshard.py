@@ -65,15 +65,16 @@ def _strategy_family(fmt_or_strategy: str) -> str:
     return "zero" if fmt_or_strategy.startswith("zero") else "other"
 
 
-def check_resume_layout(checkpoint: Path, cfg, world_size: int) -> str | None:
+def check_resume_layout(point: ckpt.ResumePoint, world_size: int, *, strategy: str, train) -> str | None:
     """Refuse a resume that cannot continue the run's optimizer steps; the note to log when it reshards.
 
-    Called on every process before the run dir is touched (an input error leaves it as it was).
+    `strategy`: distributed.strategy; `train`: the train section (batch_size, grad_accum). Called on
+    every process before the run dir is touched (an input error leaves it as it was).
     """
     from tunelab.distributed.sharded import strategy_of
 
-    fmt, strategy = weights_format(checkpoint), strategy_of(cfg, world_size)
-    loop = ckpt.load_state(checkpoint)["loop"]
+    checkpoint, loop = point.path, point.loop
+    fmt, strategy = weights_format(checkpoint), strategy_of(strategy, world_size)
     saved_world = loop.get("world_size", 1)
     if fmt == "zero" and saved_world != world_size and world_size == 1:
         raise InputError(zero_reshape_refusal(saved_world), file=checkpoint)
@@ -84,7 +85,7 @@ def check_resume_layout(checkpoint: Path, cfg, world_size: int) -> str | None:
                          f"and cannot continue under '{strategy}'; resume with {said}", file=checkpoint)
     if saved_world == world_size:
         return None
-    t = cfg.train
+    t = train
     train = ({"grad_accum": loop["grad_accum"], "batch_size": loop["batch_size"]} if loop.get("grad_accum")
              else _run_config(checkpoint))  # an older checkpoint: its run's config.yaml (unless auto_batch changed it)
     if train is None or not isinstance(train.get("grad_accum"), int) or not isinstance(train.get("batch_size"), int):
@@ -119,9 +120,10 @@ def zero_reshape_refusal(saved: int) -> str:
             f"(train.grad_accum so that processes x grad_accum stays the run's micro-batches a step)")
 
 
-def load_model_states(checkpoint: Path, model: torch.nn.Module, optimizer, sharding) -> None:
-    """Restore the trainable weights and optimizer state of `checkpoint` into this process's model,
+def load_model_states(point: ckpt.ResumePoint, model: torch.nn.Module, optimizer, sharding) -> None:
+    """Restore the trainable weights and optimizer state of the checkpoint into this process's model,
     whatever wrote them (the loop position, schedule and RNG are checkpoint.load_checkpoint's)."""
+    checkpoint = point.path
     fmt = weights_format(checkpoint)
     if sharding is not None and sharding.strategy == "fsdp":
         if fmt == "dcp":
@@ -129,10 +131,10 @@ def load_model_states(checkpoint: Path, model: torch.nn.Module, optimizer, shard
         else:
             load_whole_into_fsdp(checkpoint, sharding.replicas.root, optimizer)
     elif sharding is not None:  # zero*
-        if ckpt.load_state(checkpoint)["loop"].get("world_size", 1) == sharding.group.world_size:
+        if point.loop.get("world_size", 1) == sharding.group.world_size:
             sharding.replicas.load_shards(checkpoint / ckpt.SHARDS, optimizer)
         else:
-            load_zero_resharded(checkpoint, sharding)
+            load_zero_resharded(point, sharding)
     elif fmt == "dcp":
         load_dcp_whole(checkpoint / ckpt.SHARDS, model, optimizer)
     else:
@@ -194,7 +196,7 @@ def load_whole_into_fsdp(checkpoint: Path, root: torch.nn.Module, optimizer) -> 
                    options=_options(full_state_dict=True))
 
 
-def load_zero_resharded(checkpoint: Path, sharding) -> None:
+def load_zero_resharded(point: ckpt.ResumePoint, sharding) -> None:
     """A ZeRO checkpoint of another world size: rank 0 converts it to DeepSpeed's universal checkpoint
     (beside the checkpoints, where every node sees it; the sealed checkpoint is left as it is), every
     process loads its new partition from that, rank 0 removes it."""
@@ -203,9 +205,9 @@ def load_zero_resharded(checkpoint: Path, sharding) -> None:
 
     from tunelab.distributed.zero import to_universal
 
-    group = sharding.group
+    group, checkpoint = sharding.group, point.path
     if group.any(sharding.replicas.partition_without_parameters()):
-        saved = ckpt.load_state(checkpoint)["loop"].get("world_size", 1)
+        saved = point.loop.get("world_size", 1)
         raise InputError(f"cannot reshard this ZeRO checkpoint for {group.world_size} processes: some process's "
                          "partition of a small parameter group would hold no parameter, which DeepSpeed's "
                          f"universal-checkpoint loader cannot fill; resume with --nproc {saved}", file=checkpoint)

@@ -31,36 +31,41 @@ SHARDED = ("fsdp", "zero1", "zero2", "zero3")
 SHARDS = "shards"  # the folder inside a checkpoint that every process writes its shard into
 
 
-def strategy_of(cfg, world_size: int) -> str:
-    """The strategy this run uses: the configured one with several processes, none alone."""
-    return cfg.distributed.strategy if world_size > 1 else "single"
+def strategy_of(configured: str, world_size: int) -> str:
+    """The strategy this run uses: the configured one (distributed.strategy) with several processes,
+    none alone."""
+    return configured if world_size > 1 else "single"
 
 
-def check_strategy(cfg, world_size: int) -> None:
-    """Refuse, at load time, what a sharded strategy cannot do (and say what to do instead)."""
-    strategy = strategy_of(cfg, world_size)
+def check_strategy(world_size: int, *, strategy: str, task: str, method: str, precision: str, regularization,
+                   final: str) -> None:
+    """Refuse, at load time, what a sharded strategy cannot do (and say what to do instead).
+
+    The keys it judges: distributed.strategy, task, method, train.precision, the regularization
+    section (l2sp, ewc, mixout) and checkpoint.final."""
+    strategy = strategy_of(strategy, world_size)
     if strategy not in SHARDED:
         return
-    if cfg.method == "qlora" and strategy != "fsdp":
+    if method == "qlora" and strategy != "fsdp":
         raise InputError(f"method qlora is not supported with distributed.strategy {strategy} (not tried with "
                          "DeepSpeed's partitioning of the packed 4-bit weights); use distributed.strategy fsdp (the "
                          "4-bit base sharded) or ddp", field="method")
-    if cfg.train.precision == "fp16":
+    if precision == "fp16":
         raise InputError(f"train.precision fp16 needs a gradient scaler that {strategy} does not share here; "
                          "use train.precision bf16 (or fp32)", field="train.precision")
-    r = cfg.regularization
+    r = regularization
     for key, value in (("l2sp", r.l2sp), ("ewc", r.ewc), ("mixout", r.mixout)):
         if value:
             raise InputError(f"regularization.{key} reads every weight of the model in one place, which "
                              f"distributed.strategy {strategy} splits across processes; remove it or use "
                              "distributed.strategy ddp", field=f"regularization.{key}")
-    if cfg.task == "preference":
+    if task == "preference":
         raise InputError(f"task preference is not supported with distributed.strategy {strategy} yet (its reference "
                          "model is not sharded); use distributed.strategy ddp", field="distributed.strategy")
-    if cfg.checkpoint.final == "best_or_base":
+    if final == "best_or_base":
         raise InputError(f"checkpoint.final best_or_base keeps the untouched model in one file, which distributed.strategy "
                          f"{strategy} does not write yet; use checkpoint.final best", field="checkpoint.final")
-    if cfg.method == "feature_extraction":
+    if method == "feature_extraction":
         raise InputError("method feature_extraction trains only a small head: there is nothing to shard; "
                          "use distributed.strategy ddp", field="distributed.strategy")
 
@@ -155,9 +160,10 @@ class ShardedRun:
     """What a sharded run keeps beside the recipe: the loop's replicas, rank 0's skeleton for
     final/, and every process's bytes held (gathered at the end for summary.json)."""
 
-    def __init__(self, cfg, group: Group, skeleton: torch.nn.Module | None):
-        self.cfg, self.group, self.skeleton = cfg, group, skeleton
-        self.strategy = cfg.distributed.strategy
+    def __init__(self, distributed, train, group: Group, skeleton: torch.nn.Module | None):
+        """`distributed`, `train`: the config's sections (strategy, cpu_offload; batch_size, max_grad_norm)."""
+        self.distributed, self.train, self.group, self.skeleton = distributed, train, group, skeleton
+        self.strategy = distributed.strategy
         self.replicas = None
         self.ranks: list[dict] | None = None
         self.ckpt_root: Path | None = None  # the run's checkpoints/, known to every process (run.open_run)
@@ -170,8 +176,8 @@ class ShardedRun:
         from tunelab.distributed.zero import ZeroReplicas, deepspeed_config, start_engine
 
         stage = int(self.strategy[-1])
-        config = deepspeed_config(stage, batch_size=self.cfg.train.batch_size, max_grad_norm=self.cfg.train.max_grad_norm,
-                                  precision=precision, cpu_offload=self.cfg.distributed.cpu_offload)
+        config = deepspeed_config(stage, batch_size=self.train.batch_size, max_grad_norm=self.train.max_grad_norm,
+                                  precision=precision, cpu_offload=self.distributed.cpu_offload)
         self.replicas = ZeroReplicas(start_engine(model, loss_fn, optimizer, self.group, config), self.group, stage)
 
     def gather_held(self, device: torch.device | None = None) -> None:
@@ -183,7 +189,7 @@ class ShardedRun:
         self.ranks = self.group.gather(row)
 
     def summary(self) -> dict:
-        return {"strategy": self.strategy, "cpu_offload": self.cfg.distributed.cpu_offload,
+        return {"strategy": self.strategy, "cpu_offload": self.distributed.cpu_offload,
                 "world_size": self.group.world_size, "ranks": self.ranks}
 
     def plain_model(self, checkpoint: Path) -> torch.nn.Module:
@@ -191,17 +197,18 @@ class ShardedRun:
         return fill_skeleton(self.skeleton, full_weights(checkpoint))
 
 
-def shard_before_optimizer(cfg, model: torch.nn.Module, loss_fn, group: Group, precision: str,
+def shard_before_optimizer(distributed, train, model: torch.nn.Module, loss_fn, group: Group, precision: str,
                            device: torch.device) -> ShardedRun | None:
     """For a sharded strategy with several processes: rank 0 keeps the skeleton, and fsdp shards the
-    model now (its optimizer must see the sharded parameters). None for ddp or a process alone."""
-    if strategy_of(cfg, group.world_size) not in SHARDED:
+    model now (its optimizer must see the sharded parameters). None for ddp or a process alone.
+    `distributed`, `train`: the config's sections."""
+    if strategy_of(distributed.strategy, group.world_size) not in SHARDED:
         return None
-    run = ShardedRun(cfg, group, skeleton_of(model) if group.is_main else None)
+    run = ShardedRun(distributed, train, group, skeleton_of(model) if group.is_main else None)
     if run.strategy == "fsdp":
         from tunelab.distributed.fsdp import FullyShardedReplicas, shard_model
 
-        d = cfg.distributed
+        d = distributed
         root = shard_model(model, loss_fn, precision=precision, cpu_offload=d.cpu_offload,
                            reshard_after_forward=d.reshard_after_forward, device=device)
         run.replicas = FullyShardedReplicas(root, group)

@@ -39,13 +39,12 @@ def held_out_at(data, n_examples: int, keep: list[int]):
     return ChatData("text", texts=picked, sources=sources)
 
 
-def generation_for(cfg, tokenizer, eval_data) -> GenerationEval | None:
+def generation_for(section, tokenizer, eval_data) -> GenerationEval | None:
     """The run's GenerationEval, or None when generation is off or there are no prompts.
 
-    `eval_data`: the ChatData the eval prompts come from (the eval file, or the held-out part of
-    the training file), or None.
+    `section`: the config's eval.generate section; `eval_data`: the ChatData the eval prompts come
+    from (the eval file, or the held-out part of the training file), or None.
     """
-    section = cfg.eval.generate
     if not section.n:
         return None
     if section.prompts:

@@ -54,15 +54,16 @@ def _is_causal_lm(model) -> bool:
     return hasattr(inner, "lm_head") or type(inner).__name__.endswith("ForCausalLM")
 
 
-def probe_generation_for(cfg, tokenizer):
+def probe_generation_for(probe, generate, task: str, tokenizer):
     """The probe's generative view (chat, causal_lm): the first probe.generate_n prompts of the probe
-    data, answered with the eval.generate settings; None for classification or generate_n 0."""
-    if cfg.task == "classification" or not cfg.probe.generate_n:
+    data, answered with the eval.generate settings; None for classification or generate_n 0.
+    `probe`, `generate`: the config's probe and eval.generate sections."""
+    if task == "classification" or not probe.generate_n:
         return None
     from tunelab.evaluate.generation import GenerationEval, read_prompts
 
-    settings = cfg.eval.generate.model_copy(update={"n": cfg.probe.generate_n})
-    return GenerationEval(tokenizer, read_prompts(cfg.probe.data, settings.n, "probe.data"), settings)
+    settings = generate.model_copy(update={"n": probe.generate_n})
+    return GenerationEval(tokenizer, read_prompts(probe.data, settings.n, "probe.data"), settings)
 
 
 @torch.no_grad()

@@ -237,9 +237,10 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
             "tokenizer_pre": tok["pre"]}
 
 
-def _rope_theta(cfg) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    return params.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
+def _rope_theta(model_config) -> float:
+    """RoPE's base frequency from a transformers model config (5.x: rope_parameters)."""
+    params = getattr(model_config, "rope_parameters", None) or {}
+    return params.get("rope_theta") or getattr(model_config, "rope_theta", None) or 10000.0
 
 
 def _add_tokenizer(w, tok: dict) -> None:

@@ -308,9 +308,11 @@ def header_lines(info: dict) -> list[str]:
     return lines
 
 
-def header_info(recipe, out: Path, resumed_step: int | None = None) -> dict:
-    """What the header says about a run about to train (a run.Recipe and its run dir)."""
-    cfg, t = recipe.cfg, recipe.cfg.train
+def header_info(recipe, out: Path, resumed_step: int | None = None, *, model_name: str, task: str,
+                method: str) -> dict:
+    """What the header says about a run about to train (a run.Recipe, its run dir, and the config's
+    model.name, task and method)."""
+    t = recipe.settings  # train.batch_size and train.grad_accum, as the loop runs them
     from tunelab.model_card import base_model_name, data_rows, human_count
 
     train_rows, eval_rows = data_rows(recipe.task.info or {})
@@ -324,8 +326,8 @@ def header_info(recipe, out: Path, resumed_step: int | None = None) -> dict:
         steps += f", resuming at {resumed_step}"
     return {
         "run_dir": str(out),
-        "model": f"{base_model_name(cfg.model.name)} ({type(recipe.model).__name__})",
-        "task": f"{cfg.task} · method {cfg.method}",
+        "model": f"{base_model_name(model_name)} ({type(recipe.model).__name__})",
+        "task": f"{task} · method {method}",
         "params": f"{human_count(recipe.trainable)} trainable of {human_count(recipe.total)} ({pct:.3g}%)",
         "data": f"{train_rows if train_rows is not None else '?'} train rows"
                 + (f" · {eval_rows} eval rows" if eval_rows is not None else ""),

@@ -78,7 +78,9 @@ def data_profile(cfg: Config) -> dict:
         from tunelab.tasks.causal_lm import batcher
         from tunelab.tasks.lm_data import load_lm_data
 
-        lm = load_lm_data(cfg, tok, max_len, generating=False)  # the run's own data path (and cache)
+        r = cfg.regularization  # the run's own data path (and cache)
+        lm = load_lm_data(cfg.data, tok, max_len, task=cfg.task, seed=cfg.train.seed, generating=False,
+                          replay_data=r.replay_data, replay_ratio=r.replay_ratio)
         packed = bool(cfg.data.packing)
         units, _ = batcher(lm.train, 0, packed, max_len, units=lm.units)
         tokens, sup = lengths_of(lm.train), supervised_of(lm.train)

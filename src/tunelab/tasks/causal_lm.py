@@ -18,7 +18,6 @@ from tunelab.evaluate.generation_run import generation_for, with_generation
 from tunelab.evaluate.lm import lm_metrics, supervised_loss
 from tunelab.models.gguf import end_of_turn_id, plain_source
 from tunelab.models.load import load_causal_lm, load_tokenizer
-from tunelab.models.quantization import quantization_for
 from tunelab.models.registry import resolve_model
 from tunelab.tasks.lm_speed import lm_speed
 from tunelab.tasks.lm_data import (load_lm_data, prepare_lm_data, read_and_encode, split_examples,  # noqa: F401
@@ -123,29 +122,35 @@ def lm_saver(tokenizer, eos_id: int | None, pad_id: int):
     return save_final
 
 
-def setup_causal_lm(cfg) -> TaskRun:
-    """Model, tokenizer, encoded data and the loss/eval/save functions for task causal_lm or chat."""
-    source = plain_source(resolve_model(cfg.model.name))
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    model = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                           allow_pickle=cfg.model.allow_pickle,
-                           quantization=quantization_for(cfg.method, cfg.distributed.strategy))
-    max_len = usable_max_length(cfg.model.max_length, model.config)
-    if cfg.task == "chat" and not tokenizer.chat_template:
+def setup_causal_lm(*, task: str, model_cfg, data_cfg, train_cfg, generate_cfg, replay_data: str | None = None,
+                    replay_ratio: float = 0.0, quantization=None) -> TaskRun:
+    """Model, tokenizer, encoded data and the loss/eval/save functions for task causal_lm or chat.
+
+    The config's sections it reads (tunelab.compose chooses them): `model_cfg`, `data_cfg`, `train_cfg`,
+    `generate_cfg` (eval.generate), regularization's `replay_data` / `replay_ratio`; `quantization`:
+    the loaders' argument for the method (models.quantization.quantization_for). The metric is
+    the task's default (eval_loss, min); checkpoint.metric / mode replace it in tunelab.compose."""
+    source = plain_source(resolve_model(model_cfg.name))
+    tokenizer = load_tokenizer(source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+    model = load_causal_lm(source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
+                           allow_pickle=model_cfg.allow_pickle, quantization=quantization)
+    max_len = usable_max_length(model_cfg.max_length, model.config)
+    if task == "chat" and not tokenizer.chat_template:
         raise InputError("the model's tokenizer has no chat template; use task: causal_lm, or a chat model",
                          field="model.name", file=source.path)
-    eot = end_of_turn_id(tokenizer) if cfg.task == "chat" else None
+    eot = end_of_turn_id(tokenizer) if task == "chat" else None
     eos_id = eot if eot is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
 
-    lm = load_lm_data(cfg, tokenizer, max_len, generating=bool(cfg.eval.generate.n))
+    lm = load_lm_data(data_cfg, tokenizer, max_len, task=task, seed=train_cfg.seed, generating=bool(generate_cfg.n),
+                      replay_data=replay_data, replay_ratio=replay_ratio)
     train_ex = lm.train
-    generation = generation_for(cfg, tokenizer, lm.eval_data) if lm.evals else None
+    generation = generation_for(generate_cfg, tokenizer, lm.eval_data) if lm.evals else None
 
     from tunelab.data.encoded import UnitSources, lengths_of, supervised_of
 
-    units, collate = batcher(train_ex, pad_id, cfg.data.packing, max_len, units=lm.units)
-    collate, loss_fn = lm_speed(cfg.train, model, collate, cfg.data.packing)  # packed attention, chunked loss
+    units, collate = batcher(train_ex, pad_id, data_cfg.packing, max_len, units=lm.units)
+    collate, loss_fn = lm_speed(train_cfg, model, collate, data_cfg.packing)  # packed attention, chunked loss
     lengths, supervised = lengths_of(train_ex), supervised_of(train_ex)
     unit_tokens = [sum(lengths[j] for j in u) for u in units]
     unit_sup = [sum(supervised[j] for j in u) for u in units]
@@ -154,7 +159,7 @@ def setup_causal_lm(cfg) -> TaskRun:
 
     evaluate = None
     if lm.evals:
-        evaluate = with_generation(evaluator(lm.evals, pad_id, cfg.data.packing, max_len, eval_batch_size(cfg.train)),
+        evaluate = with_generation(evaluator(lm.evals, pad_id, data_cfg.packing, max_len, eval_batch_size(train_cfg)),
                                    generation)
     all_eval = _joined(lm.evals)
     per_source = [f"eval_{name}_loss" for name in lm.evals if name]
@@ -166,13 +171,13 @@ def setup_causal_lm(cfg) -> TaskRun:
         loss_fn=loss_fn,
         evaluate=evaluate,
         save_final=lm_saver(tokenizer, eos_id, pad_id),
-        metric=cfg.checkpoint.metric or "eval_loss",
-        mode=cfg.checkpoint.mode or "min",
+        metric="eval_loss",
+        mode="min",
         info={"metric_names": METRIC_NAMES + per_source, "kind": lm.kind, "model_source": source.path,
-              "max_length": max_len, "packing": cfg.data.packing, "train_units": len(units),
+              "max_length": max_len, "packing": data_cfg.packing, "train_units": len(units),
               "train": _summary(train_ex), "encode_stats": lm.stats, "template_warnings": lm.warnings,
               "eval": _summary(all_eval) if all_eval is not None else None, "eval_encode_stats": lm.eval_stats,
-              "eos_token_id": eos_id, **({"sources": lm.sources, "mix_sampling": cfg.data.mix_sampling}
+              "eos_token_id": eos_id, **({"sources": lm.sources, "mix_sampling": data_cfg.mix_sampling}
                                          if lm.sources else {})},
         generation=generation,
     )

@@ -13,7 +13,6 @@ from tunelab.data.classification import Examples, encode, label_counts, load_exa
 from tunelab.data.curate import pair_key, quality_counts
 from tunelab.evaluate.classification import classification_metrics, predict
 from tunelab.models.load import load_classifier, load_tokenizer
-from tunelab.models.quantization import quantization_for
 from tunelab.models.registry import resolve_model
 from tunelab.train.protocols import TaskRun, TrainSet
 from tunelab.train.sizes import eval_batch_size, usable_max_length
@@ -61,18 +60,25 @@ def data_quality(train_ex: Examples, eval_ex: Examples | None) -> dict:
     return q
 
 
-def setup_classification(cfg) -> TaskRun:
-    train_ex, eval_ex, names = load_train_eval(cfg.data, cfg.train.seed)
+def setup_classification(*, model_cfg, data_cfg, train_cfg, replay_data: str | None = None, replay_ratio: float = 0.0,
+                         quantization=None) -> TaskRun:
+    """Model, tokenizer, encoded examples and the loss/eval/save functions for task classification.
+
+    The config's sections it reads (tunelab.compose chooses them): `model_cfg`, `data_cfg`,
+    `train_cfg`, regularization's `replay_data` / `replay_ratio`; `quantization`: the loaders'
+    argument for the method. The metric is the task's default (eval_accuracy, max);
+    checkpoint.metric / mode replace it in tunelab.compose."""
+    d, m = data_cfg, model_cfg
+    train_ex, eval_ex, names = load_train_eval(d, train_cfg.seed)
     quality = data_quality(train_ex, eval_ex)
-    source = resolve_model(cfg.model.name)
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    model = load_classifier(source, names, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                            allow_pickle=cfg.model.allow_pickle,
-                            quantization=quantization_for(cfg.method, cfg.distributed.strategy))
+    source = resolve_model(m.name)
+    tokenizer = load_tokenizer(source, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    model = load_classifier(source, names, trust_remote_code=m.trust_remote_code, revision=m.revision,
+                            allow_pickle=m.allow_pickle, quantization=quantization)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id
-    max_len = usable_max_length(cfg.model.max_length, model.config)
+    max_len = usable_max_length(m.max_length, model.config)
     train_feats, cut = encode(train_ex, tokenizer, max_len)
     if cut:
         log.warning("%d of %d training texts are longer than %d tokens and were truncated", cut, len(train_ex), max_len)
@@ -80,17 +86,16 @@ def setup_classification(cfg) -> TaskRun:
     sources = list(train_ex.source)
     n_train = len(train_feats)
     epoch_subset = epoch_size = None
-    if cfg.regularization.replay_data and cfg.regularization.replay_ratio > 0:
+    columns = {"text_column": d.text_column, "label_column": d.label_column, "text_pair_column": d.text_pair_column,
+               "label_names": names, "declared": d.labels is not None}
+    if replay_data and replay_ratio > 0:
         # replay examples share the label vocabulary; they follow the training examples by index
-        replay_ex, _ = load_examples(cfg.regularization.replay_data, text_column=cfg.data.text_column,
-                                     label_column=cfg.data.label_column, text_pair_column=cfg.data.text_pair_column,
-                                     label_names=names, declared=cfg.data.labels is not None)
+        replay_ex, _ = load_examples(replay_data, **columns)
         replay_feats, _ = encode(replay_ex, tokenizer, max_len)
         train_feats = train_feats + replay_feats
         labels += replay_ex.labels
         sources += replay_ex.source
-        epoch_subset, epoch_size = replay_schedule(n_train, len(replay_feats), cfg.regularization.replay_ratio,
-                                                   cfg.train.seed)
+        epoch_subset, epoch_size = replay_schedule(n_train, len(replay_feats), replay_ratio, train_cfg.seed)
 
     def collate(idx: list[int]) -> dict:
         return pad_batch([train_feats[i] for i in idx], pad_id, [labels[i] for i in idx])
@@ -99,15 +104,13 @@ def setup_classification(cfg) -> TaskRun:
     eval_info = {}
     if eval_ex is not None:
         eval_feats, _ = encode(eval_ex, tokenizer, max_len)
-        bs = eval_batch_size(cfg.train)
+        bs = eval_batch_size(train_cfg)
         evaluate = evaluator(eval_feats, eval_ex.labels, names, pad_id, bs)
         eval_batches = partial(make_batches, eval_feats, eval_ex.labels, pad_id, bs)
         eval_info = {"eval_rows": len(eval_ex), "eval_label_counts": label_counts(eval_ex, names)}
 
     def reference_batches(path: str, batch_size: int) -> list[dict]:
-        ref, _ = load_examples(path, text_column=cfg.data.text_column, label_column=cfg.data.label_column,
-                               text_pair_column=cfg.data.text_pair_column, label_names=names,
-                               declared=cfg.data.labels is not None)
+        ref, _ = load_examples(path, **columns)
         feats, _ = encode(ref, tokenizer, max_len)
         return [pad_batch(feats[i : i + batch_size], pad_id, ref.labels[i : i + batch_size])
                 for i in range(0, len(feats), batch_size)]
@@ -124,8 +127,8 @@ def setup_classification(cfg) -> TaskRun:
         loss_fn=classification_loss,
         evaluate=evaluate,
         save_final=save_final,
-        metric=cfg.checkpoint.metric or "eval_accuracy",
-        mode=cfg.checkpoint.mode or "max",
+        metric="eval_accuracy",
+        mode="max",
         eval_batches=eval_batches,
         reference_batches=reference_batches,
         info={"metric_names": ["eval_loss", "eval_accuracy", "eval_macro_f1"], "labels": names, "train_rows": len(train_ex), "train_label_counts": label_counts(train_ex, names),

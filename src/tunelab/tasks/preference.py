@@ -35,6 +35,7 @@ from tunelab.tasks.causal_lm import lm_saver, split_examples
 from tunelab.tasks.preference_logps import ReferenceCache, adapter_off_logps, answer_logps
 from tunelab.train.preference_losses import PreferenceLoss, loss_from_config
 from tunelab.train.protocols import TaskRun, TrainSet
+from tunelab.train.sizes import eval_batch_size
 
 log = logging.getLogger("tunelab")
 
@@ -170,32 +171,37 @@ def read_pairs(path: str, data, tokenizer, max_len: int, max_prompt_length: int 
     return encoded, stats
 
 
-def setup_preference(cfg) -> TaskRun:
-    """Model, tokenizer, encoded pairs and the loss/eval/save functions for task preference."""
-    source_path, tokenizer, model = load_policy(cfg.model, cfg.method)
+def setup_preference(*, model_cfg, data_cfg, train_cfg, preference_cfg, method: str) -> TaskRun:
+    """Model, tokenizer, encoded pairs and the loss/eval/save functions for task preference.
+
+    The config's sections it reads (tunelab.compose chooses them): `model_cfg`, `data_cfg`,
+    `train_cfg`, `preference_cfg`, and `method` (qlora loads NF4; lora / qlora need no cached
+    reference). The metric is the task's default (eval_loss, min); checkpoint.metric / mode
+    replace it in tunelab.compose."""
+    source_path, tokenizer, model = load_policy(model_cfg, method)
     if not tokenizer.chat_template:
         raise InputError("the model's tokenizer has no chat template: preference pairs are rendered as chat turns; "
                          "use a chat model (or a tunelab chat SFT run)", field="model.name", file=source_path)
-    max_len = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", cfg.model.max_length))
+    max_len = min(model_cfg.max_length, getattr(model.config, "max_position_embeddings", model_cfg.max_length))
     eot = end_of_turn_id(tokenizer)
     eos_id = eot if eot is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
-    loss = loss_from_config(cfg.preference)
+    loss = loss_from_config(preference_cfg)
 
-    prompt_max = cfg.preference.max_prompt_length
-    train_pairs, stats = read_pairs(cfg.data.train, cfg.data, tokenizer, max_len, prompt_max)
+    d, prompt_max = data_cfg, preference_cfg.max_prompt_length
+    train_pairs, stats = read_pairs(d.train, d, tokenizer, max_len, prompt_max)
     eval_stats = None
-    if cfg.data.eval:
-        eval_pairs, eval_stats = read_pairs(cfg.data.eval, cfg.data, tokenizer, max_len, prompt_max)
+    if d.eval:
+        eval_pairs, eval_stats = read_pairs(d.eval, d, tokenizer, max_len, prompt_max)
     else:
-        train_pairs, eval_pairs = split_examples(train_pairs, cfg.data.eval_split, cfg.train.seed)
-    bs = cfg.train.eval_batch_size or cfg.train.batch_size * 2
-    cached = loss.needs_reference and cfg.method not in ("lora", "qlora")
+        train_pairs, eval_pairs = split_examples(train_pairs, d.eval_split, train_cfg.seed)
+    bs = eval_batch_size(train_cfg)
+    cached = loss.needs_reference and method not in ("lora", "qlora")
     reference = None
     if cached:
         reference = ReferenceCache({"train": train_pairs, "eval": eval_pairs},
                                    lambda pairs, idx: pair_batch(pairs, idx, pad_id), bs,
-                                   context=f"{cfg.model.name}|{cfg.train.precision}|{cfg.model.max_length}")
+                                   context=f"{model_cfg.name}|{train_cfg.precision}|{model_cfg.max_length}")
 
     def batch_of(split: str, pairs, idx: list[int]) -> dict:
         batch = pair_batch(pairs, idx, pad_id)
@@ -218,7 +224,7 @@ def setup_preference(cfg) -> TaskRun:
                        count=len, sources=[p.source for p in train_pairs]),
         loss_fn=make_loss_fn(loss, train_stats),
         evaluate=evaluate, save_final=lm_saver(tokenizer, eos_id, pad_id),
-        metric=cfg.checkpoint.metric or "eval_loss", mode=cfg.checkpoint.mode or "min",
+        metric="eval_loss", mode="min",
         info={"metric_names": METRIC_NAMES, "kind": "preference", "model_source": source_path, "max_length": max_len,
               "loss": {"name": loss.name, "beta": loss.beta, "label_smoothing": loss.label_smoothing,
                        "gamma": loss.gamma},

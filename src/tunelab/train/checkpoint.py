@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -164,8 +165,31 @@ def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0, weights: bool = True) -> dict:
-    """Restore weights, optimizer, scheduler and RNG (this rank's); return the loop state.
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a resume continues from and its state.json, read once: every resume check and
+    the restore read this value, not the file again."""
+
+    path: Path
+    state: dict
+
+    @classmethod
+    def at(cls, path: Path | None) -> "ResumePoint | None":
+        return None if path is None else cls(Path(path), load_state(path))
+
+    @property
+    def loop(self) -> dict:
+        return self.state["loop"]
+
+    @property
+    def step(self) -> int:
+        return self.state["loop"]["step"]
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0, weights: bool = True,
+                    state: dict | None = None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG (this rank's); return the loop state (`state`,
+    the checkpoint's state.json, when the caller has read it already: ResumePoint).
 
     `weights=False`: the weights and optimizer state are restored by the caller (tunelab.distributed
     .reshard: a sharded checkpoint's `shards/` read by every process together, or a checkpoint
@@ -181,7 +205,7 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0, w
         ranks = torch.load(path / "rng_ranks.pt", weights_only=True)
         if rank < len(ranks):
             set_rng_state(ranks[rank])
-    return load_state(path)
+    return state if state is not None else load_state(path)
 
 
 def load_weights_and_optimizer(path: Path, model, optimizer) -> None:

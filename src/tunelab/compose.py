@@ -1,0 +1,69 @@
+"""Where the whole Config is split into the sections each function below takes (run.py's level).
+
+DESIGN: config keys map one to one onto the arguments of the functions they configure. The
+entries (run.py, cli*.py, api.py, the planner, config.py, defaults.py, this module) see the whole
+Config; below them (tasks/, train/, data/, models/, evaluate/, distributed/, monitor/,
+analysis/, export/) every function takes the sections it reads (cfg.data, cfg.train, ...) or
+the keys themselves (tests/test_architecture.py holds that).
+
+A task's setup is its own small composition (model, data, loss, evaluation, saver) and reads
+six to eight sections, so the decision which sections each task gets is made here, once, for
+run.py, the tests and the launchers: a setup's signature then says what it depends on. The
+user's checkpoint.metric / mode are applied here over the task's own default metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from tunelab.config import Config
+from tunelab.train.protocols import TaskRun
+
+
+def _replay(cfg: Config) -> dict:
+    """regularization's replay file and its share of each epoch, as the data readers take them."""
+    return {"replay_data": cfg.regularization.replay_data, "replay_ratio": cfg.regularization.replay_ratio}
+
+
+def setup_task(cfg: Config) -> TaskRun:
+    """The task's TaskRun (model, data, loss, evaluation, saver), each setup given the sections it reads."""
+    from tunelab.models.quantization import quantization_for
+
+    sections = {"model_cfg": cfg.model, "data_cfg": cfg.data, "train_cfg": cfg.train}
+    if cfg.task == "classification":
+        from tunelab.tasks.classification import setup_classification
+
+        task = setup_classification(**sections, **_replay(cfg),
+                                    quantization=quantization_for(cfg.method, cfg.distributed.strategy))
+    elif cfg.task in ("causal_lm", "chat"):
+        from tunelab.tasks.causal_lm import setup_causal_lm
+
+        task = setup_causal_lm(task=cfg.task, generate_cfg=cfg.eval.generate, **sections, **_replay(cfg),
+                               quantization=quantization_for(cfg.method, cfg.distributed.strategy))
+    elif cfg.task == "preference":
+        from tunelab.tasks.preference import setup_preference
+
+        task = setup_preference(preference_cfg=cfg.preference, method=cfg.method, **sections)
+    else:
+        raise ValueError(f"unknown task {cfg.task!r}")
+    return replace(task, metric=cfg.checkpoint.metric or task.metric, mode=cfg.checkpoint.mode or task.mode)
+
+
+def prepare_data(cfg: Config) -> list[Path]:
+    """The config's data into the encoded-data cache before training (tunelab.tasks.prepare.prepare)."""
+    from tunelab.tasks.prepare import prepare
+
+    return prepare(task=cfg.task, model_cfg=cfg.model, data_cfg=cfg.data, **_replay(cfg))
+
+
+def check_distributed(cfg: Config, world_size: int) -> None:
+    """The options that do not work with `world_size` processes yet, refused at load time
+    (tunelab.distributed.check_supported)."""
+    from tunelab.distributed import check_supported
+
+    check_supported(world_size, strategy=cfg.distributed.strategy, task=cfg.task, method=cfg.method, train=cfg.train,
+                    regularization=cfg.regularization, final=cfg.checkpoint.final, unfreeze_every=cfg.unfreeze.every)
+
+
+__all__ = ["setup_task", "prepare_data", "check_distributed"]
