@@ -124,3 +124,82 @@ def test_the_implementations_satisfy_the_loop_protocols(tmp_path):
     assert all(callable(getattr(DataParallel, name)) for name in ("share", "accumulating", "loss", "sum", "any", "on_main"))
     assert isinstance(SharedRunIO(None, ALONE), LoopIO)
     assert all(callable(getattr(RunDir, name)) for name in ("log", "save", "stop_requested"))
+
+
+# ---------------------------------------------------------------- the config at module borders
+
+# DESIGN: config keys map one to one onto the arguments of the functions they configure. Only the
+# entries see the whole Config; tunelab.compose splits it into the sections each function below takes.
+ENTRIES = {"tunelab.run", "tunelab.compose", "tunelab.api", "tunelab.config", "tunelab.defaults", "tunelab.plan"}
+# Below the entries, the functions that still take the whole Config, each with why (module, function):
+WHOLE_CONFIG_ALLOWED = {
+    # the model card renders the run's configuration (model, task, method, train, optim, schedule,
+    # lora) as a document, as config.yaml does: its subject is the config as a whole
+    ("tunelab.model_card", "_front_matter"), ("tunelab.model_card", "_hyperparameters"),
+    ("tunelab.model_card", "_usage"), ("tunelab.model_card", "model_card"), ("tunelab.model_card", "write_model_card"),
+    # a resume compares the config with the run's config.yaml key by key (IDENTITY_KEYS, seven sections)
+    ("tunelab.run_dir", "check_same_run"),
+}
+
+
+def _is_entry(module: str) -> bool:
+    return (module in ENTRIES or module.startswith(("tunelab.cli", "tunelab.plan."))
+            or module == "tunelab")  # the package's lazy public names (tunelab.Config)
+
+
+def _names_config(annotation: ast.expr | None) -> bool:
+    """Whether an annotation names the top-level Config class (Config, config.Config, "Config | None")."""
+    if annotation is None:
+        return False
+    if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
+        try:
+            annotation = ast.parse(annotation.value, mode="eval").body
+        except SyntaxError:
+            return False
+    return any((isinstance(n, ast.Name) and n.id == "Config") or (isinstance(n, ast.Attribute) and n.attr == "Config")
+               or (isinstance(n, ast.Constant) and isinstance(n.value, str) and _names_config(n))
+               for n in ast.walk(annotation))
+
+
+def whole_config_uses() -> list[str]:
+    """Below the entries: every parameter annotated Config, every parameter named `cfg` without an
+    annotation (the name the entries give the whole config; anything else says what it is), and every
+    read of an attribute `.cfg` (a run.Recipe's whole config carried below), as module.function(name)."""
+    found = []
+    for f in SRC.rglob("*.py"):
+        parts = f.relative_to(SRC.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if _is_entry(module):
+            continue
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            name = getattr(fn, "name", "<lambda>")
+            a = fn.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]:
+                bad = _names_config(arg.annotation) or (arg.arg == "cfg" and arg.annotation is None)
+                if bad and (module, name) not in WHOLE_CONFIG_ALLOWED:
+                    found.append(f"{module}.{name}({arg.arg})")
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Attribute) and node.attr == "cfg" and (module, name) not in WHOLE_CONFIG_ALLOWED:
+                    found.append(f"{module}.{name}: .cfg at line {node.lineno}")
+    return sorted(set(found))
+
+
+def test_the_whole_config_check_sees_what_it_looks_for():
+    for text in ("def f(cfg: Config): pass", "def f(x: 'Config | None'): pass", "def f(cfg): pass",
+                 "def f(c: config.Config): pass", "def f(r): return r.cfg.train"):
+        fn = ast.parse(text).body[0]
+        params = [*fn.args.args]
+        assert (any(_names_config(p.annotation) or (p.arg == "cfg" and p.annotation is None) for p in params)
+                or any(isinstance(n, ast.Attribute) and n.attr == "cfg" for n in ast.walk(fn))), text
+    for text in ("def f(cfg: DataConfig): pass", "def f(data_cfg): pass", "def f(model_config: 'ModelConfig'): pass"):
+        fn = ast.parse(text).body[0]
+        assert not any(_names_config(p.annotation) or (p.arg == "cfg" and p.annotation is None) for p in fn.args.args)
+
+
+def test_no_function_below_the_entries_takes_the_whole_config():
+    """tasks/, train/, data/, models/, evaluate/, distributed/, monitor/, analysis/, export/ and the
+    top-level helpers take the sections they read (tunelab.compose hands them over)."""
+    assert whole_config_uses() == []

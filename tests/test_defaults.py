@@ -94,16 +94,16 @@ def test_the_defaults_and_the_planner_read_a_family_alike(model_type, tmp_path):
 
 def test_eval_trust_says_how_far_to_trust_a_split():
     cfg = _cfg()
-    t = eval_trust(cfg, {"eval_rows": 400}, {"accuracy": 0.86})
+    t = eval_trust(cfg.data, {"eval_rows": 400}, {"accuracy": 0.86})
     assert t["trust"] == "low" and t["same_distribution_as_training"] is True
     assert t["accuracy_95ci"] == pytest.approx(1.96 * (0.86 * 0.14 / 400) ** 0.5, abs=1e-4)
     assert "split of the training file" in t["message"]
-    perfect = eval_trust(cfg, {"eval_rows": 120}, {"accuracy": 1.0})  # the demo: 120 rows all right
+    perfect = eval_trust(cfg.data, {"eval_rows": 120}, {"accuracy": 1.0})  # the demo: 120 rows all right
     assert perfect["accuracy_95_interval"] == [pytest.approx(120 / (120 + 1.96 ** 2), abs=1e-4), 1.0]  # Wilson's n/(n+z^2)
     assert "0.969-1.000" in perfect["message"]
-    big = eval_trust(_cfg(data={"train": "t.tsv", "eval": "e.tsv"}), {"eval_rows": 5000}, {"accuracy": 0.9})
+    big = eval_trust(_cfg(data={"train": "t.tsv", "eval": "e.tsv"}).data, {"eval_rows": 5000}, {"accuracy": 0.9})
     assert big["trust"] == "fair" and big["same_distribution_as_training"] is None
-    assert eval_trust(cfg, {}, None) is None
+    assert eval_trust(cfg.data, {}, None) is None
 
 
 def test_plan_and_the_summary_show_what_was_filled(toy_classification, tmp_path):

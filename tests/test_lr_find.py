@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import stop_after
+from tunelab.compose import lr_fingerprint, starting_lr
 from tunelab.config import Config
 from tunelab.run import run_training
 from tunelab.train import lr_find
@@ -175,13 +176,13 @@ def test_auto_run_stores_the_sweep_reuses_it_resumes_exactly_and_equals_the_numb
 
 def test_the_fingerprint_follows_model_data_method_and_step_shape(toy_classification):
     raw = _auto_cfg(toy_classification)
-    base = lr_find.fingerprint(Config.model_validate(raw), "fp32")
-    assert lr_find.fingerprint(Config.model_validate(raw), "fp32") == base
+    base = lr_fingerprint(Config.model_validate(raw), "fp32")
+    assert lr_fingerprint(Config.model_validate(raw), "fp32") == base
     for key, value in (("train", {"batch_size": 4}), ("method", "lora"), ("data", {"max_rows": 10})):
         other = copy.deepcopy(raw)
         other[key] = {**other[key], **value} if isinstance(value, dict) else value
-        assert lr_find.fingerprint(Config.model_validate(other), "fp32") != base, key
-    assert lr_find.fingerprint(Config.model_validate(raw), "bf16") != base
+        assert lr_fingerprint(Config.model_validate(other), "fp32") != base, key
+    assert lr_fingerprint(Config.model_validate(raw), "bf16") != base
 
 
 def test_the_fingerprint_of_a_list_of_sources_follows_each_source(toy_classification):
@@ -195,9 +196,9 @@ def test_the_fingerprint_of_a_list_of_sources_follows_each_source(toy_classifica
         sources = [DataSource(path=path), DataSource(path=path, weight=weight, name="again")]
         return cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": sources})})
 
-    assert lr_find.fingerprint(mixed(1.0), "fp32") == lr_find.fingerprint(mixed(1.0), "fp32")
-    assert lr_find.fingerprint(mixed(3.0), "fp32") != lr_find.fingerprint(mixed(1.0), "fp32")
-    assert lr_find.fingerprint(mixed(1.0), "fp32") != lr_find.fingerprint(cfg, "fp32")
+    assert lr_fingerprint(mixed(1.0), "fp32") == lr_fingerprint(mixed(1.0), "fp32")
+    assert lr_fingerprint(mixed(3.0), "fp32") != lr_fingerprint(mixed(1.0), "fp32")
+    assert lr_fingerprint(mixed(1.0), "fp32") != lr_fingerprint(cfg, "fp32")
 
 
 def test_cli_lr_find_stores_prints_json_and_reuses(toy_classification, tmp_path):
@@ -225,10 +226,10 @@ def test_auto_is_refused_where_the_sweep_cannot_run():
     from tunelab.errors import InputError
 
     cfg = config_from_dict({"data": {"train": "t.tsv"}, "optim": {"lr": "auto"}})
-    assert lr_find.starting_lr(cfg, False, "fp32") == 1e-4  # the family default until the sweep replaces it
+    assert starting_lr(cfg, False, "fp32") == 1e-4  # the family default until the sweep replaces it
     for sharded, precision in ((False, "fp16"), (True, "fp32")):
         with pytest.raises(InputError) as e:
-            lr_find.starting_lr(cfg, sharded, precision)
+            starting_lr(cfg, sharded, precision)
         assert e.value.field == "optim.lr"
 
 
@@ -244,7 +245,7 @@ def test_auto_falls_back_to_the_lr_the_config_would_get_without_it():
             raw["model"] = {"name": "smollm2-135m-instruct"}
         plain = config_from_dict(raw)
         auto = config_from_dict({**raw, "optim": {"lr": "auto"}})
-        assert lr_find.starting_lr(auto, False, "fp32") == default_lr(auto) == plain.optim.lr, (task, method)
+        assert starting_lr(auto, False, "fp32") == default_lr(auto) == plain.optim.lr, (task, method)
     pref = config_from_dict({"task": "preference", "model": {"name": "smollm2-135m-instruct"},
                              "data": {"train": "t.jsonl"}, "optim": {"lr": "auto"}})
-    assert lr_find.starting_lr(pref, False, "fp32") == OptimConfig.model_fields["lr"].default == 2e-5
+    assert starting_lr(pref, False, "fp32") == OptimConfig.model_fields["lr"].default == 2e-5

@@ -43,11 +43,14 @@ def register(app: typer.Typer, guard) -> None:
         the lr picked from the smoothed loss curve; weights and optimizer are restored afterwards."""
 
         def go():
+            from tunelab.compose import lr_fingerprint
             from tunelab.config import load_config
             from tunelab.run import setup
             from tunelab.train import lr_find
 
-            found = lr_find.find_lr(setup(load_config(config, list(set_))), output_dir, force=force)
+            cfg = load_config(config, list(set_))
+            r = setup(cfg)
+            found = lr_find.find_lr(r, lr_fingerprint(cfg, r.precision), output_dir, force=force)
             if output_dir is not None:
                 output_dir.mkdir(parents=True, exist_ok=True)
             lr_find.store(found, output_dir)

@@ -66,4 +66,21 @@ def check_distributed(cfg: Config, world_size: int) -> None:
                     regularization=cfg.regularization, final=cfg.checkpoint.final, unfreeze_every=cfg.unfreeze.every)
 
 
-__all__ = ["setup_task", "prepare_data", "check_distributed"]
+def starting_lr(cfg: Config, sharded: bool, precision: str) -> float:
+    """optim.lr, or under `auto` the default the config would get without it (train.lr_find.starting_lr)."""
+    from tunelab.defaults import default_lr
+    from tunelab.train.lr_find import starting_lr as start
+
+    return start(cfg.optim.lr, sharded, precision, strategy=cfg.distributed.strategy, default=lambda: default_lr(cfg))
+
+
+def lr_fingerprint(cfg: Config, precision: str) -> str:
+    """What a learning-rate range test of this config depends on (train.lr_find.fingerprint)."""
+    from tunelab.train.lr_find import fingerprint
+
+    return fingerprint(precision, task=cfg.task, method=cfg.method, model_cfg=cfg.model, data_cfg=cfg.data,
+                       optim_cfg=cfg.optim, train_cfg=cfg.train, lora_cfg=cfg.lora, freeze_cfg=cfg.freeze,
+                       unfreeze_cfg=cfg.unfreeze)
+
+
+__all__ = ["setup_task", "prepare_data", "check_distributed", "starting_lr", "lr_fingerprint"]

@@ -197,8 +197,9 @@ def default_lines(chosen: dict) -> list[str]:
         f"  {k}: {v['value']} - {v['why'].split(':')[0] if len(v['why']) > 90 else v['why']}" for k, v in chosen.items()]
 
 
-def eval_trust(cfg, info: dict, final: dict | None) -> dict | None:
-    """How far to trust the evaluation that picked final/ (summary.json `eval_trust`, the report).
+def eval_trust(data_cfg, info: dict, final: dict | None) -> dict | None:
+    """How far to trust the evaluation that picked final/ (summary.json `eval_trust`, the report);
+    `data_cfg`: the config's data section (eval, eval_split).
 
     The 95% interval of an accuracy on n rows is Wilson's score interval (the normal approximation
     +-1.96 sqrt(p(1-p)/n) says +-0 at p = 1, which the demo's 120 rows hit; Wilson's stays honest at
@@ -207,8 +208,8 @@ def eval_trust(cfg, info: dict, final: dict | None) -> dict | None:
     rows = info.get("eval_rows") or info.get("eval_units")
     if not rows:
         return None
-    split = cfg.data.eval is None
-    out = {"source": f"{cfg.data.eval_split:.0%} split of the training file" if split else "data.eval",
+    split = data_cfg.eval is None
+    out = {"source": f"{data_cfg.eval_split:.0%} split of the training file" if split else "data.eval",
            "rows": rows, "same_distribution_as_training": True if split else None}
     acc = (final or {}).get("accuracy")
     if isinstance(acc, (int, float)) and 0 <= acc <= 1:

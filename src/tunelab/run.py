@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.compose import check_distributed, prepare_data, setup_task
+from tunelab.compose import check_distributed, lr_fingerprint, prepare_data, setup_task, starting_lr
 from tunelab.device import run_device, to_device
 from tunelab.config import Config, dump_config
 from tunelab.defaults import apply_defaults, eval_trust, resolved_defaults
@@ -47,7 +47,7 @@ from tunelab.train import checkpoint as ckpt
 from tunelab.train import sizes
 from tunelab.train.early_stop import BestTracker
 from tunelab.train.loop import LoopSettings, LoopState, eval_row, train_loop, windows_per_epoch
-from tunelab.train.lr_find import starting_lr, with_found_lr
+from tunelab.train import lr_find
 from tunelab.train.optim import build_optimizer, describe_groups, param_groups
 from tunelab.train.precision import autocast_factory, grad_scaler, resolve_precision
 from tunelab.train.regularizers import apply_mixout, make_penalty, remove_mixout
@@ -223,6 +223,18 @@ def build_optimization(cfg: Config, model, total_steps: int, lr: float):
     scheduler = build_scheduler(optimizer, total_steps=total_steps, name=sch.name, warmup_ratio=sch.warmup_ratio,
                                 warmup_steps=sch.warmup_steps, min_lr_ratio=sch.min_lr_ratio, decay_ratio=sch.decay_ratio)
     return optimizer, scheduler
+
+
+def with_found_lr(r: Recipe, out: Path, group: Group) -> Recipe:
+    """optim.lr: auto - the recipe at the range test's lr (train.lr_find.found_lr): a fresh optimizer
+    and schedule, and a config that says the number (config.yaml, the summary's defaults)."""
+    lr, found = lr_find.found_lr(r, lr_fingerprint(r.cfg, r.precision), out, group)
+    cfg = r.cfg.model_copy(deep=True)
+    cfg.optim.lr = lr
+    cfg._defaults = {**(cfg._defaults or {}), "optim.lr": {"value": lr, "why": lr_find.found_why(found)}}
+    optimizer, scheduler = build_optimization(cfg, r.model, r.settings.total_steps, lr)
+    return replace(r, cfg=cfg, optimizer=optimizer, scheduler=scheduler, settings=replace(r.settings, base_lr=lr),
+                   lr_find=lr_find.found_summary(found))
 
 
 def open_run(r: Recipe, out: Path, resume_at: ckpt.ResumePoint | None, show_progress: bool, should_stop,
@@ -435,7 +447,7 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
             if summary["probe"]["forgetting_flag"]:
                 log.warning("forgetting probe: %s", summary["probe"]["message"])
         generation_run.finish(task.generation, r.probe_generation, model, io, state.step, summary)
-        summary["eval_trust"] = eval_trust(r.cfg, task.info, summary.get("final"))
+        summary["eval_trust"] = eval_trust(r.cfg.data, task.info, summary.get("final"))
     summary["best"]["metrics"] = next(
         (row for row in read_metrics(out / "metrics.jsonl")
          if row.get("step") == r.tracker.best_step and r.tracker.metric in row and not row.get("before_training")), None)
@@ -541,7 +553,7 @@ def _run_locked(cfg, out, resume, resume_at, lock, group, show_progress, should_
             log.warning("resume: no intact checkpoint in %s; the run starts over", out)
             start_over(out)
         if cfg.optim.lr == "auto":  # after start_over: a stored range test survives in the user cache
-            recipe = with_found_lr(recipe, out, group, build_optimization)
+            recipe = with_found_lr(recipe, out, group)
         if group.rank:  # the same initial weights everywhere, but each process its own dropout stream
             random.seed(cfg.train.seed + 7919 * group.rank)
             torch.manual_seed(cfg.train.seed + 7919 * group.rank)

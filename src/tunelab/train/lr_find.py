@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -171,14 +171,17 @@ def _stamp(path: str | None) -> list:
         return [path]
 
 
-def fingerprint(cfg, precision: str, test: RangeTest = RangeTest()) -> str:
-    """What the sweep's result depends on: model, data, method and what shapes a step."""
-    d, o, t = cfg.data, cfg.optim, cfg.train
-    parts = {"task": cfg.task, "model": [cfg.model.name, _stamp(cfg.model.name), cfg.model.max_length],
+def fingerprint(precision: str, test: RangeTest = RangeTest(), *, task: str, method: str, model_cfg, data_cfg,
+                optim_cfg, train_cfg, lora_cfg, freeze_cfg, unfreeze_cfg) -> str:
+    """What the sweep's result depends on: model, data, method and what shapes a step (the config's
+    task and method keys and its model, data, optim, train, lora, freeze and unfreeze sections;
+    tunelab.compose.lr_fingerprint hands them over)."""
+    d, o, t, m = data_cfg, optim_cfg, train_cfg, model_cfg
+    parts = {"task": task, "model": [m.name, _stamp(m.name), m.max_length],
              "data": [_stamp(d.train) if isinstance(d.train, str) else [[_stamp(x.path), x.model_dump()] for x in d.train],
                       d.max_rows, d.eval, d.eval_split, d.text_column, d.label_column,
                       d.text_pair_column, d.header, d.format, d.packing],
-             "method": [cfg.method, cfg.lora.model_dump(), cfg.freeze.model_dump(), cfg.unfreeze.model_dump()],
+             "method": [method, lora_cfg.model_dump(), freeze_cfg.model_dump(), unfreeze_cfg.model_dump()],
              "optim": [o.weight_decay, list(o.betas), o.eps, o.head_lr, o.head_lr_multiplier, o.layer_lr_decay],
              "step": [t.batch_size, t.grad_accum, t.max_grad_norm, t.seed, precision], "test": asdict(test)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -219,28 +222,27 @@ def store(result: dict, run_dir: Path | None) -> None:
                 raise
 
 
-def starting_lr(cfg, sharded: bool, precision: str) -> float:
-    """optim.lr, or under `auto` the default the config would get without it (defaults.default_lr, the one
-    definition: the family default, or the field's own for task preference); the range test replaces it
-    before training and falls back to it when the loss never falls."""
-    if cfg.optim.lr != "auto":
-        return cfg.optim.lr
+def starting_lr(lr, sharded: bool, precision: str, *, strategy: str, default) -> float:
+    """optim.lr (`lr`), or under `auto` `default()`: the lr the config would get without it
+    (defaults.default_lr, the one definition: the family default, or the field's own for task
+    preference); the range test replaces it before training and falls back to it when the loss
+    never falls. `strategy`: distributed.strategy, named when a sharded run refuses `auto`."""
+    if lr != "auto":
+        return lr
     if precision == "fp16":
         raise InputError("optim.lr: auto does not run under fp16 (its sweep would need the loss scaler): use "
                          "train.precision bf16 or fp32, or give a number", field="optim.lr")
     if sharded:
         raise InputError("optim.lr: auto runs its range test on one process's model; under distributed.strategy "
-                         f"{cfg.distributed.strategy} give a number (`tunelab lr-find CONFIG` finds one)", field="optim.lr")
-    from tunelab.defaults import default_lr
-
-    return default_lr(cfg)
+                         f"{strategy} give a number (`tunelab lr-find CONFIG` finds one)", field="optim.lr")
+    return default()
 
 
-def find_lr(r, out: Path | None, *, force: bool = False, world_size: int = 1) -> dict:
-    """The range test's result for the run's Recipe `r`: a stored one (RUN/lr_find.json or the user
-    cache) when its fingerprint matches and not `force`, else a fresh sweep (weights, optimizer and
-    RNG restored); `source` says which. Stores nothing: the callers decide where (`store`)."""
-    fp = fingerprint(r.cfg, r.precision)
+def find_lr(r, fp: str, out: Path | None, *, force: bool = False, world_size: int = 1) -> dict:
+    """The range test's result for the run's Recipe `r` (its model, optimizer, task, autocast and loop
+    settings) and fingerprint `fp`: a stored one (RUN/lr_find.json or the user cache) when `fp`
+    matches and not `force`, else a fresh sweep (weights, optimizer and RNG restored); `source` says
+    which. Stores nothing: the callers decide where (`store`)."""
     found = None if force else load_cached(fp, out)
     if found is not None:
         return {**found, "source": "cache"}
@@ -254,23 +256,27 @@ def find_lr(r, out: Path | None, *, force: bool = False, world_size: int = 1) ->
     return {**found, "fingerprint": fp, "placeholder_lr": r.settings.base_lr, "source": "sweep"}
 
 
-def with_found_lr(r, out: Path | None, group, build_optimization):
-    """optim.lr: auto - the range test's lr (`find_lr`: stored, else a fresh sweep, stored), a fresh
-    optimizer and schedule at it (`build_optimization`, run.py's), and a config that says the number
-    (config.yaml, the summary): the run's Recipe `r` with those replaced."""
-    found = find_lr(r, out, world_size=group.world_size)
+def found_lr(r, fp: str, out: Path | None, group) -> tuple[float, dict]:
+    """optim.lr: auto - the lr to train at and the range test behind it (`find_lr`: stored, else a
+    fresh sweep; stored in RUN/lr_find.json and the user cache); the placeholder (`r.settings.base_lr`)
+    when the loss never fell, said."""
+    found = find_lr(r, fp, out, world_size=group.world_size)
     if out is not None and group.is_main:
         store(found, out)
     lr = found["lr"] or r.settings.base_lr
     if found["lr"] is None:
         log.warning("optim.lr: auto - the range test found no falling loss (%s); training at the default %.3g",
                     found["rule"], lr)
-    cfg = r.cfg.model_copy(deep=True)
-    cfg.optim.lr = lr
-    cfg._defaults = {**(cfg._defaults or {}), "optim.lr": {
-        "value": lr, "why": f"optim.lr: auto - learning-rate range test ({found['rule']}; lr at the smoothed minimum "
-        f"{found['lr_min']}, steepest {found['lr_steepest']}; {LR_FIND_FILE}, {found['source']})"}}
-    optimizer, scheduler = build_optimization(cfg, r.model, r.settings.total_steps, lr)
-    summary = {k: found.get(k) for k in ("lr", "rule", "lr_min", "lr_steepest", "source", "fingerprint")}
-    return replace(r, cfg=cfg, optimizer=optimizer, scheduler=scheduler, settings=replace(r.settings, base_lr=lr),
-                   lr_find={**summary, "steps": len(found["curve"])})
+    return lr, found
+
+
+def found_why(found: dict) -> str:
+    """The reason config.yaml and the summary's `defaults` give for the lr the range test chose."""
+    return (f"optim.lr: auto - learning-rate range test ({found['rule']}; lr at the smoothed minimum "
+            f"{found['lr_min']}, steepest {found['lr_steepest']}; {LR_FIND_FILE}, {found['source']})")
+
+
+def found_summary(found: dict) -> dict:
+    """summary.json's `lr_find`: the choice and how many steps the sweep took."""
+    return {**{k: found.get(k) for k in ("lr", "rule", "lr_min", "lr_steepest", "source", "fingerprint")},
+            "steps": len(found["curve"])}
