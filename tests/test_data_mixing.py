@@ -135,9 +135,24 @@ def test_mixed_run_reports_each_source_and_resumes_mid_epoch_bit_identical(tmp_p
     sources = whole["data"]["sources"]
     assert [s["name"] for s in sources] == ["domain", "general"]
     domain, general = sources
-    assert domain["units_per_epoch"] == domain["units"]  # an epoch is one pass over the first source
-    assert general["units_per_epoch"] == round(domain["units"] * 1 / 2)
+    assert domain["planned_units_per_epoch"] == domain["units"]  # an epoch is one pass over the first source
+    assert general["planned_units_per_epoch"] == round(domain["units"] * 1 / 2)
     assert whole["data"]["mix_sampling"] == "without_replacement"
+    # what each source actually gave: the 8 steps' windows walked here, each unit's source by its index
+    from tunelab.compose import setup_task
+    from tunelab.train.loop import epoch_windows
+
+    task = setup_task(cfg)
+    seen_units, seen_rows, windows = [0, 0], [0, 0], []
+    for epoch in range(8):
+        windows += epoch_windows(task, 2, 2, epoch, 1)
+    for window in windows[:8]:
+        for unit in (u for micro in window for u in micro):
+            k = 0 if unit < domain["units"] else 1
+            seen_units[k] += 1
+            seen_rows[k] += task.train.unit_rows[unit]
+    assert [s["units_seen"] for s in sources] == seen_units and sum(seen_units) == whole["samples"] == 16
+    assert [s["rows_seen"] for s in sources] == seen_rows and seen_rows[0] > seen_units[0]  # packs hold several
 
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_domain_loss" in r]
@@ -150,13 +165,15 @@ def test_mixed_run_reports_each_source_and_resumes_mid_epoch_bit_identical(tmp_p
 
     stopped = run_training(cfg, tmp_path / "resumed", show_progress=False, should_stop=stop_after(3))
     assert stopped["status"] != "completed" and stopped["steps"] == 3
-    per_epoch = -(-(domain["units_per_epoch"] + general["units_per_epoch"]) // 2)
+    per_epoch = -(-(domain["planned_units_per_epoch"] + general["planned_units_per_epoch"]) // 2)
     assert 3 % per_epoch != 0  # stopped inside an epoch
     resumed = run_training(cfg, tmp_path / "resumed", show_progress=False, resume="auto")
     assert resumed["status"] == "completed"
     a, b = load_file(tmp_path / "whole" / "final" / "model.safetensors"), load_file(
         tmp_path / "resumed" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [(s["units_seen"], s["rows_seen"]) for s in resumed["data"]["sources"]] == [
+        (s["units_seen"], s["rows_seen"]) for s in sources]  # the counts travel in the checkpoints
 
 
 @pytest.mark.e2e
@@ -187,5 +204,5 @@ def test_eval_sources_each_get_their_loss_and_replay_is_a_source(tmp_path, tiny_
     names = [s["name"] for s in task.info["sources"]]
     assert names == ["domain", "replay"]
     d, r = task.info["sources"]
-    assert r["units_per_epoch"] == round(d["units"] * 0.25 / 0.75) and task.train.epoch_size == d["units"] + r[
-        "units_per_epoch"]
+    assert r["planned_units_per_epoch"] == round(d["units"] * 0.25 / 0.75) and task.train.epoch_size == d["units"] + r[
+        "planned_units_per_epoch"]

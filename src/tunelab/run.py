@@ -22,6 +22,7 @@ import torch
 from tunelab.compose import check_distributed, lr_fingerprint, prepare_data, setup_task, starting_lr
 from tunelab.device import run_device, to_device
 from tunelab.config import Config, dump_config
+from tunelab.data.sources import with_seen
 from tunelab.defaults import apply_defaults, eval_trust, resolved_defaults
 from tunelab.distributed import ALONE, Group, SharedRunIO, init_from_env, replicas_for
 from tunelab.distributed.group import prepare_data_before_joining
@@ -412,7 +413,8 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         "skipped_steps": state.skipped_steps,
         "best": {"metric": r.tracker.metric, "value": r.tracker.best, "step": r.tracker.best_step,
                  "checkpoint": io.best_checkpoint},
-        "before": before, "data": task.info, "defaults": resolved_defaults(r.cfg),
+        "before": before, "data": with_seen(task.info, state.source_units, state.source_rows),
+        "defaults": resolved_defaults(r.cfg),
     }
     if r.lr_find is not None:
         summary["lr_find"] = r.lr_find

@@ -101,4 +101,12 @@ def describe(srcs: list[Source], rows: Sequence[int], units: Sequence[int], plan
             for s, r, u, c, st in zip(srcs, rows, units, plan.counts, stats)]
 
 
-__all__ = ["Source", "train_sources", "eval_sources", "eval_names", "hold_out", "Mix", "mix", "describe"]
+def with_seen(info: dict, units: list[int], rows: list[int]) -> dict:
+    """A task's info with each source's units_seen / rows_seen (the loop's counts, LoopState.source_units /
+    source_rows): what the run actually trained on from it, beside what was planned per epoch."""
+    if not info.get("sources") or not units:
+        return info
+    return {**info, "sources": [{**s, "units_seen": u, "rows_seen": r} for s, u, r in zip(info["sources"], units, rows)]}
+
+
+__all__ = ["Source", "train_sources", "eval_sources", "eval_names", "hold_out", "Mix", "mix", "describe", "with_seen"]
