@@ -32,9 +32,10 @@ from pathlib import Path
 
 from benchutil import alpaca_smollm2_missing, in_child, write_alpaca_conversations, write_result
 
+from tunelab.monitor.health_generation import GEN_KINDS
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets" / "alpaca_eval_gpt4" / "gpt4.model_outputs.json"
-GEN_KINDS = ("never_stops", "mode_collapse", "repetition", "template_leakage")
 MEASURES = ("stop_rate", "length_mean", "length_ratio", "distinct_2", "cross_similarity", "repeated_4gram_share",
             "loop_rate", "leakage_rate", "chrf", "rouge_l")
 RECIPES = {

@@ -117,3 +117,33 @@ def test_never_stops_not_judged_when_references_outrun_the_budget_or_text_prompt
     assert mon.observe(_gen_row(5, stop_rate=0.0, reference_length_median=40)) == []  # budget 32 < 40
     assert mon.observe(_gen_row(6, stop_rate=0.0, chat=0, leakage_rate=0.9)) == []  # plain text continuation
     assert [e.kind for e in mon.observe(_gen_row(7, stop_rate=0.0))] == ["never_stops"]
+
+
+def test_rouge_l_standard_error_by_hand():
+    # two pairs: ROUGE-L F1 0.8 ("the cat sat on the mat" vs "the cat on mat") and 1.0 -> mean 0.9, sd 0.1414
+    m = reference_scores(["the cat on mat", "abc def"], ["the cat sat on the mat", "abc def"])
+    assert m["rouge_l"] == pytest.approx(0.9)
+    assert m["rouge_l_se"] == pytest.approx(((0.1 ** 2 + 0.1 ** 2) / 1) ** 0.5 / 2 ** 0.5)
+    assert reference_scores(["abc"], ["abc"])["rouge_l_se"] is None  # one pair: no spread to judge by
+
+
+def _ref_row(step, rouge, se, chrf, **flags):
+    return {**_gen_row(step, rouge_l=rouge, rouge_l_se=se, chrf=chrf), **flags}
+
+
+def test_answers_worse_needs_both_reference_measures_past_their_bars():
+    def kinds(after):
+        mon = HealthMonitor()
+        assert mon.observe(_ref_row(0, 0.24, 0.03, 25.0, before_training=True)) == []
+        return [e.kind for e in mon.observe(after)]
+
+    # the benchmark's bad recipe: ROUGE-L 0.24 -> 0.11 (bar 2 x sqrt(0.03^2 + 0.03^2) = 0.085), chrF -20%
+    assert kinds(_ref_row(9, 0.11, 0.03, 20.0)) == ["answers_worse"]
+    assert kinds(_ref_row(9, 0.17, 0.03, 20.0)) == []  # a fall of 0.07 is inside the prompts' spread
+    assert kinds(_ref_row(9, 0.11, 0.03, 23.5)) == []  # chrF fell 6%: the measures disagree
+    assert kinds(_ref_row(9, 0.27, 0.03, 26.5)) == []  # better
+    assert kinds(_gen_row(9)) == []  # no reference answers: not judged
+    mon = HealthMonitor()
+    mon.observe(_ref_row(0, 0.24, 0.03, 25.0, before_training=True))
+    msg = mon.observe(_ref_row(9, 0.11, 0.03, 20.0))[0].message
+    assert "0.240 -> 0.110" in msg and "chrF 25.0 -> 20.0" in msg and "best_or_base" in msg

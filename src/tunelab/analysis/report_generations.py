@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from tunelab.evaluate.generation_metrics import ROW_KEYS
+from tunelab.monitor.health_generation import GEN_KINDS
 
-GEN_KINDS = ("never_stops", "mode_collapse", "repetition", "template_leakage")
 SAMPLES = 8
 
 

@@ -15,6 +15,7 @@ ROUGE-L (rouge-score) come from their reference implementations, not written her
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from itertools import combinations
@@ -103,14 +104,17 @@ def leaked_markers(raw_reply: str, markers: list[str]) -> list[str]:
 
 
 def reference_scores(replies: list[str], references: list[str]) -> dict:
-    """chrF (sacrebleu, corpus level, 0-100) and ROUGE-L F1 (rouge-score, mean over pairs, 0-1)."""
+    """chrF (sacrebleu, corpus level, 0-100) and ROUGE-L F1 (rouge-score, mean over pairs, 0-1), with the
+    standard error of that mean (`rouge_l_se`: the pairs' sample deviation / sqrt(n); None under 2 pairs),
+    which lets health judge a before/after change against the spread of the prompts."""
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import CHRF
 
     chrf = CHRF().corpus_score(replies, [references]).score
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(replies, references)]
-    return {"chrf": chrf, "rouge_l": sum(rouge) / len(rouge) if rouge else None}
+    se = statistics.stdev(rouge) / math.sqrt(len(rouge)) if len(rouge) >= 2 else None
+    return {"chrf": chrf, "rouge_l": sum(rouge) / len(rouge) if rouge else None, "rouge_l_se": se}
 
 
 def _mean(values) -> float | None:
@@ -165,4 +169,4 @@ def generation_metrics(replies: list[dict], references: list[str | None] | None 
 
 # the measures that travel in metrics.jsonl eval rows (as eval_gen_*, eval_gen_sampled_*) and drive health
 ROW_KEYS = ("stop_rate", "length_mean", "distinct_1", "distinct_2", "cross_similarity", "repeated_4gram_share",
-            "loop_rate", "leakage_rate", "chrf", "rouge_l", "length_ratio")
+            "loop_rate", "leakage_rate", "chrf", "rouge_l", "rouge_l_se", "length_ratio")

@@ -66,7 +66,7 @@ from collections import deque
 from dataclasses import dataclass
 
 KINDS = ("loss_spike", "grad_explosion", "divergence_risk", "lr_too_high", "lr_too_low", "plateau", "overfitting",
-         "never_stops", "mode_collapse", "repetition", "template_leakage",
+         "never_stops", "mode_collapse", "repetition", "template_leakage", "answers_worse",
          "likelihood_displacement", "margin_explosion", "reference_free_drift")  # the last 3: health_preference.py
 
 
@@ -99,6 +99,8 @@ class Thresholds:
     gen_max_repeated_4grams: float = 0.3
     gen_max_loop_rate: float = 0.25
     gen_max_leakage: float = 0.1
+    gen_reference_drop_se: float = 2.0  # answers_worse: ROUGE-L fell by more than this many standard errors
+    gen_min_chrf_drop: float = 0.1  # ... and chrF by at least this share
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,16 @@ quoted in each message and raises nothing itself. Each kind fires once per run. 
 - ``template_leakage``: more than 1 reply in 10 contains a special token or a role header of the
   chat template (decoded with special tokens, its final stop token cut). One leak in a large set
   can be a quirk; one in ten is learned.
+- ``answers_worse``: where the eval prompts have reference answers, the replies moved away from
+  them against the untouched model: ROUGE-L (mean over prompts) fell by more than 2 standard errors
+  of the two means combined (sqrt(se_before^2 + se_after^2); unpaired, so conservative: the same
+  prompts before and after are positively correlated) AND corpus chrF fell by at least 10%. Both
+  reference measures must agree, and the bar scales with the prompts' spread, so 16 prompts of
+  noise do not fire it. Measured on SmolLM2 chat SFT (benchmarks/generation_sft.py): a sane recipe
+  raised both (ROUGE-L 0.238 -> 0.265, chrF 25.2 -> 26.5); 8 epochs at lr 1e-3 on 24 answers
+  stopped, stayed varied and did not loop (none of the four form checks fired) but fell to
+  ROUGE-L 0.114 and chrF 19.9: fluent, well-formed and worse, the failure loss curves and form
+  checks miss.
 """
 
 from __future__ import annotations
@@ -40,7 +50,11 @@ ADVICE = {
     "template_leakage": "role markers or template tokens appear inside replies: keep the template text out of the "
                         "messages' content (tunelab data check), train with the model's own chat template and "
                         "supervise assistant turns only, and stop generation at the end-of-turn token",
+    "answers_worse": "the replies are further from the reference answers than the untouched model's: lower optim.lr, "
+                     "train fewer epochs, keep checkpoint.final: best (or best_or_base, which ships the base when "
+                     "nothing beat it), stay nearer the base (method: lora, regularization.l2sp), or add data",
 }
+GEN_KINDS = tuple(ADVICE)  # the generation kinds, in the order health reports them
 
 
 def _was(monitor, key: str, fmt: str) -> str:
@@ -79,4 +93,21 @@ def generation_events(monitor, row: dict) -> list[HealthEvent]:
     if chat and leak is not None and leak > t.gen_max_leakage:
         fire("template_leakage", f"template leakage: {leak:.0%} of replies hold a role marker or template token"
                                  f"{_was(monitor, 'eval_gen_leakage_rate', '.0%')}")
+    worse = _answers_worse(t, monitor.gen_before, g)
+    if worse:
+        fire("answers_worse", worse)
     return out
+
+
+def _answers_worse(t, before: dict, g: dict) -> str | None:
+    """The `answers_worse` message when ROUGE-L and chrF both fell past their bars, else None."""
+    r0, r1 = _num(before.get("eval_gen_rouge_l")), g.get("rouge_l")
+    se0, se1 = _num(before.get("eval_gen_rouge_l_se")), g.get("rouge_l_se")
+    c0, c1 = _num(before.get("eval_gen_chrf")), g.get("chrf")
+    if None in (r0, r1, se0, se1, c0, c1) or c0 <= 0:
+        return None
+    bar = t.gen_reference_drop_se * (se0 ** 2 + se1 ** 2) ** 0.5
+    if r0 - r1 > bar and (c0 - c1) / c0 >= t.gen_min_chrf_drop:
+        return (f"replies moved away from the reference answers: ROUGE-L {r0:.3f} -> {r1:.3f} (a fall of {r0 - r1:.3f}, "
+                f"past {t.gen_reference_drop_se:g} standard errors = {bar:.3f}), chrF {c0:.1f} -> {c1:.1f}")
+    return None
