@@ -253,3 +253,37 @@ def test_plan_for_two_processes_matches_the_ddp_setup(toy_classification):
     # (the runtime baseline is this test process's RSS, taken at each call: compare without it)
     assert mem2["peak"] - mem2["runtime"] == pytest.approx(mem1["peak"] - mem1["runtime"] + mem2["ddp_buckets"], abs=0.2)
     assert two["processes"] == 2
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parity
+def test_the_probe_plans_the_causal_lm_switches_as_the_formula_counts_them(tiny_llama, tmp_path, packing):
+    """`tunelab plan CONFIG` probes chat models with the run's switches (probe.Speed): the loss in chunks
+    and the norms recomputed keep fewer activations, by what plan.memory counts for them at the
+    largest micro-batch (the norms: 4 bytes x tokens x hidden each, 2 per layer and the final one; the
+    loss: the fp32 log-softmax and the head's input replaced by the gradients the chunked loss keeps),
+    and the planned peak goes down."""
+    from tunelab.config import load_config
+    from tunelab.plan import memory
+
+    off = ["train.loss_chunk_tokens=0", "train.recompute_norms=false", f"data.packing={str(packing).lower()}"]
+    plain = load_config(chat_config(tmp_path, str(tiny_llama)), off)
+    chunk = load_config(chat_config(tmp_path, str(tiny_llama)), off[1:] + ["train.loss_chunk_tokens=16"])
+    norms = load_config(chat_config(tmp_path, str(tiny_llama)), off[:1] + off[2:])
+    assert norms.train.recompute_norms and chunk.train.loss_chunk_tokens == 16  # the switches' own defaults differ
+    profile = planner.data_profile(plain)
+    est = {k: planner.estimate(c, profile, runtime=0) for k, c in (("plain", plain), ("chunk", chunk), ("norms", norms))}
+    rows, width, sup = est["plain"]["largest_micro_batch"].values()
+    head = est["plain"]["model"].get_output_embeddings()
+    vocab, hidden, layers = head.out_features, head.in_features, 2
+    act = {k: e["memory"]["activations"] for k, e in est.items()}
+    lb = memory.loss_bytes
+    chunk_saves = (lb(sup, vocab, hidden, act_bytes=4)["saved"] + 4 * sup * hidden  # the head's fp32 input
+                   + 8 * sup  # and cross-entropy's int64 targets
+                   - lb(sup, vocab, hidden, act_bytes=4, hidden_bytes=4, chunk=16)["saved"])
+    norms_save = (2 * layers + 1) * 4 * rows * width * hidden
+    assert chunk_saves > 0 and norms_save > 0
+    assert act["plain"] - act["chunk"] == pytest.approx(chunk_saves, rel=0.05)
+    assert act["plain"] - act["norms"] == pytest.approx(norms_save, rel=0.05)
+    assert est["chunk"]["memory"]["peak"] < est["plain"]["memory"]["peak"]
+    assert est["norms"]["memory"]["peak"] < est["plain"]["memory"]["peak"]

@@ -4,7 +4,8 @@ its plan, the ranked configurations that fit, what is missing, the command, the 
 The `--json` schema (documented in the README): top level `mode` ("hardware"), `model`,
 `model_type`, `task`, `shape`, `gpu`, `total_params`, `trainable_params`, the planned
 configuration's fields (`method`, `strategy`, `offload`, `precision`, `micro_batch`, `grad_accum`,
-`effective_batch`, `devices`, `per_device` {weights_bytes, gradients_bytes, optimizer_bytes,
+`effective_batch`, `devices`, the causal-LM switches as applied (`loss_chunk_tokens`, `recompute_norms`,
+`packed_attention`), `per_device` {weights_bytes, gradients_bytes, optimizer_bytes,
 master_weights_bytes, model_states_bytes, activations_bytes, logits_bytes, overhead_bytes,
 total_bytes}, `cpu_bytes`, `fits`, `flops`, `time`), `recommendations` (the same fields each,
 plus `rank` and `command`), `missing` (a sentence, or null when something fits), `command` (the
@@ -71,7 +72,8 @@ def spec_from(flags: dict, cfg=None, config_path: str | None = None) -> Spec:
                     precision="bf16" if cfg.train.precision == "auto" else cfg.train.precision,
                     gradient_checkpointing=cfg.train.gradient_checkpointing,
                     task="classification" if cfg.task == "classification" else "causal_lm",
-                    trust_remote_code=cfg.model.trust_remote_code, config_path=config_path, **common)
+                    trust_remote_code=cfg.model.trust_remote_code, config_path=config_path,
+                    **lm_switches(cfg), **common)
         if flags.get("lora_targets"):
             spec.lora_targets = _targets(flags["lora_targets"])
     else:
@@ -82,6 +84,16 @@ def spec_from(flags: dict, cfg=None, config_path: str | None = None) -> Spec:
                     gradient_checkpointing=bool(flags.get("gradient_checkpointing")), **common)
     check_spec(spec)
     return spec
+
+
+def lm_switches(cfg) -> dict:
+    """The Spec's causal-LM switches from a CONFIG.yaml: chat and causal_lm run them (tasks/lm_speed.py);
+    a preference run trains its own loss, unswitched."""
+    if cfg.task == "preference":
+        return {"loss_chunk_tokens": 0, "recompute_norms": False, "packing": False}
+    t = cfg.train
+    return {"loss_chunk_tokens": t.loss_chunk_tokens, "recompute_norms": t.recompute_norms,
+            "packing": bool(cfg.data.packing), "packed_attention": t.packed_attention}
 
 
 def tokens_from_config(cfg) -> float:

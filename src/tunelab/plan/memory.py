@@ -113,9 +113,35 @@ def model_states(total: float, trainable: float, *, precision: str = "bf16", str
     return out
 
 
+def norm_saved(shape: Shape, norm_bytes: int, *, recompute: bool = False, trained: bool = True) -> int:
+    """Bytes per token x hidden one norm keeps. RMSNorm as transformers writes it: its fp32 input and
+    (when its weight trains) its normalised product; recomputed in backward (train.recompute_norms,
+    models/recompute.py) only its input, which the recomputation starts from. LayerNorm: its input."""
+    if shape.norm != "rmsnorm" or recompute:
+        return norm_bytes
+    return 4 + (norm_bytes if trained else 0)
+
+
+def packed_terms(shape: Shape, s: int, b: int, *, packed: str | None, attention: str, act_bytes: int) -> tuple:
+    """(bytes per layer, bytes once) that packed rows add (data.packing; train.packed_attention).
+
+    `mask`: the collate's fp32 (1, 1, L, L) block mask per row is held for the step, and sdpa keeps a
+    16-bit cast of it per layer when it computes in 16 bits (autocast casts it at every call; in fp32
+    the one mask is what each layer keeps). `split` (sdpa only, models/packed_attention.py): no mask;
+    each example's attention output is kept by its own sdpa call besides the concatenated output the
+    output projection keeps, one more output per layer. Eager attention adds the mask to its scores
+    (keeps nothing more); flash-attention takes packed rows by their positions."""
+    if not packed or attention == "flash":
+        return 0, 0
+    if packed == "split" and attention == "sdpa":
+        return act_bytes * s * b * shape.heads * shape.head_dim, 0
+    per_layer = act_bytes * b * s * s if attention == "sdpa" and act_bytes != 4 else 0
+    return per_layer, 4 * b * s * s
+
+
 def layer_activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes: int | None = None,
                       attention: str = "sdpa", autocast: bool = False, mask_bytes: int = 1,
-                      softmax_fp32: bool = True) -> float:
+                      softmax_fp32: bool = True, recompute_norms: bool = False, packed: str | None = None) -> float:
     """Bytes one transformer layer saves for backward at micro-batch b x sequence s (Korthikanti's terms).
 
     `norm_bytes`: the residual stream's element size (what a norm saves as its input); `autocast`:
@@ -125,7 +151,8 @@ def layer_activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_
     Under sdpa/eager transformers repeats grouped KV heads before attention (saved at full width);
     flash-attention-2 takes them grouped. `mask_bytes`: a dropout mask's element (CUDA keeps bool
     masks; the CPU kernel one of the input's dtype). `softmax_fp32`: transformers' eager attention
-    takes the softmax in fp32 and saves that too (the paper's layer: False).
+    takes the softmax in fp32 and saves that too (the paper's layer: False). `recompute_norms` and
+    `packed`: `norm_saved`, `packed_terms`.
     """
     norm_bytes = act_bytes if norm_bytes is None else norm_bytes
     sb, h, i = s * b, shape.hidden, shape.intermediate
@@ -151,14 +178,15 @@ def layer_activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_
     mlp = mlp_inputs * act_bytes * sb * h  # input of the first projection(s)
     mlp += act_bytes * sb * i * (4 if shape.gated_mlp else 2)  # gated: gate, up, act(gate), product
     mlp += drop_h * sb * h
-    per_norm = (4 + norm_bytes) if shape.norm == "rmsnorm" else norm_bytes
-    norms = 2 * per_norm * sb * h
-    return attn + mlp + norms
+    norms = 2 * norm_saved(shape, norm_bytes, recompute=recompute_norms) * sb * h
+    packing = packed_terms(shape, s, b, packed=packed, attention=attention, act_bytes=act_bytes)[0]
+    return attn + mlp + norms + packing
 
 
 def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: int, dropout: float,
                            act_bytes: int = 2, norm_bytes: int | None = None, attention: str = "sdpa",
-                           autocast: bool = False, mask_bytes: int = 1, softmax_fp32: bool = True) -> float:
+                           autocast: bool = False, mask_bytes: int = 1, softmax_fp32: bool = True,
+                           recompute_norms: bool = False, packed: str | None = None) -> float:
     """One layer's saved bytes when only LoRA adapters train: what backward needs to pass gradients
     through the frozen layer and to the adapters, term by term as in `layer_activations`.
 
@@ -199,26 +227,32 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
     total += act_bytes * sb * i * (3 if shape.gated_mlp else 1)  # act input (+ act output, up output)
     drop_h = mask_bytes if shape.hidden_dropout > 0 else 0
     total += 2 * drop_h * sb * h
-    total += 2 * (4 if shape.norm == "rmsnorm" else norm_bytes) * sb * h  # frozen norms: their input
-    return total
+    total += 2 * norm_saved(shape, norm_bytes, recompute=recompute_norms, trained=False) * sb * h  # their input
+    return total + packed_terms(shape, s, b, packed=packed, attention=attention, act_bytes=act_bytes)[0]
 
 
 def activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes: int | None = None,
                 attention: str = "sdpa", checkpointing: bool = False, autocast: bool = False,
-                mask_bytes: int = 1, softmax_fp32: bool = True, lora: dict | None = None) -> dict:
+                mask_bytes: int = 1, softmax_fp32: bool = True, lora: dict | None = None,
+                recompute_norms: bool = False, packed: str | None = None, chunked_loss: bool = False) -> dict:
     """All layers' saved activations, with full recomputation or without; the final norm and head input.
-    `lora`: {"roles", "r", "dropout"} when only adapters train (`lora_layer_activations`)."""
+    `lora`: {"roles", "r", "dropout"} when only adapters train (`lora_layer_activations`);
+    `recompute_norms` (moot under checkpointing, as in training), `packed`: the layer's terms;
+    `chunked_loss` (train.loss_chunk_tokens): the head keeps no input (the loss, `loss_bytes`, keeps
+    the gradients it took in the forward instead)."""
     norm_bytes = act_bytes if norm_bytes is None else norm_bytes
+    recompute_norms = recompute_norms and not checkpointing
     common = dict(act_bytes=act_bytes, norm_bytes=norm_bytes, attention=attention, autocast=autocast,
-                  mask_bytes=mask_bytes, softmax_fp32=softmax_fp32)
+                  mask_bytes=mask_bytes, softmax_fp32=softmax_fp32, recompute_norms=recompute_norms, packed=packed)
     one = layer_activations(shape, s, b, **common) if lora is None else lora_layer_activations(
         shape, s, b, roles=set(lora["roles"]), r=lora["r"], dropout=lora["dropout"], **common)
-    per_norm = (4 + norm_bytes) if shape.norm == "rmsnorm" else norm_bytes
     embed_drop = mask_bytes if shape.hidden_dropout > 0 else 0
-    # the final norm, the head's input (a frozen head under LoRA keeps none), the embedding dropout mask
-    head_in = (per_norm + act_bytes + embed_drop) * s * b * shape.hidden
-    if lora is not None:
-        head_in = ((4 if shape.norm == "rmsnorm" else norm_bytes) + embed_drop) * s * b * shape.hidden
+    # the final norm, the head's input (a frozen head under LoRA, or the chunked loss, keeps none),
+    # the embedding dropout mask, the packed rows' mask
+    final_norm = norm_saved(shape, norm_bytes, recompute=recompute_norms, trained=lora is None)
+    head_input = act_bytes if lora is None and not chunked_loss else 0
+    head_in = (final_norm + head_input + embed_drop) * s * b * shape.hidden
+    head_in += packed_terms(shape, s, b, packed=packed, attention=attention, act_bytes=act_bytes)[1]
     if checkpointing:  # each layer's input kept; one layer recomputed at a time in backward
         kept = shape.layers * norm_bytes * s * b * shape.hidden
         return {"per_layer": one, "kept": kept + head_in, "recompute": one, "total": kept + head_in + one}
@@ -226,10 +260,32 @@ def activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes:
             "total": shape.layers * one + head_in}
 
 
-def logits_bytes(tokens: int, vocab: int, act_bytes: int = 2) -> float:
-    """The loss's peak over the vocabulary: the logits in the compute dtype (held by the output), their
-    fp32 copy (the loss upcasts), and log-softmax's fp32 output saved for backward."""
-    return tokens * vocab * (act_bytes + 4 + (4 if act_bytes != 4 else 0))
+def loss_bytes(tokens: int, vocab: int, hidden: int, *, act_bytes: int = 2, hidden_bytes: int | None = None,
+               chunk: int = 0, head_trains: bool = True, weight_bytes: int = 4) -> dict:
+    """The loss over the vocabulary: what it keeps for backward (`saved`) and its peak on top of the
+    body's saved activations (`peak`: per_device's logits_bytes).
+
+    All at once (chunk 0, evaluate.lm.supervised_loss): log-softmax keeps its fp32 output, and its
+    backward holds that, the gradient arriving at it and the one it passes on, fp32 each: 12 bytes
+    per logit at the peak whatever the compute dtype.
+    In chunks (train.loss_chunk_tokens, train/chunked_loss.py): one chunk's fp32 logits (and their
+    16-bit cast) at a time; the gradients are taken in the forward and kept: the hidden states'
+    (`hidden_bytes`, the final norm's output dtype) and, when the head trains, its weight's in the
+    compute dtype, summed in an fp32 accumulator while each chunk's matmul result (and its fp32 copy)
+    is added; a head weight kept in another dtype (`weight_bytes`) is cast for the forward. Backward
+    scales the kept gradients by the incoming one (the weight's through fp32)."""
+    n, v, h = tokens, vocab, hidden
+    hb = act_bytes if hidden_bytes is None else hidden_bytes
+    if not chunk:
+        return {"saved": 4.0 * n * v, "peak": 12.0 * n * v}
+    up = 4 if act_bytes != 4 else 0  # the fp32 copy of a 16-bit result
+    weight = v * h if head_trains else 0
+    cast = v * h * act_bytes if act_bytes != weight_bytes else 0
+    chunk_logits = min(chunk, n) * v * (4 + (act_bytes if act_bytes != 4 else 0))
+    saved = n * h * hb + weight * act_bytes
+    forward = 2 * n * h * hb + cast + chunk_logits + weight * (4 + act_bytes + up)  # input, d_hidden, ...
+    backward = saved + n * h * hb + weight * (up + 4)
+    return {"saved": float(saved), "peak": float(max(forward, backward))}
 
 
 def comm_overhead(strategy: str, *, grad_bytes: float, largest_layer_params: int, act_bytes: int = 2,

@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from tunelab.config import TrainConfig
 from tunelab.errors import InputError
 from tunelab.plan import arch, memory, timecost
 from tunelab.plan.hardware import Accelerator
 
 METHODS = ("full", "lora", "qlora")
+_TRAIN = TrainConfig.model_fields
 PER_DEVICE_KEYS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "master_weights_bytes",
                    "model_states_bytes", "activations_bytes", "logits_bytes", "overhead_bytes", "total_bytes")
 
@@ -47,6 +49,11 @@ class Spec:
     mfu: float = timecost.DEFAULT_MFU
     price_per_hour: float | None = None
     trust_remote_code: bool = False
+    # the causal-LM switches (train.*, tasks/lm_speed.py), their config defaults unless a CONFIG.yaml says
+    loss_chunk_tokens: int = _TRAIN["loss_chunk_tokens"].default
+    recompute_norms: bool = _TRAIN["recompute_norms"].default
+    packing: bool = False  # data.packing
+    packed_attention: str = _TRAIN["packed_attention"].default
     config_path: str | None = None  # the CONFIG.yaml the printed command trains, when there is one
     extra: dict = field(default_factory=dict)
 
@@ -82,6 +89,17 @@ class Model:
         return self._lora[key]
 
 
+def switches(model: Model, spec: Spec) -> dict:
+    """The causal-LM switches as training applies them to this configuration (tasks/lm_speed.py): the
+    loss in chunks unless FSDP2 or ZeRO-3 shard the head's weight (train.chunked_loss.takes_head: then
+    the plain loss); norms recomputed unless gradient checkpointing recomputes everything; the packed
+    attention route where rows are packed. Classification runs none of them."""
+    lm = model.task != "classification"
+    chunk = spec.loss_chunk_tokens if lm and spec.strategy not in ("fsdp", "zero3") else 0
+    return {"loss_chunk_tokens": chunk, "recompute_norms": lm and spec.recompute_norms and not spec.gradient_checkpointing,
+            "packed_attention": spec.packed_attention if lm and spec.packing else None}
+
+
 def params_for(model: Model, spec: Spec) -> dict:
     """Total, trainable, adapter and 4-bit parameters of the spec's method."""
     total = model.counts["total"]
@@ -109,16 +127,25 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     if spec.method != "full":
         lora = {"roles": model.lora(spec.lora_targets, spec.lora_r)["roles"], "r": spec.lora_r,
                 "dropout": spec.lora_dropout}
+    sw = switches(model, spec)
+    chunk = sw["loss_chunk_tokens"]
     acts = memory.activations(model.shape, spec.seq_len, spec.batch_size, act_bytes=act_bytes,
                               norm_bytes=norm_bytes, attention=spec.attention,
-                              checkpointing=spec.gradient_checkpointing, autocast=autocast, lora=lora)
+                              checkpointing=spec.gradient_checkpointing, autocast=autocast, lora=lora,
+                              recompute_norms=sw["recompute_norms"], packed=sw["packed_attention"],
+                              chunked_loss=bool(chunk))
     if autocast and spec.strategy == "ddp":  # autocast's 16-bit copy of each matmul weight, kept for backward
         casts = model.counts["output_projection"] if spec.method == "qlora" else model.counts["matmul"]
+        casts -= model.counts["output_projection"] if chunk else 0  # the chunked loss casts the head's for its forward only
         states["weights"] += 2 * casts
         states["model_states"] += 2 * casts
-    tokens = spec.batch_size * (spec.seq_len if model.task != "classification" else 1)
-    logits = memory.logits_bytes(tokens, model.shape.vocab if model.task != "classification" else spec.num_labels,
-                                 act_bytes)
+    if model.task == "classification":
+        logits = memory.loss_bytes(spec.batch_size, spec.num_labels, model.shape.hidden, act_bytes=act_bytes)["peak"]
+    else:
+        head_bytes = 2 if states["layout"] == "zero" and act_bytes == 2 else 4  # DeepSpeed's 16-bit engine
+        logits = memory.loss_bytes(spec.batch_size * spec.seq_len, model.shape.vocab, model.shape.hidden,
+                                   act_bytes=act_bytes, hidden_bytes=norm_bytes, chunk=chunk,
+                                   head_trains=spec.method == "full", weight_bytes=head_bytes)["peak"]
     overhead = memory.CUDA_CONTEXT_BYTES + states["buffers"]
     out = {"weights_bytes": states["weights"], "gradients_bytes": states["gradients"],
            "optimizer_bytes": states["optimizer"], "master_weights_bytes": states["master_weights"],
@@ -126,7 +153,8 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
            "logits_bytes": logits, "overhead_bytes": overhead}
     out["total_bytes"] = out["model_states_bytes"] + acts["total"] + logits + overhead
     out = {k: int(round(v)) for k, v in out.items()}
-    return {"per_device": out, "cpu_bytes": int(states["cpu"]), "activations": acts, "layout": states["layout"]}
+    return {"per_device": out, "cpu_bytes": int(states["cpu"]), "activations": acts, "layout": states["layout"],
+            "switches": sw}
 
 
 def flops_for(model: Model, spec: Spec, params: dict) -> dict:
@@ -162,7 +190,7 @@ def plan_one(model: Model, spec: Spec) -> dict:
     mem = per_device(model, spec, params)
     fl = flops_for(model, spec, params)
     out = {"method": spec.method, "strategy": spec.strategy, "offload": spec.offload, "precision": spec.precision,
-           "gradient_checkpointing": spec.gradient_checkpointing, "attention": spec.attention,
+           "gradient_checkpointing": spec.gradient_checkpointing, "attention": spec.attention, **mem["switches"],
            "micro_batch": spec.batch_size, "grad_accum": spec.grad_accum, "seq_len": spec.seq_len,
            "devices": spec.devices, "gpus_per_node": spec.gpus, "nodes": spec.nodes,
            "effective_batch": spec.batch_size * spec.grad_accum * spec.devices,

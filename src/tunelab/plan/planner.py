@@ -19,8 +19,9 @@ Memory = runtime (this process after imports: Python, torch, transformers) + wei
 master weights; a QLoRA base at NF4's 4.127 bits per weight with double quantisation) +
 gradients and AdamW moments (fp32, trainable parameters only) + regularizer copies (L2-SP/EWC
 anchor, EWC Fisher, Mixout targets) + the activations of the largest micro-batch + backward's
-transient (twice the largest saved tensor). benchmarks/plan_accuracy.py compares it with
-measured peaks.
+transient (twice the largest saved tensor, or the chunked loss's own peak when that is larger).
+The probes run chat / causal-LM models with the run's switches (train.loss_chunk_tokens,
+train.recompute_norms: `probe.Speed`). benchmarks/plan_accuracy.py compares it with measured peaks.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import torch
 
 from tunelab.config import Config, given_keys
 from tunelab.errors import InputError
-from tunelab.plan.memory import nf4_bits
-from tunelab.plan.probe import meta_model, probe
+from tunelab.plan.memory import loss_bytes, nf4_bits
+from tunelab.plan.probe import Speed, meta_model, probe
 from tunelab.device import run_device
 from tunelab.process_memory import available_bytes, runtime_bytes  # one /proc reader, shared with the run
 from tunelab.train import sizes
@@ -128,12 +129,13 @@ def rebatch(profile: dict, batch_size: int, seed: int) -> dict:
 # ---------------------------------------------------------------- cost per micro-batch shape
 
 
-def fit_costs(model, task: str, max_width: int, packed: bool, autocast_dtype) -> dict:
+def fit_costs(model, task: str, max_width: int, packed: bool, autocast_dtype, speed: Speed = Speed()) -> dict:
     """Coefficients of bytes/FLOPs = rows*(a + b*w + c*w^2) + d*supervised, from four probes."""
     widths = sorted({max(8, max_width), max(4, max_width // 2), max(2, max_width // 4)})
     while len(widths) < 3:
         widths.append(widths[-1] + 8)
-    results = [probe(model, task, rows=1, width=w, packed=packed, autocast_dtype=autocast_dtype) for w in widths]
+    results = [probe(model, task, rows=1, width=w, packed=packed, autocast_dtype=autocast_dtype, speed=speed)
+               for w in widths]
     out = {}
     for key in ("saved_bytes", "flops"):
         ys = [getattr(r, key) for r in results]
@@ -142,7 +144,8 @@ def fit_costs(model, task: str, max_width: int, packed: bool, autocast_dtype) ->
     if task != "classification":
         w = widths[0]
         s = max(1, w - 1)
-        with_head = probe(model, task, rows=1, width=w, supervised=s, packed=packed, autocast_dtype=autocast_dtype)
+        with_head = probe(model, task, rows=1, width=w, supervised=s, packed=packed, autocast_dtype=autocast_dtype,
+                          speed=speed)
         out["saved_bytes"][3] = (with_head.saved_bytes - results[0].saved_bytes) / s
         out["flops"][3] = (with_head.flops - results[0].flops) / s
     return out
@@ -201,19 +204,20 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
     pb = param_bytes(model, cfg)
     precision, amp = autocast_dtype_for(cfg, device, pb["total_params"])
     shapes = profile["shapes"]
-    coef = fit_costs(model, cfg.task, max(w for _, w, _ in shapes), profile["packed"], amp)
+    speed = Speed.of(cfg)  # the causal-LM switches, as the run applies them
+    coef = fit_costs(model, cfg.task, max(w for _, w, _ in shapes), profile["packed"], amp, speed)
     per_batch = [shape_cost(coef["saved_bytes"], *s) for s in shapes]
     peak_i = max(range(len(shapes)), key=per_batch.__getitem__)
     rows, width, sup = shapes[peak_i]
     direct = probe(model, cfg.task, rows=rows, width=width, supervised=sup, packed=profile["packed"],
-                   autocast_dtype=amp)
+                   autocast_dtype=amp, speed=speed)
     ref = reference_forward_flops(cfg, pb["total_params"])
     policy_flops = [shape_cost(coef["flops"], *s) for s in shapes]
     flops_per_batch = [f + ref * r * w for f, (r, w, _) in zip(policy_flops, shapes)]
     flops_epoch = sum(flops_per_batch)
     # evaluation runs forward only: about a third of forward + backward per token (plus the reference's)
     eval_flops = (sum(policy_flops) / max(1, profile["padded_tokens"]) / 3 + ref) * profile["eval_tokens"]
-    transient = 2 * direct.largest_saved_bytes
+    transient = max(2 * direct.largest_saved_bytes, chunked_loss_transient(model, speed, sup, amp))
     if cfg.train.gradient_checkpointing:  # backward recomputes one block at a time: its activations come back
         transient += recompute_bytes(cfg, profile, direct, rows, width, sup, amp)
     memory = {"runtime": runtime, "weights": pb["weights"], "gradients": pb["gradients"],
@@ -224,6 +228,20 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
             "model": model,
             "largest_micro_batch": {"rows": rows, "width": width, "supervised_tokens": sup},
             "flops_per_epoch": flops_epoch, "flops_per_batch": flops_per_batch, "eval_flops_per_pass": eval_flops}
+
+
+def chunked_loss_transient(model, speed: Speed, supervised: int, amp) -> float:
+    """What the chunked loss holds at its peak beyond what it keeps for backward (plan.memory.loss_bytes:
+    the fp32 accumulator and each chunk's matmul result for the head's weight gradient, one chunk's
+    logits), which the probe's saved bytes do not see; 0 where the loss is not chunked."""
+    from tunelab.train.chunked_loss import takes_head
+
+    head = model.get_output_embeddings() if speed.loss_chunk else None
+    if head is None or not takes_head(head):
+        return 0.0
+    loss = loss_bytes(supervised, head.out_features, head.in_features, act_bytes=2 if amp is not None else 4,
+                      hidden_bytes=4, chunk=speed.loss_chunk, head_trains=head.weight.requires_grad)
+    return loss["peak"] - loss["saved"]
 
 
 def shard_states(est: dict, cfg: Config, strategy: str, nproc: int) -> None:
@@ -290,7 +308,8 @@ def recompute_bytes(cfg: Config, profile: dict, ckpt, rows: int, width: int, sup
 
     plain_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": False})})
     plain = meta_model(plain_cfg, profile["num_labels"])
-    full = probe(plain, cfg.task, rows=rows, width=width, supervised=sup, packed=profile["packed"], autocast_dtype=amp)
+    full = probe(plain, cfg.task, rows=rows, width=width, supervised=sup, packed=profile["packed"], autocast_dtype=amp,
+                 speed=Speed.of(cfg))  # the checkpointed run's switches (no norm recomputation of its own)
     try:
         n_blocks = len(find_blocks(plain.get_base_model() if hasattr(plain, "get_base_model") else plain)[1])
     except InputError:  # an unknown layout: assume the whole difference can come back at once

@@ -81,33 +81,68 @@ def fake_copy(model: nn.Module, mode):
     return fake
 
 
-def _loss(model, task: str, rows: int, width: int, supervised: int, packed: bool) -> torch.Tensor:
+@dataclass(frozen=True)
+class Speed:
+    """The causal-LM switches (tasks/lm_speed.py) as the probe runs them: `loss_chunk` supervised tokens
+    at a time through train/chunked_loss.py (0: all at once), RMSNorms recomputed in backward."""
+
+    loss_chunk: int = 0
+    recompute_norms: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "Speed":
+        """What a run of `cfg` switches on: chat and causal_lm only (lm_speed's tasks); the norms not
+        under gradient checkpointing, which recomputes them anyway."""
+        if cfg.task not in ("chat", "causal_lm"):
+            return cls()
+        t = cfg.train
+        return cls(t.loss_chunk_tokens, t.recompute_norms and not t.gradient_checkpointing)
+
+
+def _loss(model, task: str, rows: int, width: int, supervised: int, packed: bool, speed: Speed) -> torch.Tensor:
     """The task's training loss on zeros of the given shape, the same graph the loop builds.
 
     Classification: the model's logits and cross-entropy. Chat / causal LM: the base model to
     hidden states, then the vocabulary projection at `supervised` positions only, as
     tunelab.evaluate.lm.supervised_logits does (a fixed slice here: a boolean mask would make the
-    shape depend on data a fake tensor does not have); packed rows carry a 4-D float mask.
+    shape depend on data a fake tensor does not have), in chunks when `speed` says so; packed rows
+    carry a 4-D float mask (train.packed_attention `split` reads positions, which a fake tensor
+    does not have: planned as `mask`).
     """
     ids = torch.zeros(rows, width, dtype=torch.long)
     if task == "classification":
         logits = model(input_ids=ids, attention_mask=torch.ones(rows, width, dtype=torch.long)).logits.float()
         return nn.functional.cross_entropy(logits, torch.zeros(rows, dtype=torch.long), reduction="sum")
+    if speed.recompute_norms:
+        from tunelab.models.recompute import recompute_norms
+
+        recompute_norms(model)
     inputs = {"input_ids": ids}
     if packed:
         inputs["attention_mask"] = torch.zeros(rows, 1, width, width)
         inputs["position_ids"] = torch.zeros(rows, width, dtype=torch.long)
     body = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = body.base_model(**inputs, use_cache=False).last_hidden_state
-    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])[:supervised]
+    # a compact copy of the supervised positions, as the loop's boolean index makes (a view would keep
+    # the whole reshaped row alive as the head's input)
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])[:supervised].clone()
+    targets = torch.zeros(flat.shape[0], dtype=torch.long)
+    if speed.loss_chunk:
+        from tunelab.train.chunked_loss import linear_cross_entropy
+
+        return linear_cross_entropy(flat, model.get_output_embeddings(), targets, speed.loss_chunk)
     logits = model.get_output_embeddings()(flat).float()
-    return nn.functional.cross_entropy(logits, torch.zeros(flat.shape[0], dtype=torch.long), reduction="sum")
+    return nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
 def probe(model: nn.Module, task: str, *, rows: int, width: int, supervised: int = 0, packed: bool = False,
-          autocast_dtype: torch.dtype | None = None) -> ProbeResult:
+          autocast_dtype: torch.dtype | None = None, speed: Speed = Speed()) -> ProbeResult:
     """Saved-activation bytes and FLOPs of one forward + backward of the task's loss at this batch shape."""
-    return probe_loss(model, lambda m: _loss(m, task, rows, width, supervised, packed), autocast_dtype)
+    from tunelab.train.chunked_loss import takes_head
+
+    if speed.loss_chunk and not takes_head(model.get_output_embeddings()):  # the loop falls back to the plain loss
+        speed = Speed(0, speed.recompute_norms)
+    return probe_loss(model, lambda m: _loss(m, task, rows, width, supervised, packed, speed), autocast_dtype)
 
 
 def probe_loss(model: nn.Module, build_loss, autocast_dtype: torch.dtype | None = None) -> ProbeResult:

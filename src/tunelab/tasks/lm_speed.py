@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 log = logging.getLogger("tunelab")
 
 
@@ -59,16 +57,15 @@ def lm_speed(train_cfg, model, collate, packing: bool):
 def chunked_supervised_loss(chunk: int):
     """A task loss_fn with supervised_loss's contract: (summed CE over supervised tokens, their number).
 
-    Falls back to the plain loss where the output head is not a plain Linear (an adapter on it) or its
-    weight is not an ordinary local tensor (sharded by FSDP2 or DeepSpeed ZeRO-3, whose hooks gather
-    it only when the head module itself is called). Here and not in train/chunked_loss.py (the math):
+    Falls back to the plain loss where the output head is not one it takes (train.chunked_loss.takes_head:
+    an adapter on it, a sharded weight). Here and not in train/chunked_loss.py (the math):
     it reads evaluate.lm's supervised positions, and train/ imports nothing above it."""
     from tunelab.evaluate.lm import supervised_hidden, supervised_loss
-    from tunelab.train.chunked_loss import linear_cross_entropy
+    from tunelab.train.chunked_loss import linear_cross_entropy, takes_head
 
     def loss_fn(model, batch: dict):
         head = model.get_output_embeddings()
-        if type(head) is not torch.nn.Linear or type(head.weight.data) is not torch.Tensor or hasattr(head.weight, "ds_id"):
+        if not takes_head(head):
             return supervised_loss(model, batch)
         hidden, targets = supervised_hidden(model, batch)
         return linear_cross_entropy(hidden, head, targets, chunk), int(targets.numel())

@@ -81,10 +81,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         return g_h, g_w, g_b, None, None, None
 
 
+def takes_head(head) -> bool:
+    """Whether the chunked loss can project with `head`: a plain Linear whose weight is an ordinary local
+    tensor. Not an adapter on the head, and not a weight sharded by FSDP2 (a DTensor) or DeepSpeed ZeRO-3
+    (`ds_id`), whose hooks gather it only when the head module itself is called."""
+    return type(head) is torch.nn.Linear and type(head.weight.data) is torch.Tensor and not hasattr(head.weight, "ds_id")
+
+
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
                          chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `targets` (no IGNORE_INDEX inside), chunked."""
     return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, _compute_dtype(hidden))
 
 
-__all__ = ["DEFAULT_CHUNK", "LinearCrossEntropy", "linear_cross_entropy"]
+__all__ = ["DEFAULT_CHUNK", "LinearCrossEntropy", "linear_cross_entropy", "takes_head"]
