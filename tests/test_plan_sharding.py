@@ -79,3 +79,38 @@ def test_both_planners_give_each_process_the_same_bytes(method, tmp_path):
             here = {k: round(est["memory"][k]) for k in hardware}
             assert here == hardware, (strategy, precision)
             assert here["sharding_buffers"] > 0
+
+
+def test_fsdp_root_unit_is_gathered_whole_with_its_gradient_and_reduce_input():
+    """FSDP2's root unit (outside the blocks: a BERT's embeddings, pooler, classifier) by hand: root_unit_params
+    counts what find_blocks leaves out, fsdp_root_bytes = root * act + trainable * (act + 4), and
+    device_states adds it under fsdp with N > 1 only."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tunelab.plan.arch import gathered_unit_params, root_unit_params
+    from tunelab.plan.memory import comm_overhead, device_states, fsdp_root_bytes
+
+    h, v, layers, pos = 32, 100, 2, 64
+    model = BertForSequenceClassification(BertConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=4,
+                                                     intermediate_size=64, vocab_size=v, max_position_embeddings=pos))
+    # embeddings (word, position, 2 token types, LayerNorm) + pooler (h x h + h) + classifier (2h + 2)
+    root = (v + pos + 2) * h + 2 * h + (h * h + h) + (2 * h + 2)
+    total = sum(p.numel() for p in model.parameters())
+    assert root_unit_params(model) == (root, root)
+    assert total - root == layers * gathered_unit_params(model)
+    model.bert.embeddings.requires_grad_(False)
+    assert root_unit_params(model) == (root, root - ((v + pos + 2) * h + 2 * h))
+    assert fsdp_root_bytes(1000, 400, act_bytes=4) == 1000 * 4 + 400 * 8
+    assert fsdp_root_bytes(1000, 400, act_bytes=2) == 1000 * 2 + 400 * 6
+    unit = gathered_unit_params(model)
+    for precision, act in (("fp32", 4), ("bf16", 2)):
+        fsdp = device_states(total, total, precision=precision, strategy="fsdp", n=2, unit_params=unit,
+                             root_params=root, root_trainable=root)
+        base = comm_overhead("fsdp", grad_bytes=total * 4, largest_layer_params=unit, act_bytes=act, n=2)
+        assert fsdp["buffers"] == base + root * act + root * (act + 4)
+        zero3 = device_states(total, total, precision=precision, strategy="zero3", n=2, unit_params=unit,
+                              root_params=root, root_trainable=root)
+        assert zero3["buffers"] == base  # DeepSpeed gathers layer by layer: no root unit
+        alone = device_states(total, total, precision=precision, strategy="fsdp", n=1, unit_params=unit,
+                              root_params=root, root_trainable=root)
+        assert alone["buffers"] == 0

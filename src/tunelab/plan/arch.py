@@ -228,6 +228,21 @@ def gathered_unit_params(model: nn.Module) -> int:
     return sum(p.numel() for p in blocks[0].parameters())
 
 
+def root_unit_params(model: nn.Module) -> tuple[int, int]:
+    """Parameters (all, trainable) outside the repeated blocks: FSDP2's root unit (embeddings, final
+    norm, pooler, heads), gathered whole for the step (its root is not resharded after forward); 0
+    where no blocks are found (every module then counts as its own unit)."""
+    from tunelab.models.anatomy import find_blocks
+
+    try:
+        _, blocks = find_blocks(model)
+    except InputError:
+        return 0, 0
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    outside = [p for p in model.parameters() if id(p) not in inside]
+    return sum(p.numel() for p in outside), sum(p.numel() for p in outside if p.requires_grad)
+
+
 def head_params(model: nn.Module, task: str) -> int:
     """Parameters of a new classification head (trained fully under every method); 0 for causal LMs."""
     if task != "classification":

@@ -81,6 +81,7 @@ class Model:
         self.head = arch.head_params(self.module, self.task)
         self._lora: dict = {}
         self.unit_params = arch.gathered_unit_params(self.module)
+        self.root_params = arch.root_unit_params(self.module)[0]  # FSDP2's root unit (plan.memory.fsdp_root_bytes)
 
     def lora(self, targets, r: int) -> dict:
         key = (tuple(targets) if not isinstance(targets, str) else targets, r)
@@ -118,7 +119,9 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     states = memory.device_states(params["total"], params["trainable"], quantized=params["quantized"],
                                   precision=spec.precision, strategy=spec.strategy, n=spec.devices,
                                   offload=spec.offload,  # a block's adapters are gathered with it
-                                  unit_params=model.unit_params + params["adapter"] / max(1, model.shape.layers))
+                                  unit_params=model.unit_params + params["adapter"] / max(1, model.shape.layers),
+                                  root_params=model.root_params,  # a full fine-tune trains the root; LoRA its head
+                                  root_trainable=model.root_params if spec.method == "full" else model.head)
     act_bytes = memory.compute_bytes(spec.precision)
     # tunelab's autocast keeps the residual stream (embeddings + residual adds) in fp32: norm inputs too
     autocast = computes_under_autocast(spec.strategy) and act_bytes == 2

@@ -253,13 +253,15 @@ def shard_states(est: dict, cfg: Config, strategy: str, nproc: int) -> None:
     FSDP2 shards the fp32 parameters, their gradients and AdamW's two moments (no master copy);
     DeepSpeed keeps its optimizer partition as an fp32 master plus the moments (K = 12 bytes), and
     16-bit weights and gradients under bf16/fp16."""
-    from tunelab.plan.arch import gathered_unit_params
+    from tunelab.plan.arch import gathered_unit_params, root_unit_params
     from tunelab.plan.memory import device_states
 
     mem, pb = est["memory"], est["params"]
+    root, root_trainable = root_unit_params(est["model"])
     ms = device_states(pb["total_params"], pb["trainable_params"], quantized=pb["quantized_params"],
                        precision=est["precision"], strategy=strategy, n=nproc, offload=cfg.distributed.cpu_offload,
-                       unit_params=gathered_unit_params(est["model"]))
+                       unit_params=gathered_unit_params(est["model"]), root_params=root,
+                       root_trainable=root_trainable)
     new = {"weights": ms["weights"], "gradients": ms["gradients"], "optimizer": ms["master_weights"] + ms["optimizer"],
            "sharding_buffers": ms["buffers"]}
     before = mem["weights"] + mem["gradients"] + mem["optimizer"]
