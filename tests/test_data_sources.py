@@ -244,3 +244,114 @@ def test_mixed_preference_sources_and_a_saved_dataset(tmp_path, monkeypatch):
     want = encode_pairs(read_preference_data(tmp_path / "b"), tok, 96)[0]
     assert [got.train[10 + i].chosen.input_ids for i in range(5)] == [p.chosen.input_ids for p in want]
     assert got.train[12].source.endswith("#2")  # a dataset row is located by its index
+
+
+@pytest.mark.e2e
+def test_classification_cached_and_uncached_runs_are_bit_identical_and_mixed_sources_report_each(
+        toy_classification, tmp_path, encodings):
+    import copy
+
+    import torch
+
+    from tunelab.compose import setup_task
+    from tunelab.config import Config
+    from tunelab.data.classification import encode, load_examples, make_batches
+    from tunelab.evaluate.classification import predict
+    from tunelab.run import run_training
+
+    from test_data_cache import _rows, _weights  # the run-dir readers the chat cache test compares with
+
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["train"] = {**raw["train"], "max_steps": 4, "eval_every": 2}
+    runs = {}
+    for name, cache in (("uncached", False), ("miss", True), ("hit", True)):
+        n = len(encodings)
+        runs[name] = run_training(Config.model_validate({**raw, "data": {**raw["data"], "cache": cache}}),
+                                  tmp_path / name, show_progress=False)
+        assert runs[name]["status"] == "completed"
+        assert (len(encodings) > n) == (name != "hit"), name  # the hit encodes nothing
+    reference = _weights(tmp_path / "uncached")
+    for name in ("miss", "hit"):
+        got = _weights(tmp_path / name)
+        assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in reference), name
+        assert _rows(tmp_path / name) == _rows(tmp_path / "uncached"), name
+        assert runs[name]["data"] == runs["uncached"]["data"], name
+
+    d = toy_classification["dir"]
+    write_jsonl(d / "general.jsonl", sentiment_rows(40, seed=11))
+    write_jsonl(d / "eval_b.jsonl", sentiment_rows(10, seed=12))
+    raw["data"] = {"train": [{"path": str(d / "train.jsonl"), "weight": 3}, {"path": str(d / "general.jsonl")}],
+                   "eval": [{"path": str(d / "eval.jsonl"), "name": "a"}, {"path": str(d / "eval_b.jsonl"), "name": "b"}]}
+    cfg = Config.model_validate(raw)
+    summary = run_training(cfg, tmp_path / "mixed", show_progress=False)
+    train, general = summary["data"]["sources"]
+    assert (train["planned_units_per_epoch"], general["planned_units_per_epoch"]) == (64, 21)
+    assert train["units_seen"] + general["units_seen"] == summary["samples"] == 32  # 4 steps of 8 rows
+    assert train["rows_seen"] == train["units_seen"]  # a classification unit is one row
+    rows = [r for r in _rows(tmp_path / "mixed") if "eval_a_loss" in r]
+    assert rows and all({"eval_b_loss", "eval_a_accuracy", "eval_b_macro_f1"} <= set(r) for r in rows)
+    task = setup_task(cfg)
+    got = task.evaluate(task.model)
+    for name, path in (("a", d / "eval.jsonl"), ("b", d / "eval_b.jsonl")):  # each eval file alone, plainly
+        ex, _ = load_examples(path, label_names=task.info["labels"])
+        loss, preds, ys = predict(task.model, make_batches(encode(ex, task.tokenizer, 32)[0], ex.labels, 0, 8))
+        assert abs(got[f"{name}_loss"] - loss / len(ys)) < 1e-6
+        assert got[f"{name}_accuracy"] == sum(p == y for p, y in zip(preds, ys)) / len(ys)
+
+
+@pytest.mark.e2e
+def test_mixed_preference_run_reports_each_source_and_each_eval_source_equals_it_alone(tmp_path):
+    from tunelab.compose import setup_task
+    from tunelab.config import Config
+    from tunelab.data.preference import encode_pairs, read_preference_data
+    from tunelab.run import run_training
+    from tunelab.tasks.preference import pair_batch, preference_metrics
+    from tunelab.train.preference_losses import loss_from_config
+
+    from tiny_models import tiny_llama_build
+
+    tok = tiny_chat_tokenizer_build()
+    tiny_llama_build(len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    write_jsonl(tmp_path / "a.jsonl", PAIRS * 2)
+    write_jsonl(tmp_path / "b.jsonl", PAIRS[1:3])
+    write_jsonl(tmp_path / "ea.jsonl", PAIRS[:2])
+    write_jsonl(tmp_path / "eb.jsonl", PAIRS[2:])
+    raw = {"task": "preference", "model": {"name": str(tmp_path / "model"), "max_length": 96}, "method": "full",
+           "data": {"train": [{"path": str(tmp_path / "a.jsonl"), "weight": 2}, {"path": str(tmp_path / "b.jsonl")}],
+                    "eval": [{"path": str(tmp_path / "ea.jsonl"), "name": "ea"},
+                             {"path": str(tmp_path / "eb.jsonl"), "name": "eb"}]},
+           "optim": {"lr": 1e-2, "weight_decay": 0.0}, "schedule": {"name": "constant", "warmup_ratio": 0.0},
+           "train": {"max_steps": 3, "batch_size": 2, "log_every": 1, "eval_every": 3, "eval_before": False},
+           "early_stopping": {"enabled": False}}
+    summary = run_training(Config.model_validate(raw), tmp_path / "run", show_progress=False)  # dpo: cached reference
+    assert summary["status"] == "completed"
+    a, b = summary["data"]["sources"]
+    assert (a["planned_units_per_epoch"], b["planned_units_per_epoch"]) == (10, 5)
+    assert a["rows_seen"] + b["rows_seen"] == summary["samples"] >= 5  # 3 steps of 2 pairs (an epoch's odd one alone)
+    assert {"ea_loss", "eb_loss", "ea_pref_accuracy", "eb_reward_margin"} <= set(summary["final"])
+
+    raw["preference"] = {"loss": "simpo"}  # reference-free: each eval file alone is the plain reference
+    task = setup_task(Config.model_validate(raw))
+    got = task.evaluate(task.model)
+    loss_fn = loss_from_config(Config.model_validate(raw).preference)
+    total = 0.0
+    for name in ("ea", "eb"):
+        pairs = encode_pairs(read_preference_data(tmp_path / f"{name}.jsonl"), task.tokenizer, 96)[0]
+        alone = preference_metrics(task.model, [pair_batch(pairs, list(range(len(pairs))), 0)], loss_fn)
+        assert abs(got[f"{name}_loss"] - alone["loss"]) < 1e-5 and got[f"{name}_pref_accuracy"] == alone["pref_accuracy"]
+        total += alone["loss"] * alone["pairs"]
+    assert abs(got["loss"] - total / got["pairs"]) < 1e-5 and got["pairs"] == len(PAIRS)
+
+
+@pytest.mark.unit
+def test_prepare_fills_the_classification_cache_and_training_only_reads_it(toy_classification, encodings):
+    from tunelab.compose import prepare_data, setup_task
+    from tunelab.config import Config
+
+    cfg = Config.model_validate(toy_classification["config"])
+    folders = prepare_data(cfg)  # the training file and the eval file
+    assert len(folders) == 2 and all((f / "manifest.json").is_file() for f in folders)
+    n = len(encodings)
+    task = setup_task(cfg)
+    assert len(encodings) == n and task.info["train_rows"] == 64 and task.info["eval_rows"] == 16
