@@ -416,8 +416,15 @@ def test_qlora_is_recommended_under_fsdp_where_only_sharding_makes_it_fit(llama_
         except InputError:
             accepted = False
         assert accepted == (strategy in recommend.QLORA_STRATEGIES), strategy
-    # one device too few for it: the missing line names the GPUs QLoRA under fsdp still needs
-    short = recommend.missing(model, replace_spec(spec, gpus=1))
+    # one device too few for it: the missing line names the GPUs QLoRA under fsdp still needs. `missing`
+    # judges the leanest run (micro-batch 1 + checkpointing), so the device is sized between that run
+    # unsharded on one device and sharded on four
+    lean = replace_spec(spec, gpus=1, batch_size=1, gradient_checkpointing=True)
+    lean_alone = plan_one(model, replace_spec(lean, strategy="ddp"))["per_device"]["total_bytes"]
+    lean_sharded = plan_one(model, replace_spec(lean, gpus=4, strategy="fsdp"))["per_device"]["total_bytes"]
+    assert lean_sharded < lean_alone
+    tight = replace_spec(spec, gpus=1, gpu=custom((lean_sharded + lean_alone) / 2 / 2**30, 100))
+    short = recommend.missing(model, tight)
     assert "for qlora (fsdp + checkpointing" in short, short
 
 
