@@ -28,13 +28,6 @@ class Examples:
     def __len__(self) -> int:
         return len(self.texts)
 
-    @property
-    def keys(self) -> list[int]:
-        """Each row's text hash (data.curate.pair_hash), as the cached tables keep it."""
-        from tunelab.data.curate import pair_hash
-
-        return [pair_hash(t, p) for t, p in zip(self.texts, self.pairs or [None] * len(self))]
-
     def subset(self, idx: list[int]) -> "Examples":
         return Examples(
             [self.texts[i] for i in idx],

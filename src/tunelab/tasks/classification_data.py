@@ -19,7 +19,7 @@ line and label. One source with regularization.replay_data gives the rows replay
 
 from __future__ import annotations
 
-import logging
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,13 @@ import numpy as np
 from tunelab.data.sources import Mix, Source, describe, eval_names, eval_sources, hold_out, mix, train_sources
 from tunelab.errors import InputError
 
-log = logging.getLogger("tunelab")
+
+def text_key(text: str, pair: str | None) -> int:
+    """A 64-bit hash of a row's comparison key (data.curate.pair_key): equal texts, equal hashes."""
+    from tunelab.data.curate import pair_key
+
+    digest = hashlib.blake2b(pair_key(text, pair).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 class ClassTable(Sequence):
@@ -84,7 +90,6 @@ def encode_source(src: Source, data_cfg, tokenizer, max_len: int, tokenizer_key:
     chunks); `limit`: data.max_rows for the rows kept (None: all)."""
     from tunelab.data.cache import file_stamp, open_or_build
     from tunelab.data.classification import Examples, RawLabels, encode_rows, parse_rows
-    from tunelab.data.curate import pair_hash
     from tunelab.data.stream import record_chunks
 
     d, path = data_cfg, src.path
@@ -105,7 +110,7 @@ def encode_source(src: Source, data_cfg, tokenizer, max_len: int, tokenizer_key:
             feats, flags = encode_rows(Examples(texts, codes, pairs, places), tokenizer, max_len)
             cut += sum(flags)
             writer.add({**{k: [f[k] for f in feats] for k in layout["ragged"]}, "label": codes, "cut": flags,
-                        "text_key": [pair_hash(t, p) for t, p in zip(texts, pairs or [None] * len(texts))],
+                        "text_key": [text_key(t, p) for t, p in zip(texts, pairs or [None] * len(texts))],
                         "source": places})
             if left == 0:
                 break
@@ -149,15 +154,14 @@ def joined(tables: list):
     return tables[0] if len(tables) == 1 else ConcatTable(tables, ("lengths", "labels", "cut", "keys"))
 
 
-def _present(tables: list) -> list[int]:
-    """The label ids that occur in the tables, sorted."""
-    return sorted(set(np.concatenate([t.labels for t in tables]).tolist()))
+def load_classification_data(data_cfg, tokenizer, max_len: int, *, seed: int, replay_data: str | None = None,
+                             replay_ratio: float = 0.0) -> ClassificationData:
+    """Every source encoded (cache), the vocabulary chosen, the eval share held out, the mix planned.
 
-
-def read_sources(data_cfg, tokenizer, max_len: int, replay_data: str | None = None, replay_ratio: float = 0.0):
-    """(training sources, their tables, label names, eval tables by name): every source encoded (cache)
-    and its labels mapped, before any split; what tasks.prepare fills the cache with."""
+    `data_cfg`: the data section; `seed`: train.seed (the stratified split, the mix); `replay_data`,
+    `replay_ratio`: regularization's replay file and its share of each epoch."""
     from tunelab.data.cache import tokenizer_stamp
+    from tunelab.data.classification import stratified_split
 
     d = data_cfg
     srcs = train_sources(d, replay_data, replay_ratio)
@@ -170,34 +174,23 @@ def read_sources(data_cfg, tokenizer, max_len: int, replay_data: str | None = No
                    "list every label in data.labels to mix sources with other labels")
         table, names = read_source(s, d, tokenizer, max_len, stamp, names, d.max_rows if s.split else None, why)
         tables.append(table)
-    present = _present([t for s, t in zip(srcs, tables) if s.split])
+    own = [t for s, t in zip(srcs, tables) if s.split]
+    present = sorted(set(np.concatenate([t.labels for t in own]).tolist()))
+    rows_before = sum(len(t) for t in own)
     if len(present) < 2:
         raise InputError(f"only one label ({names[present[0]]!r}) in the training data; classification needs at "
                          "least two", file=srcs[0].path, field=d.label_column)
-    ev = eval_sources(d)
-    evals = {n: read_source(s, d, tokenizer, max_len, stamp, names)[0] for s, n in zip(ev, eval_names(d, ev))}
-    return srcs, tables, names, evals
 
-
-def load_classification_data(data_cfg, tokenizer, max_len: int, *, seed: int, replay_data: str | None = None,
-                             replay_ratio: float = 0.0) -> ClassificationData:
-    """Every source encoded (cache), the vocabulary chosen, the eval share held out, the mix planned.
-
-    `data_cfg`: the data section; `seed`: train.seed (the stratified split, the mix); `replay_data`,
-    `replay_ratio`: regularization's replay file and its share of each epoch."""
-    from tunelab.data.classification import stratified_split
-
-    d = data_cfg
-    srcs, tables, names, evals = read_sources(d, tokenizer, max_len, replay_data, replay_ratio)
-    own = [t for s, t in zip(srcs, tables) if s.split]
-    present, rows_before = _present(own), sum(len(t) for t in own)
-
+    evals: dict = {}
+    if d.eval:
+        ev = eval_sources(d)
+        evals = {n: read_source(s, d, tokenizer, max_len, stamp, names)[0] for s, n in zip(ev, eval_names(d, ev))}
     tables, held, _ = hold_out(srcs, tables, lambda t: stratified_split(t.labels.tolist(), d.eval_split, seed),
                                has_eval=bool(d.eval))
     evals = evals or held
     own = [t for s, t in zip(srcs, tables) if s.split]
     if held:
-        left = set(_present(own))
+        left = set(np.concatenate([t.labels for t in own]).tolist())
         lost = [names[y] for y in present if y not in left]
         if lost:
             raise InputError(f"eval_split {d.eval_split} of {rows_before} rows leaves no training rows for label "
@@ -219,29 +212,14 @@ def label_counts(table, names: list[str]) -> dict[str, int]:
 
 def data_quality(train, evaluation) -> dict:
     """Duplicate texts, label conflicts and eval rows also in train (data.curate.quality_counts) over
-    the rows as loaded (after the eval split), compared by their texts' hashes, logged as one warning
-    line. `train`, `evaluation`: tables (or data.classification.Examples). Training data is not
-    changed: `tunelab data clean` is the way to drop them (benchmarks rely on training what the file holds)."""
+    the rows as loaded (after the eval split), compared by their texts' hashes; nothing is dropped."""
     from tunelab.data.curate import quality_counts
     from tunelab.data.encoded import UnitSources
 
-    def places(rows):
-        return rows.source if isinstance(rows.source, list) else UnitSources(rows)
-
-    none = evaluation is None
-    q = quality_counts(list(train.keys), list(train.labels), places(train), [] if none else list(evaluation.keys),
-                       [] if none else places(evaluation))
-    parts = []
-    for n, what, reason in ((q["duplicate_rows"], "rows repeat an earlier text", "duplicate"),
-                            (q["label_conflict_rows"], "rows share a text with a row of another label", "label_conflict"),
-                            (q["eval_rows_in_train"], "eval rows also appear in the training data", "leakage")):
-        if n:
-            parts.append(f"{n} {what} (e.g. {', '.join(q['examples'][reason][:2])})")
-    if parts:
-        log.warning("training data: %s; training uses them as they are (`tunelab data clean` drops them)",
-                    "; ".join(parts))
-    return q
+    no_eval = evaluation is None
+    return quality_counts(train.keys.tolist(), train.labels.tolist(), UnitSources(train),
+                          [] if no_eval else evaluation.keys.tolist(), [] if no_eval else UnitSources(evaluation))
 
 
-__all__ = ["ClassTable", "ClassificationData", "load_classification_data", "read_sources", "read_source", "encode_source",
-           "label_counts", "data_quality", "joined"]
+__all__ = ["ClassTable", "ClassificationData", "load_classification_data", "read_source", "encode_source",
+           "label_counts", "data_quality", "joined", "text_key"]

@@ -1,10 +1,8 @@
 """Fill the encoded-data cache (tunelab.data.cache) for a config before training starts.
 
 Here, in tasks/, and not in data/cache.py: which encoder a config's data goes through is the task's
-knowledge (tasks.lm_data for chat / causal_lm, tasks.classification_data for classification), and
-data/ must not import tasks/ (no package circle, tests/test_architecture.py). Preference data is
-cached by its first reader (the others wait on the entry's lock, then read it); it is not prepared
-here yet: its tokenizer can be a tunelab SFT run's, found by loading that run (tasks.preference.load_policy).
+knowledge (tasks.lm_data for chat / causal_lm), and data/ must not import tasks/ (no package circle,
+tests/test_architecture.py).
 """
 
 from __future__ import annotations
@@ -28,26 +26,4 @@ def prepare(*, task: str, model_cfg, data_cfg, replay_data: str | None = None, r
 
         return prepare_lm_data(task=task, model_cfg=model_cfg, data_cfg=data_cfg, replay_data=replay_data,
                                replay_ratio=replay_ratio)
-    if task == "classification":
-        return _prepare_classification(model_cfg, data_cfg, replay_data, replay_ratio)
     return []
-
-
-def _prepare_classification(model_cfg, data_cfg, replay_data: str | None, replay_ratio: float) -> list[Path]:
-    """Every classification source into the cache as setup_classification would (tokenizer and model
-    config only); the entries' folders."""
-    from transformers import AutoConfig
-
-    from tunelab.models.load import load_tokenizer
-    from tunelab.models.registry import resolve_model
-    from tunelab.tasks.classification_data import read_sources
-    from tunelab.train.sizes import usable_max_length
-
-    m = model_cfg
-    source = resolve_model(m.name)
-    tokenizer = load_tokenizer(source, trust_remote_code=m.trust_remote_code, revision=m.revision)
-    config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=m.trust_remote_code,
-                                        revision=m.revision)
-    _, tables, _, evals = read_sources(data_cfg, tokenizer, usable_max_length(m.max_length, config), replay_data,
-                                       replay_ratio)
-    return [t.store.folder for t in [*tables, *evals.values()]]
