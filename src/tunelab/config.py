@@ -470,6 +470,11 @@ class Config(Section):
             if twice:
                 raise RuleError(f"data.{key}", f"two sources of data.{key} are named '{twice}': give each a "
                                 "distinct name (name: ...)")
+        if self.task in ("classification", "preference") and (isinstance(d.train, list) or isinstance(d.eval, list)):
+            key = "data.train" if isinstance(d.train, list) else "data.eval"
+            raise RuleError(key, f"task {self.task} reads one file here; lists of sources are mixed for chat and "
+                            "causal_lm only so far: give one file (for replay of a second classification file, "
+                            "regularization.replay_data and replay_ratio)")
         if isinstance(d.train, list) and r.replay_data:
             raise RuleError("regularization.replay_data", "data.train is a list of sources: add the replay file to "
                             "it as a source with its weight instead of regularization.replay_data")
