@@ -209,3 +209,18 @@ def test_eval_sources_each_get_their_loss_and_replay_is_a_source(tmp_path, tiny_
     d, r = task.info["sources"]
     assert r["planned_units_per_epoch"] == round(d["units"] * 0.25 / 0.75) and task.train.epoch_size == d["units"] + r[
         "planned_units_per_epoch"]
+
+
+@pytest.mark.unit
+def test_preference_refuses_replay_data_where_it_would_ignore_it(tmp_path):
+    """The preference setup mixes no replay rows: a config that asks for them is refused, never silently run."""
+    from tunelab.config import load_config
+    from tunelab.errors import InputError
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n', encoding="utf-8")
+    raw = {"task": "preference", "model": {"name": "x"}, "data": {"train": "p.jsonl"},
+           "regularization": {"replay_data": "p.jsonl", "replay_ratio": 0.2}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        load_config(tmp_path / "c.yaml")
+    assert "regularization.replay_data" in str(err.value) and "preference" in str(err.value)

@@ -533,6 +533,10 @@ class Config(Section):
         if r.replay_ratio > 0 and not r.replay_data:
             raise RuleError("regularization.replay_ratio", "regularization.replay_ratio needs regularization.replay_data "
                             "(the file to replay): set it, or remove replay_ratio")
+        if r.replay_data and self.task == "preference":  # its setup mixes nothing in: refused, never ignored
+            raise RuleError("regularization.replay_data", "task preference does not replay data: remove "
+                            "regularization.replay_data (keep the policy near the reference with preference.beta, "
+                            "or add the general pairs to data.train)")
         if r.replay_data and r.replay_ratio == 0:
             raise RuleError("regularization.replay_data", "regularization.replay_data is set but replay_ratio is 0, so "
                             "nothing is replayed: set regularization.replay_ratio (e.g. 0.1)")
