@@ -6,8 +6,10 @@
 Pairs: alpaca_eval's 805 instructions, answered by GPT-4 (../shared/datasets/alpaca_eval_gpt4,
 chosen) and by text-davinci-003 (../shared/datasets/alpaca_eval_davinci003, rejected), shuffled
 with seed 0 (the files are grouped by source), the first `--train` for training and the next
-`--held-out` for evaluation (pairs whose prompt takes more than half of `--max-length` are left out
-first, and counted). Each side trains the embedded SmolLM2-135M-Instruct with DPO (beta
+`--held-out` for evaluation (pairs whose prompt alone fills `--max-length` are left out first, and
+counted: tunelab refuses them as input errors; a longer prompt is cut to its end, see below). 12 of
+the 805 instructions give no usable pair (an empty or identical answer), so at most 793 pairs exist:
+600 for training leave at most 193 to hold out, not 205. Each side trains the embedded SmolLM2-135M-Instruct with DPO (beta
 0.1) on the same pairs, rendered with its chat template, lr 5e-6 (lora: 5e-5) constant, `--batch`
 pairs a step, bf16 autocast on the CPU (fp32 master weights), one epoch (or `--max-steps`), in its
 own spawned process (peak memory = that process's max RSS; tunelab's includes its evaluations and
@@ -202,9 +204,9 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
 
-    def fits(pair: dict) -> bool:  # the prompt leaves at least half of max_length to the answers
+    def fits(pair: dict) -> bool:  # a prompt that alone fills max_length is an input error in tunelab
         text = tok.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
-        return len(tok(text, add_special_tokens=False)["input_ids"]) <= args.max_length // 2
+        return len(tok(text, add_special_tokens=False)["input_ids"]) < args.max_length
 
     train, held, dropped = make_pairs(args.train, args.held_out, fits)
     a = {"max_length": args.max_length, "batch": args.batch, "max_steps": args.max_steps, "trl_eval": args.trl_eval,
