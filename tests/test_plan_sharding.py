@@ -68,7 +68,7 @@ def test_both_planners_give_each_process_the_same_bytes(method, tmp_path):
             model = meta_model(cfg, None)
             pb = planner.param_bytes(model, cfg)
             est = {"memory": {k: pb[k] for k in ("weights", "gradients", "optimizer")} | {"peak": 0.0},
-                   "params": pb, "precision": precision, "model": model}
+                   "params": pb, "precision": precision, "model": model, "device": "cuda"}  # GPUs, as per_device
             planner.shard_states(est, cfg, strategy, 2)
             spec = Spec(model=str(tmp_path), gpu=lookup("L4"), method=method, task="causal_lm", precision=precision,
                         strategy=strategy, gpus=2)
@@ -90,6 +90,9 @@ def test_fsdp_root_unit_is_gathered_whole_with_its_gradient_and_reduce_input():
     from tunelab.plan.arch import gathered_unit_params, root_unit_params
     from tunelab.plan.memory import comm_overhead, device_states, fsdp_root_bytes
 
+    def memory_zero3(params, n, act_bytes):  # all of this small model gathered, the bucket whole (a GPU's),
+        return params * act_bytes + 5e8 * act_bytes + params * (1 + 1 / n) * act_bytes + params / n * 4  # its reduce
+
     h, v, layers, pos = 32, 100, 2, 64
     model = BertForSequenceClassification(BertConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=4,
                                                      intermediate_size=64, vocab_size=v, max_position_embeddings=pos))
@@ -110,7 +113,8 @@ def test_fsdp_root_unit_is_gathered_whole_with_its_gradient_and_reduce_input():
         assert fsdp["buffers"] == base + root * act + root * (act + 4)
         zero3 = device_states(total, total, precision=precision, strategy="zero3", n=2, unit_params=unit,
                               root_params=root, root_trainable=root)
-        assert zero3["buffers"] == base  # DeepSpeed gathers layer by layer: no root unit
+        # DeepSpeed: no root unit, its own gathered parameters, bucket and fp32 gradient partition
+        assert zero3["buffers"] == memory_zero3(total, n=2, act_bytes=act)
         alone = device_states(total, total, precision=precision, strategy="fsdp", n=1, unit_params=unit,
                               root_params=root, root_trainable=root)
         assert alone["buffers"] == 0

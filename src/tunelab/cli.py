@@ -318,6 +318,13 @@ def plan(
     strategy: Optional[str] = typer.Option(None, "--strategy", help="ddp | fsdp | zero1 | zero2 | zero3."),
     offload: bool = typer.Option(False, "--offload", help="Optimizer state (and master weights) in host memory."),
     mfu: Optional[float] = typer.Option(None, "--mfu", min=0.001, max=1.0, help="Model FLOPs utilisation (default 0.4)."),
+    interconnect: Optional[str] = typer.Option(None, "--interconnect", help="Link the collectives cross: nvlink3, "
+                                               "nvlink4, nvlink5, infinity-fabric, pcie3/4/5, infiniband, ethernet, "
+                                               "gloo-loopback (default: the GPU's own; infiniband across nodes)."),
+    link_bandwidth: Optional[float] = typer.Option(None, "--link-bandwidth", min=0.001,
+                                                   help="GB/s per device and direction (overrides the link's)."),
+    comm_overlap: Optional[float] = typer.Option(None, "--comm-overlap", min=0.0, max=1.0,
+                                                 help="Share of communication hidden behind computation (default 0)."),
     tokens_saved: Optional[int] = typer.Option(None, "--prompting-tokens-saved", min=1,
                                                help="Prompt tokens per request a fine-tune makes unnecessary."),
     price_in: Optional[float] = typer.Option(None, "--price-in", min=0, help="Prompting: price per 1M input tokens."),
@@ -351,7 +358,8 @@ def plan(
         from tunelab.defaults import default_lines, resolved_defaults
 
         result = make_plan(cfg, measure_steps=measure_steps, price_per_hour=price_per_hour,
-                           suggestions=not no_suggestions, nproc=nproc)
+                           suggestions=not no_suggestions, nproc=nproc, interconnect=interconnect,
+                           link_gb_per_s=link_bandwidth, overlap=comm_overlap)
         result["defaults"] = resolved_defaults(cfg)  # the keys tunelab chose because the config left them unset
         typer.echo(json.dumps(result) if as_json else "\n".join(plan_lines(result) + default_lines(result["defaults"])))
 

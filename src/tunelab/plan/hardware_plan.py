@@ -7,7 +7,9 @@ configuration's fields (`method`, `strategy`, `offload`, `precision`, `micro_bat
 `effective_batch`, `devices`, the causal-LM switches as applied (`loss_chunk_tokens`, `recompute_norms`,
 `packed_attention`), `per_device` {weights_bytes, gradients_bytes, optimizer_bytes,
 master_weights_bytes, model_states_bytes, activations_bytes, logits_bytes, overhead_bytes,
-total_bytes}, `cpu_bytes`, `fits`, `flops`, `time`), `recommendations` (the same fields each,
+total_bytes}, `cpu_bytes`, `fits`, `flops`, `communication` (plan.comm: bytes_per_step,
+collectives, seconds_per_step, exposed_seconds_per_step, overlap, link, link_gb_per_s,
+link_source), `time` (seconds = compute_seconds + communication_seconds)), `recommendations` (the same fields each,
 plus `rank` and `command`), `missing` (a sentence, or null when something fits), `command` (the
 planned configuration's when it fits, else the first recommendation's), `break_even` (or null).
 """
@@ -15,7 +17,7 @@ planned configuration's when it fits, else the first recommendation's), `break_e
 from __future__ import annotations
 
 from tunelab.errors import InputError
-from tunelab.plan import hardware, recommend as rec, timecost
+from tunelab.plan import comm, hardware, recommend as rec, timecost
 from tunelab.plan.model_plan import METHODS, Model, Spec, check_spec, plan_one
 
 HARDWARE_FLAGS = ("model", "gpu", "gpu_memory", "gpu_tflops", "gpus", "nodes", "strategy", "offload")
@@ -59,7 +61,9 @@ def spec_from(flags: dict, cfg=None, config_path: str | None = None) -> Spec:
     common = dict(gpu=gpu, gpus=flags.get("gpus") or 1, nodes=flags.get("nodes") or 1,
                   strategy=flags.get("strategy") or "ddp", offload=bool(flags.get("offload")),
                   attention=flags.get("attention") or "sdpa", mfu=flags.get("mfu") or timecost.DEFAULT_MFU,
-                  price_per_hour=flags.get("price_per_hour"), tokens=flags.get("tokens"))
+                  price_per_hour=flags.get("price_per_hour"), tokens=flags.get("tokens"),
+                  interconnect=flags.get("interconnect"), link_gb_per_s=flags.get("link_bandwidth"),
+                  comm_overlap=comm.DEFAULT_OVERLAP if flags.get("comm_overlap") is None else flags["comm_overlap"])
     if cfg is not None:
         if cfg.method not in METHODS:
             raise InputError(f"planning for other hardware covers methods {', '.join(METHODS)}, not {cfg.method!r}",
@@ -73,7 +77,7 @@ def spec_from(flags: dict, cfg=None, config_path: str | None = None) -> Spec:
                     gradient_checkpointing=cfg.train.gradient_checkpointing,
                     task="classification" if cfg.task == "classification" else "causal_lm",
                     trust_remote_code=cfg.model.trust_remote_code, config_path=config_path,
-                    **lm_switches(cfg), **common)
+                    reshard_after_forward=cfg.distributed.reshard_after_forward, **lm_switches(cfg), **common)
         if flags.get("lora_targets"):
             spec.lora_targets = _targets(flags["lora_targets"])
     else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from tunelab.config import TrainConfig
 from tunelab.errors import InputError
-from tunelab.plan import arch, memory, timecost
+from tunelab.plan import arch, comm, memory, timecost
 from tunelab.plan.hardware import Accelerator
 
 METHODS = ("full", "lora", "qlora")
@@ -48,6 +48,10 @@ class Spec:
     tokens: float | None = None  # training tokens (all epochs), for time and cost
     mfu: float = timecost.DEFAULT_MFU
     price_per_hour: float | None = None
+    interconnect: str | None = None  # plan.comm.LINKS name; None: the device's own, InfiniBand across nodes
+    link_gb_per_s: float | None = None  # overrides the link's bandwidth (GB/s per device and direction)
+    comm_overlap: float = comm.DEFAULT_OVERLAP  # share of the collectives hidden behind computation
+    reshard_after_forward: bool = True  # distributed.reshard_after_forward (fsdp)
     trust_remote_code: bool = False
     # the causal-LM switches (train.*, tasks/lm_speed.py), their config defaults unless a CONFIG.yaml says
     loss_chunk_tokens: int = _TRAIN["loss_chunk_tokens"].default
@@ -204,12 +208,25 @@ def plan_one(model: Model, spec: Spec) -> dict:
            "fits": mem["per_device"]["total_bytes"] <= spec.gpu.memory_bytes, "flops": fl, "tokens": spec.tokens}
     if params.get("targets") is not None:
         out["lora"] = {"r": spec.lora_r, "targets": params["targets"]}
+    out["communication"] = communication_for(model, spec, params)
     out["time"] = None
     if fl["total"]:
+        steps = spec.tokens / (spec.seq_len * out["effective_batch"])
         out["time"] = timecost.time_and_cost(fl["total"], devices=spec.devices,
                                              peak_flops=spec.gpu.peak_flops(spec.precision), mfu=spec.mfu,
-                                             price_per_hour=spec.price_per_hour)
+                                             price_per_hour=spec.price_per_hour,
+                                             comm_seconds=steps * out["communication"]["exposed_seconds_per_step"])
     return out
+
+
+def communication_for(model: Model, spec: Spec, params: dict) -> dict:
+    """The collectives of one optimizer step over the spec's link (plan.comm)."""
+    per_step = comm.strategy_step_bytes(spec.strategy, total=params["total"], trainable=params["trainable"],
+                                        quantized=params["quantized"], precision=spec.precision, n=spec.devices,
+                                        accum=spec.grad_accum, root_params=model.root_params,
+                                        reshard_after_forward=spec.reshard_after_forward)
+    link = comm.link_for(spec.gpu.name, spec.nodes, interconnect=spec.interconnect, gb_per_s=spec.link_gb_per_s)
+    return comm.step_seconds(per_step, link, spec.comm_overlap)
 
 
 def with_changes(spec: Spec, **changes) -> Spec:

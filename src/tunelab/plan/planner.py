@@ -261,7 +261,7 @@ def shard_states(est: dict, cfg: Config, strategy: str, nproc: int) -> None:
     ms = device_states(pb["total_params"], pb["trainable_params"], quantized=pb["quantized_params"],
                        precision=est["precision"], strategy=strategy, n=nproc, offload=cfg.distributed.cpu_offload,
                        unit_params=gathered_unit_params(est["model"]), root_params=root,
-                       root_trainable=root_trainable)
+                       root_trainable=root_trainable, whole_bucket=est.get("device") != "cpu")
     new = {"weights": ms["weights"], "gradients": ms["gradients"], "optimizer": ms["master_weights"] + ms["optimizer"],
            "sharding_buffers": ms["buffers"]}
     before = mem["weights"] + mem["gradients"] + mem["optimizer"]
@@ -363,14 +363,18 @@ def measure(cfg: Config, steps: int) -> dict:
 
 
 def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | None = None,
-              suggestions: bool = True, nproc: int = 1) -> dict:
+              suggestions: bool = True, nproc: int = 1, interconnect: str | None = None,
+              link_gb_per_s: float | None = None, overlap: float | None = None) -> dict:
     """The whole plan as one JSON-ready dict (the `tunelab plan --json` object).
 
     `nproc`: data-parallel processes (`tunelab train --nproc`). A step then takes nproc x grad_accum
     micro-batches (fewer steps), each process holds the memory planned here plus DDP's gradient
     buckets (one more copy of the trainable gradients), and on the CPU the processes share the
     machine's memory and cores (no speedup: benchmarks measured 71-74 vs 90-98 samples/s for 2 vs 1
-    on 2 cores), while on GPUs (one each) the time is divided by nproc, communication not counted.
+    on 2 cores), while on GPUs (one each) the time is divided by nproc. Each step adds the strategy's
+    collectives (`communication`: plan.comm, over gloo's measured loopback figure on the CPU, PCIe 4
+    between GPUs here unless `interconnect` / `link_gb_per_s` say; `overlap` of it hidden, default
+    none: on the CPU gloo computes on the cores the steps use).
     """
     profile = data_profile(cfg)
     # the process with transformers, the tokenizer and the data loaded, as a run has them; taken once,
@@ -410,6 +414,8 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
     plan["available_mb"] = round(avail / MB, 1) if avail is not None else None
     share = nproc if est["device"] == "cpu" else 1  # CPU processes share one machine's memory
     plan["fits"] = None if avail is None else est["memory"]["peak"] * share <= avail
+    plan["communication"] = communication(cfg, est, strategy, nproc, interconnect=interconnect,
+                                          link_gb_per_s=link_gb_per_s, overlap=overlap)
     plan["time"] = None
     if measure_steps:
         m = measure(cfg, measure_steps)
@@ -418,12 +424,15 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
         measured_flops = sum(est["flops_per_batch"][a: a * (1 + m["steps"])])
         rate = measured_flops / m["seconds"] if m["seconds"] > 0 else float("nan")
         rate *= nproc if est["device"] == "cuda" else 1  # one GPU each; CPU processes share the cores
-        train_s = plan["flops"]["train_total"] / rate
+        compute_s = plan["flops"]["train_total"] / rate
+        comm_s = total_steps * plan["communication"]["exposed_seconds_per_step"]
+        train_s = compute_s + comm_s
         eval_s = n_evals * plan["flops"]["eval_per_pass"] / rate + (m["prepare_seconds"] or 0.0)
         plan["memory_mb"].update(calibrated_peak(est, m, cfg.train.grad_accum))
         plan["fits"] = None if avail is None else plan["memory_mb"]["peak"] * MB * share <= avail
         plan["time"] = {"measured_steps": m["steps"], "measured_seconds": round(m["seconds"], 3),
-                        "achieved_flops_per_second": round(rate, 1), "train_seconds": round(train_s, 3),
+                        "achieved_flops_per_second": round(rate, 1), "compute_seconds": round(compute_s, 3),
+                        "communication_seconds": round(comm_s, 3), "train_seconds": round(train_s, 3),
                         "eval_seconds": round(eval_s, 3), "total_seconds": round(train_s + eval_s, 3),
                         "measured_peak_memory_mb": m["peak_memory_mb"]}
         if m["prepare_seconds"] is not None:  # counted in eval_seconds: forward passes outside the steps
@@ -434,6 +443,22 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
     if suggestions:
         plan["suggestions"] = suggest(cfg, profile, est["memory"], est["precision"])
     return plan
+
+
+def communication(cfg: Config, est: dict, strategy: str, nproc: int, *, interconnect: str | None = None,
+                  link_gb_per_s: float | None = None, overlap: float | None = None) -> dict:
+    """The collectives of one optimizer step (plan.comm) for `nproc` processes of this config."""
+    from tunelab.plan import comm
+    from tunelab.plan.arch import root_unit_params
+
+    pb = est["params"]
+    per_step = comm.strategy_step_bytes(strategy, total=pb["total_params"], trainable=pb["trainable_params"],
+                                        quantized=pb["quantized_params"], precision=est["precision"], n=nproc,
+                                        accum=cfg.train.grad_accum, root_params=root_unit_params(est["model"])[0],
+                                        reshard_after_forward=cfg.distributed.reshard_after_forward)
+    gpu = None if est["device"] == "cpu" else "here"  # GPUs of this machine: PCIe 4 unless told
+    link = comm.link_for(gpu, interconnect=interconnect, gb_per_s=link_gb_per_s)
+    return comm.step_seconds(per_step, link, comm.DEFAULT_OVERLAP if overlap is None else overlap)
 
 
 LEVERS = [

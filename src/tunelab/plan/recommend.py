@@ -7,9 +7,9 @@ offloaded, as distributed.strategy runs it) x gradient checkpointing
 (off, on) x the largest power-of-two micro-batch that fits, with the accumulation that keeps the
 effective batch (micro-batch x accumulation x devices) of the spec. Per method and checkpointing
 choice the least-communicating strategy that fits is kept (ddp before zero1, zero2, fsdp/zero3,
-offload last: the time model does not charge communication, so this order breaks its ties), and
-the list is ranked by time (FLOPs), LoRA before QLoRA at equal FLOPs (QLoRA's dequantisation costs
-time the FLOPs do not show), then by memory per device.
+offload last; each entry's time charges its collectives, plan.comm), and the list is ranked by
+FLOPs, LoRA before QLoRA at equal FLOPs (QLoRA's dequantisation costs time the FLOPs do not show),
+then by memory per device.
 """
 
 from __future__ import annotations

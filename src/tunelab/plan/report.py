@@ -31,6 +31,9 @@ def plan_lines(p: dict) -> list[str]:
         f"compute: {p['flops']['train_total'] / 1e12:,.2f} TFLOP training, "
         f"{p['flops']['eval_per_pass'] / 1e12:,.3f} TFLOP per evaluation",
     ]
+    c = p.get("communication")
+    if c and c["bytes_per_step"]:
+        lines.append(_comm_line(c))
     t = p.get("time")
     if t:
         lines.append(f"time: {_duration(t['total_seconds'])} (train {_duration(t['train_seconds'])}, eval "
@@ -44,6 +47,12 @@ def plan_lines(p: dict) -> list[str]:
         effect = f"saves {s['saves_mb']:,.0f} MB" if s["saves_mb"] >= 0 else f"costs {-s['saves_mb']:,.0f} MB more"
         lines.append(f"  what if {s['change']}: peak {s['peak_mb']:,.0f} MB ({effect})")
     return lines
+
+
+def _comm_line(c: dict) -> str:
+    return (f"communication: {c['bytes_per_step'] / 2**20:,.1f} MB per device per step over {c['link']} "
+            f"({c['link_gb_per_s']:g} GB/s): {c['seconds_per_step']:.3g} s per step, "
+            f"{c['overlap']:.0%} assumed hidden behind computation")
 
 
 def _gb(n: float) -> str:
@@ -78,6 +87,8 @@ def hardware_lines(p: dict) -> list[str]:
                      f"{p['flops']['total']:.3g} FLOPs)" + (f", cost {t['cost']:,.2f}" if t["cost"] is not None else ""))
     else:
         lines.append("time: give --tokens (training tokens) for time and cost")
+    if p.get("communication") and p["communication"]["bytes_per_step"]:
+        lines.append(_comm_line(p["communication"]))
     if p["recommendations"]:
         lines.append("fits (fastest first):")
         lines += [f"  {r['rank']}. {_config_line(r)}\n     {r['command']}" for r in p["recommendations"]]
