@@ -32,9 +32,26 @@ def test_each_family_and_method_gets_its_lr_with_a_reason():
     assert learning_rate("classification", "full", "encoder", 110_000_000).value == 2e-5  # BERT-base
     assert learning_rate("classification", "full", "encoder", 335_000_000).value == 1e-5  # BERT-large
     assert learning_rate("causal_lm", "full", "causal", 7_000_000_000).value == 2e-5
-    assert resolved_defaults(_cfg(task="preference", data={"train": "t.jsonl"})) == {}  # not measured: unchanged
+    # preference: the lr is not measured here (the field's own), only max_length gets the LM default
+    assert set(resolved_defaults(_cfg(task="preference", data={"train": "t.jsonl"}))) == {"model.max_length"}
     for key, d in resolved_defaults(_cfg()).items():
         assert d["why"] and d["value"] is not None, key
+
+
+def test_language_model_tasks_default_to_1024_tokens_and_classification_keeps_128():
+    """The field's 128 cuts most chat answers; chat, causal LM and preference get 1024 (TRL's default), which
+    training clamps to the model's positions; a max_length the user gave is kept."""
+    for task, train in (("chat", "t.jsonl"), ("causal_lm", "t.txt"), ("preference", "t.jsonl")):
+        cfg = _cfg(task=task, model={"name": "smollm2-135m-instruct"}, data={"train": train})
+        assert cfg.model.max_length == 1024, task
+        assert "TRL" in resolved_defaults(cfg)["model.max_length"]["why"]
+        given = _cfg(task=task, model={"name": "smollm2-135m-instruct", "max_length": 256}, data={"train": train})
+        assert given.model.max_length == 256 and "model.max_length" not in resolved_defaults(given)
+    assert _cfg().model.max_length == 128 and "model.max_length" not in resolved_defaults(_cfg())
+    from types import SimpleNamespace
+
+    from tunelab.train.sizes import usable_max_length
+    assert usable_max_length(1024, SimpleNamespace(max_position_embeddings=256)) == 256  # a small model's positions
 
 
 def test_keys_the_user_set_are_never_touched():
