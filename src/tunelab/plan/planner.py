@@ -410,6 +410,7 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
                   "eval_per_pass": est["eval_flops_per_pass"]},
     }
     plan["memory_mb"]["peak_basis"] = "component sum (allocator slack not included; --measure-steps adds it)"
+    plan["packed_attention"] = packed_attention_note(cfg, est, profile)
     avail = available_bytes(torch.device(est["device"]))
     plan["available_mb"] = round(avail / MB, 1) if avail is not None else None
     share = nproc if est["device"] == "cpu" else 1  # CPU processes share one machine's memory
@@ -443,6 +444,41 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
     if suggestions:
         plan["suggestions"] = suggest(cfg, profile, est["memory"], est["precision"])
     return plan
+
+
+def packed_attention_note(cfg: Config, est: dict, profile: dict) -> dict | None:
+    """How the plan took train.packed_attention where rows are packed: the fake-tensor probe runs the
+    `mask` path only (`split` reads each row's positions, which a fake tensor does not have), so a
+    `split` run is planned as `mask`. Said, with the formula's difference at the largest micro-batch
+    (plan.memory.packed_terms: mask's L x L terms against split's one more attention output per layer),
+    which the planned peak still includes. None where rows are not packed or the task is not chat /
+    causal_lm."""
+    if not profile.get("packed") or cfg.task not in ("chat", "causal_lm"):
+        return None
+    configured = cfg.train.packed_attention
+    out = {"configured": configured, "planned_as": "mask"}
+    if configured != "split":
+        return out
+    from tunelab.models.packed_attention import supports
+    from tunelab.plan.arch import shape_of
+    from tunelab.plan.memory import packed_terms
+
+    model = est["model"]
+    if not supports(model.get_base_model() if hasattr(model, "get_base_model") else model):
+        out["note"] = "split needs sdpa attention: this model keeps the mask in training too"
+        return out
+    shape = shape_of(model.config, cfg.task)
+    big = est["largest_micro_batch"]
+    act = 2 if est["precision"] in ("bf16", "fp16") else 4
+    terms = {k: packed_terms(shape, big["width"], big["rows"], packed=k, attention="sdpa", act_bytes=act)
+             for k in ("mask", "split")}
+    over = sum(shape.layers * t[0] * (1 if k == "mask" else -1) + t[1] * (1 if k == "mask" else -1)
+               for k, t in terms.items())
+    out["mask_minus_split_bytes"] = int(over)
+    out["note"] = ("the probe cannot run split: planned as mask, whose peak is about "
+                   f"{abs(over) / MB:,.1f} MB {'above' if over >= 0 else 'below'} split's at the largest "
+                   "micro-batch (formula; the planned peak is mask's)")
+    return out
 
 
 def communication(cfg: Config, est: dict, strategy: str, nproc: int, *, interconnect: str | None = None,

@@ -31,6 +31,9 @@ def plan_lines(p: dict) -> list[str]:
         f"compute: {p['flops']['train_total'] / 1e12:,.2f} TFLOP training, "
         f"{p['flops']['eval_per_pass'] / 1e12:,.3f} TFLOP per evaluation",
     ]
+    pa = p.get("packed_attention")
+    if pa and pa.get("note"):
+        lines.append(f"packed_attention {pa['configured']}: {pa['note']}")
     c = p.get("communication")
     if c and c["bytes_per_step"]:
         lines.append(_comm_line(c))
