@@ -309,13 +309,22 @@ def test_json_schema_and_sums(llama_json):
 
 
 @pytest.mark.e2e
-def test_nothing_fits_says_what_is_missing(llama_json):
-    res = CliRunner().invoke(app, ["plan", "--model", llama_json, "--method", "full", "--gpu-memory", "1.2",
+def test_nothing_fits_says_what_is_missing(tmp_path):
+    """A 1.55B Llama, full, on 6.5 GB devices: its bf16 weights and gradients alone (6.2 GB, the rest
+    offloaded) do not fit one, and ZeRO-3 over several adds DeepSpeed's own ~3.5 GB at 16 (bucket, gathered
+    parameters, reduce-scatter, fp32 gradient: plan.memory.zero3_buffers), which a 1-2 GB device
+    never holds."""
+    from transformers import LlamaConfig
+
+    path = tmp_path / "config.json"
+    LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=28, num_attention_heads=16,
+                num_key_value_heads=16, vocab_size=32000).to_json_file(path)
+    res = CliRunner().invoke(app, ["plan", "--model", str(path), "--method", "full", "--gpu-memory", "6.5",
                                    "--gpu-tflops", "10", "--seq-len", "256", "--json"])
     assert res.exit_code == 0, res.output
     p = json.loads(res.stdout)
     assert p["fits"] is False and p["recommendations"] == [] and p["command"] is None
-    assert p["missing"].startswith("nothing fits on 1 x custom (1.2 GB): needs ") and "more 1.2 GB GPUs for full" in p["missing"]
+    assert p["missing"].startswith("nothing fits on 1 x custom (6.5 GB): needs ") and "more 6.5 GB GPUs for full" in p["missing"]
     assert "or lora (fits as it is" in p["missing"]
 
 
