@@ -91,12 +91,15 @@ def test_source_lists_config_rules(tmp_path):
 
     ok = cfg(train=[{"path": "a.jsonl", "weight": 3}, {"path": "a.jsonl", "name": "again"}])
     assert [s.path for s in ok.data.train] == [str(tmp_path / "a.jsonl")] * 2  # paths resolved like a file's
+    # every task mixes sources: classification and preference lists load (they were refused before the wiring)
+    assert cfg(task="classification", train=[{"path": "a.jsonl", "format": "jsonl"}]).data.train[0].format == "jsonl"
+    assert len(cfg(task="preference", train="a.jsonl", eval=[{"path": "a.jsonl", "name": "x"},
+                                                               {"path": "a.jsonl", "format": "preference"}]).data.eval) == 2
     for data, task, field in ((dict(train=[{"path": "a.jsonl", "format": "openai"}]), "classification",
                                "data.train[0].format"),
-                              # classification / preference runs read one file (their mixed readers are not
-                              # wired into the task setups yet): a list is refused at load, not a crash later
-                              (dict(train=[{"path": "a.jsonl", "format": "jsonl"}]), "classification", "data.train"),
-                              (dict(train="a.jsonl", eval=[{"path": "a.jsonl"}]), "preference", "data.eval"),
+                              (dict(train=[{"path": "a.jsonl", "format": "jsonl"}]), "preference", "data.train[0].format"),
+                              (dict(train="a.jsonl", eval=[{"path": "a.jsonl", "format": "preference"}]), "chat",
+                               "data.eval[0].format"),
                               (dict(train=[{"path": "a.jsonl", "format": "csv"}]), "chat", "data.train[0].format"),
                               (dict(train=[{"path": "a.jsonl"}, {"path": "a.jsonl"}]), "chat", "data.train"),
                               (dict(train=[{"path": "a.jsonl", "weight": 0}]), "chat", "weight"),

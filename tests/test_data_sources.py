@@ -122,7 +122,7 @@ def test_classification_fingerprint_parts_miss_and_a_damaged_entry_is_rebuilt(tm
         assert not built(**again), f"{part}: the second time is a hit"
 
     # damage the first entry (the default options): a truncated token file is caught by the cheap hit check
-    first = sorted((p for p in data_cache_root().iterdir() if (p / "manifest.json").is_file()),
+    first = sorted((p for p in data_cache_root().iterdir() if (p / "input_ids.i4").is_file()),  # not the labels
                    key=lambda p: (p / "manifest.json").stat().st_mtime_ns)[0]
     ids = first / "input_ids.i4"
     ids.write_bytes(ids.read_bytes()[:-4])
@@ -244,3 +244,248 @@ def test_mixed_preference_sources_and_a_saved_dataset(tmp_path, monkeypatch):
     want = encode_pairs(read_preference_data(tmp_path / "b"), tok, 96)[0]
     assert [got.train[10 + i].chosen.input_ids for i in range(5)] == [p.chosen.input_ids for p in want]
     assert got.train[12].source.endswith("#2")  # a dataset row is located by its index
+
+
+# ------------------------------------------------------------------ the task setups read through these tables
+
+
+def _stop_resume_identical(cfg, tmp_path: Path, whole: dict, stop: int, weights) -> dict:
+    """Run `cfg` stopped after `stop` steps, resumed to the end: its weights and per-source counts equal `whole`'s."""
+    import torch
+
+    from conftest import stop_after
+    from tunelab.run import run_training
+
+    stopped = run_training(cfg, tmp_path / "resumed", show_progress=False, should_stop=stop_after(stop))
+    assert stopped["status"] != "completed" and stopped["steps"] == stop
+    resumed = run_training(cfg, tmp_path / "resumed", show_progress=False, resume="auto")
+    assert resumed["status"] == "completed"
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [(s["units_seen"], s["rows_seen"]) for s in resumed["data"]["sources"]] == [
+        (s["units_seen"], s["rows_seen"]) for s in whole["data"]["sources"]]  # the counts travel in the checkpoints
+    return resumed
+
+
+@pytest.mark.e2e
+def test_classification_cached_and_uncached_runs_are_bit_identical_and_mixed_sources_report_each(
+        toy_classification, tmp_path, encodings):
+    import copy
+
+    import torch
+
+    from tunelab.compose import setup_task
+    from tunelab.config import Config
+    from tunelab.data.classification import encode, load_examples, make_batches
+    from tunelab.evaluate.classification import predict
+    from tunelab.run import run_training
+
+    from test_data_cache import _rows, _weights  # the run-dir readers the chat cache test compares with
+
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["train"] = {**raw["train"], "max_steps": 4, "eval_every": 2}
+    runs = {}
+    for name, cache in (("uncached", False), ("miss", True), ("hit", True)):
+        n = len(encodings)
+        runs[name] = run_training(Config.model_validate({**raw, "data": {**raw["data"], "cache": cache}}),
+                                  tmp_path / name, show_progress=False)
+        assert runs[name]["status"] == "completed"
+        assert (len(encodings) > n) == (name != "hit"), name  # the hit encodes nothing
+    reference = _weights(tmp_path / "uncached")
+    for name in ("miss", "hit"):
+        got = _weights(tmp_path / name)
+        assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in reference), name
+        assert _rows(tmp_path / name) == _rows(tmp_path / "uncached"), name
+        assert runs[name]["data"] == runs["uncached"]["data"], name
+
+    d = toy_classification["dir"]
+    write_jsonl(d / "general.jsonl", sentiment_rows(40, seed=11))
+    write_jsonl(d / "eval_b.jsonl", sentiment_rows(10, seed=12))
+    raw["data"] = {"train": [{"path": str(d / "train.jsonl"), "weight": 3}, {"path": str(d / "general.jsonl")}],
+                   "eval": [{"path": str(d / "eval.jsonl"), "name": "a"}, {"path": str(d / "eval_b.jsonl"), "name": "b"}]}
+    raw["train"] = {**raw["train"], "max_steps": 6, "eval_every": 3}
+    cfg = Config.model_validate(raw)
+    summary = run_training(cfg, tmp_path / "whole", show_progress=False)
+    train, general = summary["data"]["sources"]
+    assert (train["planned_units_per_epoch"], general["planned_units_per_epoch"]) == (64, 21)
+    assert train["units_seen"] + general["units_seen"] == summary["samples"] == 48  # 6 steps of 8 rows
+    assert train["rows_seen"] == train["units_seen"] and general["units_seen"] > 0  # a unit is one row
+    rows = [r for r in _rows(tmp_path / "whole") if "eval_a_loss" in r]
+    assert rows and all({"eval_b_loss", "eval_a_accuracy", "eval_b_macro_f1"} <= set(r) for r in rows)
+    task = setup_task(cfg)
+    got = task.evaluate(task.model)
+    total = 0.0
+    for name, path in (("a", d / "eval.jsonl"), ("b", d / "eval_b.jsonl")):  # each eval file alone, plainly
+        ex, _ = load_examples(path, label_names=task.info["labels"])
+        loss, preds, ys = predict(task.model, make_batches(encode(ex, task.tokenizer, 32)[0], ex.labels, 0, 8))
+        assert abs(got[f"{name}_loss"] - loss / len(ys)) < 1e-6
+        assert got[f"{name}_accuracy"] == sum(p == y for p, y in zip(preds, ys)) / len(ys)
+        total += loss
+    assert abs(got["loss"] - total / 26) < 1e-6  # over every eval row
+    _stop_resume_identical(cfg, tmp_path, summary, 2, _weights)  # an epoch is 11 steps: stopped inside it
+
+
+PREF_RAW = {"method": "full", "optim": {"lr": 1e-2, "weight_decay": 0.0},
+            "schedule": {"name": "constant", "warmup_ratio": 0.0},
+            "train": {"max_steps": 4, "batch_size": 2, "log_every": 1, "eval_every": 2, "eval_before": False},
+            "early_stopping": {"enabled": False}}
+
+
+def _pref_model(tmp_path: Path) -> Path:
+    from tiny_models import tiny_llama_build
+
+    tok = tiny_chat_tokenizer_build()
+    tiny_llama_build(len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.mark.e2e
+def test_mixed_preference_run_reports_each_source_and_each_eval_source_equals_it_alone(tmp_path):
+    from tunelab.compose import setup_task
+    from tunelab.config import Config
+    from tunelab.data.preference import encode_pairs, read_preference_data
+    from tunelab.run import run_training
+    from tunelab.tasks.preference import pair_batch, preference_metrics
+    from tunelab.train.preference_losses import loss_from_config
+
+    from test_data_cache import _weights
+
+    model = _pref_model(tmp_path)
+    write_jsonl(tmp_path / "a.jsonl", PAIRS * 2)
+    write_jsonl(tmp_path / "b.jsonl", PAIRS[1:3])
+    write_jsonl(tmp_path / "ea.jsonl", PAIRS[:2])
+    write_jsonl(tmp_path / "eb.jsonl", PAIRS[2:])
+    raw = {"task": "preference", "model": {"name": str(model), "max_length": 96}, **PREF_RAW,
+           "data": {"train": [{"path": str(tmp_path / "a.jsonl"), "weight": 2}, {"path": str(tmp_path / "b.jsonl")}],
+                    "eval": [{"path": str(tmp_path / "ea.jsonl"), "name": "ea"},
+                             {"path": str(tmp_path / "eb.jsonl"), "name": "eb"}]}}
+    cfg = Config.model_validate(raw)
+    summary = run_training(cfg, tmp_path / "whole", show_progress=False)  # dpo, full: a cached reference
+    assert summary["status"] == "completed"
+    a, b = summary["data"]["sources"]
+    assert (a["planned_units_per_epoch"], b["planned_units_per_epoch"]) == (10, 5)
+    assert a["rows_seen"] + b["rows_seen"] == summary["samples"] >= 7 and b["rows_seen"] > 0  # 4 steps of 2 pairs
+    # (an epoch of 15 pairs has one short batch)
+    assert {"ea_loss", "eb_loss", "ea_pref_accuracy", "eb_reward_margin"} <= set(summary["final"])
+    _stop_resume_identical(cfg, tmp_path, summary, 3, _weights)  # an epoch is 8 steps: stopped inside it
+
+    raw["preference"] = {"loss": "simpo"}  # reference-free: each eval file alone is the plain reference
+    task = setup_task(Config.model_validate(raw))
+    got = task.evaluate(task.model)
+    loss_fn = loss_from_config(Config.model_validate(raw).preference)
+    total = 0.0
+    for name in ("ea", "eb"):
+        pairs = encode_pairs(read_preference_data(tmp_path / f"{name}.jsonl"), task.tokenizer, 96)[0]
+        alone = preference_metrics(task.model, [pair_batch(pairs, list(range(len(pairs))), 0)], loss_fn)
+        assert abs(got[f"{name}_loss"] - alone["loss"]) < 1e-5 and got[f"{name}_pref_accuracy"] == alone["pref_accuracy"]
+        total += alone["loss"] * alone["pairs"]
+    assert abs(got["loss"] - total / got["pairs"]) < 1e-5 and got["pairs"] == len(PAIRS)
+
+
+@pytest.mark.e2e
+def test_preference_cached_and_uncached_runs_are_bit_identical(tmp_path, encodings):
+    import torch
+
+    from tunelab.config import Config
+    from tunelab.run import run_training
+
+    from test_data_cache import _rows, _weights
+
+    model = _pref_model(tmp_path)
+    write_jsonl(tmp_path / "p.jsonl", PAIRS * 2)
+    raw = {"task": "preference", "model": {"name": str(model), "max_length": 96}, **PREF_RAW,
+           "data": {"train": str(tmp_path / "p.jsonl"), "eval_split": 0.2}}
+    for name, cache in (("uncached", False), ("miss", True), ("hit", True)):
+        n = len(encodings)
+        got = run_training(Config.model_validate({**raw, "data": {**raw["data"], "cache": cache}}), tmp_path / name,
+                           show_progress=False)
+        assert got["status"] == "completed" and (len(encodings) > n) == (name != "hit"), name
+    reference = _weights(tmp_path / "uncached")
+    for name in ("miss", "hit"):
+        got = _weights(tmp_path / name)
+        assert all(torch.equal(got[k], reference[k]) for k in reference), name
+        assert _rows(tmp_path / name) == _rows(tmp_path / "uncached"), name
+
+
+@pytest.mark.unit
+def test_prepare_fills_the_classification_and_preference_caches_and_training_only_reads_them(
+        toy_classification, tmp_path, encodings):
+    from tunelab.compose import prepare_data, setup_task
+    from tunelab.config import Config
+
+    cfg = Config.model_validate(toy_classification["config"])
+    folders = prepare_data(cfg)  # the training file and the eval file
+    assert len(folders) == 2 and all((f / "manifest.json").is_file() for f in folders)
+    n = len(encodings)
+    task = setup_task(cfg)
+    assert len(encodings) == n and task.info["train_rows"] == 64 and task.info["eval_rows"] == 16
+
+    model = _pref_model(tmp_path)
+    write_jsonl(tmp_path / "p.jsonl", PAIRS * 2)
+    write_jsonl(tmp_path / "e.jsonl", PAIRS[:2])
+    cfg = Config.model_validate({"task": "preference", "model": {"name": str(model), "max_length": 96}, **PREF_RAW,
+                                 "preference": {"max_prompt_length": 24},
+                                 "data": {"train": str(tmp_path / "p.jsonl"), "eval": str(tmp_path / "e.jsonl")}})
+    folders = prepare_data(cfg)
+    assert len(folders) == 2 and all((f / "manifest.json").is_file() for f in folders)
+    n = len(encodings)
+    task = setup_task(cfg)  # the same key: preference.max_prompt_length travels to prepare
+    assert len(encodings) == n and task.info["train_rows"] == 10 and task.info["eval_rows"] == 2
+
+
+@pytest.mark.unit
+def test_bad_pairs_are_reported_before_the_model_and_bad_rows_of_any_source_name_their_file(tmp_path):
+    from tunelab.compose import setup_task
+    from tunelab.config import Config
+    from tunelab.errors import InputError
+
+    write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    write_jsonl(tmp_path / "bad.jsonl", PAIRS[:2] + [{"prompt": "Hi.", "chosen": "Same.", "rejected": "Same."}])
+    pref = {"task": "preference", "model": {"name": str(tmp_path / "no-such-model")}, **PREF_RAW,
+            "data": {"train": [{"path": str(tmp_path / "p.jsonl")}, {"path": str(tmp_path / "bad.jsonl")}]}}
+    with pytest.raises(InputError) as err:
+        setup_task(Config.model_validate(pref))
+    assert "bad.jsonl:3" in str(err.value) and "identical" in str(err.value)
+    with pytest.raises(InputError) as err:  # good data: now the model is what is wrong
+        setup_task(Config.model_validate({**pref, "data": {"train": str(tmp_path / "p.jsonl")}}))
+    assert "no-such-model" in str(err.value)
+
+    write_jsonl(tmp_path / "t.jsonl", sentiment_rows(20, seed=1))
+    write_jsonl(tmp_path / "u.jsonl", sentiment_rows(4, seed=2) + [{"text": "x", "label": ""}])
+    cls = {"task": "classification", "model": {"name": str(tmp_path / "no-such-model")},
+           "data": {"train": [{"path": str(tmp_path / "t.jsonl")}, {"path": str(tmp_path / "u.jsonl")}]}}
+    with pytest.raises(InputError) as err:
+        setup_task(Config.model_validate(cls))
+    assert "u.jsonl:5" in str(err.value) and "'label'" in str(err.value)
+    cls["data"] = {"train": str(tmp_path / "t.jsonl"), "eval": [{"path": str(tmp_path / "t.jsonl"), "name": "a"},
+                                                               {"path": str(tmp_path / "u.jsonl"), "name": "b"}]}
+    with pytest.raises(InputError) as err:
+        setup_task(Config.model_validate(cls))
+    assert "u.jsonl:5" in str(err.value)
+
+
+@pytest.mark.unit
+def test_feature_extraction_reports_each_eval_source_as_the_plain_evaluator(toy_classification):
+    import copy
+
+    from tunelab.compose import setup_task
+    from tunelab.config import Config
+    from tunelab.models.adapt import apply_method
+    from tunelab.tasks.feature_cache import cache_features
+
+    d = toy_classification["dir"]
+    write_jsonl(d / "eval_b.jsonl", sentiment_rows(10, seed=12))
+    raw = copy.deepcopy(toy_classification["config"])
+    raw["method"] = "feature_extraction"
+    raw["data"]["eval"] = [{"path": str(d / "eval.jsonl"), "name": "a"}, {"path": str(d / "eval_b.jsonl"), "name": "b"}]
+    cfg = Config.model_validate(raw)
+    task = setup_task(cfg)
+    model = apply_method(task.model, cfg.method, task=cfg.task, freeze_cfg=cfg.freeze, lora=cfg.lora)
+    plain = task.evaluate(model)  # the token batches through the whole model
+    cached = cache_features(task, model, task.eval_batches(), 16)
+    got = cached.evaluate(model)
+    assert cached.evaluate is not task.evaluate and cached.info["feature_cache"]["eval"][0] == 26
+    assert set(got) == set(plain) >= {"a_loss", "b_loss", "a_accuracy", "b_macro_f1", "loss", "accuracy"}
+    for k in plain:  # losses to float precision; predictions, so accuracy and F1, the same
+        assert (abs(got[k] - plain[k]) < 1e-5) if isinstance(plain[k], float) else got[k] == plain[k], k

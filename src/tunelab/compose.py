@@ -54,7 +54,8 @@ def prepare_data(cfg: Config) -> list[Path]:
     """The config's data into the encoded-data cache before training (tunelab.tasks.prepare.prepare)."""
     from tunelab.tasks.prepare import prepare
 
-    return prepare(task=cfg.task, model_cfg=cfg.model, data_cfg=cfg.data, **_replay(cfg))
+    return prepare(task=cfg.task, model_cfg=cfg.model, data_cfg=cfg.data, **_replay(cfg),
+                   max_prompt_length=cfg.preference.max_prompt_length)
 
 
 def check_distributed(cfg: Config, world_size: int) -> None:

@@ -452,7 +452,8 @@ class Config(Section):
         self.data.packing = False
 
     def _source_rules(self) -> None:
-        """data.train / data.eval as lists of sources: formats of the task, distinct names, one mix."""
+        """data.train / data.eval as lists of sources (every task: tasks.lm_data, tasks.classification_data,
+        tasks.preference_data): formats of the task, distinct names, one mix."""
         d, r = self.data, self.regularization
         files, records = ("csv", "tsv", "jsonl", "json", "parquet"), ("openai", "sharegpt", "alpaca",
                                                                      "prompt_completion", "text", "txt")
@@ -470,11 +471,6 @@ class Config(Section):
             if twice:
                 raise RuleError(f"data.{key}", f"two sources of data.{key} are named '{twice}': give each a "
                                 "distinct name (name: ...)")
-        if self.task in ("classification", "preference") and (isinstance(d.train, list) or isinstance(d.eval, list)):
-            key = "data.train" if isinstance(d.train, list) else "data.eval"
-            raise RuleError(key, f"task {self.task} reads one file here; lists of sources are mixed for chat and "
-                            "causal_lm only so far: give one file (for replay of a second classification file, "
-                            "regularization.replay_data and replay_ratio)")
         if isinstance(d.train, list) and r.replay_data:
             raise RuleError("regularization.replay_data", "data.train is a list of sources: add the replay file to "
                             "it as a source with its weight instead of regularization.replay_data")

@@ -80,12 +80,14 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def file_stamp(path: str | Path) -> dict:
     """A data file's identity: resolved path, size, mtime and a sha256 of its content (a file edited
-    in place within the mtime resolution, or copied with its mtime kept, still changes the key)."""
+    in place within the mtime resolution, or copied with its mtime kept, still changes the key). A
+    missing or unreadable file is the reader's InputError (data.readers.check_data_file), not an OSError."""
     from tunelab.data.hf import hf_stamp, is_hf_source
+    from tunelab.data.readers import check_data_file
 
     if is_hf_source(path):
         return hf_stamp(path)
-    p = Path(path).resolve()
+    p = check_data_file(path).resolve()
     st = p.stat()
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256_file(p)}
 

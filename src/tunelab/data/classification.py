@@ -28,6 +28,13 @@ class Examples:
     def __len__(self) -> int:
         return len(self.texts)
 
+    @property
+    def keys(self) -> list[int]:
+        """Each row's text hash (data.curate.pair_hash), as the cached tables keep it."""
+        from tunelab.data.curate import pair_hash
+
+        return [pair_hash(t, p) for t, p in zip(self.texts, self.pairs or [None] * len(self))]
+
     def subset(self, idx: list[int]) -> "Examples":
         return Examples(
             [self.texts[i] for i in idx],
@@ -291,12 +298,16 @@ def stratified_split(labels: list[int], share: float, seed: int) -> tuple[list[i
     for y in sorted(by_class):
         idx = by_class[y]
         rng.shuffle(idx)
-        n_eval = round(len(idx) * share)
-        if n_eval == 0 and len(idx) >= 2 and share > 0:
-            n_eval = 1
+        n_eval = class_eval_count(len(idx), share)
         eval_idx += idx[:n_eval]
         train_idx += idx[n_eval:]
     return sorted(train_idx), sorted(eval_idx)
+
+
+def class_eval_count(rows: int, share: float) -> int:
+    """How many of a class's `rows` stratified_split holds out: `share` of them, at least one of 2+."""
+    n_eval = round(rows * share)
+    return 1 if n_eval == 0 and rows >= 2 and share > 0 else n_eval
 
 
 def label_counts(ex: Examples, names: list[str]) -> dict[str, int]:

@@ -24,6 +24,7 @@ the loader (tunelab.data.clean) before these rules run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import unicodedata
 from collections.abc import Sequence
@@ -51,6 +52,12 @@ def pair_key(text: str, pair: str | None) -> str:
     if pair is None:
         return normalize_text(text)
     return json.dumps([normalize_text(text), normalize_text(pair)], ensure_ascii=False)
+
+
+def pair_hash(text: str, pair: str | None) -> int:
+    """pair_key as a signed 64-bit hash (blake2b): what a cache entry keeps per row to compare texts."""
+    digest = hashlib.blake2b(pair_key(text, pair).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 @dataclass(frozen=True)

@@ -64,14 +64,15 @@ def data_profile(cfg: Config) -> dict:
     max_len = usable_max_length(cfg.model.max_length, model_config)  # the length training will use
     packed = False
     if cfg.task == "classification":
-        from tunelab.data.classification import load_train_eval
-        from tunelab.tasks.classification import encode
+        from tunelab.tasks.classification_data import load_classification_data
 
-        train, evaluation, names = load_train_eval(cfg.data, cfg.train.seed)
-        lengths = [len(f["input_ids"]) for f in encode(train, tok, max_len)[0]]
+        r = cfg.regularization  # the run's own data path (and cache)
+        data = load_classification_data(cfg.data, tok, max_len, seed=cfg.train.seed, replay_data=r.replay_data,
+                                        replay_ratio=r.replay_ratio)
+        lengths = data.train.lengths.tolist()
         supervised = [0] * len(lengths)
-        eval_tokens = sum(len(f["input_ids"]) for f in encode(evaluation, tok, max_len)[0]) if evaluation else 0
-        num_labels = len(names)
+        eval_tokens = sum(int(t.lengths.sum()) for t in data.evals.values())
+        num_labels = len(data.names)
     elif cfg.task == "preference":
         return rebatch(preference_profile(cfg, tok, max_len), cfg.train.batch_size, cfg.train.seed)
     else:
@@ -97,20 +98,15 @@ def data_profile(cfg: Config) -> dict:
 def preference_profile(cfg: Config, tok, max_len: int) -> dict:
     """task preference: one unit per pair, batched by its two answers' tokens together (as the task's
     TrainSet), collated as 2 rows (chosen, rejected) right-padded to the longest side in the batch."""
-    from tunelab.tasks.causal_lm import split_examples
-    from tunelab.tasks.preference import read_pairs
+    from tunelab.tasks.preference_data import load_preference_data
 
-    pairs, _ = read_pairs(cfg.data.train, cfg.data, tok, max_len, cfg.preference.max_prompt_length)
-    if cfg.data.eval:
-        held, _ = read_pairs(cfg.data.eval, cfg.data, tok, max_len, cfg.preference.max_prompt_length)
-    else:
-        pairs, held = split_examples(pairs, cfg.data.eval_split, cfg.train.seed)
-    lengths = [p.tokens() for p in pairs]
-    supervised = [p.chosen.supervised() + p.rejected.supervised() for p in pairs]
+    data = load_preference_data(cfg.data, tok, max_len, cfg.preference.max_prompt_length, seed=cfg.train.seed)
+    pairs = data.train  # the run's own data path (and cache)
+    lengths, supervised = pairs.lengths.tolist(), pairs.supervised.tolist()
     return {"units": len(pairs), "tokens": sum(lengths), "supervised_tokens": sum(supervised), "lengths": lengths,
-            "supervised": supervised,
-            "widths": [max(len(p.chosen), len(p.rejected)) for p in pairs], "rows_per_unit": 2,
-            "eval_tokens": sum(p.tokens() for p in held), "num_labels": None, "packed": False, "max_length": max_len}
+            "supervised": supervised, "widths": pairs.widths.tolist(), "rows_per_unit": 2,
+            "eval_tokens": sum(int(t.lengths.sum()) for t in data.evals.values()), "num_labels": None,
+            "packed": False, "max_length": max_len}
 
 
 def rebatch(profile: dict, batch_size: int, seed: int) -> dict:

@@ -16,9 +16,9 @@ from dataclasses import replace
 import torch
 
 from tunelab.device import model_device, to_device
-from tunelab.evaluate.classification import classification_metrics
-from tunelab.train.protocols import TaskRun
 from tunelab.models.anatomy import head_modules_with_params
+from tunelab.tasks.classification import metrics_of_parts
+from tunelab.train.protocols import TaskRun
 
 log = logging.getLogger("tunelab")
 
@@ -61,11 +61,10 @@ def cache_features(task: TaskRun, model: torch.nn.Module, eval_batches, batch_si
         log.warning("feature_extraction: this model's head reads every position; features are not cached")
         return task
     labels = torch.cat([b["labels"] for b in train_batches])
-    eval_feats = eval_labels = None
-    if eval_batches is not None:
-        eval_batches = list(eval_batches)
-        eval_feats = head_inputs(model, eval_batches)
-        eval_labels = torch.cat([b["labels"] for b in eval_batches])
+    evals = {}  # {eval source name: (head inputs, labels)}
+    for name, batches in _by_source(eval_batches).items():
+        batches = list(batches)
+        evals[name] = (head_inputs(model, batches), torch.cat([b["labels"] for b in batches]))
     head = head_module(model)
     names = task.info["labels"]
 
@@ -77,14 +76,24 @@ def cache_features(task: TaskRun, model: torch.nn.Module, eval_batches, batch_si
         return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"), batch["labels"].numel()
 
     def evaluate(_model) -> dict:
+        parts = {}
         with torch.no_grad():
-            logits = head(eval_feats).float()
-        metrics = classification_metrics(logits.argmax(-1).tolist(), eval_labels.tolist(), names)
-        metrics["loss"] = torch.nn.functional.cross_entropy(logits, eval_labels).item()
-        return metrics
+            for name, (x, y) in evals.items():
+                logits = head(x).float()
+                loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+                parts[name] = (loss, logits.argmax(-1).tolist(), y.tolist())
+        return metrics_of_parts(parts, names)
 
     # same lengths (and epoch schedule) as the token batches, so the epoch order is the same
-    shapes = {"train": list(feats.shape), "eval": list(eval_feats.shape) if eval_feats is not None else None}
+    eval_rows = sum(int(x.shape[0]) for x, _ in evals.values())
+    shapes = {"train": list(feats.shape), "eval": [eval_rows, int(feats.shape[1])] if evals else None}
     return replace(task, train=replace(task.train, collate=collate, count=len), loss_fn=loss_fn,
-                   evaluate=evaluate if eval_feats is not None else task.evaluate,
-                   info={**task.info, "feature_cache": shapes})
+                   evaluate=evaluate if evals else task.evaluate, info={**task.info, "feature_cache": shapes})
+
+
+def _by_source(eval_batches) -> dict:
+    """{eval source name: batches}: a task's eval_batches() as it gives them (a dict per source), or
+    one iterable of batches (the one unnamed eval set, '')."""
+    if eval_batches is None:
+        return {}
+    return dict(eval_batches) if isinstance(eval_batches, dict) else {"": eval_batches}

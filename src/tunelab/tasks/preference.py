@@ -1,6 +1,9 @@
 """task: preference — DPO, IPO, ORPO and SimPO on (prompt, chosen, rejected) pairs, on the one loop.
 
-read + encode with the model's chat template and the chat SFT masks (data.preference) -> batches
+read + check (before the model is touched: bad pairs are reported as such whatever the model) +
+encode with the model's chat template and the chat SFT masks (data.preference; through the
+encoded-data cache, each eval source on its own, several training sources mixed by weight:
+tasks.preference_data) -> batches
 of pairs, chosen rows then rejected rows, right-padded -> the loss (train.preference_losses) of
 the summed answer log-probs (tasks.preference_logps), summed over pairs and counted in pairs, so
 the loop's normalisation gives the one-large-batch gradient under accumulation and DDP.
@@ -21,21 +24,23 @@ import logging
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from tunelab.data.encoded import UnitSources
 from tunelab.data.packing import collate_padded
-from tunelab.data.preference import encode_pairs, read_preference_data
 from tunelab.device import model_device, to_device
 from tunelab.errors import InputError
 from tunelab.models.gguf import end_of_turn_id, plain_source
 from tunelab.models.load import load_causal_lm, load_tokenizer
 from tunelab.models.quantization import quantization_for
 from tunelab.models.registry import resolve_model
-from tunelab.tasks.causal_lm import lm_saver, split_examples
+from tunelab.tasks.causal_lm import lm_saver
+from tunelab.tasks.preference_data import check_preference_data, load_preference_data
 from tunelab.tasks.preference_logps import ReferenceCache, adapter_off_logps, answer_logps
 from tunelab.train.preference_losses import PreferenceLoss, loss_from_config
 from tunelab.train.protocols import TaskRun, TrainSet
-from tunelab.train.sizes import eval_batch_size
+from tunelab.train.sizes import eval_batch_size, usable_max_length
 
 log = logging.getLogger("tunelab")
 
@@ -120,8 +125,8 @@ def make_loss_fn(loss: PreferenceLoss, stats: PreferenceStats | None):
 
 
 @torch.no_grad()
-def preference_metrics(model, batches, loss_fn) -> dict:
-    """Eval loss (mean per pair) and the measures over every eval pair."""
+def preference_sums(model, batches, loss_fn) -> dict:
+    """The summed measures (STAT_NAMES) over every pair of `batches`, in eval mode."""
     was_training = model.training
     model.eval()
     stats = PreferenceStats()
@@ -132,8 +137,20 @@ def preference_metrics(model, batches, loss_fn) -> dict:
             fn(model, to_device(batch, device))
     finally:
         model.train(was_training)
-    sums = stats.take()
+    return stats.take()
+
+
+def metrics_of(sums: dict) -> dict:
+    """Eval loss (mean per pair), the measures and the pair count of summed measures."""
     return {"loss": sums["loss"] / max(sums["pairs"], 1.0), **measures_row(sums), "pairs": int(sums["pairs"])}
+
+
+def preference_metrics(model, batches, loss_fn) -> dict:
+    """Eval loss (mean per pair) and the measures over every eval pair."""
+    return metrics_of(preference_sums(model, batches, loss_fn))
+
+
+PER_SOURCE = ("loss", "pref_accuracy", "reward_margin")  # each eval source's own measures, eval_<name>_*
 
 
 def load_policy(model_cfg, method: str):
@@ -149,26 +166,34 @@ def load_policy(model_cfg, method: str):
         model, tokenizer, _ = load_adapter(start, merge=True)
         model.train()
         return str(start), tokenizer, model
-    source = plain_source(resolve_model(str(start) if start is not None else model_cfg.name))
-    tokenizer = load_tokenizer(source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+    source, tokenizer = _plain_policy(model_cfg, start)
     pickles = {"allow_pickle": True} if getattr(model_cfg, "allow_pickle", False) else {}  # the key is new (issue 13)
     model = load_causal_lm(source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
                            quantization=quantization_for(method), **pickles)
     return source.path, tokenizer, model
 
 
-def read_pairs(path: str, data, tokenizer, max_len: int, max_prompt_length: int | None = None):
-    """Encoded pairs of one file and their cut counts; `data`: the config's data section (format,
-    max_rows); `max_prompt_length`: preference.max_prompt_length."""
-    pairs = read_preference_data(path, data.format)
-    if data.max_rows:
-        pairs = pairs[: data.max_rows]
-    encoded, stats = encode_pairs(pairs, tokenizer, max_len, max_prompt_length)
-    for key, what in (("truncated_prompts", "prompts lost their beginning"), ("truncated_answers", "answers lost their end")):
-        if stats[key]:
-            log.warning("%s: %d of %d pairs are longer than %d tokens: %s (raise model.max_length to keep them whole)",
-                        path, stats[key], len(encoded), max_len, what)
-    return encoded, stats
+def _plain_policy(model_cfg, start):
+    """(plain source, tokenizer) of a starting model that is no LoRA run (`start`: tunelab_start's folder)."""
+    source = plain_source(resolve_model(str(start) if start is not None else model_cfg.name))
+    return source, load_tokenizer(source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+
+
+def policy_tokenizer(model_cfg) -> tuple:
+    """(tokenizer, model config) of the starting model, as load_policy gives them, without the weights
+    where it can (a model folder or name: tasks.prepare encodes the pairs before training); a tunelab
+    LoRA run is loaded and merged (its tokenizer is the run's, its config the merged model's)."""
+    from transformers import AutoConfig
+
+    from tunelab.models.adapters import tunelab_start
+
+    start = tunelab_start(model_cfg.name)
+    if start is not None and (start / "adapter_config.json").is_file():
+        _, tokenizer, model = load_policy(model_cfg, "full")
+        return tokenizer, model.config
+    source, tokenizer = _plain_policy(model_cfg, start)
+    return tokenizer, AutoConfig.from_pretrained(source.path, trust_remote_code=model_cfg.trust_remote_code,
+                                                 revision=model_cfg.revision)
 
 
 def setup_preference(*, model_cfg, data_cfg, train_cfg, preference_cfg, method: str) -> TaskRun:
@@ -178,29 +203,29 @@ def setup_preference(*, model_cfg, data_cfg, train_cfg, preference_cfg, method: 
     `train_cfg`, `preference_cfg`, and `method` (qlora loads NF4; lora / qlora need no cached
     reference). The metric is the task's default (eval_loss, min); checkpoint.metric / mode
     replace it in tunelab.compose."""
+    check_preference_data(data_cfg)  # every pair checked before the model is touched
     source_path, tokenizer, model = load_policy(model_cfg, method)
     if not tokenizer.chat_template:
         raise InputError("the model's tokenizer has no chat template: preference pairs are rendered as chat turns; "
                          "use a chat model (or a tunelab chat SFT run)", field="model.name", file=source_path)
-    max_len = min(model_cfg.max_length, getattr(model.config, "max_position_embeddings", model_cfg.max_length))
+    max_len = usable_max_length(model_cfg.max_length, model.config)
     eot = end_of_turn_id(tokenizer)
     eos_id = eot if eot is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
     loss = loss_from_config(preference_cfg)
 
-    d, prompt_max = data_cfg, preference_cfg.max_prompt_length
-    train_pairs, stats = read_pairs(d.train, d, tokenizer, max_len, prompt_max)
-    eval_stats = None
-    if d.eval:
-        eval_pairs, eval_stats = read_pairs(d.eval, d, tokenizer, max_len, prompt_max)
-    else:
-        train_pairs, eval_pairs = split_examples(train_pairs, d.eval_split, train_cfg.seed)
+    data = load_preference_data(data_cfg, tokenizer, max_len, preference_cfg.max_prompt_length, seed=train_cfg.seed)
+    train_pairs, evals = data.train, data.evals
+
+    def split_of(name: str) -> str:  # the reference cache's name of an eval table
+        return f"eval/{name}" if name else "eval"
+
     bs = eval_batch_size(train_cfg)
     cached = loss.needs_reference and method not in ("lora", "qlora")
     reference = None
-    if cached:
-        reference = ReferenceCache({"train": train_pairs, "eval": eval_pairs},
-                                   lambda pairs, idx: pair_batch(pairs, idx, pad_id), bs,
+    if cached:  # (no eval pairs: an empty "eval" split, so such a run keeps its fingerprint)
+        splits = {"train": train_pairs, **({split_of(n): t for n, t in evals.items()} or {"eval": []})}
+        reference = ReferenceCache(splits, lambda pairs, idx: pair_batch(pairs, idx, pad_id), bs,
                                    context=f"{model_cfg.name}|{train_cfg.precision}|{model_cfg.max_length}")
 
     def batch_of(split: str, pairs, idx: list[int]) -> dict:
@@ -211,29 +236,45 @@ def setup_preference(*, model_cfg, data_cfg, train_cfg, preference_cfg, method: 
 
     train_stats = PreferenceStats()
     evaluate = None
-    if eval_pairs:
-        order = sorted(range(len(eval_pairs)), key=lambda i: eval_pairs[i].tokens())
+    if evals:
+        orders = {n: np.argsort(t.lengths, kind="stable").tolist() for n, t in evals.items()}  # by tokens, stable
 
         def evaluate(model) -> dict:
-            batches = (batch_of("eval", eval_pairs, sorted(order[s : s + bs])) for s in range(0, len(order), bs))
-            return preference_metrics(model, batches, loss)
+            parts = {}
+            for name, pairs in evals.items():
+                order = orders[name]
+                batches = (batch_of(split_of(name), pairs, sorted(order[s : s + bs])) for s in range(0, len(order), bs))
+                parts[name] = preference_sums(model, batches, loss)
+            out = metrics_of({k: sum(p[k] for p in parts.values()) for k in STAT_NAMES})
+            if len(parts) > 1:
+                for name, sums in parts.items():
+                    own = metrics_of(sums)
+                    out |= {f"{name}_{k}": own[k] for k in PER_SOURCE if k in own}
+            return out
 
+    per_source = [f"eval_{n}_{k}" for n in evals if n for k in PER_SOURCE]
+    mixing = {"sources": data.sources, "mix_sampling": data_cfg.mix_sampling} if data.sources else {}
     return TaskRun(
         model=model, tokenizer=tokenizer,
-        train=TrainSet(lengths=[p.tokens() for p in train_pairs], collate=lambda idx: batch_of("train", train_pairs, idx),
-                       count=len, sources=[p.source for p in train_pairs]),
+        train=TrainSet(lengths=train_pairs.lengths.tolist(), collate=lambda idx: batch_of("train", train_pairs, idx),
+                       count=len, sources=UnitSources(train_pairs),
+                       epoch_subset=data.mix.epoch_subset if data.mix else None,
+                       epoch_size=data.mix.epoch_size if data.mix else None,
+                       unit_source=data.mix.unit_source if data.mix else None),
         loss_fn=make_loss_fn(loss, train_stats),
         evaluate=evaluate, save_final=lm_saver(tokenizer, eos_id, pad_id),
         metric="eval_loss", mode="min",
-        info={"metric_names": METRIC_NAMES, "kind": "preference", "model_source": source_path, "max_length": max_len,
+        info={"metric_names": METRIC_NAMES + per_source, "kind": "preference", "model_source": source_path,
+              "max_length": max_len,
               "loss": {"name": loss.name, "beta": loss.beta, "label_smoothing": loss.label_smoothing,
                        "gamma": loss.gamma},
               "reference": "cached" if cached else ("adapter_off" if loss.needs_reference else "none"),
-              "train_rows": len(train_pairs), "eval_rows": len(eval_pairs), "encode_stats": stats,
-              "eval_encode_stats": eval_stats, "eos_token_id": eos_id},
+              "train_rows": len(train_pairs), "eval_rows": sum(len(t) for t in evals.values()),
+              "encode_stats": data.stats, "eval_encode_stats": data.eval_stats, "eos_token_id": eos_id, **mixing},
         train_stats=train_stats,
         prepare=reference.prepare if reference is not None else None,
     )
 
 
-__all__ = ["setup_preference", "make_loss_fn", "preference_metrics", "measures_row", "pair_batch", "load_policy"]
+__all__ = ["setup_preference", "make_loss_fn", "preference_metrics", "preference_sums", "metrics_of", "measures_row",
+           "pair_batch", "load_policy", "policy_tokenizer"]

@@ -7,6 +7,10 @@ the chosen side of pair i, row 2i + 1 its rejected side, each with its loss labe
 tokens) and the pair's file:line. The key is the data's, the tokenizer's (with its chat template),
 model.max_length, preference.max_prompt_length and data.max_rows; a JSONL file is read and encoded
 10,000 records at a time; the entry's meta holds the cut counts (data.preference.pair_stats).
+
+`check_preference_data` reads and checks every pair with no tokenizer (a meta-only entry per source,
+keyed by the data alone), so a run reports bad pairs as such before it loads the model; what
+needs the tokenizer (a prompt that alone fills model.max_length) is found while encoding.
 """
 
 from __future__ import annotations
@@ -63,33 +67,71 @@ class PairTable(Sequence):
         return PairTable(self.store, rows if self._idx is None else self._idx[rows])
 
 
-def read_pair_source(src: Source, data_cfg, tokenizer, max_len: int, max_prompt_length: int | None,
-                     tokenizer_key: str, limit: int | None) -> tuple[PairTable, dict]:
-    """(pairs, encode stats) of one source, from its cache entry (built on the first call)."""
-    from tunelab.data.cache import file_stamp, open_or_build
-    from tunelab.data.chat_template import EncodedExample
-    from tunelab.data.encoded import LM_LAYOUT, write_examples
-    from tunelab.data.preference import check_format, encode_pairs, pair_stats, parse_pairs
-    from tunelab.data.stream import record_chunks
+def _source_parts(src: Source, data_cfg, limit: int | None) -> dict:
+    """The key parts of one source's data alone (its file, record format, rows); the format checked."""
+    from tunelab.data.cache import file_stamp
+    from tunelab.data.preference import check_format
 
     fmt = src.fmt if src.fmt not in (None, "auto") else data_cfg.format
     check_format(fmt)
+    return {"files": [file_stamp(src.path)], "format": fmt, "max_rows": limit}
+
+
+def _parsed_chunks(src: Source, limit: int | None):
+    """The pairs of a source, chunk by chunk, every one checked (data.preference.parse_pairs); at most `limit`."""
+    from tunelab.data.preference import parse_pairs
+    from tunelab.data.stream import record_chunks
+
+    left, first = limit, True
+    for records in record_chunks(src.path):
+        if left is not None:
+            records, left = records[:left], left - min(left, len(records))
+        yield parse_pairs(records, Path(src.path), first)
+        first = False
+        if left == 0:
+            break
+
+
+def check_pair_source(src: Source, data_cfg, limit: int | None) -> int:
+    """The number of pairs of one source, every pair checked, no tokenizer (a meta-only cache entry)."""
+    from tunelab.data.cache import open_or_build
+
+    def build(_writer) -> dict:
+        return {"pairs": sum(len(pairs) for pairs in _parsed_chunks(src, limit))}
+
+    store = open_or_build({"encoder": "preference-pairs", **_source_parts(src, data_cfg, limit)}, {}, build,
+                          what=str(src.path), keep=data_cfg.cache)
+    return int(store.meta["pairs"])
+
+
+def check_preference_data(data_cfg) -> None:
+    """Every training and eval pair read and checked before any tokenizer: InputError (file, line,
+    field) for bad data, as training reports it, whatever the model."""
+    for s in train_sources(data_cfg):
+        check_pair_source(s, data_cfg, data_cfg.max_rows)
+    for s in eval_sources(data_cfg):
+        check_pair_source(s, data_cfg, data_cfg.max_rows)
+
+
+def read_pair_source(src: Source, data_cfg, tokenizer, max_len: int, max_prompt_length: int | None,
+                     tokenizer_key: str, limit: int | None) -> tuple[PairTable, dict]:
+    """(pairs, encode stats) of one source, from its cache entry (built on the first call)."""
+    from tunelab.data.cache import open_or_build
+    from tunelab.data.chat_template import EncodedExample
+    from tunelab.data.encoded import LM_LAYOUT, write_examples
+    from tunelab.data.preference import encode_pairs, pair_stats
+
     path = src.path
-    parts = {"encoder": "preference", "files": [file_stamp(path)], "format": fmt, "max_rows": limit,
-             "max_length": max_len, "max_prompt_length": max_prompt_length, "tokenizer": tokenizer_key}
+    parts = {"encoder": "preference", **_source_parts(src, data_cfg, limit), "max_length": max_len,
+             "max_prompt_length": max_prompt_length, "tokenizer": tokenizer_key}
 
     def build(writer) -> dict:
-        stats, left, first = [], limit, True
-        for records in record_chunks(path):
-            if left is not None:
-                records, left = records[:left], left - min(left, len(records))
-            encoded, st = encode_pairs(parse_pairs(records, Path(path), first), tokenizer, max_len, max_prompt_length)
-            first = False
+        stats = []
+        for pairs in _parsed_chunks(src, limit):
+            encoded, st = encode_pairs(pairs, tokenizer, max_len, max_prompt_length)
             stats.append(st)
             write_examples(writer, [EncodedExample(ex.input_ids, ex.labels, source=p.source)
                                     for p in encoded for ex in (p.chosen, p.rejected)])
-            if left == 0:
-                break
         return {"stats": pair_stats(stats)}
 
     store = open_or_build(parts, LM_LAYOUT, build, what=str(path), keep=data_cfg.cache)
@@ -146,4 +188,16 @@ def load_preference_data(data_cfg, tokenizer, max_len: int, max_prompt_length: i
     return out
 
 
-__all__ = ["PairTable", "PreferenceData", "load_preference_data", "read_pair_source"]
+def prepare_preference_data(data_cfg, tokenizer, max_len: int, max_prompt_length: int | None) -> list[Path]:
+    """Every training and eval source encoded into the cache (tasks.prepare, after check_preference_data);
+    the entries' folders."""
+    from tunelab.data.cache import tokenizer_stamp
+
+    stamp = tokenizer_stamp(tokenizer)
+    tables = [read_pair_source(s, data_cfg, tokenizer, max_len, max_prompt_length, stamp, data_cfg.max_rows)[0]
+              for s in train_sources(data_cfg) + eval_sources(data_cfg)]
+    return [t.store.folder for t in tables if t.store.folder is not None]
+
+
+__all__ = ["PairTable", "PreferenceData", "load_preference_data", "read_pair_source", "check_preference_data",
+           "check_pair_source", "prepare_preference_data"]

@@ -61,7 +61,7 @@ class TaskRun:
     metric: str
     mode: str
     info: dict = field(default_factory=dict)
-    eval_batches: Callable[[], Any] | None = None  # padded eval batches, for feature caching
+    eval_batches: Callable[[], Any] | None = None  # {eval source name: padded batches}, for feature caching
     # (path, batch_size) -> training-style batches from another file of the same format (EWC's Fisher)
     reference_batches: Callable[[str, int], list[dict]] | None = None
     # evaluate.generation.GenerationEval (chat, causal_lm): replies measured before, during and after training
