@@ -109,6 +109,35 @@ def test_source_lists_config_rules(tmp_path):
         assert field in str(err.value), (data, str(err.value))
 
 
+@pytest.mark.unit
+def test_a_source_takes_the_formats_data_format_takes_for_every_task(tmp_path):
+    """One format table (config.TASK_FORMATS): for each task, a format is accepted as data.format exactly when
+    it is accepted as a source's format (data.train / data.eval lists), and the table names what loads."""
+    import typing
+
+    from tunelab.config import TASK_FORMATS, DataSource, load_config
+    from tunelab.errors import InputError
+
+    write_jsonl(tmp_path / "a.jsonl", conversations(2))
+
+    def loads(task: str, data: dict) -> bool:
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({"task": task, "model": {"name": "x"}, "data": data}))
+        try:
+            load_config(tmp_path / "c.yaml")
+        except InputError:
+            return False
+        return True
+
+    formats = typing.get_args(DataSource.model_fields["format"].annotation)
+    for task, allowed in TASK_FORMATS.items():
+        for f in formats:
+            top = loads(task, {"train": "a.jsonl", "format": f})
+            assert top == (f == "auto" or f in allowed), (task, f)
+            for key in ("train", "eval"):
+                listed = {"train": "a.jsonl", key: [{"path": "a.jsonl", "format": f}]}
+                assert loads(task, listed) == top, (task, key, f)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     return tiny_llama_folder(tmp_path_factory.mktemp("tiny_llama"))

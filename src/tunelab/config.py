@@ -88,6 +88,14 @@ class DataSource(Section):
         return self.name or Path(self.path).stem
 
 
+# what data.format (and a source's format) may be, per task: one table for the data section's rule and
+# the sources' (Config._cross_field, _preference_rules, _source_rules); auto is always allowed
+FILE_FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")  # classification reads files of these types
+RECORD_FORMATS = ("openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt")  # chat / causal_lm records
+TASK_FORMATS = {"classification": FILE_FORMATS, "preference": ("preference",), "chat": RECORD_FORMATS,
+                "causal_lm": RECORD_FORMATS}
+
+
 def _file_or_sources(value) -> str:
     return "[sources]" if isinstance(value, list) else "[file]"
 
@@ -401,21 +409,20 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
-        lm_formats = {"openai", "sharegpt", "alpaca", "prompt_completion", "text", "txt"}
         self._preference_rules()
         if self.task == "classification":
             if self.data.packing:
                 raise RuleError("data.packing", "data.packing applies to chat and causal_lm only: remove it for classification")
-            if self.data.format in lm_formats:
+            if self.data.format in RECORD_FORMATS:
                 raise RuleError("data.format", f"data.format '{self.data.format}' is a chat/causal_lm format; "
-                                 "for classification use auto, csv, tsv, jsonl, json or parquet")
+                                 f"for classification use auto, {', '.join(FILE_FORMATS)}")
             if self.eval.generate != GenerateEvalConfig():  # a resolved config.yaml spells out the defaults: fine
                 raise RuleError("eval.generate", "eval.generate measures generated replies: it applies to chat and "
                                 "causal_lm only; remove it for classification")
         else:
-            if self.data.format in {"csv", "tsv", "jsonl", "json", "parquet"}:
+            if self.data.format in FILE_FORMATS:
                 raise RuleError("data.format", f"data.format '{self.data.format}' is a file type; for {self.task} give the "
-                                 "record format (auto, openai, sharegpt, alpaca, prompt_completion, text, txt)")
+                                 f"record format (auto, {', '.join(RECORD_FORMATS)})")
             if self.data.packing is None:
                 self.data.packing = True
             if "head_lr_multiplier" not in self.optim.model_fields_set:
@@ -443,7 +450,7 @@ class Config(Section):
             if self.data.format == "preference":
                 raise RuleError("data.format", "data.format 'preference' is for task: preference")
             return
-        if self.data.format not in ("auto", "preference"):
+        if self.data.format not in ("auto", *TASK_FORMATS["preference"]):
             raise RuleError("data.format", f"task preference reads prompt/chosen/rejected records; data.format "
                             f"'{self.data.format}' does not apply: use auto or preference")
         if self.data.packing:
@@ -455,9 +462,7 @@ class Config(Section):
         """data.train / data.eval as lists of sources (every task: tasks.lm_data, tasks.classification_data,
         tasks.preference_data): formats of the task, distinct names, one mix."""
         d, r = self.data, self.regularization
-        files, records = ("csv", "tsv", "jsonl", "json", "parquet"), ("openai", "sharegpt", "alpaca",
-                                                                     "prompt_completion", "text", "txt")
-        allowed = {"classification": files, "preference": ("preference",)}.get(self.task, records)
+        allowed = TASK_FORMATS[self.task]
         for key in ("train", "eval"):
             sources = getattr(d, key)
             if not isinstance(sources, list):
