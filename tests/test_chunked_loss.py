@@ -86,3 +86,48 @@ def test_task_loss_and_tied_weight_grads_equal_supervised_loss():
     assert n_ref == n_out and out == pytest.approx(ref, rel=1e-6)
     for k in g_ref:
         assert (g_out[k] - g_ref[k]).norm() <= 1e-5 * g_ref[k].norm() + 1e-9, k
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_peak_memory_is_the_planned_one_four_bytes_per_head_weight(amp):
+    """A large head over few tokens, so the head's weight gradient dominates: the loss's measured peak
+    (every tensor made in forward and backward, the weight and its existing .grad excluded) is what
+    plan.memory.loss_bytes plans, within 5%, and per head weight under 6 bytes in fp32 (the fp32
+    accumulator and one chunk's logits; a whole product beside it made it 8.5 before) and under 8 with
+    bf16 autocast (plus the weight's bf16 cast; the whole bf16 product and its fp32 copy made it 12.2);
+    the gradients still equal the plain path's."""
+    from live_peak import LivePeak, storages_of
+
+    from tunelab.plan.memory import loss_bytes
+
+    n, hidden_size, vocab, chunk = 48, 128, 20_000, 16
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(n, hidden_size, generator=g, requires_grad=True)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    head.weight.grad = torch.zeros_like(head.weight)  # as after the first step: model states, not the loss's
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    tracker = LivePeak(storages_of([hidden, head.weight, head.weight.grad, targets]))
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
+    with tracker:
+        with context:
+            out = linear_cross_entropy(hidden, head, targets, chunk)
+        out.backward()
+    weights = vocab * hidden_size
+    planned = loss_bytes(n, vocab, hidden_size, act_bytes=2 if amp else 4, hidden_bytes=4, chunk=chunk)["peak"]
+    planned -= n * hidden_size * 4  # the input, made outside the tracker
+    assert tracker.peak == pytest.approx(planned, rel=0.05)
+    assert tracker.peak < (8 if amp else 6) * weights
+    ref = _plain(hidden.detach(), head.weight.detach().requires_grad_(), None, targets)
+    with context:
+        ref_w = torch.autograd.grad(_plain(hidden, head.weight, None, targets), [head.weight])[0]
+    assert (head.weight.grad - ref_w).norm() < (1e-2 if amp else 1e-5) * ref_w.norm()
+    assert ref.item() == pytest.approx(out.item(), rel=1e-3)
+
+
+def test_a_second_backward_is_refused_not_wrong():
+    hidden = torch.randn(6, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 20, bias=False)
+    out = linear_cross_entropy(hidden, head, torch.randint(0, 20, (6,)), 4)
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        out.backward()

@@ -8,9 +8,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from live_peak import LivePeak
 from typer.testing import CliRunner
 
 from tunelab.cli import app
@@ -441,28 +439,6 @@ def replace_spec(spec, **changes):
     from dataclasses import replace
 
     return replace(spec, **changes)
-
-
-class LivePeak(TorchDispatchMode):
-    """The most bytes alive at once in tensors made under this mode (each storage once; `exclude`d
-    storages, the parameters and their gradients, never counted): a measured peak on real tensors."""
-
-    def __init__(self, exclude: set):
-        super().__init__()
-        self.exclude, self.live, self.now, self.peak = exclude, {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.now -= self.live.pop(key)[1]
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if storage._cdata not in self.live and storage._cdata not in self.exclude:
-                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-                    self.now += storage.nbytes()
-        self.peak = max(self.peak, self.now)
-        return out
 
 
 SWITCHED = {"exact": {"loss_chunk_tokens": 0, "recompute_norms": False, "packed_attention": "mask"},

@@ -268,29 +268,33 @@ def activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes:
 
 def loss_bytes(tokens: int, vocab: int, hidden: int, *, act_bytes: int = 2, hidden_bytes: int | None = None,
                chunk: int = 0, head_trains: bool = True, weight_bytes: int = 4) -> dict:
-    """The loss over the vocabulary: what it keeps for backward (`saved`) and its peak on top of the
-    body's saved activations (`peak`: per_device's logits_bytes).
+    """The loss over the vocabulary: what autograd saves for its backward (`saved`, what the planner's
+    probe counts) and its peak on top of the body's saved activations (`peak`: per_device's logits_bytes).
 
     All at once (chunk 0, evaluate.lm.supervised_loss): log-softmax keeps its fp32 output, and its
     backward holds that, the gradient arriving at it and the one it passes on, fp32 each: 12 bytes
     per logit at the peak whatever the compute dtype.
     In chunks (train.loss_chunk_tokens, train/chunked_loss.py): one chunk's fp32 logits (and their
     16-bit cast) at a time; the gradients are taken in the forward and kept: the hidden states'
-    (`hidden_bytes`, the final norm's output dtype) and, when the head trains, its weight's in the
-    compute dtype, summed in an fp32 accumulator while each chunk's matmul result (and its fp32 copy)
-    is added; a head weight kept in another dtype (`weight_bytes`) is cast for the forward. Backward
-    scales the kept gradients by the incoming one (the weight's through fp32)."""
+    (`hidden_bytes`, the final norm's output dtype) and, when the head trains, its weight's in an fp32
+    accumulator each chunk's product is added into in place (16-bit products `chunked_loss.PRODUCT_ROWS`
+    vocabulary rows at a time); a head weight kept in another dtype (`weight_bytes`) is cast for the
+    forward. Backward scales the accumulator in place and hands it on as the weight's gradient (cast
+    where the weight is not fp32): 4 bytes per head weight, where the product and its fp32 copy
+    beside the accumulator held 10 before."""
+    from tunelab.train.chunked_loss import PRODUCT_ROWS
+
     n, v, h = tokens, vocab, hidden
     hb = act_bytes if hidden_bytes is None else hidden_bytes
     if not chunk:
         return {"saved": 4.0 * n * v, "peak": 12.0 * n * v}
-    up = 4 if act_bytes != 4 else 0  # the fp32 copy of a 16-bit result
     weight = v * h if head_trains else 0
     cast = v * h * act_bytes if act_bytes != weight_bytes else 0
     chunk_logits = min(chunk, n) * v * (4 + (act_bytes if act_bytes != 4 else 0))
-    saved = n * h * hb + weight * act_bytes
-    forward = 2 * n * h * hb + cast + chunk_logits + weight * (4 + act_bytes + up)  # input, d_hidden, ...
-    backward = saved + n * h * hb + weight * (up + 4)
+    product = min(PRODUCT_ROWS, v) * h * act_bytes if head_trains and act_bytes != 4 else 0  # fp32: addmm_ in place
+    saved = n * h * hb  # d_hidden; the weight's gradient lives on the autograd context, not among its saved tensors
+    forward = 2 * n * h * hb + cast + chunk_logits + product + weight * 4  # input, d_hidden, ...
+    backward = saved + n * h * hb + weight * 4 + (weight * weight_bytes if weight_bytes != 4 else 0)
     return {"saved": float(saved), "peak": float(max(forward, backward))}
 
 

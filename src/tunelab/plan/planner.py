@@ -227,9 +227,10 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
 
 
 def chunked_loss_transient(model, speed: Speed, supervised: int, amp) -> float:
-    """What the chunked loss holds at its peak beyond what it keeps for backward (plan.memory.loss_bytes:
-    the fp32 accumulator and each chunk's matmul result for the head's weight gradient, one chunk's
-    logits), which the probe's saved bytes do not see; 0 where the loss is not chunked."""
+    """What the chunked loss holds at its peak beyond what autograd saves for backward (plan.memory.loss_bytes:
+    the head's fp32 weight gradient, taken in the forward and kept on the autograd context, one bf16
+    product slice, one chunk's logits), which the probe's saved bytes do not see; 0 where the loss is
+    not chunked."""
     from tunelab.train.chunked_loss import takes_head
 
     head = model.get_output_embeddings() if speed.loss_chunk else None

@@ -10,12 +10,16 @@ Here the positions go through the head `chunk` at a time. The loss is the last t
 and is only ever scaled (divided by the window's token count, the fp16 loss scale), so the
 gradient of each chunk's summed cross-entropy with respect to the hidden states and the head's
 weight can be taken right away (softmax - one-hot, times the chunk) and only those are kept:
-d_hidden is (n, hidden), d_weight one copy of the head's weight, summed over the chunks in fp32
-and kept in the compute dtype (bf16 under autocast: the plain path's weight gradient comes out of
-one bf16 matmul, so it is rounded to bf16 once too). Backward multiplies them by
-the incoming scalar. The same FLOPs as the plain path, never recomputed (the idea of Liger
-Kernel's fused linear cross-entropy, here in plain PyTorch). Matmuls run in the autocast dtype,
-the softmax in fp32, as the plain path under autocast does.
+d_hidden is (n, hidden), d_weight one fp32 copy of the head's weight, the chunks' products added
+into it in place (under autocast a bf16 product of `PRODUCT_ROWS` vocabulary rows at a time, so no
+full-size product nor its fp32 copy is ever made: 4 bytes per head weight in all, where a whole
+bf16 product plus its fp32 copy beside the accumulator cost 10). Backward scales d_weight by the
+incoming scalar in place and hands it on as the weight's gradient (cast only where the weight is
+not fp32), so the loss ends up holding what the head's fp32 gradient costs anyway; it is handed
+over once (a second backward through the same graph is refused). The same FLOPs as the plain
+path, never recomputed (the idea of Liger Kernel's fused linear cross-entropy, here in plain
+PyTorch). Matmuls run in the autocast dtype, the softmax in fp32, as the plain path under autocast
+does; the weight gradient is summed over the chunks in fp32 (the plain path rounds it to bf16 once).
 
 tests/test_chunked_loss.py checks the loss and the gradients of the hidden states and of the
 (tied) head weight against the plain loss, in fp32 and under bf16 autocast.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK = 256
+PRODUCT_ROWS = 4096  # vocabulary rows per bf16 product added into the fp32 weight gradient
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -55,6 +60,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if not (want_h or want_w or want_b):
+                del logits  # before the next chunk's are made
                 continue
             # d CE / d logits = softmax - one_hot, in place over the fp32 logits
             grad = logits.sub_(lse[:, None]).exp_()
@@ -63,22 +69,41 @@ class LinearCrossEntropy(torch.autograd.Function):
             if want_h:
                 d_hidden[s : s + chunk] = (grad @ w).to(hidden.dtype)
             if want_w:
-                d_weight += (grad.t() @ h).float()
+                _add_weight_grad(d_weight, grad, h)
             if want_b:
-                d_bias += grad.float().sum(0)
-        if d_weight is not None:  # kept in the compute dtype, as the plain path's bf16 matmul gives it: half the bytes
-            d_weight = d_weight.to(dtype)
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+                d_bias.add_(grad.sum(0, dtype=torch.float32))
+            del logits, grad  # before the next chunk's are made: one chunk's at a time
+        ctx.save_for_backward(d_hidden, d_bias)
+        ctx.d_weight = d_weight  # not saved: backward scales it in place and hands it on (once)
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, (bias.dtype if bias is not None else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        d_hidden, d_bias = ctx.saved_tensors
+        d_weight = ctx.d_weight
+        if d_weight is _HANDED_OVER:
+            raise RuntimeError("the chunked loss (train/chunked_loss.py) gives its weight gradient once: "
+                               "backward through it twice (retain_graph) is not supported")
+        if d_weight is not None:
+            ctx.d_weight = _HANDED_OVER
         g_h = d_hidden * grad_out.to(d_hidden.dtype) if d_hidden is not None else None
-        g_w = (d_weight.float() * grad_out).to(ctx.weight_dtype) if d_weight is not None else None
+        g_w = d_weight.mul_(grad_out).to(ctx.weight_dtype) if d_weight is not None else None
         g_b = (d_bias * grad_out).to(ctx.bias_dtype) if d_bias is not None else None
         return g_h, g_w, g_b, None, None, None
+
+
+_HANDED_OVER = object()
+
+
+def _add_weight_grad(d_weight: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
+    """d_weight (fp32) += grad.T @ h in place: one addmm in fp32; in a 16-bit dtype the product of
+    `PRODUCT_ROWS` vocabulary rows at a time (torch has no CPU matmul into an fp32 output from 16-bit inputs)."""
+    if grad.dtype == d_weight.dtype:
+        d_weight.addmm_(grad.t(), h)
+        return
+    for r in range(0, d_weight.shape[0], PRODUCT_ROWS):
+        d_weight[r : r + PRODUCT_ROWS].add_(grad[:, r : r + PRODUCT_ROWS].t() @ h)
 
 
 def takes_head(head) -> bool:
@@ -94,4 +119,4 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: t
     return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, _compute_dtype(hidden))
 
 
-__all__ = ["DEFAULT_CHUNK", "LinearCrossEntropy", "linear_cross_entropy", "takes_head"]
+__all__ = ["DEFAULT_CHUNK", "PRODUCT_ROWS", "LinearCrossEntropy", "linear_cross_entropy", "takes_head"]
