@@ -341,6 +341,6 @@ def test_drift_does_not_hold_both_models_in_memory(tmp_path):
                          capture_output=True, text=True, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["tensors"] > 0
-    # before the fix the rise was ~365 MB; one tensor mapped at a time measured 20-100 MB (the bound once at 80 MB
+    # before the fix the rise was ~365 MB; with one tensor mapped at a time it stays far lower (a bound at 80 MB
     # failed 2 runs in 6 under -n 2): 60% of the two folders still fails the old code by a wide margin
     assert got["rise_kb"] * 1024 < 0.6 * 2 * 160e6, got
