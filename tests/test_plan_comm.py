@@ -129,3 +129,59 @@ def test_hardware_plan_json_has_the_communication_term(tmp_path):
     assert t["seconds"] == pytest.approx(t["compute_seconds"] + t["communication_seconds"])
     bad = CliRunner().invoke(app, args + ["--interconnect", "carrier-pigeon"])
     assert bad.exit_code == 2 and "--interconnect" in bad.output and "Traceback" not in bad.output
+
+
+def test_offload_traffic_by_hand():
+    """7B, bf16, 8 devices, accumulation 2 (plan.comm's offload table): ZeRO-Offload moves the 16-bit
+    gradient partition down (zero2: every micro-batch) and the updated 16-bit weights up; ZeRO-3 with
+    offload_param fetches every gather's partition (all but the 5.5e8 parameters it keeps gathered
+    across the turn, again in backward) and sends the gradients down; FSDP2's CPUOffloadPolicy copies
+    the fp32 shards up for every unshard (backward re-gathers all but the root) and the fp32 reduced
+    gradients down. ddp offloads nothing; on the CPU nothing crosses a host link."""
+    p, n, a, root = 7e9, 8, 2, 5e8
+    b = lambda s: comm.offload_step_bytes(s, total=p, trainable=p, precision="bf16", n=n, accum=a,
+                                          root_params=root)
+    assert b("zero1")["device_to_host"] == pytest.approx(2 * p / n) and b("zero1")["host_to_device"] == pytest.approx(2 * p / n)
+    assert b("zero2")["device_to_host"] == pytest.approx(a * 2 * p / n)
+    assert b("zero3")["host_to_device"] == pytest.approx(a * (2 * p + 2 * (p - 5.5e8)) / n)
+    assert b("zero3")["device_to_host"] == pytest.approx(a * 2 * p / n)
+    assert b("fsdp")["total"] == pytest.approx(a * (4 * p + 4 * (p - root) + 4 * p) / n)
+    assert b("ddp")["total"] == 0
+    assert comm.host_link_for("H100").name == "pcie5" and comm.host_link_for("A100-80GB").name == "pcie4"
+    assert comm.host_link_for("custom").name == "pcie4" and comm.host_link_for(None) is None
+    s = comm.offload_seconds(b("zero2"), comm.LINKS["pcie5"])
+    assert s["seconds_per_step"] == pytest.approx(b("zero2")["total"] / 64e9)
+    assert comm.offload_seconds(b("zero2"), None)["seconds_per_step"] == 0
+
+
+def test_step_time_adds_compute_collectives_and_offload_and_the_run_is_its_steps(tmp_path):
+    """plan_one's `step` (what recommendations are ranked by) = its tokens' FLOPs at devices x peak x
+    MFU + exposed communication + offload traffic; with --tokens the run's time is that step times the
+    steps, and ZeRO-3 + offload on one device keeps no model state there but all of DeepSpeed's buffers
+    except the fp32 gradient partition (on the host with the optimizer)."""
+    from transformers import LlamaConfig
+
+    from tunelab.plan.model_plan import Model, Spec, plan_one
+
+    path = tmp_path / "config.json"
+    LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=8, vocab_size=32000).to_json_file(path)
+    spec = Spec(model=str(path), gpu=lookup("H100"), gpus=4, strategy="zero2", offload=True, seq_len=1024,
+                batch_size=2, grad_accum=3, tokens=1e8)
+    p = plan_one(Model(spec), spec)
+    st = p["step"]
+    assert st["tokens"] == 1024 * 2 * 3 * 4
+    assert st["compute_seconds"] == pytest.approx(p["flops"]["per_token"] * st["tokens"] / (4 * 989e12 * 0.4))
+    assert st["communication_seconds"] == pytest.approx(p["communication"]["exposed_seconds_per_step"])
+    assert st["offload_seconds"] == pytest.approx(p["offload_traffic"]["seconds_per_step"])
+    assert st["communication_seconds"] > 0 and st["offload_seconds"] > 0
+    assert st["seconds"] == pytest.approx(st["compute_seconds"] + st["communication_seconds"] + st["offload_seconds"])
+    assert p["time"]["seconds"] == pytest.approx(st["seconds"] * 1e8 / st["tokens"])
+    assert p["time"]["offload_seconds"] == pytest.approx(st["offload_seconds"] * 1e8 / st["tokens"])
+    one = Spec(model=str(path), gpu=lookup("H100"), strategy="zero3", offload=True, seq_len=1024)
+    q = plan_one(Model(one), one)
+    total = q["total_params"]
+    bufs = memory.zero3_buffers(total, total, n=1, offload=True)
+    assert bufs["fp32_gradients"] == 0 and memory.zero3_buffers(total, total, n=1)["fp32_gradients"] == 4 * total
+    assert q["per_device"]["model_states_bytes"] == 0
+    assert q["per_device"]["overhead_bytes"] == pytest.approx(memory.CUDA_CONTEXT_BYTES + bufs["total"], abs=4)

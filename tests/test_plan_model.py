@@ -308,22 +308,27 @@ def test_json_schema_and_sums(llama_json):
 
 @pytest.mark.e2e
 def test_nothing_fits_says_what_is_missing(tmp_path):
-    """A 1.55B Llama, full, on 6.5 GB devices: its bf16 weights and gradients alone (6.2 GB, the rest
-    offloaded) do not fit one, and ZeRO-3 over several adds DeepSpeed's own ~3.5 GB at 16 (bucket, gathered
-    parameters, reduce-scatter, fp32 gradient: plan.memory.zero3_buffers), which a 1-2 GB device
-    never holds."""
+    """A 1.55B Llama, full, on 4.5 GB devices. Unsharded its model states are 25.7 GiB. ZeRO-3 with
+    offload_param on one device keeps no model state there, only DeepSpeed's own buffers (gathered
+    parameters, the 5e8-element bucket, the reduce-scatter: plan.memory.zero3_buffers, ~4 GB at 16
+    bits) with the activations, which fits a 6.5 GB device (ZeRO-Infinity's case) but not a 4.5 GB one;
+    over several devices the buffers stay whole on each, so full needs many."""
     from transformers import LlamaConfig
 
     path = tmp_path / "config.json"
     LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=28, num_attention_heads=16,
                 num_key_value_heads=16, vocab_size=32000).to_json_file(path)
-    res = CliRunner().invoke(app, ["plan", "--model", str(path), "--method", "full", "--gpu-memory", "6.5",
-                                   "--gpu-tflops", "10", "--seq-len", "256", "--json"])
+    args = ["plan", "--model", str(path), "--method", "full", "--gpu-tflops", "10", "--seq-len", "256", "--json"]
+    res = CliRunner().invoke(app, [*args, "--gpu-memory", "4.5"])
     assert res.exit_code == 0, res.output
     p = json.loads(res.stdout)
     assert p["fits"] is False and p["recommendations"] == [] and p["command"] is None
-    assert p["missing"].startswith("nothing fits on 1 x custom (6.5 GB): needs ") and "more 6.5 GB GPUs for full" in p["missing"]
-    assert "or lora (fits as it is" in p["missing"]
+    assert p["missing"].startswith("nothing fits on 1 x custom (4.5 GB): needs ") and "more 4.5 GB GPUs for full" in p["missing"]
+    assert "more 4.5 GB GPUs for lora" in p["missing"] or "or lora (fits as it is" in p["missing"]
+    bigger = json.loads(CliRunner().invoke(app, [*args, "--gpu-memory", "6.5"]).stdout)
+    first = bigger["recommendations"][0]
+    assert (first["strategy"], first["offload"]) == ("zero3", True)
+    assert first["per_device"]["model_states_bytes"] == 0 and first["cpu_bytes"] > 20 * 2**30
 
 
 @pytest.mark.e2e
@@ -522,3 +527,37 @@ def test_the_causal_lm_switches_move_the_plan_as_they_move_the_measured_peak(tmp
             moved, planned_move = measured[k] - measured["exact"], planned[k] - planned["exact"]
             assert (moved > 0) == (planned_move > 0) and abs(moved) > 2**16, (precision, k, moved, planned_move)
             assert planned_move == pytest.approx(moved, rel=0.1, abs=2**14), (precision, k, moved, planned_move)
+
+
+@pytest.mark.unit
+def test_recommendations_are_ranked_by_time_and_keep_each_choices_fastest_strategy(tmp_path):
+    """A 70B Llama on 8 x A100-80GB: unsharded QLoRA (its collectives: the adapters' gradients) is
+    faster than LoRA, which fits only sharded and gathers 70B of weights every micro-batch, though
+    LoRA does no fewer FLOPs: the list is ranked by the step's seconds per token, not by FLOPs. Each
+    entry is the fastest strategy that fits its method and checkpointing choice (checked against
+    every strategy the search offers, planned independently)."""
+    from transformers import LlamaConfig
+
+    from tunelab.plan import recommend as rec
+
+    path = tmp_path / "config.json"
+    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192).to_json_file(path)
+    spec = Spec(model=str(path), gpu=lookup("A100-80GB"), gpus=8, seq_len=2048, batch_size=4, grad_accum=4)
+    model = Model(spec)
+    recs = rec.recommend(model, spec)
+    keys = [r["step"]["seconds"] / r["step"]["tokens"] for r in recs]
+    assert keys == sorted(keys) and len(recs) >= 3
+    first = recs[0]
+    assert (first["method"], first["strategy"]) == ("qlora", "ddp")
+    lora = next(r for r in recs if r["method"] == "lora")
+    assert lora["strategy"] != "ddp" and lora["flops"]["per_token"] <= first["flops"]["per_token"]
+    assert lora["step"]["communication_seconds"] > first["step"]["communication_seconds"]
+    for r in recs:
+        alternatives = []
+        for strategy, offload in rec._strategies(r["method"], spec.devices, spec.precision):
+            p = rec.largest_fitting(model, replace_spec(spec, method=r["method"], strategy=strategy, offload=offload,
+                                                        gradient_checkpointing=r["gradient_checkpointing"]))
+            if p is not None:
+                alternatives.append(p["step"]["seconds"] / p["step"]["tokens"])
+        assert r["step"]["seconds"] / r["step"]["tokens"] == pytest.approx(min(alternatives))

@@ -32,6 +32,19 @@ slowest link, the inter-node one. `overlap` is the share of it hidden behind com
 buckets and FSDP/ZeRO-3's prefetch run beside backward on GPUs); the plans assume none (0, stated
 in the output) so the time is an upper bound on communication's cost; pass --comm-overlap for yours.
 On the CPU the collectives run on the cores that compute (gloo): nothing hides.
+
+Offload (`distributed.cpu_offload`) adds traffic over each device's host link (`HOST_LINK`, its PCIe
+generation), per device and optimizer step, W, W_re, G, W_t and A as above, each a 1/N partition:
+
+    zero1  ZeRO-Offload: the gradient partition down once, the updated 16-bit weights up   (G + W_t) / N
+    zero2  the gradient partition down every micro-batch (accumulated on the host)         (A G + W_t) / N
+    zero3  + offload_param: every gather fetches its partition from the host; the update stays there
+                                                                                           A (W + W_re + G) / N
+    fsdp   CPUOffloadPolicy: every unshard copies the fp32 shard up, every reduce-scatter's fp32
+           output comes down                                                               A (W32 + W32_re + G) / N
+
+both directions added (no duplex overlap assumed), at the link's peak. The host's own optimizer step
+(DeepSpeed's CPU Adam, torch's AdamW on the host shards) is not charged: offload time is a lower bound.
 """
 
 from __future__ import annotations
@@ -74,6 +87,10 @@ INTRA_NODE = {"A10G": "pcie4", "T4": "pcie3", "L4": "pcie4", "RTX4090": "pcie4",
               "A100-80GB": "nvlink3", "H100": "nvlink4", "H100-PCIe": "pcie5", "H200": "nvlink4", "B200": "nvlink5",
               "MI300X": "infinity-fabric"}
 INTER_NODE = "infiniband"
+# each device's link to its host (offload's traffic): the PCIe generation of the board / HGX baseboard
+HOST_LINK = {"A10G": "pcie4", "T4": "pcie3", "L4": "pcie4", "RTX4090": "pcie4", "A100-40GB": "pcie4",
+             "A100-80GB": "pcie4", "H100": "pcie5", "H100-PCIe": "pcie5", "H200": "pcie5", "B200": "pcie5",
+             "MI300X": "pcie5"}
 DEFAULT_OVERLAP = 0.0
 
 
@@ -150,3 +167,45 @@ def strategy_step_bytes(strategy: str, *, total: float, trainable: float, quanti
         regathered = max(0.0, total - root_params) * act if reshard_after_forward else 0.0
     return step_bytes(strategy, n=n, accum=accum, weights=weights, trainable_weights=trainable * act,
                       gradients=trainable * grad_bytes, regathered=regathered)
+
+
+def host_link_for(gpu_name: str | None) -> Link | None:
+    """The device's link to host memory (PCIe 4 for a device not listed); None on the CPU, where the
+    host is the device and offload moves nothing."""
+    if gpu_name is None:
+        return None
+    return LINKS[HOST_LINK.get(gpu_name, "pcie4")]
+
+
+def offload_step_bytes(strategy: str, *, total: float, trainable: float, precision: str = "bf16", n: int = 1,
+                       accum: int = 1, root_params: float = 0, reshard_after_forward: bool = True) -> dict:
+    """Bytes each device moves to and from host memory per optimizer step under offload (the module's
+    second table); zero for ddp, which offloads nothing."""
+    n = max(1, n)
+    act = compute_bytes(precision)
+    if strategy in ("zero1", "zero2"):
+        down = (1 if strategy == "zero1" else accum) * trainable * act / n
+        up = trainable * act / n
+    elif strategy == "zero3":
+        again = max(0.0, total - zero3_gathered(total))
+        up, down = accum * (total + again) * act / n, accum * trainable * act / n
+    elif strategy == "fsdp":  # tunelab's sharded parameters (the master) are fp32, reduce_dtype fp32
+        again = max(0.0, total - root_params) if reshard_after_forward else 0.0
+        up, down = accum * (total + again) * 4 / n, accum * trainable * 4 / n
+    elif strategy == "ddp":
+        up = down = 0.0
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    return {"host_to_device": up, "device_to_host": down, "total": up + down}
+
+
+def offload_seconds(per_step: dict, link: Link | None) -> dict:
+    """The step's host traffic over `link` (None: the CPU, nothing moves)."""
+    if link is None:
+        return {"bytes_per_step": 0.0, "host_to_device": 0.0, "device_to_host": 0.0, "seconds_per_step": 0.0,
+                "link": None, "link_gb_per_s": None}
+    return {"bytes_per_step": per_step["total"], "host_to_device": per_step["host_to_device"],
+            "device_to_host": per_step["device_to_host"],
+            "seconds_per_step": per_step["total"] / (link.gb_per_s * 1e9), "link": link.name,
+            "link_gb_per_s": link.gb_per_s,
+            "note": "both directions added, at the link's peak; the host's optimizer step is not charged"}

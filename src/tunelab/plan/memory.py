@@ -16,8 +16,9 @@ gradients 4, moments 8, no separate master: the same 16 bytes, split differently
 bf16/fp16 engine keeps the ZeRO layout (`layout="zero"`). fp32 training is 4 + 4 + 8 without
 DeepSpeed and 4 + 4 + 12 with it (its optimizer partition holds an fp32 copy even of fp32 weights).
 `offload` (`distributed.cpu_offload`) moves to host memory what each strategy offloads: DeepSpeed's
-ZeRO-Offload the optimizer partition (master + moments), FSDP2's CPUOffloadPolicy the sharded
-parameters, gradients and optimizer state; it is reported as `cpu_bytes`, not counted against the
+ZeRO-Offload the optimizer partition (master + moments; zero1/2), ZeRO-3 with offload_param as well
+(distributed.zero sets both) also the 16-bit parameter partition and, with the optimizer's, the
+gradient partition; FSDP2's CPUOffloadPolicy the sharded parameters, gradients and optimizer state; it is reported as `cpu_bytes`, not counted against the
 device.
 
 QLoRA (Dettmers et al. 2023): NF4 stores 4 bits per weight plus one absmax per 64-weight block;
@@ -75,7 +76,7 @@ def device_states(total: float, trainable: float, *, quantized: float = 0, preci
     whole_gradients = model_states(total, trainable, n=1, **common)["gradients"]
     out["buffers"] = comm_overhead(strategy, grad_bytes=whole_gradients, largest_layer_params=unit_params,
                                    act_bytes=compute_bytes(precision), n=n, total_params=total, trainable=trainable,
-                                   whole_bucket=whole_bucket)
+                                   whole_bucket=whole_bucket, offload=offload)
     if strategy == "fsdp" and n > 1:
         out["buffers"] += fsdp_root_bytes(root_params, root_trainable, act_bytes=compute_bytes(precision))
     out["layout"] = layout
@@ -110,7 +111,7 @@ def model_states(total: float, trainable: float, *, precision: str = "bf16", str
         out[key] = value / n if short in shard else value
     cpu = 0.0
     if offload:
-        moved = ("weights", "gradients", "master_weights", "optimizer") if strategy == "fsdp" else (
+        moved = ("weights", "gradients", "master_weights", "optimizer") if strategy in ("fsdp", "zero3") else (
             "master_weights", "optimizer")
         cpu = sum(out[k] for k in moved)
         out.update({k: 0.0 for k in moved})
@@ -309,19 +310,21 @@ def fsdp_root_bytes(root_params: float, root_trainable: float, *, act_bytes: int
 
 
 def comm_overhead(strategy: str, *, grad_bytes: float, largest_layer_params: int, act_bytes: int = 2,
-                  n: int = 1, total_params: float = 0, trainable: float = 0, whole_bucket: bool = True) -> float:
+                  n: int = 1, total_params: float = 0, trainable: float = 0, whole_bucket: bool = True,
+                  offload: bool = False) -> float:
     """Communication buffers: DDP's gradient buckets (a second copy of the gradients), ZeRO-1/2's
     reduce bucket (one bucket of gradients at a time, bounded by the gradients themselves), ZeRO-3's
     own buffers (`zero3_buffers`, from `total_params` / `trainable`), and for FSDP2 the gathered
     weights and their gradients of the block being computed plus the next one (prefetch)."""
+    if strategy == "zero3":  # DeepSpeed runs stage 3's gathers and bucket in one process too
+        return zero3_buffers(total_params, trainable, n=n, act_bytes=act_bytes, whole_bucket=whole_bucket,
+                             offload=offload)["total"]
     if n <= 1:
         return 0.0
     if strategy == "ddp":
         return grad_bytes
     if strategy in ("zero1", "zero2"):
         return min(grad_bytes, 5e8 * act_bytes)  # DeepSpeed's reduce_bucket_size default, 5e8 elements
-    if strategy == "zero3":
-        return zero3_buffers(total_params, trainable, n=n, act_bytes=act_bytes, whole_bucket=whole_bucket)["total"]
     return 2 * 2 * largest_layer_params * act_bytes
 
 
@@ -348,7 +351,7 @@ def zero3_gathered(total_params: float, *, reuse_distance: float = ZERO3_DEFAULT
 
 
 def zero3_buffers(total_params: float, trainable: float, *, n: int, act_bytes: int = 2, whole_bucket: bool = True,
-                  reduce_bucket: float = ZERO3_DEFAULTS["reduce_bucket_size"],
+                  offload: bool = False, reduce_bucket: float = ZERO3_DEFAULTS["reduce_bucket_size"],
                   sub_group: float = ZERO3_DEFAULTS["sub_group_size"]) -> dict:
     """Bytes per process DeepSpeed's ZeRO-3 keeps beyond the partitioned model states (stage3.py):
 
@@ -363,7 +366,10 @@ def zero3_buffers(total_params: float, trainable: float, *, n: int, act_bytes: i
     - `fp32_gradients`: the fp32 gradient the optimizer steps each sub-group with (initialize_optimizer_states'
       gradient_buffer, held through the first step; then each step's flattened copy,
       _prepare_fp32_grad_for_sub_group): the largest sub-group's partition, at most `sub_group_size`
-      elements; taken as all of this process's trainable partition, one parameter group.
+      elements; taken as all of this process's trainable partition, one parameter group; on the host
+      under `offload` (offload_optimizer: the optimizer steps its partition there).
+
+    One process (n = 1) keeps them too: stage 3 gathers, buckets and partitions at any world size.
 
     Measured (MiniLM, fp32, 2 gloo processes, /proc per phase): all 22.7M parameters gathered at the end
     of forward (86.6 MB), the bucket's 1907 MB allocated and 86.6 MB of it written, the partitions
@@ -372,6 +378,6 @@ def zero3_buffers(total_params: float, trainable: float, *, n: int, act_bytes: i
     filled = min(reduce_bucket, trainable)
     bucket = (reduce_bucket if whole_bucket else filled) * act_bytes
     reduce_scatter = filled * (1 + 1 / n) * act_bytes
-    fp32_gradients = min(trainable / n, sub_group) * 4
+    fp32_gradients = 0.0 if offload else min(trainable / n, sub_group) * 4
     return {"gathered": gathered, "bucket": bucket, "reduce_scatter": reduce_scatter, "fp32_gradients": fp32_gradients,
             "total": gathered + bucket + reduce_scatter + fp32_gradients}

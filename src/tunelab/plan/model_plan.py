@@ -209,14 +209,38 @@ def plan_one(model: Model, spec: Spec) -> dict:
     if params.get("targets") is not None:
         out["lora"] = {"r": spec.lora_r, "targets": params["targets"]}
     out["communication"] = communication_for(model, spec, params)
+    out["offload_traffic"] = offload_for(model, spec, params) if spec.offload else None
+    out["step"] = step_time(spec, fl, out["communication"], out["offload_traffic"])
     out["time"] = None
     if fl["total"]:
-        steps = spec.tokens / (spec.seq_len * out["effective_batch"])
+        steps = spec.tokens / out["step"]["tokens"]
         out["time"] = timecost.time_and_cost(fl["total"], devices=spec.devices,
                                              peak_flops=spec.gpu.peak_flops(spec.precision), mfu=spec.mfu,
                                              price_per_hour=spec.price_per_hour,
-                                             comm_seconds=steps * out["communication"]["exposed_seconds_per_step"])
+                                             comm_seconds=steps * out["step"]["communication_seconds"],
+                                             offload_seconds=steps * out["step"]["offload_seconds"])
     return out
+
+
+def step_time(spec: Spec, flops: dict, communication: dict, offload: dict | None) -> dict:
+    """One optimizer step's time (what the recommendations are ranked by; it needs no --tokens): the
+    FLOPs of its tokens at devices x peak x MFU, the collectives not hidden behind them, and offload's
+    host traffic."""
+    tokens = spec.seq_len * spec.batch_size * spec.grad_accum * spec.devices
+    compute = flops["per_token"] * tokens / (spec.devices * spec.gpu.peak_flops(spec.precision) * spec.mfu)
+    exposed = communication["exposed_seconds_per_step"]
+    host = offload["seconds_per_step"] if offload else 0.0
+    seconds = compute + exposed + host
+    return {"tokens": tokens, "compute_seconds": compute, "communication_seconds": exposed, "offload_seconds": host,
+            "seconds": seconds, "tokens_per_second": tokens / seconds}
+
+
+def offload_for(model: Model, spec: Spec, params: dict) -> dict:
+    """The host traffic of one optimizer step under --offload (plan.comm's offload table)."""
+    per_step = comm.offload_step_bytes(spec.strategy, total=params["total"], trainable=params["trainable"],
+                                       precision=spec.precision, n=spec.devices, accum=spec.grad_accum,
+                                       root_params=model.root_params, reshard_after_forward=spec.reshard_after_forward)
+    return comm.offload_seconds(per_step, comm.host_link_for(spec.gpu.name))
 
 
 def communication_for(model: Model, spec: Spec, params: dict) -> dict:

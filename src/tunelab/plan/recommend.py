@@ -6,10 +6,13 @@ The search: method (full, LoRA, QLoRA; only the one asked for when --method is g
 offloaded, as distributed.strategy runs it) x gradient checkpointing
 (off, on) x the largest power-of-two micro-batch that fits, with the accumulation that keeps the
 effective batch (micro-batch x accumulation x devices) of the spec. Per method and checkpointing
-choice the least-communicating strategy that fits is kept (ddp before zero1, zero2, fsdp/zero3,
-offload last; each entry's time charges its collectives, plan.comm), and the list is ranked by
-FLOPs, LoRA before QLoRA at equal FLOPs (QLoRA's dequantisation costs time the FLOPs do not show),
-then by memory per device.
+choice the fastest strategy that fits is kept, and the list is ranked by time: seconds per training
+token of one optimizer step (model_plan.step_time: its FLOPs at the device's peak x MFU, the
+collectives not hidden behind them, offload's host traffic; plan.comm). A sharded strategy can win
+over ddp when the memory it frees takes a larger micro-batch (fewer accumulation steps, fewer
+gathers), and an unsharded QLoRA over a sharded LoRA when the gathers cost more than the FLOPs
+differ. At equal time the less-communicating strategy, then LoRA before QLoRA (QLoRA's
+dequantisation is time the FLOPs do not show), then less memory per device.
 """
 
 from __future__ import annotations
@@ -51,11 +54,17 @@ def largest_fitting(model: Model, spec: Spec) -> dict | None:
     return None
 
 
+def seconds_per_token(p: dict) -> float:
+    """The ranking's key: one optimizer step's seconds over the tokens it trains (plan_one's `step`)."""
+    return p["step"]["seconds"] / p["step"]["tokens"]
+
+
 def recommend(model: Model, spec: Spec, *, methods=None, limit: int = 6) -> list[dict]:
     methods = methods or METHODS
     found = []
     for method in methods:
         for ckpt in (False, True):
+            fitting = []
             for strategy, offload in _strategies(method, spec.devices, spec.precision):
                 cand = with_changes(spec, method=method, strategy=strategy, offload=offload,
                                     gradient_checkpointing=ckpt)
@@ -63,10 +72,10 @@ def recommend(model: Model, spec: Spec, *, methods=None, limit: int = 6) -> list
                 if p is not None:
                     p["command"] = command(model, with_changes(cand, batch_size=p["micro_batch"],
                                                                grad_accum=p["grad_accum"]))
-                    found.append(p)
-                    break
-    # equal FLOPs: LoRA before QLoRA (its dequantisation is time the FLOPs do not show), then less memory
-    found.sort(key=lambda p: (p["flops"]["per_token"], METHODS.index(p["method"]), p["per_device"]["total_bytes"]))
+                    fitting.append(p)
+            if fitting:  # min keeps the first of equals: _strategies lists the less-communicating first
+                found.append(min(fitting, key=seconds_per_token))
+    found.sort(key=lambda p: (seconds_per_token(p), METHODS.index(p["method"]), p["per_device"]["total_bytes"]))
     for rank, p in enumerate(found[:limit], 1):
         p["rank"] = rank
     return found[:limit]

@@ -68,7 +68,7 @@ def _config_line(p: dict) -> str:
     t = p.get("time")
     when = f"; {_duration(t['seconds'])}" + (f", {t['cost']:,.2f}" if t.get("cost") is not None else "") if t else ""
     return (f"{p['method']} · {p['strategy']}{off}{ckpt} · micro-batch {p['micro_batch']} x accum {p['grad_accum']}: "
-            f"{_gb(p['per_device']['total_bytes'])} GiB per device{when}")
+            f"{_gb(p['per_device']['total_bytes'])} GiB per device, {p['step']['tokens_per_second']:,.0f} tokens/s{when}")
 
 
 def hardware_lines(p: dict) -> list[str]:
@@ -92,6 +92,11 @@ def hardware_lines(p: dict) -> list[str]:
         lines.append("time: give --tokens (training tokens) for time and cost")
     if p.get("communication") and p["communication"]["bytes_per_step"]:
         lines.append(_comm_line(p["communication"]))
+    o = p.get("offload_traffic")
+    if o and o["bytes_per_step"]:
+        lines.append(f"offload: {o['bytes_per_step'] / 2**20:,.1f} MB per device per step over {o['link']} "
+                     f"({o['link_gb_per_s']:g} GB/s): {o['seconds_per_step']:.3g} s per step (the host's optimizer "
+                     "step not counted)")
     if p["recommendations"]:
         lines.append("fits (fastest first):")
         lines += [f"  {r['rank']}. {_config_line(r)}\n     {r['command']}" for r in p["recommendations"]]

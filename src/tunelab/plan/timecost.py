@@ -16,8 +16,8 @@ d = heads x head size):
 - gradient checkpointing: one more forward, + 2P + 4Lsd per token.
 
 Time = FLOPs / (devices x peak x MFU) + the collectives' time not hidden behind computation
-(plan.comm: bytes per step over the link, times the steps). The default MFU, 0.4, is what well-tuned dense
-fine-tuning reaches on A100/H100 (Megatron-style runs report 0.4-0.55; Hugging Face Trainer
++ offload's host traffic (plan.comm: bytes per step over the link, times the steps). The default
+MFU, 0.4, is what well-tuned dense fine-tuning reaches on A100/H100 (Megatron-style runs report 0.4-0.55; Hugging Face Trainer
 setups often 0.3-0.4); pass `--mfu` for yours. Cost = hours x devices x price per device-hour.
 """
 
@@ -43,12 +43,15 @@ def flops_per_token(*, matmul_params: float, adapter_params: float, method: str,
 
 
 def time_and_cost(total_flops: float, *, devices: int, peak_flops: float, mfu: float = DEFAULT_MFU,
-                  price_per_hour: float | None = None, comm_seconds: float = 0.0) -> dict:
+                  price_per_hour: float | None = None, comm_seconds: float = 0.0,
+                  offload_seconds: float = 0.0) -> dict:
     """Seconds at `devices` x `peak_flops` x `mfu`, plus `comm_seconds` of collectives not hidden
-    behind the computation (plan.comm); the cost at `price_per_hour` per device."""
+    behind the computation and `offload_seconds` of host traffic (plan.comm); the cost at
+    `price_per_hour` per device."""
     compute = total_flops / (devices * peak_flops * mfu)
-    seconds = compute + comm_seconds
+    seconds = compute + comm_seconds + offload_seconds
     out = {"seconds": seconds, "compute_seconds": compute, "communication_seconds": comm_seconds,
+           "offload_seconds": offload_seconds,
            "hours": seconds / 3600, "gpu_hours": devices * seconds / 3600, "mfu": mfu}
     out["cost"] = None if price_per_hour is None else out["gpu_hours"] * price_per_hour
     return out
