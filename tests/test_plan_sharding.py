@@ -118,3 +118,72 @@ def test_fsdp_root_unit_is_gathered_whole_with_its_gradient_and_reduce_input():
         alone = device_states(total, total, precision=precision, strategy="fsdp", n=1, unit_params=unit,
                               root_params=root, root_trainable=root)
         assert alone["buffers"] == 0
+
+
+def _gloo_peaks(rank: int, port: int, n: int, out) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    def hwm_mib() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    x, shard, whole = torch.ones(n), torch.zeros(n // 2), torch.zeros(n)  # every page written up front
+    dist.barrier()
+    h0 = hwm_mib()
+    dist.reduce_scatter_tensor(shard, x)
+    dist.barrier()
+    h1 = hwm_mib()
+    dist.all_gather_into_tensor(whole, shard)
+    dist.barrier()
+    out.put((rank, h1 - h0, hwm_mib() - h1, float(shard[0]), float(whole[-1])))
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_gloo_reduce_scatter_holds_one_copy_of_its_input():
+    """The premise of plan.memory.gloo_reduce_scatter_copy, measured: with input and outputs already
+    resident, gloo's reduce_scatter_tensor of an n-element fp32 tensor raises a process's peak by
+    about one input (4n bytes), all_gather_into_tensor by (nearly) nothing; the results are right."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    n = 8_000_000  # 30.5 MiB
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_peaks, args=(r, port, n, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    mib = 4 * n / MB
+    for rank, rs_rise, ag_rise, reduced, gathered in got:
+        assert (reduced, gathered) == (2.0, 2.0), rank
+        assert 0.8 * mib <= rs_rise <= 1.3 * mib, (rank, rs_rise)
+        assert ag_rise <= 0.2 * mib, (rank, ag_rise)
+
+
+def test_fsdp_on_cpu_plans_glooss_copy_of_the_largest_reduce_scatter():
+    """Under fsdp in CPU processes (gloo) the buffers gain one fp32 copy of the largest reduce-scatter
+    input: the root unit's trainable gradients or a block's when the blocks train (full), the root's
+    alone under LoRA; nothing under other strategies or on GPUs (nccl)."""
+    from tunelab.plan import memory
+
+    common = dict(precision="fp32", strategy="fsdp", n=2, unit_params=3e6, root_params=12e6)
+    full = {g: memory.device_states(40e6, 40e6, root_trainable=12e6, gloo=g, **common)["buffers"] for g in (False, True)}
+    assert full[True] - full[False] == pytest.approx(4 * 12e6)
+    wide = {g: memory.device_states(40e6, 40e6, root_trainable=1e6, gloo=g, **common)["buffers"] for g in (False, True)}
+    assert wide[True] - wide[False] == pytest.approx(4 * 3e6)  # a block's gradients are the larger input
+    lora = {g: memory.device_states(40e6, 2e6, root_trainable=1e3, gloo=g, **common)["buffers"] for g in (False, True)}
+    assert lora[True] - lora[False] == pytest.approx(4 * 1e3)
+    z2 = dict(common, strategy="zero2")
+    assert memory.device_states(40e6, 40e6, gloo=True, **z2)["buffers"] == memory.device_states(40e6, 40e6, **z2)["buffers"]

@@ -63,13 +63,19 @@ def compute_bytes(precision: str) -> int:
 
 def device_states(total: float, trainable: float, *, quantized: float = 0, precision: str = "bf16",
                   strategy: str = "ddp", n: int = 1, offload: bool = False, unit_params: float = 0,
-                  root_params: float = 0, root_trainable: float = 0, whole_bucket: bool = True) -> dict:
+                  root_params: float = 0, root_trainable: float = 0, whole_bucket: bool = True,
+                  gloo: bool = False) -> dict:
     """`model_states` in the layout the strategy keeps (`layout_for`) plus its communication buffers
     (`buffers`, `comm_overhead` over the unsharded gradients and `unit_params`, the parameters of the
     largest unit gathered at a time; under fsdp also `root_params` / `root_trainable`, FSDP2's root unit,
     see `fsdp_root_bytes`; under zero3 `zero3_buffers`, its bucket counted whole on a GPU and as far as
     it is written (`whole_bucket` False) in a CPU process's resident memory): the one definition both
-    planners use (plan.model_plan for other hardware, plan.planner for `--nproc` on this machine)."""
+    planners use (plan.model_plan for other hardware, plan.planner for `--nproc` on this machine).
+
+    `gloo` (CPU processes): gloo's reduce_scatter_tensor reduces a full-size copy of its input
+    (measured, 2 processes: a 46 MiB fp32 input raised the peak by 48 MiB beyond the output's pages;
+    all_gather_into_tensor by nothing beyond its output), so under fsdp the largest reduce-scatter
+    input, the root unit's or a block's fp32 gradients, is held once more (`gloo_reduce_scatter_copy`)."""
     layout = layout_for(strategy)
     common = dict(precision=precision, strategy=strategy, layout=layout, quantized=quantized)
     out = model_states(total, trainable, n=n, offload=offload, **common)
@@ -79,6 +85,8 @@ def device_states(total: float, trainable: float, *, quantized: float = 0, preci
                                    whole_bucket=whole_bucket, offload=offload)
     if strategy == "fsdp" and n > 1:
         out["buffers"] += fsdp_root_bytes(root_params, root_trainable, act_bytes=compute_bytes(precision))
+        if gloo:
+            out["buffers"] += gloo_reduce_scatter_copy(root_trainable, unit_params if trainable >= total else 0.0)
     out["layout"] = layout
     return out
 
@@ -118,6 +126,13 @@ def model_states(total: float, trainable: float, *, precision: str = "bf16", str
     out["model_states"] = sum(out[k] for k in ("weights", "gradients", "master_weights", "optimizer"))
     out["cpu"] = cpu
     return out
+
+
+def gloo_reduce_scatter_copy(root_trainable: float, block_trainable: float) -> float:
+    """The copy gloo's reduce_scatter_tensor makes of FSDP2's largest reduce-scatter input (fp32, its
+    reduce_dtype): the root unit's trainable gradients or a block's (0 under LoRA, whose blocks reduce
+    only their adapters'). Measured in tests/test_plan_sharding.py."""
+    return max(root_trainable, block_trainable) * 4
 
 
 def norm_saved(shape: Shape, norm_bytes: int, *, recompute: bool = False, trained: bool = True) -> int:

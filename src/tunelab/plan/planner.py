@@ -258,7 +258,8 @@ def shard_states(est: dict, cfg: Config, strategy: str, nproc: int) -> None:
     ms = device_states(pb["total_params"], pb["trainable_params"], quantized=pb["quantized_params"],
                        precision=est["precision"], strategy=strategy, n=nproc, offload=cfg.distributed.cpu_offload,
                        unit_params=gathered_unit_params(est["model"]), root_params=root,
-                       root_trainable=root_trainable, whole_bucket=est.get("device") != "cpu")
+                       root_trainable=root_trainable, whole_bucket=est.get("device") != "cpu",
+                       gloo=est.get("device") == "cpu")
     new = {"weights": ms["weights"], "gradients": ms["gradients"], "optimizer": ms["master_weights"] + ms["optimizer"],
            "sharding_buffers": ms["buffers"]}
     before = mem["weights"] + mem["gradients"] + mem["optimizer"]
