@@ -601,3 +601,44 @@ def test_a_real_process_prints_one_line_too(kind: str, tmp_path: Path):
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert re.match(location_pattern(loc), proc.stderr), proc.stderr
     assert not ws.out.exists()
+
+
+PAIRS = [{"prompt": "name a fruit", "chosen": "an apple", "rejected": "a fish"},
+         {"prompt": "say hello", "chosen": "hello there", "rejected": "two plus two"}]
+REAL_PROCESS_DATA = {  # id: (files, data section lines, task, the location printed)
+    # the first file's rows are good: the check pass reads (and caches) them before it finds the bad one
+    "eval_label_not_in_training": ({"train.csv": csv_with(), "eval.csv": csv_with({3: "meh film,meh"})},
+                                   "  train: train.csv\n  eval: eval.csv\n", "classification", "eval.csv:3 field 'label'"),
+    "label_not_declared": ({"train.csv": csv_with({5: "meh film,meh"})}, "  train: train.csv\n  labels: [neg, pos]\n",
+                           "classification", "train.csv:5 field 'label'"),
+    "second_source_bad": ({"a.csv": csv_with(), "b.jsonl": jsonl_with({3: "{oops"})},
+                          "  train:\n    - path: a.csv\n    - path: b.jsonl\n", "classification", "b.jsonl:3"),
+    "good_data_missing_model": ({"train.csv": csv_with()}, "  train: train.csv\n", "classification",
+                                f"{MISSING_MODEL[2:]} field 'model.name'"),
+    "preference_second_source_bad": ({"a.jsonl": jsonl_with(objs=PAIRS),
+                                      "b.jsonl": jsonl_with(objs=PAIRS + [{**PAIRS[0], "rejected": "an apple"}])},
+                                     "  train:\n    - path: a.jsonl\n    - path: b.jsonl\n", "preference",
+                                     "b.jsonl:3 field 'rejected'"),
+    "preference_good_data_missing_model": ({"a.jsonl": jsonl_with(objs=PAIRS)}, "  train: a.jsonl\n", "preference",
+                                           f"{MISSING_MODEL[2:]} field 'model.name'"),
+}
+
+
+@pytest.mark.parametrize("id", sorted(REAL_PROCESS_DATA))
+@pytest.mark.e2e
+def test_a_real_process_prints_one_line_when_good_data_came_first(id: str, tmp_path: Path):
+    """The check pass caches what it read of each good source (a meta-only entry) before it reaches the
+    bad one, or the model: that entry is no news, so it logs nothing at INFO, and stderr holds the error
+    alone (the CliRunner cases above never see log lines: logging writes to the first stderr it met)."""
+    files, data, task, loc = REAL_PROCESS_DATA[id]
+    ws = Workspace(tmp_path, None)
+    for name, content in files.items():
+        ws.write(name, content)
+    cfg = ws.write("cfg.yaml", f"task: {task}\nmodel:\n  name: {MISSING_MODEL}\ndata:\n{data}")
+    env = {**__import__("os").environ, "TUNELAB_DATA_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", *ws.train_args(cfg)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.match(location_pattern(loc), proc.stderr), proc.stderr
+    assert not ws.out.exists()

@@ -339,17 +339,20 @@ def _writer(folder: Path | None, layout: dict) -> StoreWriter:
 
 
 def open_or_build(parts: dict, layout: dict, build: Callable[[StoreWriter], dict], what: str = "data",
-                  verify: bool | None = None, keep: bool = True) -> Store:
+                  verify: bool | None = None, keep: bool = True, quiet: bool = False) -> Store:
     """The intact entry for `parts`, building it with `build(writer) -> meta` when there is none.
 
     `layout`: {"ragged": {name: dtype}, "columns": {name: dtype}, "strings": (names...)}. An
     exception in `build` (bad input) leaves nothing behind. `verify`: also compare the checksums on
     a hit (default: $TUNELAB_DATA_CACHE_VERIFY). `keep` False (data.cache: false): build in memory,
-    neither read nor write the cache; the same arrays, so the same rows.
+    neither read nor write the cache; the same arrays, so the same rows. `quiet`: a hit or a build is
+    logged at DEBUG, not INFO (a check pass's small entry: a bad input later in the same pass must
+    leave its one-line error alone on stderr).
     """
     if not keep:
         writer = _writer(None, layout)
         return writer.in_memory(build(writer))
+    say = log.debug if quiet else log.info
     root = data_cache_root()
     key = entry_key(parts)
     final = root / key
@@ -358,13 +361,13 @@ def open_or_build(parts: dict, layout: dict, build: Callable[[StoreWriter], dict
         with _locked(root, key, shared=True):
             manifest, _ = validate(final, key, full)
             if manifest is not None:
-                log.info("%s: encoded data read from the cache (%s)", what, final)
+                say("%s: encoded data read from the cache (%s)", what, final)
                 return Store(final, manifest).mapped()
     with _locked(root, key):
         if final.exists():  # damaged, or built by another process while this one waited
             manifest, why = validate(final, key, full)
             if manifest is not None:
-                log.info("%s: encoded data read from the cache (%s)", what, final)
+                say("%s: encoded data read from the cache (%s)", what, final)
                 return Store(final, manifest).mapped()
             log.warning("%s: the data cache entry %s is damaged (%s); encoding again", what, final, why)
             _discard(final)
@@ -380,7 +383,7 @@ def open_or_build(parts: dict, layout: dict, build: Callable[[StoreWriter], dict
             writer.abort()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log.info("%s: encoded data cached in %s", what, final)
+        say("%s: encoded data cached in %s", what, final)
         return Store(final, manifest).mapped()
 
 

@@ -127,7 +127,7 @@ def source_labels(src: Source, data_cfg, limit: int | None):
         return {"labels": raw.to_meta()}
 
     store = open_or_build({"encoder": "classification-labels", **parts}, {}, build, what=str(src.path),
-                          keep=data_cfg.cache)
+                          keep=data_cfg.cache, quiet=True)
     return RawLabels.from_meta(store.meta["labels"])
 
 

@@ -100,7 +100,7 @@ def check_pair_source(src: Source, data_cfg, limit: int | None) -> int:
         return {"pairs": sum(len(pairs) for pairs in _parsed_chunks(src, limit))}
 
     store = open_or_build({"encoder": "preference-pairs", **_source_parts(src, data_cfg, limit)}, {}, build,
-                          what=str(src.path), keep=data_cfg.cache)
+                          what=str(src.path), keep=data_cfg.cache, quiet=True)
     return int(store.meta["pairs"])
 
 
