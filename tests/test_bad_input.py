@@ -642,3 +642,44 @@ def test_a_real_process_prints_one_line_when_good_data_came_first(id: str, tmp_p
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert re.match(location_pattern(loc), proc.stderr), proc.stderr
     assert not ws.out.exists()
+
+
+CHATS = [{"messages": [{"role": "user", "content": "what colour is the sky"},
+                       {"role": "assistant", "content": "the sky is blue"}]}] * 4
+NO_ANSWER = {"messages": [{"role": "user", "content": "hi"}]}
+LONG_PROMPT = {"prompt": "what colour is the sky " * 40, "chosen": "blue", "rejected": "red"}
+ENCODE_TIME = {  # found only while encoding, with the model's tokenizer: after a good source was encoded (and logged)
+    "chat_eval_row_bad": ({"a.jsonl": jsonl_with(objs=CHATS), "e.jsonl": jsonl_with(objs=CHATS + [NO_ANSWER])},
+                          "  train: a.jsonl\n  eval: e.jsonl\n", "chat", "e.jsonl:5 field 'messages'"),
+    "chat_second_source_bad": ({"a.jsonl": jsonl_with(objs=CHATS), "b.jsonl": jsonl_with(objs=CHATS + [NO_ANSWER])},
+                               "  train:\n    - path: a.jsonl\n    - path: b.jsonl\n", "chat", "b.jsonl:5 field 'messages'"),
+    "preference_eval_prompt_too_long": ({"a.jsonl": jsonl_with(objs=PAIRS), "e.jsonl": jsonl_with(objs=PAIRS + [LONG_PROMPT])},
+                                        "  train: a.jsonl\n  eval: e.jsonl\n", "preference", "e.jsonl:3 field 'prompt'"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    from tiny_models import tiny_llama_folder
+
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.mark.parametrize("id", sorted(ENCODE_TIME))
+@pytest.mark.e2e
+def test_a_real_process_prints_one_line_for_bad_data_found_while_encoding(id: str, tmp_path: Path, tiny_llama_dir):
+    """The log lines of the sources encoded before the bad one (and of the model's loading) are held back
+    while the task is set up and dropped when the setup ends in bad input (compose.setup_task / prepare_data)."""
+    files, data, task, loc = ENCODE_TIME[id]
+    ws = Workspace(tmp_path, None)
+    for name, content in files.items():
+        ws.write(name, content)
+    cfg = ws.write("cfg.yaml", f"task: {task}\nmethod: lora\nmodel:\n  name: {tiny_llama_dir}\n  max_length: 64\n"
+                               f"data:\n{data}train:\n  epochs: 1\n  batch_size: 2\n")
+    env = {**__import__("os").environ, "TUNELAB_DATA_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", *ws.train_args(cfg)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.match(location_pattern(loc), proc.stderr), proc.stderr
+    assert not ws.out.exists()

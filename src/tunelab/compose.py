@@ -14,11 +14,40 @@ user's checkpoint.metric / mode are applied here over the task's own default met
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from tunelab.config import Config
+from tunelab.errors import InputError
 from tunelab.train.protocols import TaskRun
+
+
+@contextmanager
+def _logs_held_until_done():
+    """tunelab's log records held back while a task's data and model are set up, then replayed in order;
+    dropped when the setup ends in bad input. A bad row is often found only after good sources were read
+    and encoded, each logged ('encoded data cached in ...', truncation warnings); the bad input's one-line
+    error must still be the only line on stderr (DESIGN: exit 2, one line naming file, line and field)."""
+    logger = logging.getLogger("tunelab")
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    hold, propagate = Hold(), logger.propagate
+    saved, logger.handlers, logger.propagate = logger.handlers, [hold], False
+    try:
+        yield
+    except InputError:
+        held.clear()
+        raise
+    finally:
+        logger.handlers, logger.propagate = saved, propagate
+        for record in held:
+            logger.handle(record)
 
 
 def _replay(cfg: Config) -> dict:
@@ -28,6 +57,11 @@ def _replay(cfg: Config) -> dict:
 
 def setup_task(cfg: Config) -> TaskRun:
     """The task's TaskRun (model, data, loss, evaluation, saver), each setup given the sections it reads."""
+    with _logs_held_until_done():
+        return _setup_task(cfg)
+
+
+def _setup_task(cfg: Config) -> TaskRun:
     from tunelab.models.quantization import quantization_for
 
     sections = {"model_cfg": cfg.model, "data_cfg": cfg.data, "train_cfg": cfg.train}
@@ -54,8 +88,9 @@ def prepare_data(cfg: Config) -> list[Path]:
     """The config's data into the encoded-data cache before training (tunelab.tasks.prepare.prepare)."""
     from tunelab.tasks.prepare import prepare
 
-    return prepare(task=cfg.task, model_cfg=cfg.model, data_cfg=cfg.data, **_replay(cfg),
-                   max_prompt_length=cfg.preference.max_prompt_length)
+    with _logs_held_until_done():
+        return prepare(task=cfg.task, model_cfg=cfg.model, data_cfg=cfg.data, **_replay(cfg),
+                       max_prompt_length=cfg.preference.max_prompt_length)
 
 
 def check_distributed(cfg: Config, world_size: int) -> None:
