@@ -603,6 +603,17 @@ def test_a_real_process_prints_one_line_too(kind: str, tmp_path: Path):
     assert not ws.out.exists()
 
 
+def train_in_a_process(ws: Workspace, cfg: Path, loc: str) -> None:
+    """`tunelab train cfg` in a real process (its own data cache): exit 2, the one located line alone on stderr."""
+    env = {**__import__("os").environ, "TUNELAB_DATA_CACHE": str(ws.root / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", *ws.train_args(cfg)], capture_output=True, text=True,
+                          timeout=300, cwd=ws.root, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.match(location_pattern(loc), proc.stderr), proc.stderr
+    assert not ws.out.exists()
+
+
 PAIRS = [{"prompt": "name a fruit", "chosen": "an apple", "rejected": "a fish"},
          {"prompt": "say hello", "chosen": "hello there", "rejected": "two plus two"}]
 REAL_PROCESS_DATA = {  # id: (files, data section lines, task, the location printed)
@@ -635,13 +646,7 @@ def test_a_real_process_prints_one_line_when_good_data_came_first(id: str, tmp_p
     for name, content in files.items():
         ws.write(name, content)
     cfg = ws.write("cfg.yaml", f"task: {task}\nmodel:\n  name: {MISSING_MODEL}\ndata:\n{data}")
-    env = {**__import__("os").environ, "TUNELAB_DATA_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", *ws.train_args(cfg)], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path, env=env)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert re.match(location_pattern(loc), proc.stderr), proc.stderr
-    assert not ws.out.exists()
+    train_in_a_process(ws, cfg, loc)
 
 
 CHATS = [{"messages": [{"role": "user", "content": "what colour is the sky"},
@@ -676,10 +681,4 @@ def test_a_real_process_prints_one_line_for_bad_data_found_while_encoding(id: st
         ws.write(name, content)
     cfg = ws.write("cfg.yaml", f"task: {task}\nmethod: lora\nmodel:\n  name: {tiny_llama_dir}\n  max_length: 64\n"
                                f"data:\n{data}train:\n  epochs: 1\n  batch_size: 2\n")
-    env = {**__import__("os").environ, "TUNELAB_DATA_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", *ws.train_args(cfg)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=env)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert re.match(location_pattern(loc), proc.stderr), proc.stderr
-    assert not ws.out.exists()
+    train_in_a_process(ws, cfg, loc)
