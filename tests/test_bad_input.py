@@ -229,6 +229,9 @@ CONFIG_CASES = [
     config_case("data_format_unknown", BASE + "  format: xlsx\n", "cfg.yaml:6 field 'data.format'", "'xlsx'"),
     config_case("labels_one_name", BASE + "  labels: [pos]\n", "cfg.yaml:6 field 'data.labels'"),
     config_case("labels_twice", BASE + "  labels: [pos, neg, pos]\n", "cfg.yaml:6 field 'data.labels'", "twice"),
+    # a file's labels are read stripped, and a blank one is refused: such a name is a class no row could have
+    config_case("labels_blank_name", BASE + "  labels: ['', pos]\n", "cfg.yaml:6 field 'data.labels'", "blank"),
+    config_case("labels_padded_name", BASE + "  labels: [' pos', neg]\n", "cfg.yaml:6 field 'data.labels'", "' pos'"),
     config_case("max_rows_zero", BASE + "  max_rows: 0\n", "cfg.yaml:6 field 'data.max_rows'"),
     config_case("model_max_length_zero", BASE.replace(f"  name: {MISSING_MODEL}\n", f"  name: {MISSING_MODEL}\n  max_length: 0\n"),
                 "cfg.yaml:4 field 'model.max_length'"),
@@ -414,7 +417,7 @@ DATA_CASES = [
                data="labels: [neg, pos]", check=False),
     *data_case("custom_text_column_missing", {"train.csv": csv_with()}, "train.csv:2 field 'sentence'", "text_column",
                data="text_column: sentence", check=False),
-    *data_case("pair_column_missing", {"train.csv": csv_with()}, "train.csv:2 field 'hypothesis'", "missing column",
+    *data_case("pair_column_missing", {"train.csv": csv_with()}, "train.csv:2 field 'hypothesis'", "missing column", "data.text_pair_column",
                data="text_pair_column: hypothesis", check=False),
     *data_case("format_json_for_csv", {"train.csv": csv_with()}, "train.csv:1", "invalid JSON", data="format: json", check=False),
     *data_case("only_one_class", {"train.csv": csv_with(rows=[(t, "pos") for t, _ in ROWS])}, "train.csv field 'label'",

@@ -134,6 +134,11 @@ class DataConfig(Section):
     def _labels_once(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and len(set(v)) != len(v):
             raise ValueError(f"a label name appears twice: {sorted({n for n in v if v.count(n) > 1})}")
+        # a data file's labels are read stripped and a blank one is refused: no row could hold such a class
+        odd = next((n for n in v or () if not n.strip() or n != n.strip()), None)
+        if odd is not None:
+            raise ValueError("a label name is blank" if not odd.strip() else
+                             f"label name {odd!r} starts or ends with spaces; the labels in the data are read without them")
         return v
     overflow: Literal["truncate", "drop"] = Field(
         "truncate", description="chat/causal_lm: what to do with an example longer than model.max_length.")

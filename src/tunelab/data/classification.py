@@ -44,11 +44,12 @@ class Examples:
         )
 
 
-def record_text(rec: Record, path: Path, column: str) -> str:
-    """The text in `column` of one record; an empty text raises DroppableRowError (reason 'empty')."""
+def record_text(rec: Record, path: Path, column: str, key: str = "data.text_column") -> str:
+    """The text in `column` of one record (`key`: the config key naming it, for a missing column); an
+    empty text raises DroppableRowError (reason 'empty')."""
     if column not in rec.fields:
         cols = ", ".join(sorted(rec.fields)) or "none"
-        raise InputError(f"missing column (columns present: {cols}); set data.text_column", file=path, field=column, **rec.where())
+        raise InputError(f"missing column (columns present: {cols}); set {key}", file=path, field=column, **rec.where())
     value = rec.fields[column]
     if value is None:
         raise InputError("text is null", file=path, field=column, **rec.where())
@@ -206,7 +207,7 @@ def parse_rows(records: list[Record], path: Path, text_column: str, label_column
     for rec in records:
         texts.append(record_text(rec, path, text_column))
         if pairs is not None:
-            pairs.append(record_text(rec, path, text_pair_column))
+            pairs.append(record_text(rec, path, text_pair_column, "data.text_pair_column"))
         value = record_label(rec, path, label_column)
         check_missing_label(value, rec, path, label_column, allowed)
         codes.append(labels.add(value, rec))
