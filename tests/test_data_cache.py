@@ -271,3 +271,20 @@ def test_cli_cache_ls_and_clear(tmp_path, monkeypatch):
     assert (tmp_path / "tl" / "gguf" / "m" / "w.bin").is_file()  # clear keeps the GGUF conversions; --all does not
     assert json.loads(CliRunner().invoke(app, ["cache", "clear", "--all", "--json"]).output)["removed"] == 1
     assert not (tmp_path / "tl" / "gguf").exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("where", ["under_a_file", "a_file"])
+def test_a_cache_folder_that_cannot_be_made_is_bad_input_naming_it(where, tmp_path, monkeypatch):
+    """$TUNELAB_DATA_CACHE at (or under) a file: an InputError naming the folder and data.cache (exit 2), not
+    NotADirectoryError / FileExistsError out of mkdir (an internal error, exit 1)."""
+    from tunelab.data.cache import open_or_build
+    from tunelab.errors import InputError
+
+    (tmp_path / "plain").write_text("x")
+    root = tmp_path / "plain" / "sub" if where == "under_a_file" else tmp_path / "plain"
+    monkeypatch.setenv("TUNELAB_DATA_CACHE", str(root))
+    with pytest.raises(InputError) as e:
+        open_or_build({"a": 1}, LAYOUT, _rows_builder([], [[1, 2]]))
+    assert e.value.file is not None and Path(e.value.file) == root and e.value.field == "data.cache"
+    assert "TUNELAB_DATA_CACHE" in e.value.message

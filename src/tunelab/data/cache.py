@@ -313,9 +313,26 @@ def verify_requested() -> bool:
     return os.environ.get("TUNELAB_DATA_CACHE_VERIFY", "").strip().lower() in ("1", "true", "yes")
 
 
+def _make_root(root: Path) -> None:
+    """The cache folder, made when missing; InputError when it cannot be (a file in its place or above it,
+    no permission): a setting of the user's ($TUNELAB_DATA_CACHE), not an internal error."""
+    import errno
+
+    from tunelab.errors import InputError
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        why = "a file is in its place" if isinstance(e, FileExistsError) else e.strerror
+        raise InputError(f"cannot make the encoded-data cache folder ({why}): set $TUNELAB_DATA_CACHE to a folder "
+                         "tunelab may write, or data.cache: false", file=root, field="data.cache") from None
+
+
 @contextmanager
 def _locked(root: Path, key: str, shared: bool = False):
-    root.mkdir(parents=True, exist_ok=True)
+    _make_root(root)
     with open(root / f".lock-{key}", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
