@@ -375,6 +375,11 @@ DATA_CASES = [
     *data_case("jsonl_line_separator_in_text",
                {"train.jsonl": jsonl_with({1: '{"text": "one\u2028two\u2029three", "label": "pos"}', 3: "{oops"})},
                "train.jsonl:3", "invalid JSON"),
+    # JSON keeps the last of two equal keys: a row's label (or text) would be read silently as whichever came last
+    *data_case("jsonl_label_key_twice", {"train.jsonl": jsonl_with({3: '{"text": "good", "label": "pos", "label": "neg"}'})},
+               "train.jsonl:3 field 'label'", "twice"),
+    *data_case("json_label_key_twice", {"train.json": json_array(OBJS[:2]).replace('"label": "neg"}', '"label": "neg", "label": "pos"}')},
+               "train.json:3 field 'label'", "twice"),
     *data_case("jsonl_huge_text", {"train.jsonl": jsonl_with({2: json.dumps({"text": HUGE, "label": "neg"})})},
                "train.jsonl:2 field 'text'", "10000000"),
     # -- JSON
@@ -429,6 +434,25 @@ DATA_CASES = [
                data="eval: eval.jsonl", check=False),
     *data_case("eval_empty_text", {"train.csv": csv_with(), "eval.csv": csv_with({2: ",pos"})}, "eval.csv:2 field 'text'", "empty",
                data="eval: eval.csv", check=False),
+]
+
+
+
+def preference_case(id: str, content: str, loc: str, *says: str, name: str = "train.jsonl") -> Case:
+    def build(ws: Workspace) -> list[str]:
+        ws.write(name, content)
+        return ws.train_args(ws.write("cfg.yaml", f"task: preference\nmodel:\n  name: {MISSING_MODEL}\ndata:\n  train: {name}\n"))
+
+    return Case(f"preference-{id}", build, loc, says)
+
+
+PAIR = '{"prompt": "name a fruit", "chosen": "an apple", "rejected": "a fish"}'
+DATA_CASES += [
+    preference_case("chosen_key_twice", PAIR + "\n" + PAIR.replace('"rejected"', '"chosen": "a pear", "rejected"') + "\n",
+                    "train.jsonl:2 field 'chosen'", "twice"),
+    preference_case("role_key_twice_in_a_message",
+                    PAIR + '\n{"prompt": [{"role": "user", "role": "system", "content": "hi"}], "chosen": "a", "rejected": "b"}\n',
+                    "train.jsonl:2 field 'role'", "twice"),
 ]
 
 

@@ -35,6 +35,31 @@ MAX_FIELD_CHARS = 10_000_000
 MAX_LINE_CHARS = 4 * MAX_FIELD_CHARS
 
 
+class _KeyTwice(ValueError):
+    """An object holding one key twice (json keeps the last value silently)."""
+
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(key)
+
+
+def _object_once(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise _KeyTwice(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+# every JSON object of a data file read with this: a key given twice is an error at its line, not the last value
+_DECODER = json.JSONDecoder(object_pairs_hook=_object_once)
+
+
+def _key_twice(e: _KeyTwice, path: Path, **where) -> InputError:
+    return InputError(f"key '{e.key}' appears twice in one object (JSON would keep the last value silently)",
+                      file=path, field=e.key, **where)
+
+
 class DroppableRowError(InputError):
     """A row that training refuses but curation may simply drop (an empty text, a conversation
     with nothing to learn). It is an InputError, so `train` and `data check` still stop at it with
@@ -181,9 +206,11 @@ def _read_jsonl(path: Path, text: str, first_line: int = 1, first_index: int = 0
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = _DECODER.decode(line)
         except json.JSONDecodeError as e:
             raise InputError(f"invalid JSON ({e.msg}, column {e.colno})", file=path, line=lineno) from None
+        except _KeyTwice as e:
+            raise _key_twice(e, path, line=lineno) from None
         except (RecursionError, ValueError) as e:
             raise InputError(f"invalid JSON ({_json_limit(e)})", file=path, line=lineno) from None
         if not isinstance(obj, dict):
@@ -196,13 +223,15 @@ def _read_jsonl(path: Path, text: str, first_line: int = 1, first_index: int = 0
 
 def _read_json(path: Path, text: str) -> list[Record]:
     """A JSON array of objects, decoded element by element so each record keeps its line."""
-    decoder = json.JSONDecoder()
+    decoder = _DECODER
     pos = _skip_ws(text, 0)
     if pos >= len(text) or text[pos] != "[":
         try:
-            obj = json.loads(text)
+            obj = _DECODER.decode(text)
         except json.JSONDecodeError as e:
             raise InputError(f"invalid JSON ({e.msg})", file=path, line=e.lineno) from None
+        except _KeyTwice as e:
+            raise _key_twice(e, path, line=1) from None
         except (RecursionError, ValueError) as e:
             raise InputError(f"invalid JSON ({_json_limit(e)})", file=path, line=1) from None
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -216,6 +245,8 @@ def _read_json(path: Path, text: str) -> list[Record]:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise InputError(f"invalid JSON ({e.msg})", file=path, line=e.lineno) from None
+        except _KeyTwice as e:
+            raise _key_twice(e, path, line=line) from None
         except (RecursionError, ValueError) as e:
             raise InputError(f"invalid JSON ({_json_limit(e)})", file=path, line=line) from None
         if not isinstance(obj, dict):
