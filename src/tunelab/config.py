@@ -152,6 +152,10 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
+    name: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw: torch's AdamW, fp32 moments (the exact path); adamw_8bit: AdamW with both "
+        "moments in 8 bits, block-wise quantised (Dettmers et al. 2022; bitsandbytes' AdamW8bit, its CPU kernel "
+        "run in 1M-value slices: train/optim.py), 2 instead of 8 bytes a parameter.")
     lr: float | Literal["auto"] = Field(2e-5, description="The base learning rate; default per model family, size "
                                         "and method (tunelab/defaults.py); auto: a learning-rate range test on the "
                                         "model and data picks it (train/lr_find.py, `tunelab lr-find`).")
@@ -532,6 +536,10 @@ class Config(Section):
                 self.versions is None or o.head_lr_multiplier != OptimConfig.model_fields["head_lr_multiplier"].default):
             raise RuleError("optim.head_lr", "set optim.head_lr or optim.head_lr_multiplier, not both "
                             "(head_lr overrides the multiplier)")
+        if o.name == "adamw_8bit" and self.distributed.strategy != "ddp":
+            raise RuleError("optim.name", f"optim.name adamw_8bit is not supported with distributed.strategy "
+                            f"'{self.distributed.strategy}' (the sharded strategies build and shard their own "
+                            "fp32 optimizer state): use optim.name adamw, or strategy ddp")
         r = self.regularization
         if r.mixout and m in ("lora", "qlora"):  # LoRA keeps the base frozen; Mixout swaps the base's weights
             raise RuleError("regularization.mixout", f"Mixout acts on full weights; it does not combine with method "

@@ -216,11 +216,11 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
 
 
 def build_optimization(cfg: Config, model, total_steps: int, lr: float):
-    """AdamW over the parameter groups at base lr `lr`, and its schedule."""
+    """AdamW (optim.name: fp32 or 8-bit moments) over the parameter groups at base lr `lr`, and its schedule."""
     o, sch = cfg.optim, cfg.schedule
     groups = param_groups(model, lr=lr, weight_decay=o.weight_decay, head_lr=o.head_lr or lr * o.head_lr_multiplier,
                           layer_lr_decay=o.layer_lr_decay)
-    optimizer = build_optimizer(groups, betas=o.betas, eps=o.eps)
+    optimizer = build_optimizer(groups, betas=o.betas, eps=o.eps, name=o.name)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, name=sch.name, warmup_ratio=sch.warmup_ratio,
                                 warmup_steps=sch.warmup_steps, min_lr_ratio=sch.min_lr_ratio, decay_ratio=sch.decay_ratio)
     return optimizer, scheduler

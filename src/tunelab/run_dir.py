@@ -206,6 +206,11 @@ def check_same_run(out: Path, cfg, resume_from: Path) -> None:
             raise InputError(f"cannot resume: this run was trained with {key} = {a!r}, the config now says {b!r}; "
                              "resume with the run's own config, or choose another --output-dir", file=resume_from,
                              field=key)
+    a, b = _dig(saved, "optim.name") or "adamw", now["optim"]["name"]  # a config.yaml before the key: adamw
+    if a != b:  # the checkpoint's optimizer state is of the other kind (fp32 or 8-bit moments)
+        raise InputError(f"cannot resume: this run was trained with optim.name = {a!r}, the config now says {b!r} "
+                         "(its checkpoint holds that optimizer's state); resume with the run's own config",
+                         file=resume_from, field="optim.name")
 
 
 def _dig(d: dict, dotted: str):
