@@ -5,6 +5,15 @@ above the transformer blocks get the base lr, block i of n gets lr * decay**(n -
 embeddings (everything below the blocks) get lr * decay**(n + 1). The block list is discovered
 from the model, so BERT-like (`encoder.layer`), Llama-like (`model.layers`) and GPT-2-like (`h`)
 layouts all work (tunelab.models.anatomy); an unknown layout is a clear error, never a silent flat lr.
+
+`optim.name: adamw_8bit` keeps AdamW's two moments in 8 bits (Dettmers et al. 2022, "8-bit Optimizers
+via Block-wise Quantization"): bitsandbytes' AdamW8bit, whose CPU kernel (bitsandbytes >= 0.48,
+backends/cpu) dequantises a parameter's moments to fp32, takes the AdamW step there and quantises them
+back per block of 256 values (absmax scale per block; the first moment on the signed dynamic map, the
+second on the unsigned one, 256 codes each). torchao's AdamW8bit was the other candidate: it is not a
+dependency and compiles its step with torch.compile, minutes of inductor C++ builds on this 2-core
+CPU before the first step. Tensors under `MIN_8BIT_SIZE` values (biases, norms, a tiny model's
+matrices) keep fp32 moments, as in bitsandbytes.
 """
 
 from __future__ import annotations
@@ -65,17 +74,89 @@ def param_groups(
     return list(groups.values())
 
 
-def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW, fused where torch has a fused kernel for the device (CPU and CUDA in torch 2.13).
+MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep fp32 moments (tests lower it)
+CHUNK_8BIT = 1 << 20  # values per call of the 8-bit kernel: a multiple of its CPU block of 256
+
+
+def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8,
+                    name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (`name` adamw), fused where torch has a fused kernel for the device (CPU and CUDA in
+    torch 2.13); or AdamW with 8-bit moments (`name` adamw_8bit, `AdamW8bit`).
 
     At small batches the optimizer step dominates a step: for MiniLM (22.7M parameters) the fused
     step took a third of the foreach one on this CPU (measured in the same process).
     """
     clean = [{k: v for k, v in g.items() if k != "n_params"} for g in groups]
+    if name == "adamw_8bit":
+        return AdamW8bit(clean, betas=tuple(betas), eps=eps)
     try:
         return torch.optim.AdamW(clean, betas=tuple(betas), eps=eps, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
         return torch.optim.AdamW(clean, betas=tuple(betas), eps=eps, foreach=True)
+
+
+def _bnb_adamw8bit():
+    import bitsandbytes  # imported only when asked for: it loads its native library
+
+    return bitsandbytes.optim.AdamW8bit
+
+
+def AdamW8bit(params, *, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+              min_8bit_size: int | None = None, chunk: int | None = None):
+    """bitsandbytes' AdamW8bit whose CPU step goes `chunk` values at a time (`chunked_8bit_class`)."""
+    cls = chunked_8bit_class()
+    opt = cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+              min_8bit_size=MIN_8BIT_SIZE if min_8bit_size is None else min_8bit_size)
+    opt.chunk = CHUNK_8BIT if chunk is None else chunk
+    return opt
+
+
+_CHUNKED = None
+
+
+def chunked_8bit_class():
+    """A subclass of bitsandbytes' AdamW8bit whose step on a host tensor runs the 8-bit kernel on
+    `chunk`-value slices of it (and of its gradient, moments and block scales).
+
+    The CPU kernel makes fp32 copies of the moments, the gradient and the denominator of the tensor it
+    is given: for SmolLM2's 28.3M-value embedding about 450 MB at once, more than half of what the
+    8-bit moments save. Blocks are 256 values and independent, so slices that start on a block
+    boundary give the same result bit for bit (tested) with a few MB of scratch.
+    """
+    global _CHUNKED
+    if _CHUNKED is not None:
+        return _CHUNKED
+    import bitsandbytes.functional as F
+
+    base = _bnb_adamw8bit()
+
+    class ChunkedAdamW8bit(base):
+        chunk = CHUNK_8BIT
+
+        @torch.no_grad()
+        def update_step(self, group, p, gindex, pindex):
+            state = self.state[p]
+            if state["state1"].dtype != torch.uint8 or p.device.type != "cpu" or p.numel() <= self.chunk:
+                return super().update_step(group, p, gindex, pindex)
+            if self.chunk % 256:
+                raise ValueError(f"chunk {self.chunk} is not a multiple of the 8-bit kernel's block (256)")
+            p.data = p.data.contiguous()
+            p.grad = p.grad.contiguous()
+            config = self.get_config(gindex, pindex, group)
+            state["step"] += 1
+            beta1, beta2 = config["betas"][0], config["betas"][1]
+            flat = [t.view(-1) for t in (p.grad, p.data, state["state1"], state["state2"])]
+            for a in range(0, p.numel(), self.chunk):
+                b = min(a + self.chunk, p.numel())
+                g, w, s1, s2 = (t[a:b] for t in flat)
+                blocks = slice(a // 256, -(-b // 256))
+                F.optimizer_update_8bit_blockwise(
+                    self.optimizer_name, g, w, s1, s2, beta1, beta2, 0.0, 0.0, config["eps"], state["step"],
+                    config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks], state["absmax2"][blocks],
+                    config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
+
+    _CHUNKED = ChunkedAdamW8bit
+    return _CHUNKED
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
