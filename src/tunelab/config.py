@@ -155,7 +155,10 @@ class OptimConfig(Section):
     name: Literal["adamw", "adamw_8bit"] = Field(
         "adamw", description="adamw: torch's AdamW, fp32 moments (the exact path); adamw_8bit: AdamW with both "
         "moments in 8 bits, block-wise quantised (Dettmers et al. 2022; bitsandbytes' AdamW8bit, its CPU kernel "
-        "run in 1M-value slices: train/optim.py), 2 instead of 8 bytes a parameter.")
+        "run in 1M-value slices: train/optim.py), 2 instead of 8 bytes a parameter. SmolLM2-135M full fine-tune, fp32, "
+        "4 x 512 tokens, 4 steps (benchmarks/optim_memory.py): optimizer state 1026 -> 261 MB, peak RSS 4742 -> "
+        "4015 MB with MALLOC_MMAP_THRESHOLD_=131072 (5548 -> 5213 MB with glibc's default threshold), the "
+        "optimizer step ~2.2 s instead of ~0.2 s, losses within 0.004%. Off by default: it is not the exact path.")
     lr: float | Literal["auto"] = Field(2e-5, description="The base learning rate; default per model family, size "
                                         "and method (tunelab/defaults.py); auto: a learning-rate range test on the "
                                         "model and data picks it (train/lr_find.py, `tunelab lr-find`).")
