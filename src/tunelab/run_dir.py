@@ -180,7 +180,10 @@ def leave_as_found(out: Path, found: dict[Path, int | None]) -> None:
 # another model (or silently mean another run).
 IDENTITY_KEYS = ("task", "model.name", "method", "lora.r", "lora.alpha", "lora.target_modules", "lora.dora",
                  "lora.rslora", "freeze.embeddings", "freeze.blocks", "freeze.all_but_head", "data.labels",
-                 "data.text_column", "data.text_pair_column", "data.label_column", "train.seed")
+                 "data.text_column", "data.text_pair_column", "data.label_column", "train.seed",
+                 "optim.name")  # optim.name: the checkpoint holds that optimizer's state (fp32 or 8-bit moments)
+# what a config.yaml written before a key existed meant by its absence
+IDENTITY_DEFAULTS = {"optim.name": "adamw"}
 
 
 def check_same_run(out: Path, cfg, resume_from: Path) -> None:
@@ -200,17 +203,13 @@ def check_same_run(out: Path, cfg, resume_from: Path) -> None:
     now = json.loads(cfg.model_dump_json())
     for key in IDENTITY_KEYS:
         a, b = _dig(saved, key), _dig(now, key)
+        a = IDENTITY_DEFAULTS.get(key) if a is None else a
         if key == "model.name" and isinstance(a, str) and isinstance(b, str) and Path(a).name == Path(b).name:
             continue  # the same folder reached by another path
         if a != b:
             raise InputError(f"cannot resume: this run was trained with {key} = {a!r}, the config now says {b!r}; "
                              "resume with the run's own config, or choose another --output-dir", file=resume_from,
                              field=key)
-    a, b = _dig(saved, "optim.name") or "adamw", now["optim"]["name"]  # a config.yaml before the key: adamw
-    if a != b:  # the checkpoint's optimizer state is of the other kind (fp32 or 8-bit moments)
-        raise InputError(f"cannot resume: this run was trained with optim.name = {a!r}, the config now says {b!r} "
-                         "(its checkpoint holds that optimizer's state); resume with the run's own config",
-                         file=resume_from, field="optim.name")
 
 
 def _dig(d: dict, dotted: str):

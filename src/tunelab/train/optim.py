@@ -18,6 +18,7 @@ matrices) keep fp32 moments, as in bitsandbytes.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -111,9 +112,7 @@ def AdamW8bit(params, *, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8
     return opt
 
 
-_CHUNKED = None
-
-
+@functools.cache
 def chunked_8bit_class():
     """A subclass of bitsandbytes' AdamW8bit whose step on a host tensor runs the 8-bit kernel on
     `chunk`-value slices of it (and of its gradient, moments and block scales).
@@ -123,9 +122,6 @@ def chunked_8bit_class():
     8-bit moments save. Blocks are 256 values and independent, so slices that start on a block
     boundary give the same result bit for bit (tested) with a few MB of scratch.
     """
-    global _CHUNKED
-    if _CHUNKED is not None:
-        return _CHUNKED
     import bitsandbytes.functional as F
 
     base = _bnb_adamw8bit()
@@ -155,8 +151,7 @@ def chunked_8bit_class():
                     config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks], state["absmax2"][blocks],
                     config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
 
-    _CHUNKED = ChunkedAdamW8bit
-    return _CHUNKED
+    return ChunkedAdamW8bit
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
