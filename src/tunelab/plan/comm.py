@@ -160,13 +160,22 @@ def strategy_step_bytes(strategy: str, *, total: float, trainable: float, quanti
     weights = (total - quantized) * act + quantized * nf4_bits() / 8
     zero = layout_for(strategy) == "zero"
     grad_bytes = act if zero else 4
-    regathered = None
-    if strategy == "zero3":
-        regathered = max(0.0, total - zero3_gathered(total)) * act
-    elif strategy == "fsdp":
-        regathered = max(0.0, total - root_params) * act if reshard_after_forward else 0.0
+    again = regathered_params(strategy, total, root_params, reshard_after_forward)
+    regathered = None if again is None else again * act
     return step_bytes(strategy, n=n, accum=accum, weights=weights, trainable_weights=trainable * act,
                       gradients=trainable * grad_bytes, regathered=regathered)
+
+
+def regathered_params(strategy: str, total: float, root_params: float = 0,
+                      reshard_after_forward: bool = True) -> float | None:
+    """Parameters backward gathers again (None where the strategy gathers no weights): under zero3
+    what `memory.zero3_gathered` does not keep across the turn, under fsdp every block (`total -
+    root_params`) unless reshard_after_forward is off."""
+    if strategy == "zero3":
+        return max(0.0, total - zero3_gathered(total))
+    if strategy == "fsdp":
+        return max(0.0, total - root_params) if reshard_after_forward else 0.0
+    return None
 
 
 def host_link_for(gpu_name: str | None) -> Link | None:
@@ -186,12 +195,11 @@ def offload_step_bytes(strategy: str, *, total: float, trainable: float, precisi
     if strategy in ("zero1", "zero2"):
         down = (1 if strategy == "zero1" else accum) * trainable * act / n
         up = trainable * act / n
-    elif strategy == "zero3":
-        again = max(0.0, total - zero3_gathered(total))
-        up, down = accum * (total + again) * act / n, accum * trainable * act / n
-    elif strategy == "fsdp":  # tunelab's sharded parameters (the master) are fp32, reduce_dtype fp32
-        again = max(0.0, total - root_params) if reshard_after_forward else 0.0
-        up, down = accum * (total + again) * 4 / n, accum * trainable * 4 / n
+    elif strategy in ("zero3", "fsdp"):
+        again = regathered_params(strategy, total, root_params, reshard_after_forward)
+        # fsdp: tunelab's sharded parameters (the master) are fp32, and so is reduce_dtype
+        size = act if strategy == "zero3" else 4
+        up, down = accum * (total + again) * size / n, accum * trainable * size / n
     elif strategy == "ddp":
         up = down = 0.0
     else:
