@@ -73,7 +73,7 @@ def spec_from(flags: dict, cfg=None, config_path: str | None = None) -> Spec:
                     lora_dropout=cfg.lora.dropout,
                     lora_targets=targets if isinstance(targets, str) else list(targets),
                     seq_len=cfg.model.max_length, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                    precision="bf16" if cfg.train.precision == "auto" else cfg.train.precision,
+                    precision="bf16" if cfg.train.precision == "auto" else cfg.train.precision, optim=cfg.optim.name,
                     gradient_checkpointing=cfg.train.gradient_checkpointing,
                     task="classification" if cfg.task == "classification" else "causal_lm",
                     trust_remote_code=cfg.model.trust_remote_code, config_path=config_path,
@@ -122,7 +122,7 @@ def build(spec: Spec, break_even_args: dict | None = None, *, explicit_method: b
            "base_params": model.counts["total"], **planned,
            "recommendations": recs, "missing": None if recs else rec.missing(model, spec)}
     if planned["fits"]:
-        out["command"] = rec.command(model, spec)
+        out["command"] = rec.command(model, spec, config_optim=spec.optim if spec.config_path else "adamw")
     else:
         out["command"] = recs[0]["command"] if recs else None
     out["break_even"] = None

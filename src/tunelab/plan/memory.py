@@ -21,6 +21,11 @@ ZeRO-Offload the optimizer partition (master + moments; zero1/2), ZeRO-3 with of
 gradient partition; FSDP2's CPUOffloadPolicy the sharded parameters, gradients and optimizer state; it is reported as `cpu_bytes`, not counted against the
 device.
 
+`optim.name: adamw_8bit` (Dettmers et al. 2022; bitsandbytes' AdamW8bit, train/optim.py) keeps both moments in
+one byte each plus an fp32 absmax per 256-value block (2 + 8/256 bytes), except for tensors under 4,096 values,
+which keep fp32 moments (8): `adam_state_bytes` counts per tensor, `optimizer_bytes_per_param` where only totals
+are known. It runs under ddp only (config.py refuses it with sharding).
+
 QLoRA (Dettmers et al. 2023): NF4 stores 4 bits per weight plus one absmax per 64-weight block;
 fp32 absmax costs 32/64 = 0.5 bits (4.5 in all); double quantisation stores the absmax in 8 bits
 with one fp32 constant per 256 blocks: 4 + 8/64 + 32/(64*256) = 4.127 bits.
@@ -64,7 +69,7 @@ def compute_bytes(precision: str) -> int:
 def device_states(total: float, trainable: float, *, quantized: float = 0, precision: str = "bf16",
                   strategy: str = "ddp", n: int = 1, offload: bool = False, unit_params: float = 0,
                   root_params: float = 0, root_trainable: float = 0, whole_bucket: bool = True,
-                  gloo: bool = False) -> dict:
+                  gloo: bool = False, optim: str = "adamw") -> dict:
     """`model_states` in the layout the strategy keeps (`layout_for`) plus its communication buffers
     (`buffers`, `comm_overhead` over the unsharded gradients and `unit_params`, the parameters of the
     largest unit gathered at a time; under fsdp also `root_params` / `root_trainable`, FSDP2's root unit,
@@ -77,7 +82,7 @@ def device_states(total: float, trainable: float, *, quantized: float = 0, preci
     all_gather_into_tensor by nothing beyond its output), so under fsdp the largest reduce-scatter
     input, the root unit's or a block's fp32 gradients, is held once more (`gloo_reduce_scatter_copy`)."""
     layout = layout_for(strategy)
-    common = dict(precision=precision, strategy=strategy, layout=layout, quantized=quantized)
+    common = dict(precision=precision, strategy=strategy, layout=layout, quantized=quantized, optim=optim)
     out = model_states(total, trainable, n=n, offload=offload, **common)
     whole_gradients = model_states(total, trainable, n=1, **common)["gradients"]
     out["buffers"] = comm_overhead(strategy, grad_bytes=whole_gradients, largest_layer_params=unit_params,
@@ -96,13 +101,39 @@ def nf4_bits(double_quant: bool = True, block: int = 64, block2: int = 256) -> f
     return 4 + (8 / block + 32 / (block * block2) if double_quant else 32 / block)
 
 
+OPTIMIZERS = ("adamw", "adamw_8bit")
+MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size (train/optim.py): smaller tensors keep fp32 moments
+BLOCK_8BIT = 256  # values per absmax of the 8-bit blockwise moments
+
+
+def adam_state_bytes(numels, optim: str = "adamw") -> float:
+    """Bytes of AdamW's two moments over trainable tensors of `numels` values each, as `optim.name` keeps them
+    (adamw_8bit: uint8 codes + an fp32 absmax per block, and the two 256-code maps every tensor shares)."""
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optim!r}")
+    if optim == "adamw":
+        return 8.0 * sum(numels)
+    numels = list(numels)
+    codes = 2 * BLOCK_8BIT * 4 if any(n >= MIN_8BIT_SIZE for n in numels) else 0  # the two code maps, shared
+    return float(codes + sum(8 * n if n < MIN_8BIT_SIZE else 2 * n + 2 * 4 * -(-n // BLOCK_8BIT) for n in numels))
+
+
+def optimizer_bytes_per_param(optim: str = "adamw") -> float:
+    """Moment bytes per trainable parameter when only the total is known (every tensor taken as >= 4,096
+    values: a transformer's norms and biases are a fraction of a percent of its parameters)."""
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optim!r}")
+    return 8.0 if optim == "adamw" else 2 + 2 * 4 / BLOCK_8BIT
+
+
 def model_states(total: float, trainable: float, *, precision: str = "bf16", strategy: str = "ddp", n: int = 1,
                  offload: bool = False, layout: str = "zero", quantized: float = 0,
-                 double_quant: bool = True) -> dict:
+                 double_quant: bool = True, optim: str = "adamw") -> dict:
     """Bytes per device of weights, gradients, master weights and optimizer moments (AdamW).
 
     `total` parameters of which `trainable` get gradients and optimizer state and `quantized`
-    (frozen) are stored in NF4; `n` data-parallel devices; `offload`: master + moments on the host.
+    (frozen) are stored in NF4; `n` data-parallel devices; `offload`: master + moments on the host;
+    `optim`: optim.name (adamw_8bit's moments: `optimizer_bytes_per_param`).
     """
     if strategy not in SHARDED:
         raise ValueError(f"unknown strategy {strategy!r}")
@@ -111,7 +142,8 @@ def model_states(total: float, trainable: float, *, precision: str = "bf16", str
     mbytes = 4 if layout == "zero" else 0  # DeepSpeed's fp32 partition exists in fp32 training too
     frozen_plain = total - trainable - quantized
     items = {"weights": (trainable + frozen_plain) * wbytes + quantized * nf4_bits(double_quant) / 8,
-             "gradients": trainable * gbytes, "master_weights": trainable * mbytes, "optimizer": trainable * 8}
+             "gradients": trainable * gbytes, "master_weights": trainable * mbytes,
+             "optimizer": trainable * optimizer_bytes_per_param(optim)}
     shard = SHARDED[strategy]
     out = {}
     for key, value in items.items():

@@ -39,6 +39,7 @@ class Spec:
     batch_size: int = 1  # micro-batch per device
     grad_accum: int = 1
     precision: str = "bf16"
+    optim: str = "adamw"  # optim.name; adamw_8bit runs under ddp only
     gradient_checkpointing: bool = False
     attention: str = "sdpa"  # sdpa / flash (fused, no s x s scores) or eager
     gpus: int = 1  # per node
@@ -122,7 +123,7 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     params = params or params_for(model, spec)
     states = memory.device_states(params["total"], params["trainable"], quantized=params["quantized"],
                                   precision=spec.precision, strategy=spec.strategy, n=spec.devices,
-                                  offload=spec.offload,  # a block's adapters are gathered with it
+                                  offload=spec.offload, optim=spec.optim,  # a block's adapters are gathered with it
                                   unit_params=model.unit_params + params["adapter"] / max(1, model.shape.layers),
                                   root_params=model.root_params,  # a full fine-tune trains the root; LoRA its head
                                   root_trainable=model.root_params if spec.method == "full" else model.head)
@@ -187,6 +188,11 @@ def check_spec(spec: Spec) -> None:
     if spec.precision == "fp16" and spec.strategy != "ddp":
         raise InputError("fp16 does not combine with sharding (distributed.strategy refuses it): use bf16 or "
                          "--strategy ddp", field="--precision")
+    if spec.optim not in memory.OPTIMIZERS:
+        raise InputError(f"optim.name must be one of {', '.join(memory.OPTIMIZERS)}", field="optim.name")
+    if spec.optim == "adamw_8bit" and spec.strategy != "ddp":
+        raise InputError("optim.name adamw_8bit runs under ddp only (its moments are not sharded): use --strategy "
+                         "ddp or optim.name adamw", field="--strategy")
     if spec.attention not in ("sdpa", "flash", "eager"):
         raise InputError("--attention must be sdpa, flash or eager", field="--attention")
 
@@ -196,7 +202,8 @@ def plan_one(model: Model, spec: Spec) -> dict:
     params = params_for(model, spec)
     mem = per_device(model, spec, params)
     fl = flops_for(model, spec, params)
-    out = {"method": spec.method, "strategy": spec.strategy, "offload": spec.offload, "precision": spec.precision,
+    out = {"method": spec.method, "strategy": spec.strategy, "offload": spec.offload, "optim": spec.optim,
+           "precision": spec.precision,
            "gradient_checkpointing": spec.gradient_checkpointing, "attention": spec.attention, **mem["switches"],
            "micro_batch": spec.batch_size, "grad_accum": spec.grad_accum, "seq_len": spec.seq_len,
            "devices": spec.devices, "gpus_per_node": spec.gpus, "nodes": spec.nodes,

@@ -17,7 +17,8 @@ them from the run's real inputs rather than from rules of thumb:
 
 Memory = runtime (this process after imports: Python, torch, transformers) + weights (fp32
 master weights; a QLoRA base at NF4's 4.127 bits per weight with double quantisation) +
-gradients and AdamW moments (fp32, trainable parameters only) + regularizer copies (L2-SP/EWC
+gradients and AdamW moments (fp32, trainable parameters only; optim.name adamw_8bit: 8-bit
+moments, plan.memory.adam_state_bytes) + regularizer copies (L2-SP/EWC
 anchor, EWC Fisher, Mixout targets) + the activations of the largest micro-batch + backward's
 transient (twice the largest saved tensor, or the chunked loss's own peak when that is larger).
 The probes run chat / causal-LM models with the run's switches (train.loss_chunk_tokens,
@@ -35,7 +36,7 @@ import torch
 
 from tunelab.config import Config, given_keys
 from tunelab.errors import InputError
-from tunelab.plan.memory import loss_bytes, nf4_bits
+from tunelab.plan.memory import adam_state_bytes, loss_bytes, nf4_bits
 from tunelab.plan.probe import Speed, meta_model, probe
 from tunelab.device import run_device
 from tunelab.process_memory import available_bytes, runtime_bytes  # one /proc reader, shared with the run
@@ -180,7 +181,8 @@ def param_bytes(model, cfg: Config) -> dict:
     copies = (1 if (reg.l2sp or reg.ewc) else 0) + (1 if reg.ewc else 0) + (1 if reg.mixout else 0)
     return {"total_params": total, "trainable_params": trainable, "quantized_params": quantizable,
             "weights": weights, "gradients": trainable * 4,
-            "optimizer": trainable * 8, "regularizers": trainable * 4 * copies}
+            "optimizer": adam_state_bytes([p.numel() for p in model.parameters() if p.requires_grad], cfg.optim.name),
+            "regularizers": trainable * 4 * copies}
 
 
 # ---------------------------------------------------------------- the plan
@@ -259,7 +261,7 @@ def shard_states(est: dict, cfg: Config, strategy: str, nproc: int) -> None:
                        precision=est["precision"], strategy=strategy, n=nproc, offload=cfg.distributed.cpu_offload,
                        unit_params=gathered_unit_params(est["model"]), root_params=root,
                        root_trainable=root_trainable, whole_bucket=est.get("device") != "cpu",
-                       gloo=est.get("device") == "cpu")
+                       gloo=est.get("device") == "cpu", optim=cfg.optim.name)
     new = {"weights": ms["weights"], "gradients": ms["gradients"], "optimizer": ms["master_weights"] + ms["optimizer"],
            "sharding_buffers": ms["buffers"]}
     before = mem["weights"] + mem["gradients"] + mem["optimizer"]

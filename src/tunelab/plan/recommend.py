@@ -67,11 +67,13 @@ def recommend(model: Model, spec: Spec, *, methods=None, limit: int = 6) -> list
             fitting = []
             for strategy, offload in _strategies(method, spec.devices, spec.precision):
                 cand = with_changes(spec, method=method, strategy=strategy, offload=offload,
-                                    gradient_checkpointing=ckpt)
+                                    gradient_checkpointing=ckpt,  # 8-bit moments run under ddp only
+                                    optim=spec.optim if strategy == "ddp" else "adamw")
                 p = largest_fitting(model, cand)
                 if p is not None:
                     p["command"] = command(model, with_changes(cand, batch_size=p["micro_batch"],
-                                                               grad_accum=p["grad_accum"]))
+                                                               grad_accum=p["grad_accum"]),
+                                           config_optim=spec.optim if spec.config_path else "adamw")
                     fitting.append(p)
             if fitting:  # min keeps the first of equals: _strategies lists the less-communicating first
                 found.append(min(fitting, key=seconds_per_token))
@@ -120,8 +122,9 @@ def devices_needed(model: Model, spec: Spec, limit: int = 4096) -> int | None:
     return None
 
 
-def command(model: Model, spec: Spec) -> str:
-    """The `tunelab train` line for a configuration (keys as config.py and distributed.strategy spell them)."""
+def command(model: Model, spec: Spec, config_optim: str = "adamw") -> str:
+    """The `tunelab train` line for a configuration (keys as config.py and distributed.strategy spell them);
+    `config_optim`: the optim.name the line's CONFIG.yaml says (a sharded line for an adamw_8bit config sets adamw)."""
     sets = [] if spec.config_path else [f"model.name={spec.model}"]
     sets += [f"method={spec.method}", f"train.precision={spec.precision}", f"train.batch_size={spec.batch_size}",
              f"train.grad_accum={spec.grad_accum}", f"model.max_length={spec.seq_len}"]
@@ -136,6 +139,8 @@ def command(model: Model, spec: Spec) -> str:
             sets.append(f"lora.target_modules=[{','.join(targets)}]")
         elif targets != "auto":
             sets.append(f"lora.target_modules={targets}")
+    if spec.optim != config_optim:
+        sets.append(f"optim.name={spec.optim}")
     if spec.strategy != "ddp":
         sets.append(f"distributed.strategy={spec.strategy}")
         if spec.offload:
