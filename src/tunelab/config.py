@@ -228,6 +228,11 @@ class TrainConfig(Section):
         True, description="chat/causal_lm: recompute RMSNorms in backward instead of keeping their fp32 insides "
         "(models/recompute.py; bit-identical, ~18 MB per SmolLM2 layer at 4 x 512 tokens); moot with "
         "gradient_checkpointing.")
+    malloc_mmap_threshold: int | None = Field(
+        None, ge=0, le=32 * 2**20, description="Bytes: fix glibc malloc's mmap threshold at this size for the run's "
+        "process, so freed activations go back to the OS instead of staying as fragmented heap "
+        "(tunelab/host_malloc.py); null = glibc's own dynamic threshold. The environment's MALLOC_MMAP_THRESHOLD_ "
+        "wins. No effect on the numbers.")
 
 
 class CheckpointConfig(Section):

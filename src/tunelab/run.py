@@ -21,6 +21,7 @@ import torch
 
 from tunelab.compose import check_distributed, lr_fingerprint, prepare_data, setup_task, starting_lr
 from tunelab.device import run_device, to_device
+from tunelab.host_malloc import set_mmap_threshold
 from tunelab.config import Config, dump_config
 from tunelab.data.sources import with_seen
 from tunelab.defaults import apply_defaults, eval_trust, resolved_defaults
@@ -514,6 +515,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     DDP replica and rank 0 alone writes the run dir; the other ranks return a short summary.
     """
     wall_start = time.monotonic()
+    set_mmap_threshold(cfg.train.malloc_mmap_threshold)  # before the model and the data are allocated
     prepare_data_before_joining(lambda: prepare_data(cfg))  # tokenized once, before any rank waits in a collective
     group = init_from_env()
     check_distributed(cfg, group.world_size)
