@@ -51,8 +51,10 @@ def tiny_llama(tmp_path_factory) -> Path:
 def test_bert_trainable_count_is_the_lora_formula(tiny_bert, dora):
     model = load_classifier(resolve_model(str(tiny_bert)), ["neg", "pos"])
     _, base_total = count_params(model)
-    shapes = linear_shapes(model, {"query", "value"})
-    assert len(shapes) == 2 * 2  # 2 layers x (query, value): the BERT-like default
+    shapes = linear_shapes(model, {"query", "key", "value", "dense"})
+    # the BERT-like default: every linear layer but the head, 2 layers x (query, key, value, attention
+    # output, intermediate, output) + the pooler
+    assert len(shapes) == 2 * 6 + 1
     head = sum(p.numel() for p in model.classifier.parameters())
     r = 4
     peft_model = apply_lora(model, lora_cfg(r=r, alpha=8, dora=dora), task="classification")
@@ -152,7 +154,9 @@ def test_lora_run_writes_adapter_and_merges(toy_classification, tmp_path):
     raw["train"]["eval_every"] = 4
     summary = run_training(Config.model_validate(raw), tmp_path / "run", show_progress=False)
     assert summary["status"] == "completed"
-    assert summary["trainable_params"] == 2 * 2 * 4 * 64 + 66
+    bert = load_classifier(resolve_model(raw["model"]["name"]), ["neg", "pos"])
+    adapters = sum(4 * (i + o) for i, o in linear_shapes(bert, {"query", "key", "value", "dense"}))
+    assert summary["trainable_params"] == adapters + sum(p.numel() for p in bert.classifier.parameters())
     assert summary["trainable_percent"] == pytest.approx(100 * summary["trainable_params"] / summary["total_params"], abs=1e-3)
     final = tmp_path / "run" / "final"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tunelab_adapter.json", "tokenizer.json"):
@@ -313,12 +317,15 @@ def test_qlora_tiny_bert(toy_classification, tiny_bert, tmp_path):
     task = setup_task(cfg)
     model = apply_lora(task.model, cfg.lora, method=cfg.method, task=cfg.task)
     inner = model.get_base_model()
-    assert isinstance(inner.bert.encoder.layer[0].attention.self.key, bnb.nn.Linear4bit)
+    # every linear layer but the head is adapted (the BERT-like default) on a 4-bit base
+    assert isinstance(inner.bert.encoder.layer[0].attention.self.key.base_layer, bnb.nn.Linear4bit)
+    assert isinstance(inner.bert.encoder.layer[0].output.dense.base_layer, bnb.nn.Linear4bit)
     head = inner.classifier.modules_to_save["default"]
     assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32 and head.weight.requires_grad
     trainable, total = count_params(model)
-    assert trainable == 2 * 2 * 4 * (64 + 64) + 64 * 2 + 2
-    assert total == fp32_total + 2 * 2 * 4 * (64 + 64)  # real parameter numbers, not packed 4-bit bytes
+    adapters = sum(4 * (i + o) for i, o in linear_shapes(fp32, {"query", "key", "value", "dense"}))
+    assert trainable == adapters + 64 * 2 + 2
+    assert total == fp32_total + adapters  # real parameter numbers, not packed 4-bit bytes
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
 
     s = run_training(cfg, tmp_path / "run", show_progress=False)
@@ -353,9 +360,10 @@ def test_minilm_lora_cli(tmp_path):
     res = CliRunner().invoke(app, ["train", str(tmp_path / "lora.yaml"), "-o", str(tmp_path / "run"), "--no-progress"])
     assert res.exit_code == 0, res.output
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    # MiniLM-L6: 6 layers x (query, value) x r(384 + 384), plus the 2-label head
-    assert s["trainable_params"] == 6 * 2 * 8 * 768 + 384 * 2 + 2
-    assert s["trainable_percent"] < 1.0
+    # MiniLM-L6, every linear layer at r 8: per layer query, key, value, attention output r(384 + 384) and
+    # intermediate, output r(384 + 1536); the pooler r(384 + 384); plus the 2-label head
+    assert s["trainable_params"] == 6 * (4 * 8 * 768 + 2 * 8 * 1920) + 8 * 768 + 384 * 2 + 2
+    assert s["trainable_percent"] < 1.5
     info = json.loads((tmp_path / "run" / "final" / "tunelab_adapter.json").read_text())
     assert info["base_model"] == "minilm"
     assert (tmp_path / "run" / "final" / "merged" / "model.safetensors").is_file()

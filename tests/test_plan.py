@@ -138,7 +138,12 @@ def test_lora_and_qlora_param_bytes(toy_classification):
     raw["method"] = "lora"
     lora_cfg = Config.model_validate(raw)
     lora = planner.param_bytes(meta_model(lora_cfg, 2), lora_cfg)
-    assert lora["trainable_params"] < full["trainable_params"] / 4
+    base = meta_model(Config.model_validate(toy_classification["config"]), 2)
+    linear = [m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and not n.startswith("classifier")]
+    head = sum(p.numel() for p in base.classifier.parameters())
+    # every linear layer but the head carries r x (in + out) (the BERT-like default targets)
+    assert lora["trainable_params"] == sum(8 * (m.in_features + m.out_features) for m in linear) + head
+    assert lora["trainable_params"] < full["trainable_params"]
     assert lora["optimizer"] == 8 * lora["trainable_params"]
     raw["method"] = "qlora"
     q_cfg = Config.model_validate(raw)
