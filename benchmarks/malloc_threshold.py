@@ -5,7 +5,7 @@
 
 perf_sft.py's tunelab side (SmolLM2-135M-Instruct full fine-tune, the first --pairs alpaca_eval pairs,
 packing to 512, 4 rows a step) in fp32 (bf16 is emulated on an AVX2-only CPU) and, with --lora, the
-LoRA side too; each run a spawned child, sides alternating A B A B. Per run: the child's max RSS at
+LoRA side too; each run a spawned child, sides alternating A B C A B C. Per run: the child's max RSS at
 the end (load, training, final save and report), the training loop's peak, the median seconds per
 step after the first, and the losses (the setting must not change them). Writes
 benchmarks/results/malloc_threshold.json.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import in_child, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SIDES = {"glibc_dynamic": None, "fixed_128k": 131072}
+SIDES = {"glibc_dynamic": None, "fixed_128k": 131072, "fixed_4m": 4 << 20}
 
 
 def one_run(method: str, threshold: int | None, steps: int, pairs: int) -> dict:

@@ -51,7 +51,7 @@ from tunelab.train.early_stop import BestTracker
 from tunelab.train.loop import LoopSettings, LoopState, eval_row, train_loop, windows_per_epoch
 from tunelab.train import lr_find
 from tunelab.train.optim import build_optimizer, describe_groups, param_groups
-from tunelab.train.precision import autocast_factory, grad_scaler, resolve_precision
+from tunelab.train.precision import autocast_factory, grad_scaler, resolve_precision, store_weights_bf16
 from tunelab.train.regularizers import apply_mixout, make_penalty, remove_mixout
 from tunelab.train.schedules import build_scheduler
 from tunelab.train.unfreeze import GradualUnfreezer
@@ -173,8 +173,10 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
         probe_texts = read_probe_texts(cfg.probe.data, cfg.data.text_column, cfg.probe.max_rows)
         probe_generation = probe_generation_for(cfg.probe, cfg.eval.generate, cfg.task, task.tokenizer)
         probe_before = probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length, generation=probe_generation)
+    if cfg.train.weights_dtype == "bf16":
+        store_weights_bf16(model)
     trainable, total = count_params(model)
-    precision = resolve_precision(cfg.train.precision, device, total)
+    precision = resolve_precision(cfg.train.precision, device, total, cfg.train.weights_dtype)
     autocast = autocast_factory(precision, device)
     if task.evaluate is not None:  # evaluation runs at the training precision too
         task = replace(task, evaluate=_under(autocast, task.evaluate))
@@ -221,7 +223,8 @@ def build_optimization(cfg: Config, model, total_steps: int, lr: float):
     o, sch = cfg.optim, cfg.schedule
     groups = param_groups(model, lr=lr, weight_decay=o.weight_decay, head_lr=o.head_lr or lr * o.head_lr_multiplier,
                           layer_lr_decay=o.layer_lr_decay)
-    optimizer = build_optimizer(groups, betas=o.betas, eps=o.eps, name=o.name)
+    name = "adamw_bf16" if cfg.train.weights_dtype == "bf16" else o.name
+    optimizer = build_optimizer(groups, betas=o.betas, eps=o.eps, name=name, seed=cfg.train.seed)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, name=sch.name, warmup_ratio=sch.warmup_ratio,
                                 warmup_steps=sch.warmup_steps, min_lr_ratio=sch.min_lr_ratio, decay_ratio=sch.decay_ratio)
     return optimizer, scheduler

@@ -181,9 +181,9 @@ def leave_as_found(out: Path, found: dict[Path, int | None]) -> None:
 IDENTITY_KEYS = ("task", "model.name", "method", "lora.r", "lora.alpha", "lora.target_modules", "lora.dora",
                  "lora.rslora", "freeze.embeddings", "freeze.blocks", "freeze.all_but_head", "data.labels",
                  "data.text_column", "data.text_pair_column", "data.label_column", "train.seed",
-                 "optim.name")  # optim.name: the checkpoint holds that optimizer's state (fp32 or 8-bit moments)
+                 "optim.name", "train.weights_dtype")  # the optimizer state the checkpoint holds, its weights' dtype
 # what a config.yaml written before a key existed meant by its absence
-IDENTITY_DEFAULTS = {"optim.name": "adamw"}
+IDENTITY_DEFAULTS = {"optim.name": "adamw", "train.weights_dtype": "fp32"}
 
 
 def check_same_run(out: Path, cfg, resume_from: Path) -> None:

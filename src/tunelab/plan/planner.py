@@ -176,11 +176,12 @@ def param_bytes(model, cfg: Config) -> dict:
             if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad \
                     and not any(part in QLORA_SKIP_MODULES for part in name.split(".")):
                 quantizable += m.weight.numel()
-    weights = (total - quantizable) * 4 + quantizable * NF4_BITS / 8
+    wbytes = 2 if cfg.train.weights_dtype == "bf16" else 4  # gradients take the weights' dtype
+    weights = (total - quantizable) * wbytes + quantizable * NF4_BITS / 8
     reg = cfg.regularization
     copies = (1 if (reg.l2sp or reg.ewc) else 0) + (1 if reg.ewc else 0) + (1 if reg.mixout else 0)
     return {"total_params": total, "trainable_params": trainable, "quantized_params": quantizable,
-            "weights": weights, "gradients": trainable * 4,
+            "weights": weights, "gradients": trainable * wbytes,
             "optimizer": adam_state_bytes([p.numel() for p in model.parameters() if p.requires_grad], cfg.optim.name),
             "regularizers": trainable * 4 * copies}
 
@@ -191,7 +192,7 @@ def param_bytes(model, cfg: Config) -> dict:
 def autocast_dtype_for(cfg: Config, device: torch.device, total_params: int):
     from tunelab.train.precision import resolve_precision
 
-    precision = resolve_precision(cfg.train.precision, device, total_params)
+    precision = resolve_precision(cfg.train.precision, device, total_params, cfg.train.weights_dtype)
     return precision, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 

@@ -63,6 +63,10 @@ def meta_model(cfg, num_labels: int | None):
     if cfg.unfreeze.every:  # gradual unfreezing ends with everything trainable: plan for that
         for p in model.parameters():
             p.requires_grad = True
+    if cfg.train.weights_dtype == "bf16":  # as the run stores them: no autocast copies in the probe either
+        from tunelab.train.precision import store_weights_bf16
+
+        store_weights_bf16(model)
     return model
 
 

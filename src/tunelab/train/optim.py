@@ -80,9 +80,11 @@ CHUNK_8BIT = 1 << 20  # values per call of the 8-bit kernel: a multiple of its C
 
 
 def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8,
-                    name: str = "adamw") -> torch.optim.Optimizer:
+                    name: str = "adamw", seed: int = 0) -> torch.optim.Optimizer:
     """AdamW (`name` adamw), fused where torch has a fused kernel for the device (CPU and CUDA in
-    torch 2.13); or AdamW with 8-bit moments (`name` adamw_8bit, `AdamW8bit`).
+    torch 2.13); or AdamW with 8-bit moments (`name` adamw_8bit, `AdamW8bit`); or, for bf16 weights
+    (`name` adamw_bf16, train.weights_dtype bf16), AdamW with fp32 moments and stochastic rounding
+    whose noise is seeded from `seed` (train/bf16_adamw.py).
 
     At small batches the optimizer step dominates a step: for MiniLM (22.7M parameters) the fused
     step took a third of the foreach one on this CPU (measured in the same process).
@@ -90,6 +92,10 @@ def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8
     clean = [{k: v for k, v in g.items() if k != "n_params"} for g in groups]
     if name == "adamw_8bit":
         return AdamW8bit(clean, betas=tuple(betas), eps=eps)
+    if name == "adamw_bf16":
+        from tunelab.train.bf16_adamw import AdamWBf16
+
+        return AdamWBf16(clean, betas=tuple(betas), eps=eps, seed=seed)
     try:
         return torch.optim.AdamW(clean, betas=tuple(betas), eps=eps, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel

@@ -1,7 +1,8 @@
-"""Mixed precision: which autocast context a run uses.
+"""Mixed precision: which autocast context a run uses, and where the weights are kept.
 
-Weights and optimizer state stay fp32 (master weights); only the forward runs in bf16 under
-autocast. `auto` picks bf16 on a CUDA device that supports it, and on CPU only for models large
+By default weights and optimizer state stay fp32 (master weights); only the forward runs in bf16
+under autocast. `train.weights_dtype: bf16` stores the floating-point parameters themselves in bf16
+(`store_weights_bf16`; AdamWBf16 in train/bf16_adamw.py updates them with stochastic rounding). `auto` picks bf16 on a CUDA device that supports it, and on CPU only for models large
 enough to profit (measured: ~2x faster from 5M parameters up, no clear gain on toy models).
 """
 
@@ -19,7 +20,9 @@ from tunelab.device import cpu_has_bf16
 CPU_BF16_MIN_PARAMS = 5_000_000
 
 
-def resolve_precision(precision: str, device: torch.device, n_params: int) -> str:
+def resolve_precision(precision: str, device: torch.device, n_params: int, weights_dtype: str = "fp32") -> str:
+    if weights_dtype == "bf16":  # bf16 weights compute in bf16 (config refuses fp32 / fp16 with them)
+        return "bf16"
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -40,3 +43,16 @@ def grad_scaler(precision: str, device: torch.device):
     if precision != "fp16":
         return None
     return torch.amp.GradScaler(device.type)
+
+
+def store_weights_bf16(model: torch.nn.Module) -> int:
+    """Cast every floating-point parameter to bf16 in place; returns how many values were cast.
+
+    Buffers stay as they are: a rotary embedding's inv_freq or a norm's running statistics in bf16
+    would change the positions and statistics the model computes, not just its storage."""
+    cast = 0
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.bfloat16:
+            p.data = p.data.to(torch.bfloat16)
+            cast += p.numel()
+    return cast
