@@ -42,7 +42,8 @@ STEP_SCRIPT = textwrap.dedent('''
         def save(self, state, tracker, is_best, metrics): pass
         def stop_requested(self): return False
 
-    def train_steps(raw, batch_size, grad_accum, steps, make_replicas=None, l2sp=0.0, max_grad_norm=None):
+    def train_steps(raw, batch_size, grad_accum, steps, make_replicas=None, l2sp=0.0, max_grad_norm=None,
+                    bf16=False):
         cfg = Config.model_validate(raw)
         torch.manual_seed(0)
         task = setup_task(cfg)
@@ -50,6 +51,9 @@ STEP_SCRIPT = textwrap.dedent('''
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
+        if bf16:  # train.weights_dtype bf16: bf16 gradients go through DDP's buckets and gloo's all-reduce
+            from tunelab.train.precision import store_weights_bf16
+            store_weights_bf16(model)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         s = LoopSettings(batch_size=batch_size, grad_accum=grad_accum, total_steps=steps, max_grad_norm=max_grad_norm,
@@ -68,7 +72,7 @@ STEP_SCRIPT = textwrap.dedent('''
         for i, case in enumerate(json.loads(open(sys.argv[1]).read())):
             weights, state = train_steps(case["raw"], case["batch_size"], case["grad_accum"], case["steps"],
                                          lambda model, loss_fn: DataParallel(model, loss_fn, group),
-                                         case["l2sp"], case["max_grad_norm"])
+                                         case["l2sp"], case["max_grad_norm"], case["bf16"])
             torch.save({"weights": weights, "samples": state.samples, "tokens": state.tokens, "step": state.step},
                        f"{sys.argv[2]}/case{i}-rank{group.rank}.pt")
         group.close()
@@ -80,6 +84,7 @@ CASES = [
     ((5, 2, 1, 2, 0.0, None), (2, 2)),  # 3 micro-batches: step 2 leaves rank 1 none (a zero-weight copy)
     ((8, 1, 3, 2, 0.0, None), (1, 6)),  # 3 micro-batches per process under no_sync, then a 1 + 1 tail
     ((8, 1, 3, 2, 0.5, 0.05), (1, 6)),  # the same with an L2-SP penalty (moves on step 2) and clipping
+    ((4, 2, 1, 1, 0.0, None, True), (4, 1)),  # bf16 weights and gradients (train.weights_dtype bf16)
 ]
 
 
@@ -92,10 +97,10 @@ def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_two_processes_step_like_one_process_over_the_same_examples(toy_classification, tmp_path):
     base = toy_classification["config"]
     cases = []
-    for (rows, bs, accum, steps, l2sp, clip), _ in CASES:
+    for (rows, bs, accum, steps, l2sp, clip, *bf16), _ in CASES:
         raw = {**base, "data": {**base["data"], "max_rows": rows, "eval": None, "eval_split": 0.0}}
         cases.append({"raw": raw, "batch_size": bs, "grad_accum": accum, "steps": steps, "l2sp": l2sp,
-                      "max_grad_norm": clip})
+                      "max_grad_norm": clip, "bf16": bool(bf16)})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     script = tmp_path / "steps.py"
     script.write_text(STEP_SCRIPT)
@@ -105,15 +110,34 @@ def test_two_processes_step_like_one_process_over_the_same_examples(toy_classifi
     train_steps = runpy.run_path(str(script))["train_steps"]
     for i, (case, (_, (ref_bs, ref_accum))) in enumerate(zip(cases, CASES)):
         ref, ref_state = train_steps(case["raw"], ref_bs, ref_accum, case["steps"], None, case["l2sp"],
-                                     case["max_grad_norm"])
+                                     case["max_grad_norm"], case["bf16"])
         ranks = [torch.load(tmp_path / f"case{i}-rank{r}.pt") for r in (0, 1)]
-        start, _ = train_steps(case["raw"], ref_bs, ref_accum, 0)  # the weights before any step
-        moved = 0
+        start, _ = train_steps(case["raw"], ref_bs, ref_accum, 0, bf16=case["bf16"])  # the weights before any step
+        moved, got_all, want_all = 0, [], []
         for k in ref:
             assert torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]), (i, k)  # replicas in sync
-            assert torch.allclose(ranks[0]["weights"][k], ref[k], atol=1e-6, rtol=0), (i, k)
+            if case["bf16"]:  # compared as one update vector below
+                assert ranks[0]["weights"][k].dtype == torch.bfloat16
+                w0 = start[k].float()
+                got_d, want_d = ranks[0]["weights"][k].float() - w0, ref[k].float() - w0
+                # where the update is 8+ bf16 ulps of the weight (so rounding the new weight errs by <= 1/16)
+                big = want_d.abs() > 8 * w0.abs() * 2**-7
+                got_all.append(got_d[big])
+                want_all.append(want_d[big])
+            else:
+                assert torch.allclose(ranks[0]["weights"][k], ref[k], atol=1e-6, rtol=0), (i, k)
             moved += not torch.equal(ref[k], start[k])
         assert moved > 10, i  # the step changed the weights, so equality is not trivial
+        if case["bf16"]:
+            # bf16 weights round each update to the weight's ulp, and bf16 gradients differ elementwise where
+            # a reduction cancels (a bias's sum over tokens, summed in another order): compared where the
+            # update is large against the weight, as one vector, direction and length
+            got, want = torch.cat(got_all), torch.cat(want_all)
+            assert got.numel() > 500
+            cos = float(got @ want / (got.norm() * want.norm()))
+            ratio = float(got.norm() / want.norm())
+            print(f"bf16 weights: {got.numel()} values, cosine {cos:.6f}, norm ratio {ratio:.6f}")
+            assert cos > 0.999 and abs(ratio - 1) < 0.01, (cos, ratio)
         assert ranks[0]["step"] == ref_state.step == case["steps"]
         # samples and tokens count every process's micro-batches once
         assert ranks[0]["samples"] == ranks[1]["samples"] == ref_state.samples
