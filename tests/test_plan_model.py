@@ -453,9 +453,11 @@ SWITCHED = {"exact": {"loss_chunk_tokens": 0, "recompute_norms": False, "packed_
             "defaults": {"loss_chunk_tokens": 64, "recompute_norms": True, "packed_attention": "mask"}}
 
 
-def _measured_step_bytes(config, switches: dict, amp: bool, lengths: list[int], rows: int) -> int:
+def _measured_step_bytes(config, switches: dict, amp: bool, lengths: list[int], rows: int,
+                         bf16_weights: bool = False) -> int:
     """One training step's peak of everything but the parameters and their gradients, through the task's
-    own switches (tasks/lm_speed.py) on a real tiny Llama: packed rows, bf16 autocast or fp32."""
+    own switches (tasks/lm_speed.py) on a real tiny Llama: packed rows, bf16 autocast or fp32; with
+    `bf16_weights` the parameters stored in bf16 as train.weights_dtype bf16 stores them."""
     import copy
 
     from transformers import LlamaForCausalLM
@@ -464,9 +466,12 @@ def _measured_step_bytes(config, switches: dict, amp: bool, lengths: list[int], 
     from tunelab.data.chat_template import IGNORE_INDEX
     from tunelab.data.packing import block_causal_mask
     from tunelab.tasks.lm_speed import lm_speed
+    from tunelab.train.precision import store_weights_bf16
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(copy.deepcopy(config))
+    if bf16_weights:
+        store_weights_bf16(model)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # gradients exist after the first step: model states, not the step's
     width = sum(lengths)
@@ -493,13 +498,15 @@ def _measured_step_bytes(config, switches: dict, amp: bool, lengths: list[int], 
     return tracker.peak
 
 
-def _planned_step_bytes(model: Model, switches: dict, precision: str, width: int, rows: int) -> int:
+def _planned_step_bytes(model: Model, switches: dict, precision: str, width: int, rows: int,
+                        weights_dtype: str = "fp32") -> int:
     """The same step as `tunelab plan --model` plans it: activations, the loss's peak and autocast's
-    weight copies (the weights beyond the fp32 parameters), per device under ddp."""
+    weight copies (the weights beyond the parameters themselves), per device under ddp."""
     spec = Spec(model="", gpu=lookup("L4"), task="causal_lm", precision=precision, seq_len=width,
-                batch_size=rows, packing=True, **switches)
+                batch_size=rows, packing=True, weights_dtype=weights_dtype, **switches)
     d = per_device(model, spec)["per_device"]
-    return d["activations_bytes"] + d["logits_bytes"] + d["weights_bytes"] - 4 * model.counts["total"]
+    own = (2 if weights_dtype == "bf16" else 4) * model.counts["total"]
+    return d["activations_bytes"] + d["logits_bytes"] + d["weights_bytes"] - own
 
 
 @pytest.mark.parity
@@ -527,6 +534,13 @@ def test_the_causal_lm_switches_move_the_plan_as_they_move_the_measured_peak(tmp
             moved, planned_move = measured[k] - measured["exact"], planned[k] - planned["exact"]
             assert (moved > 0) == (planned_move > 0) and abs(moved) > 2**16, (precision, k, moved, planned_move)
             assert planned_move == pytest.approx(moved, rel=0.1, abs=2**14), (precision, k, moved, planned_move)
+    # train.weights_dtype bf16 (the defaults' switches): no autocast copies, a bf16 residual stream
+    bf16_measured = _measured_step_bytes(config, SWITCHED["defaults"], True, lengths, rows, bf16_weights=True)
+    bf16_planned = _planned_step_bytes(model, SWITCHED["defaults"], "bf16", sum(lengths), rows, weights_dtype="bf16")
+    print("bf16 weights: measured", bf16_measured, "planned", bf16_planned, "autocast", measured["defaults"])
+    assert bf16_planned == pytest.approx(bf16_measured, rel=0.06)
+    assert bf16_measured < 0.9 * measured["defaults"]  # the lever saves activation memory, and the plan says so
+    assert bf16_planned < 0.9 * planned["defaults"]
 
 
 @pytest.mark.unit

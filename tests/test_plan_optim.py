@@ -88,7 +88,7 @@ def llama_json(tmp_path_factory):
     return str(path)
 
 
-def _config(tmp_path, optim: str) -> str:
+def _config(tmp_path, optim: str, weights: str = "fp32") -> str:
     """A causal-LM CONFIG.yaml (its model is a tiny Llama folder; --model names the planned config.json)."""
     from tiny_models import tiny_llama_folder
 
@@ -96,8 +96,9 @@ def _config(tmp_path, optim: str) -> str:
     if not model.exists():
         tiny_llama_folder(model)
     (tmp_path / "train.jsonl").write_text('{"text": "a b"}\n', encoding="utf-8")
-    path = tmp_path / f"{optim}.yaml"
+    path = tmp_path / f"{optim}-{weights}.yaml"
     path.write_text(f"task: causal_lm\nmodel: {{name: {model}}}\noptim: {{name: {optim}}}\n"
+                    f"train: {{weights_dtype: {weights}}}\n"
                     f"data: {{train: {tmp_path / 'train.jsonl'}}}\n", encoding="utf-8")
     return str(path)
 
@@ -137,3 +138,45 @@ def test_hardware_plan_from_an_8bit_config(llama_json, tmp_path):
         assert load_config(_config(tmp_path, "adamw_8bit"), sets).optim.name == r["optim"]
     refused = plan("adamw_8bit", "1.8", "--strategy", "fsdp")
     assert refused.exit_code == 2 and "adamw_8bit" in refused.output and "Traceback" not in refused.output
+
+
+
+@pytest.mark.e2e
+def test_hardware_plan_from_a_bf16_weights_config(llama_json, tmp_path):
+    """train.weights_dtype bf16: 2-byte weights and gradients, fp32 moments, no master and no autocast copies
+    (12 bytes a parameter in model states instead of 16 + the copies); its ddp lines keep bf16 weights, its
+    sharded lines set train.weights_dtype=fp32 (refused there); every line loads with the config."""
+    from tunelab.cli import app
+    from tunelab.config import load_config
+
+    def plan(weights, mem, *more):
+        res = CliRunner().invoke(app, ["plan", _config(tmp_path, "adamw", weights), "--model", llama_json,
+                                       "--gpu-memory", mem, "--gpu-tflops", "10", "--gpus", "8", "--seq-len", "256",
+                                       "--method", "full", "--precision", "bf16", "--json", *more])
+        return res if more else json.loads(res.stdout)
+
+    fp32, bf16 = plan("fp32", "40"), plan("bf16", "40")
+    n = bf16["trainable_params"]
+    assert (bf16["weights_dtype"], fp32["weights_dtype"]) == ("bf16", "fp32") and bf16["precision"] == "bf16"
+    d16, d32 = bf16["per_device"], fp32["per_device"]
+    assert d16["weights_bytes"] == pytest.approx(2 * n, rel=1e-6) and d16["gradients_bytes"] == pytest.approx(2 * n, rel=1e-6)
+    assert d16["optimizer_bytes"] == d32["optimizer_bytes"] == pytest.approx(8 * n, rel=1e-6)
+    assert d16["master_weights_bytes"] == 0
+    assert d32["gradients_bytes"] - d16["gradients_bytes"] == pytest.approx(2 * n, rel=1e-6)
+    assert d32["weights_bytes"] - d16["weights_bytes"] > 2 * n  # and autocast's 16-bit copies are gone
+    assert d16["activations_bytes"] < d32["activations_bytes"]  # a bf16 residual stream
+    # what fits on 8 devices: ddp lines keep the config's bf16 weights, sharded ones set fp32
+    seen = set()
+    for mem in ("1.8", "1.3"):  # ddp fits with bf16 weights; only sharding (fp32 weights) fits
+        for r in plan("bf16", mem)["recommendations"]:
+            words = r["command"].split()
+            sets = [w for i, w in enumerate(words) if i and words[i - 1] == "--set"]
+            loaded = load_config(_config(tmp_path, "adamw", "bf16"), sets)
+            assert loaded.train.weights_dtype == r["weights_dtype"]
+            want = "bf16" if r["strategy"] == "ddp" and r["method"] != "qlora" else "fp32"
+            assert r["weights_dtype"] == want, r
+            seen.add(want)
+    assert seen == {"bf16", "fp32"}
+    for extra, field in ((["--strategy", "fsdp"], "--strategy"), (["--method", "qlora"], "train.weights_dtype")):
+        refused = plan("bf16", "40", *extra)
+        assert refused.exit_code == 2 and field in refused.output and "Traceback" not in refused.output, refused.output

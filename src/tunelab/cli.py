@@ -306,6 +306,8 @@ def plan(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Micro-batch per device."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", min=1),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16."),
+    weights_dtype: Optional[str] = typer.Option(None, "--weights-dtype", help="fp32 (default) | bf16: "
+                                                "train.weights_dtype (bf16 weights and gradients; ddp only)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     attention: Optional[str] = typer.Option(None, "--attention", help="sdpa (default) | flash | eager."),
     tokens: Optional[float] = typer.Option(None, "--tokens", min=1, help="Training tokens, all epochs (time, cost)."),

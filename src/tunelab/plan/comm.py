@@ -149,17 +149,17 @@ def step_seconds(bytes_per_step: dict, link: Link, overlap: float = DEFAULT_OVER
 
 def strategy_step_bytes(strategy: str, *, total: float, trainable: float, quantized: float = 0,
                         precision: str = "bf16", n: int = 1, accum: int = 1, root_params: float = 0,
-                        reshard_after_forward: bool = True) -> dict:
+                        reshard_after_forward: bool = True, weights_dtype: str = "fp32") -> dict:
     """`step_bytes` from parameter counts, in the dtypes tunelab's strategies communicate in: DDP
-    all-reduces its fp32 gradients (autocast over fp32 parameters), FSDP2 gathers in the compute
+    all-reduces its fp32 gradients (autocast over fp32 parameters; bf16 ones under train.weights_dtype
+    bf16), FSDP2 gathers in the compute
     dtype (MixedPrecisionPolicy param_dtype) and reduces in fp32 (reduce_dtype), DeepSpeed gathers
     and reduces its 16-bit weights and gradients (fp32 in fp32); a QLoRA base is gathered in NF4.
     What backward gathers again: under zero3 what `memory.zero3_gathered` does not keep, under fsdp
     every block (`total - root_params`) unless reshard_after_forward is off."""
     act = compute_bytes(precision)
     weights = (total - quantized) * act + quantized * nf4_bits() / 8
-    zero = layout_for(strategy) == "zero"
-    grad_bytes = act if zero else 4
+    grad_bytes = act if layout_for(strategy, weights_dtype) in ("zero", "bf16") else 4
     again = regathered_params(strategy, total, root_params, reshard_after_forward)
     regathered = None if again is None else again * act
     return step_bytes(strategy, n=n, accum=accum, weights=weights, trainable_weights=trainable * act,

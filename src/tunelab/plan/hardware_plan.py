@@ -33,7 +33,7 @@ def shape_overrides(flags: dict) -> list[str]:
     out = []
     pairs = [("method", "method"), ("lora_r", "lora.r"), ("seq_len", "model.max_length"),
              ("batch_size", "train.batch_size"), ("grad_accum", "train.grad_accum"),
-             ("precision", "train.precision")]
+             ("precision", "train.precision"), ("weights_dtype", "train.weights_dtype")]
     for flag, key in pairs:
         if flags.get(flag) is not None:
             out.append(f"{key}={flags[flag]}")
@@ -73,7 +73,8 @@ def spec_from(flags: dict, cfg=None, config_path: str | None = None) -> Spec:
                     lora_dropout=cfg.lora.dropout,
                     lora_targets=targets if isinstance(targets, str) else list(targets),
                     seq_len=cfg.model.max_length, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                    precision="bf16" if cfg.train.precision == "auto" else cfg.train.precision, optim=cfg.optim.name,
+                    precision="bf16" if cfg.train.precision == "auto" or cfg.train.weights_dtype == "bf16"
+                    else cfg.train.precision, optim=cfg.optim.name, weights_dtype=cfg.train.weights_dtype,
                     gradient_checkpointing=cfg.train.gradient_checkpointing,
                     task="classification" if cfg.task == "classification" else "causal_lm",
                     trust_remote_code=cfg.model.trust_remote_code, config_path=config_path,
@@ -84,7 +85,7 @@ def spec_from(flags: dict, cfg=None, config_path: str | None = None) -> Spec:
         spec = Spec(model=flags["model"], method=flags.get("method") or "full", lora_r=flags.get("lora_r") or 8,
                     lora_targets=_targets(flags.get("lora_targets")), seq_len=flags.get("seq_len") or 2048,
                     batch_size=flags.get("batch_size") or 1, grad_accum=flags.get("grad_accum") or 1,
-                    precision=flags.get("precision") or "bf16",
+                    precision=flags.get("precision") or "bf16", weights_dtype=flags.get("weights_dtype") or "fp32",
                     gradient_checkpointing=bool(flags.get("gradient_checkpointing")), **common)
     check_spec(spec)
     return spec
@@ -122,7 +123,7 @@ def build(spec: Spec, break_even_args: dict | None = None, *, explicit_method: b
            "base_params": model.counts["total"], **planned,
            "recommendations": recs, "missing": None if recs else rec.missing(model, spec)}
     if planned["fits"]:
-        out["command"] = rec.command(model, spec, config_optim=spec.optim if spec.config_path else "adamw")
+        out["command"] = rec.command(model, spec, **rec.config_says(spec))
     else:
         out["command"] = recs[0]["command"] if recs else None
     out["break_even"] = None

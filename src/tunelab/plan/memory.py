@@ -21,6 +21,10 @@ ZeRO-Offload the optimizer partition (master + moments; zero1/2), ZeRO-3 with of
 gradient partition; FSDP2's CPUOffloadPolicy the sharded parameters, gradients and optimizer state; it is reported as `cpu_bytes`, not counted against the
 device.
 
+`train.weights_dtype: bf16` (train/bf16_adamw.py, ddp only) stores the weights and gradients themselves in bf16
+(2 + 2 bytes) with fp32 moments (8) and no master copy (`layout="bf16"`: 12 bytes a trainable parameter), and
+computes without autocast: no 16-bit weight copies, a bf16 residual stream.
+
 `optim.name: adamw_8bit` (Dettmers et al. 2022; bitsandbytes' AdamW8bit, train/optim.py) keeps both moments in
 one byte each plus an fp32 absmax per 256-value block (2 + 8/256 bytes), except for tensors under 4,096 values,
 which keep fp32 moments (8): `adam_state_bytes` counts per tensor, `optimizer_bytes_per_param` where only totals
@@ -53,10 +57,13 @@ SHARDED = {"ddp": (), "zero1": ("master", "optimizer"), "zero2": ("master", "opt
 CUDA_CONTEXT_BYTES = 2**30  # CUDA context, cuBLAS/NCCL workspaces and allocator reserve: 1 GiB, stated
 
 
-def layout_for(strategy: str) -> str:
+def layout_for(strategy: str, weights_dtype: str = "fp32") -> str:
     """How a strategy keeps mixed-precision parameters (as tunelab's distributed.strategy runs them):
     DeepSpeed's bf16 engine (zero1/2/3) holds 16-bit weights and gradients plus an fp32 master copy in
-    the optimizer partition; DDP and FSDP2 keep fp32 parameters (FSDP2's sharded ones are the master)."""
+    the optimizer partition; DDP and FSDP2 keep fp32 parameters (FSDP2's sharded ones are the master);
+    `train.weights_dtype: bf16` (ddp) keeps bf16 parameters and gradients and no master."""
+    if weights_dtype == "bf16":
+        return "bf16"
     return "zero" if strategy.startswith("zero") else "autocast"
 
 
@@ -69,7 +76,7 @@ def compute_bytes(precision: str) -> int:
 def device_states(total: float, trainable: float, *, quantized: float = 0, precision: str = "bf16",
                   strategy: str = "ddp", n: int = 1, offload: bool = False, unit_params: float = 0,
                   root_params: float = 0, root_trainable: float = 0, whole_bucket: bool = True,
-                  gloo: bool = False, optim: str = "adamw") -> dict:
+                  gloo: bool = False, optim: str = "adamw", weights_dtype: str = "fp32") -> dict:
     """`model_states` in the layout the strategy keeps (`layout_for`) plus its communication buffers
     (`buffers`, `comm_overhead` over the unsharded gradients and `unit_params`, the parameters of the
     largest unit gathered at a time; under fsdp also `root_params` / `root_trainable`, FSDP2's root unit,
@@ -81,7 +88,7 @@ def device_states(total: float, trainable: float, *, quantized: float = 0, preci
     (measured, 2 processes: a 46 MiB fp32 input raised the peak by 48 MiB beyond the output's pages;
     all_gather_into_tensor by nothing beyond its output), so under fsdp the largest reduce-scatter
     input, the root unit's or a block's fp32 gradients, is held once more (`gloo_reduce_scatter_copy`)."""
-    layout = layout_for(strategy)
+    layout = layout_for(strategy, weights_dtype)
     common = dict(precision=precision, strategy=strategy, layout=layout, quantized=quantized, optim=optim)
     out = model_states(total, trainable, n=n, offload=offload, **common)
     whole_gradients = model_states(total, trainable, n=1, **common)["gradients"]
@@ -133,11 +140,12 @@ def model_states(total: float, trainable: float, *, precision: str = "bf16", str
 
     `total` parameters of which `trainable` get gradients and optimizer state and `quantized`
     (frozen) are stored in NF4; `n` data-parallel devices; `offload`: master + moments on the host;
-    `optim`: optim.name (adamw_8bit's moments: `optimizer_bytes_per_param`).
+    `optim`: optim.name (adamw_8bit's moments: `optimizer_bytes_per_param`); `layout` "bf16":
+    train.weights_dtype bf16 (2-byte weights and gradients, no master).
     """
     if strategy not in SHARDED:
         raise ValueError(f"unknown strategy {strategy!r}")
-    half = precision in ("bf16", "fp16") and layout == "zero"
+    half = (precision in ("bf16", "fp16") and layout == "zero") or layout == "bf16"
     wbytes, gbytes = (2, 2) if half else (4, 4)
     mbytes = 4 if layout == "zero" else 0  # DeepSpeed's fp32 partition exists in fp32 training too
     frozen_plain = total - trainable - quantized

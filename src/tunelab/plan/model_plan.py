@@ -40,6 +40,7 @@ class Spec:
     grad_accum: int = 1
     precision: str = "bf16"
     optim: str = "adamw"  # optim.name; adamw_8bit runs under ddp only
+    weights_dtype: str = "fp32"  # train.weights_dtype; bf16 runs under ddp only, computes in bf16
     gradient_checkpointing: bool = False
     attention: str = "sdpa"  # sdpa / flash (fused, no s x s scores) or eager
     gpus: int = 1  # per node
@@ -123,13 +124,15 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     params = params or params_for(model, spec)
     states = memory.device_states(params["total"], params["trainable"], quantized=params["quantized"],
                                   precision=spec.precision, strategy=spec.strategy, n=spec.devices,
-                                  offload=spec.offload, optim=spec.optim,  # a block's adapters are gathered with it
+                                  offload=spec.offload, optim=spec.optim, weights_dtype=spec.weights_dtype,
+                                  # a block's adapters are gathered with it
                                   unit_params=model.unit_params + params["adapter"] / max(1, model.shape.layers),
                                   root_params=model.root_params,  # a full fine-tune trains the root; LoRA its head
                                   root_trainable=model.root_params if spec.method == "full" else model.head)
     act_bytes = memory.compute_bytes(spec.precision)
-    # tunelab's autocast keeps the residual stream (embeddings + residual adds) in fp32: norm inputs too
-    autocast = computes_under_autocast(spec.strategy) and act_bytes == 2
+    # tunelab's autocast keeps the residual stream (embeddings + residual adds) in fp32: norm inputs too;
+    # bf16 weights (train.weights_dtype) compute in bf16 throughout, with no weight copies
+    autocast = computes_under_autocast(spec.strategy) and act_bytes == 2 and spec.weights_dtype != "bf16"
     norm_bytes = 4 if autocast else act_bytes
     lora = None
     if spec.method != "full":
@@ -150,7 +153,8 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     if model.task == "classification":
         logits = memory.loss_bytes(spec.batch_size, spec.num_labels, model.shape.hidden, act_bytes=act_bytes)["peak"]
     else:
-        head_bytes = 2 if states["layout"] == "zero" and act_bytes == 2 else 4  # DeepSpeed's 16-bit engine
+        # DeepSpeed's 16-bit engine; bf16 weights
+        head_bytes = 2 if (states["layout"] == "zero" and act_bytes == 2) or states["layout"] == "bf16" else 4
         logits = memory.loss_bytes(spec.batch_size * spec.seq_len, model.shape.vocab, model.shape.hidden,
                                    act_bytes=act_bytes, hidden_bytes=norm_bytes, chunk=chunk,
                                    head_trains=spec.method == "full", weight_bytes=head_bytes)["peak"]
@@ -195,6 +199,21 @@ def check_spec(spec: Spec) -> None:
                          "ddp or optim.name adamw", field="--strategy")
     if spec.attention not in ("sdpa", "flash", "eager"):
         raise InputError("--attention must be sdpa, flash or eager", field="--attention")
+    if spec.weights_dtype not in ("fp32", "bf16"):
+        raise InputError("--weights-dtype must be fp32 or bf16", field="--weights-dtype")
+    if spec.weights_dtype == "bf16":  # as config.py refuses it (train.weights_dtype)
+        if spec.strategy != "ddp":
+            raise InputError("bf16 weights (train.weights_dtype) run under ddp only (the sharded engines keep fp32 "
+                             "masters): use --strategy ddp or --weights-dtype fp32", field="--strategy")
+        if spec.precision != "bf16":
+            raise InputError("bf16 weights compute in bf16: use --precision bf16 or --weights-dtype fp32",
+                             field="--precision")
+        if spec.method == "qlora":
+            raise InputError("bf16 weights do not combine with qlora (a 4-bit base): use --method lora or "
+                             "--weights-dtype fp32", field="--method")
+        if spec.optim != "adamw":
+            raise InputError("bf16 weights take their own AdamW (fp32 moments, stochastic rounding): use optim.name "
+                             "adamw or --weights-dtype fp32", field="optim.name")
 
 
 def plan_one(model: Model, spec: Spec) -> dict:
@@ -203,6 +222,7 @@ def plan_one(model: Model, spec: Spec) -> dict:
     mem = per_device(model, spec, params)
     fl = flops_for(model, spec, params)
     out = {"method": spec.method, "strategy": spec.strategy, "offload": spec.offload, "optim": spec.optim,
+           "weights_dtype": spec.weights_dtype,
            "precision": spec.precision,
            "gradient_checkpointing": spec.gradient_checkpointing, "attention": spec.attention, **mem["switches"],
            "micro_batch": spec.batch_size, "grad_accum": spec.grad_accum, "seq_len": spec.seq_len,
@@ -255,7 +275,8 @@ def communication_for(model: Model, spec: Spec, params: dict) -> dict:
     per_step = comm.strategy_step_bytes(spec.strategy, total=params["total"], trainable=params["trainable"],
                                         quantized=params["quantized"], precision=spec.precision, n=spec.devices,
                                         accum=spec.grad_accum, root_params=model.root_params,
-                                        reshard_after_forward=spec.reshard_after_forward)
+                                        reshard_after_forward=spec.reshard_after_forward,
+                                        weights_dtype=spec.weights_dtype)
     link = comm.link_for(spec.gpu.name, spec.nodes, interconnect=spec.interconnect, gb_per_s=spec.link_gb_per_s)
     return comm.step_seconds(per_step, link, spec.comm_overlap)
 

@@ -262,7 +262,7 @@ def shard_states(est: dict, cfg: Config, strategy: str, nproc: int) -> None:
                        precision=est["precision"], strategy=strategy, n=nproc, offload=cfg.distributed.cpu_offload,
                        unit_params=gathered_unit_params(est["model"]), root_params=root,
                        root_trainable=root_trainable, whole_bucket=est.get("device") != "cpu",
-                       gloo=est.get("device") == "cpu", optim=cfg.optim.name)
+                       gloo=est.get("device") == "cpu", optim=cfg.optim.name, weights_dtype=cfg.train.weights_dtype)
     new = {"weights": ms["weights"], "gradients": ms["gradients"], "optimizer": ms["master_weights"] + ms["optimizer"],
            "sharding_buffers": ms["buffers"]}
     before = mem["weights"] + mem["gradients"] + mem["optimizer"]
@@ -399,6 +399,7 @@ def make_plan(cfg: Config, *, measure_steps: int = 0, price_per_hour: float | No
             for step in range(1, total_steps + 1))
     plan = {
         "model": cfg.model.name, "task": cfg.task, "method": cfg.method, "precision": est["precision"],
+        "weights_dtype": cfg.train.weights_dtype,
         "device": est["device"], "processes": nproc, "strategy": strategy,
         "per_process_states": {k: est["memory"][k] for k in ("weights", "gradients", "optimizer")},
         "params": {k: est["params"][k] for k in ("total_params", "trainable_params")},
@@ -492,7 +493,8 @@ def communication(cfg: Config, est: dict, strategy: str, nproc: int, *, intercon
     per_step = comm.strategy_step_bytes(strategy, total=pb["total_params"], trainable=pb["trainable_params"],
                                         quantized=pb["quantized_params"], precision=est["precision"], n=nproc,
                                         accum=cfg.train.grad_accum, root_params=root_unit_params(est["model"])[0],
-                                        reshard_after_forward=cfg.distributed.reshard_after_forward)
+                                        reshard_after_forward=cfg.distributed.reshard_after_forward,
+                                        weights_dtype=cfg.train.weights_dtype)
     gpu = None if est["device"] == "cpu" else "here"  # GPUs of this machine: PCIe 4 unless told
     link = comm.link_for(gpu, interconnect=interconnect, gb_per_s=link_gb_per_s)
     return comm.step_seconds(per_step, link, comm.DEFAULT_OVERLAP if overlap is None else overlap)

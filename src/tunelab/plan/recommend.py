@@ -66,14 +66,14 @@ def recommend(model: Model, spec: Spec, *, methods=None, limit: int = 6) -> list
         for ckpt in (False, True):
             fitting = []
             for strategy, offload in _strategies(method, spec.devices, spec.precision):
+                plain = strategy != "ddp"  # 8-bit moments and bf16 weights run under ddp only
                 cand = with_changes(spec, method=method, strategy=strategy, offload=offload,
-                                    gradient_checkpointing=ckpt,  # 8-bit moments run under ddp only
-                                    optim=spec.optim if strategy == "ddp" else "adamw")
+                                    gradient_checkpointing=ckpt, optim="adamw" if plain else spec.optim,
+                                    weights_dtype="fp32" if plain or method == "qlora" else spec.weights_dtype)
                 p = largest_fitting(model, cand)
                 if p is not None:
                     p["command"] = command(model, with_changes(cand, batch_size=p["micro_batch"],
-                                                               grad_accum=p["grad_accum"]),
-                                           config_optim=spec.optim if spec.config_path else "adamw")
+                                                               grad_accum=p["grad_accum"]), **config_says(spec))
                     fitting.append(p)
             if fitting:  # min keeps the first of equals: _strategies lists the less-communicating first
                 found.append(min(fitting, key=seconds_per_token))
@@ -122,9 +122,18 @@ def devices_needed(model: Model, spec: Spec, limit: int = 4096) -> int | None:
     return None
 
 
-def command(model: Model, spec: Spec, config_optim: str = "adamw") -> str:
+def config_says(spec: Spec) -> dict:
+    """What the command line's CONFIG.yaml already sets (`command`'s config_optim / config_weights): the
+    spec's own values when it came from one, the defaults for a bare --model."""
+    if spec.config_path:
+        return {"config_optim": spec.optim, "config_weights": spec.weights_dtype}
+    return {"config_optim": "adamw", "config_weights": "fp32"}
+
+
+def command(model: Model, spec: Spec, config_optim: str = "adamw", config_weights: str = "fp32") -> str:
     """The `tunelab train` line for a configuration (keys as config.py and distributed.strategy spell them);
-    `config_optim`: the optim.name the line's CONFIG.yaml says (a sharded line for an adamw_8bit config sets adamw)."""
+    `config_optim` / `config_weights`: the optim.name and train.weights_dtype the line's CONFIG.yaml says (a
+    sharded line for an adamw_8bit or bf16-weights config sets adamw / fp32)."""
     sets = [] if spec.config_path else [f"model.name={spec.model}"]
     sets += [f"method={spec.method}", f"train.precision={spec.precision}", f"train.batch_size={spec.batch_size}",
              f"train.grad_accum={spec.grad_accum}", f"model.max_length={spec.seq_len}"]
@@ -141,6 +150,8 @@ def command(model: Model, spec: Spec, config_optim: str = "adamw") -> str:
             sets.append(f"lora.target_modules={targets}")
     if spec.optim != config_optim:
         sets.append(f"optim.name={spec.optim}")
+    if spec.weights_dtype != config_weights:
+        sets.append(f"train.weights_dtype={spec.weights_dtype}")
     if spec.strategy != "ddp":
         sets.append(f"distributed.strategy={spec.strategy}")
         if spec.offload:

@@ -17,7 +17,8 @@ def _duration(seconds: float) -> str:
 def plan_lines(p: dict) -> list[str]:
     mem, steps, data, big = p["memory_mb"], p["steps"], p["data"], p["largest_micro_batch"]
     lines = [
-        f"{p['model']} · {p['task']} · {p['method']} · {p['precision']} on {p['device']}",
+        f"{p['model']} · {p['task']} · {p['method']} · {p['precision']}"
+        f"{' (bf16 weights)' if p.get('weights_dtype') == 'bf16' else ''} on {p['device']}",
         f"parameters: {p['params']['trainable_params']:,} trainable of {p['params']['total_params']:,}",
         f"data: {data['units']:,} training units, {data['tokens']:,} tokens per epoch "
         f"({data['padded_tokens']:,} with padding); {data['micro_batches_per_epoch']} micro-batches",
@@ -77,7 +78,8 @@ def hardware_lines(p: dict) -> list[str]:
     lines = [f"{p['model']} ({p['model_type']}, {p['task']}): {p['base_params']:,} parameters; "
              f"{p['trainable_params']:,} trainable under {p['method']}",
              f"on {p['devices']} x {gpu['name']} ({gpu['memory_gb']:g} GB, {gpu['bf16_tflops']:g} bf16 TFLOPS) "
-             f"· {p['strategy']}{' + offload' if p['offload'] else ''} · {p['precision']} · seq {p['seq_len']} · "
+             f"· {p['strategy']}{' + offload' if p['offload'] else ''} · {p['precision']}"
+             f"{' (bf16 weights)' if p.get('weights_dtype') == 'bf16' else ''} · seq {p['seq_len']} · "
              f"micro-batch {p['micro_batch']} x accum {p['grad_accum']} (effective {p['effective_batch']})",
              "per device (GiB): " + ", ".join(f"{k.removesuffix('_bytes').replace('_', ' ')} {_gb(d[k])}"
                                                for k in d if k != "total_bytes"),
