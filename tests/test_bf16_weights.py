@@ -145,7 +145,8 @@ def tiny_llama(tmp_path_factory):
     return tiny_llama_folder(tmp_path_factory.mktemp("tiny_llama_bf16w"))
 
 
-def _run(tmp_path, model, name, weights: str, steps: int, resume=None, should_stop=None, method="full"):
+def _run(tmp_path, model, name, weights: str, steps: int, resume=None, should_stop=None, method="full",
+         optim="adamw"):
     from tiny_models import conversations
 
     from tunelab.config import Config
@@ -157,7 +158,7 @@ def _run(tmp_path, model, name, weights: str, steps: int, resume=None, should_st
         data.write_text("".join(json.dumps(c) + "\n" for c in conversations(24)), encoding="utf-8")
     raw = {"task": "chat", "model": {"name": str(model), "max_length": 64}, "method": method,
            "data": {"train": str(data), "eval_split": 0, "packing": True, "cache": False},
-           "optim": {"lr": 3e-3}, "schedule": {"name": "constant", "warmup_steps": 0},
+           "optim": {"lr": 3e-3, "name": optim}, "schedule": {"name": "constant", "warmup_steps": 0},
            "train": {"max_steps": steps, "batch_size": 2, "log_every": 1, "seed": 1, "eval_before": False,
                      "precision": "bf16", "weights_dtype": weights},
            "checkpoint": {"final": "last", "keep_last": 1}, "early_stopping": {"enabled": False},
@@ -220,7 +221,6 @@ def test_lora_keeps_the_base_in_bf16_and_learns(tmp_path, tiny_llama):
     ("train:\n  weights_dtype: bf16\n  precision: fp16\n", "train.precision"),
     ("method: qlora\ntrain:\n  weights_dtype: bf16\n", "train.weights_dtype"),
     ("train:\n  weights_dtype: bf16\ndistributed:\n  strategy: fsdp\n", "train.weights_dtype"),
-    ("train:\n  weights_dtype: bf16\noptim:\n  name: adamw_8bit\n", "optim.name"),
     ("train:\n  weights_dtype: bf16\nregularization:\n  l2sp: 0.1\n", "regularization.l2sp"),
     ("train:\n  weights_dtype: bf16\nregularization:\n  mixout: 0.1\n", "regularization.mixout"),
 ])
@@ -255,3 +255,57 @@ def test_the_planner_counts_two_bytes_for_weights_and_gradients(tmp_path, tiny_l
     assert b32["weights"] == 4 * n and b16["weights"] == 2 * n
     assert b32["gradients"] == 4 * n and b16["gradients"] == 2 * n
     assert b16["optimizer"] == b32["optimizer"] == 8 * n  # the moments stay fp32
+
+
+@pytest.mark.unit
+def test_8bit_moments_on_bf16_weights_take_the_fp32_kernels_step_then_round():
+    """optim.name adamw_8bit with bf16 weights: each chunk runs bitsandbytes' kernel on fp32 copies and the
+    new weight lands on one of the two bf16 neighbours of the fp32 kernel's result; the moments equal those
+    of the same optimizer on fp32 weights bit for bit (8-bit codes, absmax, and the fp32 moments of a small
+    tensor)."""
+    from tunelab.train.optim import AdamW8bit
+
+    torch.manual_seed(0)
+    big16 = torch.nn.Parameter(torch.randn(40, 125).to(torch.bfloat16))  # 5000 values: 8-bit moments
+    small16 = torch.nn.Parameter(torch.randn(100).to(torch.bfloat16))  # under min_8bit_size: fp32 moments
+    big32, small32 = (torch.nn.Parameter(t.detach().float()) for t in (big16, small16))
+    kw = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=256, chunk=512)  # chunks split the big tensor
+    o16 = AdamW8bit([big16, small16], bf16_seed=5, **kw)
+    o32 = AdamW8bit([big32, small32], **kw)
+    for _ in range(3):
+        for p16, p32 in ((big16, big32), (small16, small32)):
+            g = torch.randn(p16.shape).to(torch.bfloat16)
+            p16.grad, p32.grad = g.clone(), g.float()
+            p32.data = p16.detach().float()  # the fp32 run starts each step from the bf16 weights
+        o16.step()
+        o32.step()
+        for p16, p32 in ((big16, big32), (small16, small32)):
+            assert p16.dtype == torch.bfloat16
+            down, up = _neighbours(p32.detach())
+            w = p16.detach().float()
+            assert bool(((w == down) | (w == up)).all())
+            for key, v in o32.state[p32].items():
+                if torch.is_tensor(v) and key not in ("qmap1", "qmap2"):
+                    assert torch.equal(o16.state[p16][key], v), key
+    assert o16.state[big16]["state1"].dtype == torch.uint8 and o16.state[small16]["state1"].dtype == torch.float32
+    rounded_up = float((big16.detach().float() == _neighbours(big32.detach())[1]).float().mean())
+    assert 0.05 < rounded_up < 0.95  # stochastic: neither always down nor always up
+
+
+@pytest.mark.e2e
+def test_8bit_moments_with_bf16_weights_follow_the_exact_path_and_resume_exactly(tmp_path, tiny_llama, monkeypatch):
+    import tunelab.train.optim as optim
+    from conftest import stop_after
+
+    monkeypatch.setattr(optim, "MIN_8BIT_SIZE", 256)  # every matrix of the tiny model gets 8-bit moments
+    exact = _run(tmp_path, tiny_llama, "exact", "fp32", 30)
+    low = _run(tmp_path, tiny_llama, "low", "bf16", 30, optim="adamw_8bit")
+    state = torch.load(tmp_path / "low" / "checkpoints" / "step-000030" / "optimizer.pt", weights_only=True)["state"]
+    kinds = [s["__bnb_optimizer_quant_state__"]["state1"].dtype for s in state.values()]
+    assert kinds.count(torch.uint8) >= 9
+    print("largest relative loss difference", max(abs(a - b) / b for a, b in zip(low, exact)))
+    for i, (a, b) in enumerate(zip(low, exact)):
+        assert a == pytest.approx(b, rel=0.02), i
+    straight = _run(tmp_path, tiny_llama, "straight", "bf16", 6, optim="adamw_8bit")
+    _run(tmp_path, tiny_llama, "cut", "bf16", 6, should_stop=stop_after(3), optim="adamw_8bit")
+    assert _run(tmp_path, tiny_llama, "cut", "bf16", 6, resume="auto", optim="adamw_8bit") == straight

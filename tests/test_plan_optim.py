@@ -149,8 +149,8 @@ def test_hardware_plan_from_a_bf16_weights_config(llama_json, tmp_path):
     from tunelab.cli import app
     from tunelab.config import load_config
 
-    def plan(weights, mem, *more):
-        res = CliRunner().invoke(app, ["plan", _config(tmp_path, "adamw", weights), "--model", llama_json,
+    def plan(weights, mem, *more, optim="adamw"):
+        res = CliRunner().invoke(app, ["plan", _config(tmp_path, optim, weights), "--model", llama_json,
                                        "--gpu-memory", mem, "--gpu-tflops", "10", "--gpus", "8", "--seq-len", "256",
                                        "--method", "full", "--precision", "bf16", "--json", *more])
         return res if more else json.loads(res.stdout)
@@ -165,6 +165,10 @@ def test_hardware_plan_from_a_bf16_weights_config(llama_json, tmp_path):
     assert d32["gradients_bytes"] - d16["gradients_bytes"] == pytest.approx(2 * n, rel=1e-6)
     assert d32["weights_bytes"] - d16["weights_bytes"] > 2 * n  # and autocast's 16-bit copies are gone
     assert d16["activations_bytes"] < d32["activations_bytes"]  # a bf16 residual stream
+    both = plan("bf16", "40", optim="adamw_8bit")  # 2 + 2 + (2 + 8/256) bytes a parameter
+    assert (both["weights_dtype"], both["optim"]) == ("bf16", "adamw_8bit")
+    assert both["per_device"]["optimizer_bytes"] == pytest.approx(n * (2 + 8 / 256), rel=1e-6)
+    assert both["per_device"]["weights_bytes"] == d16["weights_bytes"]
     # what fits on 8 devices: ddp lines keep the config's bf16 weights, sharded ones set fp32
     seen = set()
     for mem in ("1.8", "1.3"):  # ddp fits with bf16 weights; only sharding (fp32 weights) fits

@@ -211,9 +211,7 @@ def check_spec(spec: Spec) -> None:
         if spec.method == "qlora":
             raise InputError("bf16 weights do not combine with qlora (a 4-bit base): use --method lora or "
                              "--weights-dtype fp32", field="--method")
-        if spec.optim != "adamw":
-            raise InputError("bf16 weights take their own AdamW (fp32 moments, stochastic rounding): use optim.name "
-                             "adamw or --weights-dtype fp32", field="optim.name")
+
 
 
 def plan_one(model: Model, spec: Spec) -> dict:

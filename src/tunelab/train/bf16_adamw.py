@@ -49,6 +49,14 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
     return out
 
 
+def stochastic_round_generator(seed: int, step: int, index: int, device: torch.device) -> torch.Generator:
+    """The rounding noise of tensor `index` at optimizer step `step`: (seed, step, tensor) mixed into one
+    63-bit seed, so a resumed run draws the same noise with nothing saved."""
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + int(index) * 104_729) % (2**63 - 1))
+    return g
+
+
 class AdamWBf16(torch.optim.Optimizer):
     """AdamW with fp32 moments for bf16 (or fp32) parameters; bf16 weights get stochastic rounding."""
 
@@ -73,11 +81,6 @@ class AdamWBf16(torch.optim.Optimizer):
                 if value is not None:
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
-    def _generator(self, step: int, index: int, device: torch.device) -> torch.Generator:
-        g = torch.Generator(device=device)
-        # (seed, step, tensor) -> one 63-bit seed; a fixed mix, so a resumed run draws the same noise
-        g.manual_seed((self.seed * 1_000_003 + step * 7_919 + index * 104_729) % (2**63 - 1))
-        return g
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -107,7 +110,7 @@ class AdamWBf16(torch.optim.Optimizer):
                 bc1 = 1 - beta1 ** t
                 bc2_sqrt = math.sqrt(1 - beta2 ** t)
                 rounding = p.dtype == torch.bfloat16
-                gen = self._generator(t, index, p.device) if rounding else None
+                gen = stochastic_round_generator(self.seed, t, index, p.device) if rounding else None
                 w_flat, g_flat = p.data.view(-1), p.grad.reshape(-1)
                 m_flat, v_flat = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
                 for a in range(0, p.numel(), self.chunk):

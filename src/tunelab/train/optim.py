@@ -92,6 +92,8 @@ def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8
     clean = [{k: v for k, v in g.items() if k != "n_params"} for g in groups]
     if name == "adamw_8bit":
         return AdamW8bit(clean, betas=tuple(betas), eps=eps)
+    if name == "adamw_8bit_bf16":  # 8-bit moments for bf16 weights, stochastic rounding (train.weights_dtype bf16)
+        return AdamW8bit(clean, betas=tuple(betas), eps=eps, bf16_seed=seed)
     if name == "adamw_bf16":
         from tunelab.train.bf16_adamw import AdamWBf16
 
@@ -109,12 +111,14 @@ def _bnb_adamw8bit():
 
 
 def AdamW8bit(params, *, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
-              min_8bit_size: int | None = None, chunk: int | None = None):
-    """bitsandbytes' AdamW8bit whose CPU step goes `chunk` values at a time (`chunked_8bit_class`)."""
+              min_8bit_size: int | None = None, chunk: int | None = None, bf16_seed: int | None = None):
+    """bitsandbytes' AdamW8bit whose CPU step goes `chunk` values at a time (`chunked_8bit_class`);
+    with `bf16_seed`, bf16 parameters get stochastically rounded updates seeded from it."""
     cls = chunked_8bit_class()
     opt = cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
               min_8bit_size=MIN_8BIT_SIZE if min_8bit_size is None else min_8bit_size)
     opt.chunk = CHUNK_8BIT if chunk is None else chunk
+    opt.bf16_seed = bf16_seed
     return opt
 
 
@@ -134,10 +138,13 @@ def chunked_8bit_class():
 
     class ChunkedAdamW8bit(base):
         chunk = CHUNK_8BIT
+        bf16_seed: int | None = None  # set: bf16 weights, each chunk's new weight stochastically rounded
 
         @torch.no_grad()
         def update_step(self, group, p, gindex, pindex):
             state = self.state[p]
+            if p.dtype == torch.bfloat16 and self.bf16_seed is not None:
+                return self._update_bf16(group, p, gindex, pindex)
             if state["state1"].dtype != torch.uint8 or p.device.type != "cpu" or p.numel() <= self.chunk:
                 return super().update_step(group, p, gindex, pindex)
             if self.chunk % 256:
@@ -156,6 +163,45 @@ def chunked_8bit_class():
                     self.optimizer_name, g, w, s1, s2, beta1, beta2, 0.0, 0.0, config["eps"], state["step"],
                     config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks], state["absmax2"][blocks],
                     config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
+
+        @torch.no_grad()
+        def _update_bf16(self, group, p, gindex, pindex):
+            """The same kernels on fp32 copies of a chunk's bf16 weight and gradient, the new weight rounded
+            stochastically back into bf16 (train/bf16_adamw.py: rounding to nearest would drop the small
+            updates); 8-bit moments for tensors of min_8bit_size values and more, fp32 ones below."""
+            from tunelab.train.bf16_adamw import stochastic_round_bf16, stochastic_round_generator
+
+            p.data = p.data.contiguous()
+            state = self.state[p]
+            config = self.get_config(gindex, pindex, group)
+            state["step"] += 1
+            beta1, beta2 = config["betas"][0], config["betas"][1]
+            eight = state["state1"].dtype == torch.uint8
+            gen = stochastic_round_generator(self.bf16_seed, int(state["step"]), self._index(p), p.device)
+            chunk = self.chunk if eight else max(self.chunk, p.numel())
+            flat = [t.view(-1) for t in (p.grad.contiguous(), p.data, state["state1"], state["state2"])]
+            for a in range(0, p.numel(), chunk):
+                b = min(a + chunk, p.numel())
+                g16, w16, s1, s2 = (t[a:b] for t in flat)
+                g, w = g16.float(), w16.float()
+                if eight:
+                    blocks = slice(a // 256, -(-b // 256))
+                    F.optimizer_update_8bit_blockwise(
+                        self.optimizer_name, g, w, s1, s2, beta1, beta2, 0.0, 0.0, config["eps"], state["step"],
+                        config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks],
+                        state["absmax2"][blocks], config["weight_decay"], gnorm_scale=1.0,
+                        skip_zeros=config["skip_zeros"])
+                else:
+                    F.optimizer_update_32bit(
+                        self.optimizer_name, g, w, s1, beta1, config["eps"], state["step"], config["lr"], s2, beta2,
+                        0.0, 0.0, config["weight_decay"], 1.0, None, max_unorm=0.0, skip_zeros=config["skip_zeros"])
+                w16.copy_(stochastic_round_bf16(w, gen))
+
+        def _index(self, p) -> int:
+            """The parameter's position over all groups: the rounding noise's stream (as AdamWBf16's)."""
+            if not hasattr(self, "_positions"):
+                self._positions = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+            return self._positions[id(p)]
 
     return ChunkedAdamW8bit
 
