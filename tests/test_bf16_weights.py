@@ -309,3 +309,36 @@ def test_8bit_moments_with_bf16_weights_follow_the_exact_path_and_resume_exactly
     straight = _run(tmp_path, tiny_llama, "straight", "bf16", 6, optim="adamw_8bit")
     _run(tmp_path, tiny_llama, "cut", "bf16", 6, should_stop=stop_after(3), optim="adamw_8bit")
     assert _run(tmp_path, tiny_llama, "cut", "bf16", 6, resume="auto", optim="adamw_8bit") == straight
+
+
+@pytest.mark.e2e
+def test_plan_of_a_bf16_weights_config_suggests_only_what_it_can_take(tmp_path, tiny_llama):
+    """`tunelab plan CONFIG`: bf16 weights halve the planned weights and gradients; its memory levers are
+    valid configs (QLoRA comes with train.weights_dtype=fp32, which its 4-bit base needs) - before, the
+    QLoRA lever was an internal error."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tiny_models import conversations
+    from tunelab.cli import app
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in conversations(24)), encoding="utf-8")
+    plans = {}
+    for weights in ("fp32", "bf16"):
+        cfg = tmp_path / f"{weights}.yaml"
+        cfg.write_text(yaml.safe_dump({"task": "chat", "model": {"name": str(tiny_llama), "max_length": 64},
+                                       "data": {"train": str(data)},
+                                       "train": {"precision": "bf16", "weights_dtype": weights}}))
+        res = CliRunner().invoke(app, ["plan", str(cfg), "--measure-steps", "0", "--json"])
+        assert res.exit_code == 0, res.output
+        plans[weights] = json.loads(res.stdout)
+    s32, s16 = plans["fp32"]["per_process_states"], plans["bf16"]["per_process_states"]  # bytes
+    n = plans["bf16"]["params"]["total_params"]
+    assert (s32["weights"], s32["gradients"], s16["weights"], s16["gradients"]) == (4 * n, 4 * n, 2 * n, 2 * n)
+    assert s16["optimizer"] == s32["optimizer"] == 8 * n
+    assert plans["bf16"]["memory_mb"]["activations"] < plans["fp32"]["memory_mb"]["activations"]
+    assert plans["bf16"]["weights_dtype"] == "bf16"
+    changes = [s["change"] for s in plans["bf16"]["suggestions"]]
+    assert "method=qlora, train.weights_dtype=fp32" in changes and "method=qlora" in [
+        s["change"] for s in plans["fp32"]["suggestions"]]

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from pydantic import ValidationError
+
 from tunelab.config import Config, given_keys
 from tunelab.errors import InputError
 from tunelab.plan.memory import adam_state_bytes, loss_bytes, nf4_bits
@@ -532,7 +534,13 @@ def suggest(cfg: Config, profile: dict, memory: dict, precision: str) -> list[di
                 continue
             else:
                 raw[section] = value
-        variant = Config.model_validate(raw)
+            if value == "qlora" and cfg.train.weights_dtype == "bf16":  # a 4-bit base keeps its own dtype
+                raw.setdefault("train", {})["weights_dtype"] = "fp32"
+                label += ", train.weights_dtype=fp32"
+        try:
+            variant = Config.model_validate(raw)
+        except ValidationError:  # a lever this config cannot take is not a suggestion
+            continue
         vprofile = rebatch(profile, variant.train.batch_size, variant.train.seed) if change is None else profile
         est = estimate(variant, vprofile, memory["runtime"])
         out.append({"change": label, "peak_mb": round(est["memory"]["peak"] / MB, 1),
