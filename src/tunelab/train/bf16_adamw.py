@@ -81,7 +81,6 @@ class AdamWBf16(torch.optim.Optimizer):
                 if value is not None:
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
