@@ -137,7 +137,10 @@ def test_two_processes_step_like_one_process_over_the_same_examples(toy_classifi
             cos = float(got @ want / (got.norm() * want.norm()))
             ratio = float(got.norm() / want.norm())
             print(f"bf16 weights: {got.numel()} values, cosine {cos:.6f}, norm ratio {ratio:.6f}")
-            assert cos > 0.999 and abs(ratio - 1) < 0.01, (cos, ratio)
+            # measured 0.99999 / 0.9998 here and 0.9981 / 1.0026 in a CI run (another tiny BERT, other
+            # reduction orders); a sum instead of a mean would double the length, a missing all-reduce
+            # fails the replicas-in-sync check above
+            assert cos > 0.99 and abs(ratio - 1) < 0.03, (cos, ratio)
         assert ranks[0]["step"] == ref_state.step == case["steps"]
         # samples and tokens count every process's micro-batches once
         assert ranks[0]["samples"] == ranks[1]["samples"] == ref_state.samples
