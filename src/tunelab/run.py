@@ -223,8 +223,8 @@ def build_optimization(cfg: Config, model, total_steps: int, lr: float):
     o, sch = cfg.optim, cfg.schedule
     groups = param_groups(model, lr=lr, weight_decay=o.weight_decay, head_lr=o.head_lr or lr * o.head_lr_multiplier,
                           layer_lr_decay=o.layer_lr_decay)
-    name = o.name if cfg.train.weights_dtype != "bf16" else {"adamw": "adamw_bf16", "adamw_8bit": "adamw_8bit_bf16"}[o.name]
-    optimizer = build_optimizer(groups, betas=o.betas, eps=o.eps, name=name, seed=cfg.train.seed)
+    optimizer = build_optimizer(groups, betas=o.betas, eps=o.eps, name=o.name,
+                                bf16_weights=cfg.train.weights_dtype == "bf16", seed=cfg.train.seed)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, name=sch.name, warmup_ratio=sch.warmup_ratio,
                                 warmup_steps=sch.warmup_steps, min_lr_ratio=sch.min_lr_ratio, decay_ratio=sch.decay_ratio)
     return optimizer, scheduler

@@ -79,22 +79,20 @@ MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep fp32 moments
 CHUNK_8BIT = 1 << 20  # values per call of the 8-bit kernel: a multiple of its CPU block of 256
 
 
-def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8,
-                    name: str = "adamw", seed: int = 0) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], *, betas=(0.9, 0.999), eps: float = 1e-8, name: str = "adamw",
+                    bf16_weights: bool = False, seed: int = 0) -> torch.optim.Optimizer:
     """AdamW (`name` adamw), fused where torch has a fused kernel for the device (CPU and CUDA in
-    torch 2.13); or AdamW with 8-bit moments (`name` adamw_8bit, `AdamW8bit`); or, for bf16 weights
-    (`name` adamw_bf16, train.weights_dtype bf16), AdamW with fp32 moments and stochastic rounding
-    whose noise is seeded from `seed` (train/bf16_adamw.py).
+    torch 2.13); or AdamW with 8-bit moments (`name` adamw_8bit, `AdamW8bit`). With `bf16_weights`
+    (train.weights_dtype bf16) either one rounds each update stochastically into the bf16 weight, its
+    noise seeded from `seed`: AdamWBf16 (fp32 moments, train/bf16_adamw.py) or AdamW8bit's bf16 step.
 
     At small batches the optimizer step dominates a step: for MiniLM (22.7M parameters) the fused
     step took a third of the foreach one on this CPU (measured in the same process).
     """
     clean = [{k: v for k, v in g.items() if k != "n_params"} for g in groups]
     if name == "adamw_8bit":
-        return AdamW8bit(clean, betas=tuple(betas), eps=eps)
-    if name == "adamw_8bit_bf16":  # 8-bit moments for bf16 weights, stochastic rounding (train.weights_dtype bf16)
-        return AdamW8bit(clean, betas=tuple(betas), eps=eps, bf16_seed=seed)
-    if name == "adamw_bf16":
+        return AdamW8bit(clean, betas=tuple(betas), eps=eps, bf16_seed=seed if bf16_weights else None)
+    if bf16_weights:
         from tunelab.train.bf16_adamw import AdamWBf16
 
         return AdamWBf16(clean, betas=tuple(betas), eps=eps, seed=seed)
@@ -147,22 +145,25 @@ def chunked_8bit_class():
                 return self._update_bf16(group, p, gindex, pindex)
             if state["state1"].dtype != torch.uint8 or p.device.type != "cpu" or p.numel() <= self.chunk:
                 return super().update_step(group, p, gindex, pindex)
-            if self.chunk % 256:
-                raise ValueError(f"chunk {self.chunk} is not a multiple of the 8-bit kernel's block (256)")
             p.data = p.data.contiguous()
             p.grad = p.grad.contiguous()
             config = self.get_config(gindex, pindex, group)
             state["step"] += 1
-            beta1, beta2 = config["betas"][0], config["betas"][1]
             flat = [t.view(-1) for t in (p.grad, p.data, state["state1"], state["state2"])]
             for a in range(0, p.numel(), self.chunk):
                 b = min(a + self.chunk, p.numel())
-                g, w, s1, s2 = (t[a:b] for t in flat)
-                blocks = slice(a // 256, -(-b // 256))
-                F.optimizer_update_8bit_blockwise(
-                    self.optimizer_name, g, w, s1, s2, beta1, beta2, 0.0, 0.0, config["eps"], state["step"],
-                    config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks], state["absmax2"][blocks],
-                    config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
+                self._step_8bit(config, state, *(t[a:b] for t in flat), a, b)
+
+        def _step_8bit(self, config, state, g, w, s1, s2, a: int, b: int):
+            """The 8-bit kernel on values a..b of a tensor (its gradient, weight and moments sliced so), with
+            the absmax of the blocks they span; a must start a block."""
+            if a % 256 or self.chunk % 256:
+                raise ValueError(f"chunk {self.chunk} is not a multiple of the 8-bit kernel's block (256)")
+            blocks = slice(a // 256, -(-b // 256))
+            F.optimizer_update_8bit_blockwise(
+                self.optimizer_name, g, w, s1, s2, config["betas"][0], config["betas"][1], 0.0, 0.0, config["eps"],
+                state["step"], config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks],
+                state["absmax2"][blocks], config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
 
         @torch.no_grad()
         def _update_bf16(self, group, p, gindex, pindex):
@@ -175,9 +176,10 @@ def chunked_8bit_class():
             state = self.state[p]
             config = self.get_config(gindex, pindex, group)
             state["step"] += 1
-            beta1, beta2 = config["betas"][0], config["betas"][1]
             eight = state["state1"].dtype == torch.uint8
-            gen = stochastic_round_generator(self.bf16_seed, int(state["step"]), self._index(p), p.device)
+            # the noise stream of the parameter's position over all groups, as AdamWBf16 numbers them
+            index = sum(len(g["params"]) for g in self.param_groups[:gindex]) + pindex
+            gen = stochastic_round_generator(self.bf16_seed, int(state["step"]), index, p.device)
             chunk = self.chunk if eight else max(self.chunk, p.numel())
             flat = [t.view(-1) for t in (p.grad.contiguous(), p.data, state["state1"], state["state2"])]
             for a in range(0, p.numel(), chunk):
@@ -185,23 +187,13 @@ def chunked_8bit_class():
                 g16, w16, s1, s2 = (t[a:b] for t in flat)
                 g, w = g16.float(), w16.float()
                 if eight:
-                    blocks = slice(a // 256, -(-b // 256))
-                    F.optimizer_update_8bit_blockwise(
-                        self.optimizer_name, g, w, s1, s2, beta1, beta2, 0.0, 0.0, config["eps"], state["step"],
-                        config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks],
-                        state["absmax2"][blocks], config["weight_decay"], gnorm_scale=1.0,
-                        skip_zeros=config["skip_zeros"])
+                    self._step_8bit(config, state, g, w, s1, s2, a, b)
                 else:
                     F.optimizer_update_32bit(
-                        self.optimizer_name, g, w, s1, beta1, config["eps"], state["step"], config["lr"], s2, beta2,
-                        0.0, 0.0, config["weight_decay"], 1.0, None, max_unorm=0.0, skip_zeros=config["skip_zeros"])
+                        self.optimizer_name, g, w, s1, config["betas"][0], config["eps"], state["step"], config["lr"],
+                        s2, config["betas"][1], 0.0, 0.0, config["weight_decay"], 1.0, None, max_unorm=0.0,
+                        skip_zeros=config["skip_zeros"])
                 w16.copy_(stochastic_round_bf16(w, gen))
-
-        def _index(self, p) -> int:
-            """The parameter's position over all groups: the rounding noise's stream (as AdamWBf16's)."""
-            if not hasattr(self, "_positions"):
-                self._positions = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
-            return self._positions[id(p)]
 
     return ChunkedAdamW8bit
 
