@@ -17,6 +17,26 @@ def in_child(fn, *args):
         return pool.submit(fn, *args).result()
 
 
+def in_child_on(allocator: str, fn, *args):
+    """in_child, the child started on `allocator` (train.host_allocator's values) as `tunelab train`
+    would start it: LD_PRELOAD set for the spawn when the allocator is not glibc."""
+    from tunelab.host_allocator import wanted
+
+    name, path = wanted(allocator)
+    saved = os.environ.get("LD_PRELOAD")
+    if path:
+        os.environ["LD_PRELOAD"] = path
+    else:
+        os.environ.pop("LD_PRELOAD", None)
+    try:
+        return in_child(fn, *args)
+    finally:
+        if saved is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = saved
+
+
 def write_result(path: Path, result: dict) -> None:
     """The results JSON, written whole or not at all (tmp + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -208,22 +208,23 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=160)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--method", choices=["full", "lora", "qlora"], default="full", help="perf_sft's recipe for it")
     ap.add_argument("--part", choices=["both", "phases", "ops", "saved"], default="both")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "perf_profile.json")
     a = ap.parse_args()
     from perf_sft import bf16_native, missing_inputs, tunelab_config, write_pairs
 
-    why = missing_inputs()
+    why = missing_inputs(a.method)
     if why:
         print(f"skipped: {why}")
         return 0
     from tunelab.config import library_versions
 
-    result = {"benchmark": "perf_profile", "steps": a.steps, "pairs": a.pairs, "overrides": a.overrides,
+    result = {"benchmark": "perf_profile", "method": a.method, "steps": a.steps, "pairs": a.pairs, "overrides": a.overrides,
               "versions": library_versions(), "load_average_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="tunelab-profile-") as tmp:
         chat, _ = write_pairs(Path(tmp), a.pairs)
-        raw = tunelab_config(str(chat), a.steps, overrides=a.overrides, precision="bf16" if bf16_native() else "fp32")
+        raw = tunelab_config(str(chat), a.steps, a.method, overrides=a.overrides, precision="bf16" if bf16_native() else "fp32")
         if a.part in ("both", "phases"):
             result["phases"] = in_child(phases, raw, str(Path(tmp) / "run"))
             print(json.dumps(result["phases"], indent=1), flush=True)

@@ -16,7 +16,10 @@ Each run is its own spawned process, the sides alternating A B A B (`--runs` eac
 peak memory is its process's max RSS at the end (everything: loading, training, and for tunelab
 the final save and report.html, which the summary's peak_memory_mb counts too). Throughput =
 tokens trained / seconds from the first step's start to the last step's end (tunelab:
-metrics.jsonl `tokens` and `elapsed`; TRL: its `num_tokens` and a callback's clock).
+metrics.jsonl `tokens` and `elapsed`; TRL: its `num_tokens` and a callback's clock). Each side's
+process starts on the malloc its command would start on: tunelab's on train.host_allocator's (auto:
+jemalloc where the machine has it, as `tunelab train` re-executes itself), TRL's on glibc
+(`--peer-allocator jemalloc` to give TRL the same).
 
 Utilisation = model FLOPs per second / the bf16 matmul peak, measured in this script (a child
 process with the same threads, the best of several 2048^3 bf16 matmuls) before and after the runs:
@@ -42,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import in_child, step_clock, write_result  # noqa: E402
+from benchutil import in_child, in_child_on, step_clock, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets" / "alpaca_eval_davinci003" / "text_davinci_003.model_outputs.json"
@@ -114,7 +117,7 @@ def run_tunelab(raw: dict, out: str) -> dict:
             "tokens_per_second": last["tokens"] / last["elapsed"],
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "summary_peak_memory_mb": summary["peak_memory_mb"],
-            "train_peak_memory_mb": summary["train_peak_memory_mb"],
+            "train_peak_memory_mb": summary["train_peak_memory_mb"], "host_allocator": summary.get("host_allocator"),
             "total_params": summary["total_params"], "trainable_params": summary["trainable_params"],
             "losses": [r["loss"] for r in rows]}
 
@@ -222,6 +225,7 @@ def report(a, ours, peers, exact, peaks, load, complete: bool) -> dict:
     result = {"benchmark": "perf_sft", "complete": complete, "method": a.method, "pairs": a.pairs, "steps": a.steps,
               "batch": a.batch, "max_length": MAX_LENGTH, "lr": LR[a.method], "precision": a.precision,
               "bf16_native": bf16_native(), "overrides": a.overrides, "runs": a.runs,
+              "host_allocator": {"tunelab": "see each run's host_allocator", "peer": a.peer_allocator},
               "command": "python benchmarks/perf_sft.py " + " ".join(sys.argv[1:]),
               "tunelab": ours, "peer": peers, "matmul_peak": peaks,
               "versions": library_versions() | {"trl": __import__("trl").__version__},
@@ -247,6 +251,9 @@ def main() -> int:
                     help="both sides; auto: bf16 autocast where the CPU has bf16 hardware, else fp32")
     ap.add_argument("--exact-too", action="store_true", help="a third side: tunelab with every lever off "
                     "(mask attention, plain loss, no recomputed norms) on the same batches, A B C A B C")
+    ap.add_argument("--peer-allocator", choices=["glibc", "jemalloc", "tcmalloc"], default="glibc",
+                    help="the malloc TRL's processes start on (glibc: as `python` starts; tunelab's side starts on "
+                    "what `tunelab train` would pick, train.host_allocator)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     why = missing_inputs(a.method)
@@ -266,17 +273,18 @@ def main() -> int:
         chat, pairs = write_pairs(tmp, a.pairs)
         raw = tunelab_config(str(chat), a.steps, a.method, a.overrides, a.precision, a.batch)
         for i in range(a.runs):
-            ours.append(in_child(run_tunelab, raw, str(tmp / f"tunelab-{i}")))
+            ours.append(in_child_on(raw["train"].get("host_allocator", "auto"), run_tunelab, raw, str(tmp / f"tunelab-{i}")))
             print(f"tunelab {a.method}: {ours[-1]['tokens_per_second']:.1f} tokens/s, "
                   f"{ours[-1]['peak_memory_mb']:.0f} MB", flush=True)
             load.append(os.getloadavg()[0])
-            peers.append(in_child(run_trl, a.method, model_dir, str(pairs), a.steps, str(tmp / f"trl-{i}"), a.precision, a.batch))
+            peers.append(in_child_on(a.peer_allocator, run_trl, a.method, model_dir, str(pairs), a.steps, str(tmp / f"trl-{i}"),
+                                     a.precision, a.batch))
             print(f"trl {a.method}: {peers[-1]['tokens_per_second']:.1f} tokens/s, "
                   f"{peers[-1]['peak_memory_mb']:.0f} MB", flush=True)
             load.append(os.getloadavg()[0])
             write_result(out_path, report(a, ours, peers, exact, peaks, load, complete=False))
             if a.exact_too:
-                exact.append(in_child(run_tunelab, tunelab_config(str(chat), a.steps, a.method, a.overrides + EXACT, a.precision, a.batch),
+                exact.append(in_child_on(raw["train"].get("host_allocator", "auto"), run_tunelab, tunelab_config(str(chat), a.steps, a.method, a.overrides + EXACT, a.precision, a.batch),
                                       str(tmp / f"exact-{i}")))
                 print(f"tunelab exact path: {exact[-1]['tokens_per_second']:.1f} tokens/s, "
                       f"{exact[-1]['peak_memory_mb']:.0f} MB", flush=True)

@@ -196,6 +196,13 @@ def train(
         from tunelab.config import load_config, locate_key
 
         cfg = load_config(config, set_)  # before importing torch: a bad config fails at once
+        if _AS_PROGRAM:  # the allocator binds at process start: re-execute on the one the config names
+            from tunelab.host_allocator import reexec
+
+            try:
+                reexec(cfg.train.host_allocator)
+            except LookupError as e:
+                raise InputError(str(e), field="train.host_allocator", **locate_key(config, "train.host_allocator", set_)) from None
         if resume == "auto" and output_dir is not None and _already_done(output_dir, as_json):
             return  # a requeued job whose run finished: nothing to do, and not a failure
         under_torchrun = "WORLD_SIZE" in os.environ
@@ -641,7 +648,12 @@ from tunelab.cli_cache import register as _register_cache  # noqa: E402  (cache 
 _register_cache(app, _guard)
 
 
+_AS_PROGRAM = False  # set by main(): the real `tunelab` process, which may re-execute itself (not CliRunner)
+
+
 def main() -> None:
+    global _AS_PROGRAM
+    _AS_PROGRAM = True
     app()
 
 

@@ -21,6 +21,7 @@ import torch
 
 from tunelab.compose import check_distributed, lr_fingerprint, prepare_data, setup_task, starting_lr
 from tunelab.device import run_device, to_device
+from tunelab.host_allocator import in_use as allocator_in_use, note as note_allocator
 from tunelab.host_malloc import set_mmap_threshold
 from tunelab.config import Config, dump_config
 from tunelab.data.sources import with_seen
@@ -466,6 +467,7 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
         summary["last_good_checkpoint"] = str(intact) if intact is not None else None
     summary["peak_memory_mb"] = round(peak_memory_mb(r.device), 1)  # so far; the whole process's after the report
     summary["train_peak_memory_mb"] = train_peak
+    summary["host_allocator"] = allocator_in_use()
     summary["wall_seconds"] = round(time.monotonic() - wall_start, 3)
     summary["run_dir"] = str(out)
     summary["loggers"] = dict(io.loggers.status)  # {name: "ok" | "failed: reason"}
@@ -518,6 +520,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None, *, config_pa
     DDP replica and rank 0 alone writes the run dir; the other ranks return a short summary.
     """
     wall_start = time.monotonic()
+    note_allocator(cfg.train.host_allocator)
     set_mmap_threshold(cfg.train.malloc_mmap_threshold)  # before the model and the data are allocated
     prepare_data_before_joining(lambda: prepare_data(cfg))  # tokenized once, before any rank waits in a collective
     group = init_from_env()
