@@ -43,8 +43,17 @@ def test_stochastic_rounding_lands_on_a_neighbour_and_is_unbiased():
         got = stochastic_round_bf16(xs, torch.Generator().manual_seed(2)).float()
         share_up = float((got == u).float().mean())
         assert share_up == pytest.approx(p_up, abs=4 * (p_up * (1 - p_up) / 40_000) ** 0.5 + 1e-9), v
+    # an odd count in a 2-d shape (the noise is drawn two values per 64-bit draw): both lanes unbiased
+    xs = torch.full((201, 199), 1.0 + 0.25 * 2**-7, dtype=torch.float32)
+    got = stochastic_round_bf16(xs, torch.Generator().manual_seed(3)).float()
+    assert got.shape == xs.shape
+    for lane in (got.view(-1)[0::2], got.view(-1)[1::2]):
+        assert float((lane > 1).float().mean()) == pytest.approx(0.25, abs=4 * (0.25 * 0.75 / lane.numel()) ** 0.5)
     exact = torch.tensor([1.0, -2.5, 0.0, float("inf"), float("-inf")])
     assert torch.equal(stochastic_round_bf16(exact).float(), exact)
+    mixed = torch.tensor([1.0 + 2**-9, float("nan"), float("inf"), 3e38, 3e38])  # the sum overflows, one NaN
+    r = stochastic_round_bf16(mixed).float()
+    assert bool(r[1].isnan()) and r[2] == float("inf") and not bool(r[[0, 3, 4]].isnan().any())
     nans = torch.tensor([float("nan")] * 64).view(torch.int32) | 0x7FFFFF  # the largest NaN payload
     assert bool(stochastic_round_bf16(nans.view(torch.float32)).isnan().all())
     with pytest.raises(TypeError):
