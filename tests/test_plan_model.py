@@ -206,7 +206,7 @@ def test_activation_formula_agrees_with_the_probe(impl):
 def test_lora_activation_formula_agrees_with_the_probe():
     """Under LoRA the frozen projections keep nothing and the adapted ones their (dropout) inputs:
     against the probe on a peft-wrapped tiny Llama (all projections, or q/v) and GPT-2 (c_attn),
-    LoRA dropout 0.05, fp32 and bf16 autocast: within 12% (README states the spread)."""
+    LoRA dropout 0.05, fp32 and bf16 autocast, peft's dropout and the lean one: within 12% (README states the spread)."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, LlamaConfig
 
@@ -216,22 +216,27 @@ def test_lora_activation_formula_agrees_with_the_probe():
                         num_key_value_heads=4, vocab_size=512)
     gpt2 = GPT2Config(n_embd=256, n_layer=2, n_head=8, vocab_size=512, n_positions=512, activation_function="gelu",
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    from tunelab.models.lora_dropout import lean_lora_dropout
+
     s, b = 256, 2
-    for config, targets in [(llama, "auto"), (llama, ["q_proj", "v_proj"]), (gpt2, ["c_attn"])]:
+    for config, targets, lean in [(llama, "auto", False), (llama, ["q_proj", "v_proj"], False), (gpt2, ["c_attn"], False),
+                                  (llama, "auto", True), (llama, ["q_proj", "v_proj"], True)]:
         for amp in (None, torch.bfloat16):
             meta = arch.build_meta(config, "causal_lm")
             info = arch.lora_params(meta, "causal_lm", targets, 8)
             peft_model = get_peft_model(meta, LoraConfig(r=8, target_modules=info["targets"], lora_dropout=0.05))
+            if lean:  # lora.lean_dropout (tunelab's default): a bool mask, each group's input kept once
+                assert lean_lora_dropout(peft_model) == len(info["roles"]) * config.num_hidden_layers
             measured = probe_loss(peft_model, lambda f: f.get_base_model().base_model(
                 input_ids=torch.zeros(b, s, dtype=torch.long), use_cache=False).last_hidden_state.float().sum(),
                 amp).saved_bytes
             act, shape = (2 if amp else 4), arch.shape_of(config, "causal_lm")
             f = memory.activations(shape, s, b, act_bytes=act, norm_bytes=4, autocast=amp is not None, mask_bytes=act,
-                                   lora={"roles": info["roles"], "r": 8, "dropout": 0.05})["kept"]
+                                   lora={"roles": info["roles"], "r": 8, "dropout": 0.05, "lean_dropout": lean})["kept"]
             f += shape.layers * act * b * s * s  # the CPU sdpa's materialised causal mask
             c = arch.counts(arch.build_meta(config, "causal_lm"), "causal_lm")
             f += 2 * (c["matmul"] - c["output_projection"]) if amp else 0  # autocast's weight copies
-            assert f / measured == pytest.approx(1.0, abs=0.12), (config.model_type, targets, amp)
+            assert f / measured == pytest.approx(1.0, abs=0.12), (config.model_type, targets, amp, lean, f / measured)
 
 
 @pytest.mark.parity
@@ -557,9 +562,15 @@ def test_recommendations_are_ranked_by_time_and_keep_each_choices_fastest_strate
     path = tmp_path / "config.json"
     LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192).to_json_file(path)
-    spec = Spec(model=str(path), gpu=lookup("A100-80GB"), gpus=8, seq_len=2048, batch_size=4, grad_accum=4)
+    # peft's own dropout (lora.lean_dropout false): its activations leave LoRA only the checkpointed line
+    spec = Spec(model=str(path), gpu=lookup("A100-80GB"), gpus=8, seq_len=2048, batch_size=4, grad_accum=4,
+                lora_lean_dropout=False)
     model = Model(spec)
     recs = rec.recommend(model, spec)
+    # with the lean dropout (the default) LoRA fits without recomputation too, and that line ranks first
+    lean = rec.recommend(Model(replace_spec(spec, lora_lean_dropout=True)), replace_spec(spec, lora_lean_dropout=True))
+    assert not any(r["method"] == "lora" and not r["gradient_checkpointing"] for r in recs)
+    assert (lean[0]["method"], lean[0]["gradient_checkpointing"]) == ("lora", False)
     keys = [r["step"]["seconds"] / r["step"]["tokens"] for r in recs]
     assert keys == sorted(keys) and len(recs) >= 3
     first = recs[0]

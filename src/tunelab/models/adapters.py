@@ -125,7 +125,12 @@ def apply_lora(model: nn.Module, lora, *, method: str = "lora", task: str = "cau
         task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
         modules_to_save=heads if classification else None,
     )
-    return get_peft_model(model, peft_cfg)
+    model = get_peft_model(model, peft_cfg)
+    if getattr(lora, "lean_dropout", True) and not lora.dora:
+        from tunelab.models.lora_dropout import lean_lora_dropout
+
+        lean_lora_dropout(model)
+    return model
 
 
 def is_peft(model) -> bool:

@@ -248,7 +248,8 @@ def layer_activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_
 def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: int, dropout: float,
                            act_bytes: int = 2, norm_bytes: int | None = None, attention: str = "sdpa",
                            autocast: bool = False, mask_bytes: int = 1, softmax_fp32: bool = True,
-                           recompute_norms: bool = False, packed: str | None = None) -> float:
+                           recompute_norms: bool = False, packed: str | None = None,
+                           lean_dropout: bool = False) -> float:
     """One layer's saved bytes when only LoRA adapters train: what backward needs to pass gradients
     through the frozen layer and to the adapters, term by term as in `layer_activations`.
 
@@ -257,7 +258,9 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
     copy; in fp32 the one input tensor its siblings share) and lora_A's r-wide output for lora_B.
     Attention keeps Q, K, V (and its output under fused kernels), activation functions and the gated
     product their inputs, frozen norms their input. `roles`: the adapted projections of a layer
-    (q, k, v, qkv for a fused c_attn, o, gate, up, down).
+    (q, k, v, qkv for a fused c_attn, o, gate, up, down). `lean_dropout` (lora.lean_dropout,
+    models/lora_dropout.py): each adapted projection keeps a 1-byte mask, and its group's input is
+    kept once as it came (the norm's output, `norm_bytes`; the attention output is already kept).
     """
     norm_bytes = act_bytes if norm_bytes is None else norm_bytes
     sb, h, i = s * b, shape.hidden, shape.intermediate
@@ -273,7 +276,12 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
             if role not in roles:
                 continue
             total += act_bytes * sb * r  # lora_A's output, for lora_B
-            if dropout > 0:
+            if dropout > 0 and lean_dropout:
+                total += sb * fan_in[role]  # the bool mask
+                if not saved:
+                    total += (norm_bytes if group[0] in ("q", "gate") else act_bytes) * sb * fan_in[role]
+                    saved = True
+            elif dropout > 0:
                 total += (act_bytes + mask_bytes) * sb * fan_in[role]
             elif autocast or not saved:
                 total += act_bytes * sb * fan_in[role]
@@ -298,7 +306,7 @@ def activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes:
                 mask_bytes: int = 1, softmax_fp32: bool = True, lora: dict | None = None,
                 recompute_norms: bool = False, packed: str | None = None, chunked_loss: bool = False) -> dict:
     """All layers' saved activations, with full recomputation or without; the final norm and head input.
-    `lora`: {"roles", "r", "dropout"} when only adapters train (`lora_layer_activations`);
+    `lora`: {"roles", "r", "dropout"[, "lean_dropout"]} when only adapters train (`lora_layer_activations`);
     `recompute_norms` (moot under checkpointing, as in training), `packed`: the layer's terms;
     `chunked_loss` (train.loss_chunk_tokens): the head keeps no input (the loss, `loss_bytes`, keeps
     the gradients it took in the forward instead)."""
@@ -307,7 +315,8 @@ def activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes:
     common = dict(act_bytes=act_bytes, norm_bytes=norm_bytes, attention=attention, autocast=autocast,
                   mask_bytes=mask_bytes, softmax_fp32=softmax_fp32, recompute_norms=recompute_norms, packed=packed)
     one = layer_activations(shape, s, b, **common) if lora is None else lora_layer_activations(
-        shape, s, b, roles=set(lora["roles"]), r=lora["r"], dropout=lora["dropout"], **common)
+        shape, s, b, roles=set(lora["roles"]), r=lora["r"], dropout=lora["dropout"],
+        lean_dropout=lora.get("lean_dropout", False), **common)
     embed_drop = mask_bytes if shape.hidden_dropout > 0 else 0
     # the final norm, the head's input (a frozen head under LoRA, or the chunked loss, keeps none),
     # the embedding dropout mask, the packed rows' mask

@@ -35,6 +35,7 @@ class Spec:
     lora_r: int = 8
     lora_targets: list[str] | str = "auto"
     lora_dropout: float = 0.05  # tunelab's lora.dropout default
+    lora_lean_dropout: bool = True  # lora.lean_dropout's default (models/lora_dropout.py)
     seq_len: int = 2048
     batch_size: int = 1  # micro-batch per device
     grad_accum: int = 1
@@ -137,7 +138,7 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     lora = None
     if spec.method != "full":
         lora = {"roles": model.lora(spec.lora_targets, spec.lora_r)["roles"], "r": spec.lora_r,
-                "dropout": spec.lora_dropout}
+                "dropout": spec.lora_dropout, "lean_dropout": spec.lora_lean_dropout}
     sw = switches(model, spec)
     chunk = sw["loss_chunk_tokens"]
     acts = memory.activations(model.shape, spec.seq_len, spec.batch_size, act_bytes=act_bytes,

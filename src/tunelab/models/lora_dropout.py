@@ -1,0 +1,109 @@
+"""LoRA's input dropout without its saved copies (`lora.lean_dropout`, default on).
+
+Why tunelab replaces this part of peft: peft computes `lora_B(lora_A(dropout(x)))`. On the CPU,
+torch's dropout is `x * noise` with an fp32 noise tensor (0 or 1/(1-p)) that the multiplication
+saves for backward, and under bf16 autocast lora_A saves its own bf16 copy of the dropped input:
+6 bytes per input value, for every adapted projection of every layer. On SmolLM2-135M with LoRA on
+q,k,v,o,gate,up,down at 4 x 512 tokens that is 1,147 MB of noise plus ~600 MB of copies, more
+than all the other activations of the step (benchmarks/perf_profile.py --method lora --part saved).
+
+Here dropout and lora_A are one autograd function that saves the input as it reached the layer
+(the attention output and the MLP product are bf16 tensors the base layer keeps anyway; a norm's
+fp32 output is kept once for q, k and v) and the dropout mask as bool (1 byte a value), and
+rebuilds the noise and the dropped input in backward. The numbers are peft's
+own: the mask is drawn exactly as torch's dropout draws it (`bernoulli_(1 - p)` on a tensor like the
+input, then `div_(1 - p)`), so the same seed gives the same mask, the same output and the same
+gradients (tests/test_lora_dropout.py compares with peft's layer). Vanilla LoRA only: DoRA's
+forward uses the dropped input elsewhere too and keeps peft's dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype lora_A's linear runs in: autocast's where it is on, else the weight's (peft casts the
+    input to lora_A's dtype)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+
+
+class _DroppedLinear(torch.autograd.Function):
+    """dropout(x.to(weight.dtype), p) @ weight.T, peft's order of casts, saving x as it came and a bool
+    mask instead of the noise and the dropped copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float):
+        wdt, cdt = weight.dtype, _compute_dtype(x, weight)
+        xw = x.to(wdt)  # peft's _cast_input_dtype (switched off on folded layers: done here, not kept)
+        noise = torch.empty_like(xw).bernoulli_(1 - p)  # as torch's CPU dropout draws it
+        mask = noise.bool()
+        noise.div_(1 - p)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear((xw * noise).to(cdt), weight.to(cdt))
+        ctx.save_for_backward(x, mask, weight)
+        ctx.p, ctx.cdt = p, cdt
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, mask, weight = ctx.saved_tensors
+        wdt, cdt = weight.dtype, ctx.cdt
+        noise = mask.to(wdt).div_(1 - ctx.p)
+        grad_out = grad_out.to(cdt)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            dropped = (x.to(wdt) * noise).to(cdt)
+            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])).to(wdt)
+        if ctx.needs_input_grad[0]:
+            grad_x = ((grad_out @ weight.to(cdt)).to(wdt) * noise).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+class DroppedInputLinear(nn.Linear):
+    """peft's lora_A with the adapter's dropout folded in (training mode only; eval is the plain linear)."""
+
+    def __init__(self, linear: nn.Linear, p: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the same Parameter: state-dict keys and the optimizer see no change
+        self.register_parameter("bias", None)
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:  # peft's dropout is off exactly then too
+            return super().forward(x.to(self.weight.dtype))
+        return _DroppedLinear.apply(x, self.weight, self.p)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", dropout={self.p} (lean)"
+
+
+def lean_lora_dropout(model: nn.Module) -> int:
+    """Fold each vanilla LoRA adapter's dropout into its lora_A (in place); how many were folded."""
+    from peft.tuners.lora import LoraLayer
+
+    folded = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name, dropout in list(module.lora_dropout.items()):
+            if not isinstance(dropout, nn.Dropout) or dropout.p == 0.0 or name in getattr(module, "lora_variant", {}):
+                continue
+            a = module.lora_A[name] if name in module.lora_A else None
+            if type(a) is not nn.Linear or a.bias is not None:
+                continue
+            module.lora_A[name] = DroppedInputLinear(a, dropout.p)
+            module.lora_dropout[name] = nn.Identity()
+            folded += 1
+        if all(isinstance(a, DroppedInputLinear) for a in module.lora_A.values()):
+            # the input reaches lora_A as it came (a bf16 hidden state stays the tensor the base layer
+            # keeps); DroppedInputLinear casts it to its dtype itself, as peft's cast did
+            module.cast_input_dtype_enabled = False
+    return folded
+
+
+__all__ = ["DroppedInputLinear", "lean_lora_dropout"]
