@@ -3,18 +3,22 @@
 Why tunelab picks the process's allocator: torch's CPU allocator hands every tensor to malloc, and
 glibc's keeps what a training step frees as fragmented heap (its dynamic mmap threshold rises to 32
 MiB after the first frees, and a heap returns memory only from its top; see host_malloc.py).
-jemalloc's size classes and page purging do not fragment that way. Measured on SmolLM2-135M full
-chat SFT, bf16 weights + 8-bit moments, 12 steps of 4 x 512 tokens (benchmarks/host_allocator.py):
-glibc 3,887 MB train peak at 284 tokens/s, jemalloc 3,210 MB at 313 tokens/s; after training
-jemalloc gives the freed optimizer state back (report phase 1,596 MB against 3,838). Intel's
-`ipexrun` launcher preloads jemalloc/tcmalloc for CPU training for the same reason.
+tcmalloc's and jemalloc's size classes and page handling do not fragment that way, and serve the
+step's many mid-sized tensors faster. Measured on SmolLM2-135M full chat SFT, bf16 weights + 8-bit
+moments, 8 steps of 4 x 512 tokens, 2 runs each alternating, identical losses
+(benchmarks/results/host_allocator.json): glibc 3,744 MB train peak at 313 tokens/s; jemalloc 3,168
+MB at 327 (and it gives the freed optimizer state back after training); tcmalloc 3,108 MB at 366
+(whole process 3,306 MB: it keeps what it freed). Intel's `ipexrun` launcher and PyTorch's CPU
+tuning guide preload one of them for the same reasons.
 
 An allocator is chosen when a process starts (the dynamic loader binds malloc before Python runs),
 so the switch works by re-executing: `tunelab train` (the real program, not an in-process caller)
 resolves `train.host_allocator`, and when the library it names is not the one loaded, replaces
 itself (os.execve, same pid, same arguments and descriptors) with LD_PRELOAD set; DDP workers
-inherit the environment. `auto` (the default) means jemalloc when the machine has it (Debian/Ubuntu
-`libjemalloc2`, conda `jemalloc`), otherwise glibc; naming one that is missing is a config error.
+inherit the environment. `auto` (the default) means tcmalloc when the machine has it (Debian/Ubuntu
+`libtcmalloc-minimal4`, conda `gperftools`), else jemalloc (`libjemalloc2`, conda `jemalloc`), else
+glibc; naming one that is missing is a config error. tcmalloc's report of allocations over 1 GB on
+stderr is raised out of the way (TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD, unless set).
 The Python API (tunelab.run.run_training) runs on whatever its process started with: start Python
 with LD_PRELOAD=<path> to get the same. Nothing numeric depends on the allocator.
 """
@@ -34,6 +38,7 @@ LIBRARIES = {  # allocator -> its shared objects, most specific first
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
 }
+AUTO_ORDER = ("tcmalloc", "jemalloc")  # train.host_allocator auto: the fastest measured first
 REEXEC_MARK = "TUNELAB_HOST_ALLOCATOR_EXEC"  # set in the re-executed process: never exec twice
 
 
@@ -80,8 +85,11 @@ def wanted(setting: str) -> tuple[str, str | None]:
     if setting == "glibc":
         return "glibc", None
     if setting == "auto":
-        path = find_library("jemalloc")
-        return ("jemalloc", path) if path else ("glibc", None)
+        for name in AUTO_ORDER:
+            path = find_library(name)
+            if path:
+                return name, path
+        return "glibc", None
     path = find_library(setting)
     if path is None:
         raise LookupError(f"train.host_allocator {setting}: no {LIBRARIES[setting][0]} on this machine (searched "
@@ -104,6 +112,8 @@ def reexec_plan(setting: str, environ: dict | None = None) -> dict | None:
     preload = [p for p in environ.get("LD_PRELOAD", "").replace(":", " ").split() if p]
     environ["LD_PRELOAD"] = " ".join([path] + preload)
     environ[REEXEC_MARK] = name
+    if name == "tcmalloc":  # its "tcmalloc: large alloc" lines would break the one-line error contract
+        environ.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**50))
     return environ
 
 
