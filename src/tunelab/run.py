@@ -6,6 +6,7 @@ created, so a bad input never leaves a folder that looks like a run.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import torch
 
 from tunelab.compose import check_distributed, lr_fingerprint, prepare_data, setup_task, starting_lr
 from tunelab.device import run_device, to_device
-from tunelab.host_allocator import in_use as allocator_in_use, note as note_allocator
+from tunelab.host_allocator import in_use as allocator_in_use, note as note_allocator, release_free_memory
 from tunelab.host_malloc import set_mmap_threshold
 from tunelab.config import Config, dump_config
 from tunelab.data.sources import with_seen
@@ -402,6 +403,8 @@ def save(r: Recipe, io: RunDir, state: LoopState, before: dict | None, wall_star
     if r.sharding is None:  # training is over (the last checkpoint holds it): the report must not stack on it
         r.optimizer.state.clear()
         r.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    release_free_memory()  # the freed state and activations back to the OS before the report allocates
     secs = state.train_seconds - state.eval_seconds  # rates count training time only
     summary = {
         "status": state.status, "task": r.cfg.task, "method": r.cfg.method, "steps": state.step,
