@@ -28,12 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def one_run(raw: dict, out: str) -> dict:
     from perf_profile import phases
+    from tunelab.host_allocator import in_use
     from tunelab.monitor.metrics_log import read_metrics
 
     result = phases(raw, out)
     result["losses"] = [r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r and "elapsed" in r]
-    from tunelab.host_allocator import in_use
-
     result["host_allocator"] = in_use()
     return result
 

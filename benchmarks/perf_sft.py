@@ -18,8 +18,8 @@ the final save and report.html, which the summary's peak_memory_mb counts too). 
 tokens trained / seconds from the first step's start to the last step's end (tunelab:
 metrics.jsonl `tokens` and `elapsed`; TRL: its `num_tokens` and a callback's clock). Each side's
 process starts on the malloc its command would start on: tunelab's on train.host_allocator's (auto:
-jemalloc where the machine has it, as `tunelab train` re-executes itself), TRL's on glibc
-(`--peer-allocator jemalloc` to give TRL the same).
+tcmalloc, else jemalloc, where the machine has them, as `tunelab train` re-executes itself), TRL's on
+glibc (`--peer-allocator tcmalloc` to give TRL the same).
 
 Utilisation = model FLOPs per second / the bf16 matmul peak, measured in this script (a child
 process with the same threads, the best of several 2048^3 bf16 matmuls) before and after the runs:

@@ -126,7 +126,7 @@ def apply_lora(model: nn.Module, lora, *, method: str = "lora", task: str = "cau
         modules_to_save=heads if classification else None,
     )
     model = get_peft_model(model, peft_cfg)
-    if getattr(lora, "lean_dropout", True) and not lora.dora:
+    if lora.lean_dropout and not lora.dora:
         from tunelab.models.lora_dropout import lean_lora_dropout
 
         lean_lora_dropout(model)

@@ -99,7 +99,7 @@ def lean_lora_dropout(model: nn.Module) -> int:
             module.lora_A[name] = DroppedInputLinear(a, dropout.p)
             module.lora_dropout[name] = nn.Identity()
             folded += 1
-        if all(isinstance(a, DroppedInputLinear) for a in module.lora_A.values()):
+        if module.lora_A and all(isinstance(a, DroppedInputLinear) for a in module.lora_A.values()):
             # the input reaches lora_A as it came (a bf16 hidden state stays the tensor the base layer
             # keeps); DroppedInputLinear casts it to its dtype itself, as peft's cast did
             module.cast_input_dtype_enabled = False
