@@ -11,7 +11,7 @@ counted: tunelab refuses them as input errors; a longer prompt is cut to its end
 the 805 instructions give no usable pair (an empty or identical answer), so at most 793 pairs exist:
 600 for training leave at most 193 to hold out, not 205. Each side trains the embedded SmolLM2-135M-Instruct with DPO (beta
 0.1) on the same pairs, rendered with its chat template, lr 5e-6 (lora: 5e-5) constant, `--batch`
-pairs a step, bf16 autocast on the CPU (fp32 master weights), one epoch (or `--max-steps`), in its
+pairs a step, bf16 autocast on the CPU (fp32 master weights; `--precision fp32` on a CPU with no native bf16), one epoch (or `--max-steps`), in its
 own spawned process (peak memory = that process's max RSS; tunelab's includes its evaluations and
 report, written after the training clock stops).
 
@@ -92,7 +92,7 @@ def threads(a: dict) -> None:
 
 def run_tunelab(method: str, train: str, evalf: str, a: dict, out: str) -> dict:
     threads(a)
-    from tunelab.config import Config
+    from tunelab.config import Config, apply_overrides
     from tunelab.monitor.metrics_log import read_metrics
     from tunelab.run import run_training
 
@@ -101,11 +101,11 @@ def run_tunelab(method: str, train: str, evalf: str, a: dict, out: str) -> dict:
            "preference": {"loss": "dpo", "beta": BETA},
            "optim": {"lr": LR[method], "weight_decay": 0.0}, "schedule": {"name": "constant", "warmup_steps": 0},
            "train": {"epochs": 1, "max_steps": a["max_steps"], "batch_size": a["batch"], "log_every": 1,
-                     "precision": "bf16", "eval_before": True, "eval_batch_size": a["batch"]},
+                     "precision": a["precision"], "eval_before": True, "eval_batch_size": a["batch"]},
            "checkpoint": {"final": "last"}, "early_stopping": {"enabled": False}}
     if method == "lora":
         raw["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0}
-    s = run_training(Config.model_validate(raw), out, show_progress=False)
+    s = run_training(Config.model_validate(apply_overrides(raw, a["overrides"])), out, show_progress=False)
     rows = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
     return {"name": f"tunelab {method}", "steps": s["steps"], "tokens": s["tokens"], "seconds": s["train_seconds"],
             "tokens_per_second": s["tokens_per_second"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -128,7 +128,7 @@ def run_trl(method: str, model_dir: str, train: str, evalf: str, a: dict, out: s
     cfg = DPOConfig(output_dir=out, num_train_epochs=1, max_steps=a["max_steps"] or -1,
                     per_device_train_batch_size=a["batch"], per_device_eval_batch_size=a["batch"],
                     learning_rate=LR[method], weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
-                    beta=BETA, max_length=a["max_length"], bf16=True, use_cpu=True, logging_steps=1,
+                    beta=BETA, max_length=a["max_length"], bf16=a["precision"] == "bf16", use_cpu=True, logging_steps=1,
                     save_strategy="no", report_to="none", dataloader_num_workers=0, seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -183,9 +183,13 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="a chat model folder instead (a smoke test of "
                     "the script with a tiny model)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per side (default torch's own)")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast (fp32 master weights) "
+                    "or plain fp32 on both sides: fp32 on a CPU with no native bf16 (AVX2 only), where bf16 is emulated")
     ap.add_argument("--trl-eval", action="store_true", help="also evaluate TRL's sides on the held-out pairs")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dpo.json")
     ap.add_argument("--note", default=None, help="why this run differs from the defaults (kept in the JSON)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a tunelab config override for the tunelab sides, as `tunelab train --set` (repeatable)")
     args = ap.parse_args()
     sides = [s for s in args.sides.split(",") if s]
     if unknown := sorted(set(sides) - set(SIDES)):
@@ -210,7 +214,8 @@ def main() -> int:
 
     train, held, dropped = make_pairs(args.train, args.held_out, fits)
     a = {"max_length": args.max_length, "batch": args.batch, "max_steps": args.max_steps, "trl_eval": args.trl_eval,
-         "threads": args.threads, "model": args.model}
+         "threads": args.threads, "model": args.model,
+         "precision": args.precision, "overrides": args.overrides}
     results = {}
     result = {"benchmark": "dpo", "model": args.model, "complete": False, "sides": results,
               "scaled_down": scaled_down(args), "note": args.note}
@@ -235,7 +240,8 @@ def main() -> int:
     result |= {"complete": True, "pairs": {"train": len(train), "held_out": len(held),
                                             "dropped_long_prompts": dropped}, "max_length": args.max_length,
               "batch_pairs": args.batch, "max_steps": args.max_steps, "beta": BETA, "lr": LR, "threads": args.threads,
-              "precision": "bf16 autocast, fp32 master weights", "sides": results,
+              "precision": {"bf16": "bf16 autocast, fp32 master weights", "fp32": "fp32"}[args.precision],
+              "sides": results, "tunelab_overrides": args.overrides,
               "versions": library_versions() | ({"trl": __import__("trl").__version__} if importlib.util.find_spec("trl") else {}),
               "machine": {"cpus": os.cpu_count(), "load_average_1min_end": round(os.getloadavg()[0], 2)}}
     for method in ("lora", "full"):

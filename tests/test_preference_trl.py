@@ -77,3 +77,8 @@ def test_dpo_loss_and_rewards_match_trl_dpotrainer(tmp_path):
     assert row["reward_rejected"] == pytest.approx(m["rewards/rejected"], abs=1e-5)
     assert row["reward_margin"] == pytest.approx(m["rewards/margins"], abs=1e-5)
     assert row["pref_accuracy"] == pytest.approx(m["rewards/accuracies"], abs=1e-6)
+    # the chunked vocabulary projection (train.loss_chunk_tokens, the run's default) gives TRL's loss too
+    chunked_stats = PreferenceStats()
+    chunked_sum, _ = make_loss_fn(PreferenceLoss("dpo", beta), chunked_stats, 3)(policy, ours_batch)
+    assert chunked_sum.item() / n == pytest.approx(trl_loss, abs=1e-5)
+    assert measures_row(chunked_stats.take())["reward_margin"] == pytest.approx(m["rewards/margins"], abs=1e-5)

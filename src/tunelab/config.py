@@ -228,8 +228,9 @@ class TrainConfig(Section):
         "(tested); at 512-token rows on CPU split measured slower for ~3 MB less per layer; for long rows.")
     loss_chunk_tokens: int = Field(
         256, ge=0, le=1_000_000, description="chat/causal_lm: the vocabulary projection and cross-entropy this many "
-        "supervised tokens at a time, gradients taken in the forward (train/chunked_loss.py); 0 = all at once. Same "
-        "loss and gradients (tested), without the full fp32 logits.")
+        "supervised tokens at a time, gradients taken in the forward (train/chunked_loss.py); preference: its answer "
+        "log-probs so (recomputed in backward when the head trains); 0 = all at once. Same loss and gradients "
+        "(tested), without the full fp32 logits.")
     recompute_norms: bool = Field(
         True, description="chat/causal_lm: recompute RMSNorms in backward instead of keeping their fp32 insides "
         "(models/recompute.py; bit-identical, ~18 MB per SmolLM2 layer at 4 x 512 tokens); moot with "

@@ -93,9 +93,10 @@ def spec_from(flags: dict, cfg=None, config_path: str | None = None) -> Spec:
 
 def lm_switches(cfg) -> dict:
     """The Spec's causal-LM switches from a CONFIG.yaml: chat and causal_lm run them (tasks/lm_speed.py);
-    a preference run trains its own loss, unswitched."""
+    a preference run only the chunked vocabulary projection (its answer log-probs, planned as the
+    chunked loss: the same bytes to within a head's input)."""
     if cfg.task == "preference":
-        return {"loss_chunk_tokens": 0, "recompute_norms": False, "packing": False}
+        return {"loss_chunk_tokens": cfg.train.loss_chunk_tokens, "recompute_norms": False, "packing": False}
     t = cfg.train
     return {"loss_chunk_tokens": t.loss_chunk_tokens, "recompute_norms": t.recompute_norms,
             "packing": bool(cfg.data.packing), "packed_attention": t.packed_attention}

@@ -363,6 +363,42 @@ def loss_bytes(tokens: int, vocab: int, hidden: int, *, act_bytes: int = 2, hidd
     return {"saved": float(saved), "peak": float(max(forward, backward))}
 
 
+def logp_bytes(tokens: int, vocab: int, hidden: int, *, act_bytes: int = 2, hidden_bytes: int | None = None,
+               chunk: int = 0, head_trains: bool = True, weight_bytes: int = 4) -> dict:
+    """Per-position log-probs over the vocabulary (task preference's answer log-probs): what autograd
+    saves for backward (`saved`) and the peak on top of the body's saved activations (`peak`).
+
+    All at once (chunk 0, log-softmax then gather): as loss_bytes' plain path, the fp32 log-softmax
+    kept, 12 bytes per logit at backward's peak.
+    In chunks (train.loss_chunk_tokens, train/chunked_loss.linear_token_logps), one chunk's fp32
+    logits (and their 16-bit cast) at a time:
+    - head frozen (LoRA/QLoRA): the hidden states' gradient is taken in the forward and kept (n x
+      hidden, `hidden_bytes`); backward makes the scaled copy beside it.
+    - head trained: forward keeps each position's log-sum-exp (4 bytes; the head's input is kept as
+      its input anyway); backward projects the chunks again and holds the weight's fp32 gradient
+      accumulator (4 bytes per head weight, plus its cast where the weight is not fp32), one 16-bit
+      product slice, and the hidden states' gradient."""
+    from tunelab.train.chunked_loss import PRODUCT_ROWS
+
+    n, v, h = tokens, vocab, hidden
+    hb = act_bytes if hidden_bytes is None else hidden_bytes
+    if not chunk:
+        return {"saved": 4.0 * n * v, "peak": 12.0 * n * v}
+    cast = v * h * act_bytes if act_bytes != weight_bytes else 0
+    chunk_logits = min(chunk, n) * v * (4 + (act_bytes if act_bytes != 4 else 0))
+    if not head_trains:
+        saved = n * h * hb
+        forward = n * 4 + saved + cast + chunk_logits
+        backward = 2 * saved
+    else:
+        saved = n * 4
+        product = min(PRODUCT_ROWS, v) * h * act_bytes if act_bytes != 4 else 0
+        forward = n * 4 + saved + cast + chunk_logits
+        backward = (saved + n * h * hb + cast + chunk_logits + product + v * h * 4
+                    + (v * h * weight_bytes if weight_bytes != 4 else 0))
+    return {"saved": float(saved), "peak": float(max(forward, backward))}
+
+
 def fsdp_root_bytes(root_params: float, root_trainable: float, *, act_bytes: int = 2) -> float:
     """FSDP2's root unit (what lies outside the blocks: embeddings, final norm, pooler, heads) during a
     step: the root is not resharded after forward, so its parameters stay gathered whole (in the

@@ -38,7 +38,7 @@ from pydantic import ValidationError
 
 from tunelab.config import Config, given_keys
 from tunelab.errors import InputError
-from tunelab.plan.memory import adam_state_bytes, loss_bytes, nf4_bits
+from tunelab.plan.memory import adam_state_bytes, logp_bytes, loss_bytes, nf4_bits
 from tunelab.plan.probe import Speed, meta_model, probe
 from tunelab.device import run_device
 from tunelab.process_memory import available_bytes, runtime_bytes  # one /proc reader, shared with the run
@@ -218,7 +218,7 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
     flops_epoch = sum(flops_per_batch)
     # evaluation runs forward only: about a third of forward + backward per token (plus the reference's)
     eval_flops = (sum(policy_flops) / max(1, profile["padded_tokens"]) / 3 + ref) * profile["eval_tokens"]
-    transient = max(2 * direct.largest_saved_bytes, chunked_loss_transient(model, speed, sup, amp))
+    transient = max(2 * direct.largest_saved_bytes, chunked_loss_transient(model, speed, sup, amp, cfg.task))
     if cfg.train.gradient_checkpointing:  # backward recomputes one block at a time: its activations come back
         transient += recompute_bytes(cfg, profile, direct, rows, width, sup, amp)
     memory = {"runtime": runtime, "weights": pb["weights"], "gradients": pb["gradients"],
@@ -231,18 +231,19 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
             "flops_per_epoch": flops_epoch, "flops_per_batch": flops_per_batch, "eval_flops_per_pass": eval_flops}
 
 
-def chunked_loss_transient(model, speed: Speed, supervised: int, amp) -> float:
+def chunked_loss_transient(model, speed: Speed, supervised: int, amp, task: str = "chat") -> float:
     """What the chunked loss holds at its peak beyond what autograd saves for backward (plan.memory.loss_bytes:
     the head's fp32 weight gradient, taken in the forward and kept on the autograd context, one bf16
-    product slice, one chunk's logits), which the probe's saved bytes do not see; 0 where the loss is
-    not chunked."""
+    product slice, one chunk's logits; task preference: plan.memory.logp_bytes, its chunked per-token
+    log-probs), which the probe's saved bytes do not see; 0 where the loss is not chunked."""
     from tunelab.train.chunked_loss import takes_head
 
     head = model.get_output_embeddings() if speed.loss_chunk else None
     if head is None or not takes_head(head):
         return 0.0
-    loss = loss_bytes(supervised, head.out_features, head.in_features, act_bytes=2 if amp is not None else 4,
-                      hidden_bytes=4, chunk=speed.loss_chunk, head_trains=head.weight.requires_grad)
+    of = logp_bytes if task == "preference" else loss_bytes
+    loss = of(supervised, head.out_features, head.in_features, act_bytes=2 if amp is not None else 4,
+              hidden_bytes=4, chunk=speed.loss_chunk, head_trains=head.weight.requires_grad)
     return loss["peak"] - loss["saved"]
 
 

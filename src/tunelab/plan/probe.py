@@ -88,18 +88,21 @@ def fake_copy(model: nn.Module, mode):
 @dataclass(frozen=True)
 class Speed:
     """The causal-LM switches (tasks/lm_speed.py) as the probe runs them: `loss_chunk` supervised tokens
-    at a time through train/chunked_loss.py (0: all at once), RMSNorms recomputed in backward."""
+    at a time through train/chunked_loss.py (0: all at once; task preference: its per-token log-probs),
+    RMSNorms recomputed in backward (chat and causal_lm only)."""
 
     loss_chunk: int = 0
     recompute_norms: bool = False
 
     @classmethod
     def of(cls, cfg) -> "Speed":
-        """What a run of `cfg` switches on: chat and causal_lm only (lm_speed's tasks); the norms not
-        under gradient checkpointing, which recomputes them anyway."""
+        """What a run of `cfg` switches on: chat and causal_lm (lm_speed's tasks), and preference's chunked
+        answer log-probs; the norms not under gradient checkpointing, which recomputes them anyway."""
+        t = cfg.train
+        if cfg.task == "preference":
+            return cls(t.loss_chunk_tokens, False)
         if cfg.task not in ("chat", "causal_lm"):
             return cls()
-        t = cfg.train
         return cls(t.loss_chunk_tokens, t.recompute_norms and not t.gradient_checkpointing)
 
 
@@ -131,6 +134,10 @@ def _loss(model, task: str, rows: int, width: int, supervised: int, packed: bool
     # the whole reshaped row alive as the head's input)
     flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])[:supervised].clone()
     targets = torch.zeros(flat.shape[0], dtype=torch.long)
+    if task == "preference" and speed.loss_chunk:  # tasks/preference_logps.answer_logps, then a scalar of them
+        from tunelab.train.chunked_loss import linear_token_logps
+
+        return -linear_token_logps(flat, model.get_output_embeddings(), targets, speed.loss_chunk).sum()
     if speed.loss_chunk:
         from tunelab.train.chunked_loss import linear_cross_entropy
 

@@ -104,16 +104,17 @@ def pair_batch(pairs, idx: list[int], pad_id: int) -> dict:
     return collate_padded(examples, list(range(len(examples))), pad_id)
 
 
-def make_loss_fn(loss: PreferenceLoss, stats: PreferenceStats | None):
+def make_loss_fn(loss: PreferenceLoss, stats: PreferenceStats | None, chunk: int = 0):
     """loss_fn(model, batch) -> (summed per-pair loss, pairs). The reference comes in the batch
-    (cached, full fine-tuning) or from the same model with its adapter off (LoRA/QLoRA)."""
+    (cached, full fine-tuning) or from the same model with its adapter off (LoRA/QLoRA); `chunk`:
+    answer_logps' vocabulary chunk (train.loss_chunk_tokens)."""
 
     def loss_fn(model, batch: dict):
-        logps, ntok = answer_logps(model, batch)
+        logps, ntok = answer_logps(model, batch, chunk)
         n = logps.shape[0] // 2
         ref = None
         if loss.needs_reference:
-            ref = batch["ref_logps"] if "ref_logps" in batch else adapter_off_logps(model, batch)
+            ref = batch["ref_logps"] if "ref_logps" in batch else adapter_off_logps(model, batch, chunk)
             ref = ref.to(logps.dtype)
         refs = (ref[:n], ref[n:]) if ref is not None else ()
         losses, reward_c, reward_r = loss(logps[:n], logps[n:], ntok[:n], ntok[n:], *refs)
@@ -125,13 +126,13 @@ def make_loss_fn(loss: PreferenceLoss, stats: PreferenceStats | None):
 
 
 @torch.no_grad()
-def preference_sums(model, batches, loss_fn) -> dict:
+def preference_sums(model, batches, loss_fn, chunk: int = 0) -> dict:
     """The summed measures (STAT_NAMES) over every pair of `batches`, in eval mode."""
     was_training = model.training
     model.eval()
     stats = PreferenceStats()
     device = model_device(model)
-    fn = make_loss_fn(loss_fn, stats)
+    fn = make_loss_fn(loss_fn, stats, chunk)
     try:
         for batch in batches:
             fn(model, to_device(batch, device))
@@ -145,9 +146,9 @@ def metrics_of(sums: dict) -> dict:
     return {"loss": sums["loss"] / max(sums["pairs"], 1.0), **measures_row(sums), "pairs": int(sums["pairs"])}
 
 
-def preference_metrics(model, batches, loss_fn) -> dict:
+def preference_metrics(model, batches, loss_fn, chunk: int = 0) -> dict:
     """Eval loss (mean per pair) and the measures over every eval pair."""
-    return metrics_of(preference_sums(model, batches, loss_fn))
+    return metrics_of(preference_sums(model, batches, loss_fn, chunk))
 
 
 PER_SOURCE = ("loss", "pref_accuracy", "reward_margin")  # each eval source's own measures, eval_<name>_*
@@ -213,6 +214,7 @@ def setup_preference(*, model_cfg, data_cfg, train_cfg, preference_cfg, method: 
     eos_id = eot if eot is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
     loss = loss_from_config(preference_cfg)
+    chunk = train_cfg.loss_chunk_tokens
 
     data = load_preference_data(data_cfg, tokenizer, max_len, preference_cfg.max_prompt_length, seed=train_cfg.seed)
     train_pairs, evals = data.train, data.evals
@@ -226,7 +228,7 @@ def setup_preference(*, model_cfg, data_cfg, train_cfg, preference_cfg, method: 
     if cached:  # (no eval pairs: an empty "eval" split, so such a run keeps its fingerprint)
         splits = {"train": train_pairs, **({split_of(n): t for n, t in evals.items()} or {"eval": []})}
         reference = ReferenceCache(splits, lambda pairs, idx: pair_batch(pairs, idx, pad_id), bs,
-                                   context=f"{model_cfg.name}|{train_cfg.precision}|{model_cfg.max_length}")
+                                   context=f"{model_cfg.name}|{train_cfg.precision}|{model_cfg.max_length}", chunk=chunk)
 
     def batch_of(split: str, pairs, idx: list[int]) -> dict:
         batch = pair_batch(pairs, idx, pad_id)
@@ -244,7 +246,7 @@ def setup_preference(*, model_cfg, data_cfg, train_cfg, preference_cfg, method: 
             for name, pairs in evals.items():
                 order = orders[name]
                 batches = (batch_of(split_of(name), pairs, sorted(order[s : s + bs])) for s in range(0, len(order), bs))
-                parts[name] = preference_sums(model, batches, loss)
+                parts[name] = preference_sums(model, batches, loss, chunk)
             out = metrics_of({k: sum(p[k] for p in parts.values()) for k in STAT_NAMES})
             if len(parts) > 1:
                 for name, sums in parts.items():
@@ -261,7 +263,7 @@ def setup_preference(*, model_cfg, data_cfg, train_cfg, preference_cfg, method: 
                        epoch_subset=data.mix.epoch_subset if data.mix else None,
                        epoch_size=data.mix.epoch_size if data.mix else None,
                        unit_source=data.mix.unit_source if data.mix else None),
-        loss_fn=make_loss_fn(loss, train_stats),
+        loss_fn=make_loss_fn(loss, train_stats, chunk),
         evaluate=evaluate, save_final=lm_saver(tokenizer, eos_id, pad_id),
         metric="eval_loss", mode="min",
         info={"metric_names": METRIC_NAMES + per_source, "kind": "preference", "model_source": source_path,

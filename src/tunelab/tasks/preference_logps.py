@@ -3,7 +3,11 @@
 `answer_logps` runs chosen and rejected rows of a batch through the model once (they are stacked:
 rows 0..B-1 chosen, B..2B-1 rejected, right-padded), applies the vocabulary projection only at the
 supervised positions (evaluate.lm.supervised_logits, the chat SFT path) and sums log pi(token) per
-row: exactly the answer's tokens, never the prompt.
+row: exactly the answer's tokens, never the prompt. With `chunk` > 0 (train.loss_chunk_tokens, as
+chat SFT) the projection and log-softmax go `chunk` positions at a time
+(train/chunked_loss.linear_token_logps): the same log-probs and gradients without the (positions,
+vocabulary) fp32 logits, their log-softmax and their gradients; a head it cannot take (an adapter
+on it, a sharded weight) keeps the plain path.
 
 The reference never costs a second copy of the model:
 - LoRA / QLoRA: the base itself with the adapter switched off (peft's `disable_adapter`), under
@@ -26,19 +30,26 @@ import torch
 
 from tunelab.data.chat_template import IGNORE_INDEX
 from tunelab.device import model_device, to_device
-from tunelab.evaluate.lm import supervised_logits
+from tunelab.evaluate.lm import supervised_hidden, supervised_logits
+from tunelab.train.chunked_loss import linear_token_logps, takes_head
 
 log = logging.getLogger("tunelab")
 
 CACHE_FILE = "reference_logps.safetensors"
 
 
-def answer_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob, supervised token count) per row of `batch`, fp32."""
-    logits, targets = supervised_logits(model, batch)
+def answer_logps(model, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob, supervised token count) per row of `batch`, fp32; the vocabulary projection
+    `chunk` positions at a time when `chunk` > 0 and the head allows it."""
     keep = batch["labels"][:, 1:] != IGNORE_INDEX
     rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
-    token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    head = model.get_output_embeddings() if chunk else None
+    if head is not None and takes_head(head):
+        hidden, targets = supervised_hidden(model, batch)
+        token_logps = linear_token_logps(hidden, head, targets, chunk)
+    else:
+        logits, targets = supervised_logits(model, batch)
+        token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
     sums = torch.zeros(keep.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     sums = sums.index_add(0, rows, token_logps)
     return sums, keep.sum(1).to(token_logps.dtype)
@@ -49,13 +60,13 @@ def is_peft(model) -> bool:
 
 
 @torch.no_grad()
-def adapter_off_logps(model, batch: dict) -> torch.Tensor:
+def adapter_off_logps(model, batch: dict, chunk: int = 0) -> torch.Tensor:
     """The reference of a LoRA/QLoRA policy: the same weights with the adapter switched off, eval mode."""
     was_training = model.training
     model.eval()
     try:
         with model.disable_adapter():
-            return answer_logps(model, batch)[0]
+            return answer_logps(model, batch, chunk)[0]
     finally:
         model.train(was_training)
 
@@ -76,8 +87,9 @@ class ReferenceCache:
     `values[split]` is a (pairs, 2) tensor: chosen, rejected. Filled by `prepare` (the TaskRun hook
     run.py calls before training and before a resume loads its checkpoint)."""
 
-    def __init__(self, splits: dict, collate, batch_size: int, context: str = ""):
+    def __init__(self, splits: dict, collate, batch_size: int, context: str = "", chunk: int = 0):
         self.splits = splits  # name -> encoded pairs
+        self.chunk = chunk  # answer_logps' vocabulary chunk
         self.collate = collate  # (pairs, indices) -> batch without reference values
         self.batch_size = batch_size
         self.context = context
@@ -100,7 +112,7 @@ class ReferenceCache:
                     idx = list(range(start, min(start + self.batch_size, len(pairs))))
                     batch = to_device(self.collate(pairs, idx), device)
                     with autocast():
-                        logps, _ = answer_logps(model, batch)
+                        logps, _ = answer_logps(model, batch, self.chunk)
                     n = len(idx)
                     rows.append(torch.stack([logps[:n], logps[n:]], 1).float().cpu())
                 out[name] = torch.cat(rows) if rows else torch.zeros(0, 2)
