@@ -72,7 +72,7 @@ def test_the_config_field_and_its_choices():
                                "train": {"host_allocator": "mimalloc"}})
 
 
-def _train_in_a_process(tmp_path, tiny_bert, allocator: str | None):
+def _train_in_a_process(tmp_path, tiny_bert, allocator: str | None, command: tuple = ("train", "--no-progress")):
     write_jsonl(tmp_path / "train.jsonl", sentiment_rows(16, seed=1))
     cfg = {"task": "classification", "model": {"name": str(tiny_bert), "max_length": 16},
            "data": {"train": str(tmp_path / "train.jsonl"), "eval_split": 0},
@@ -83,9 +83,9 @@ def _train_in_a_process(tmp_path, tiny_bert, allocator: str | None):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", ha.REEXEC_MARK)}
     env["TUNELAB_DATA_CACHE"] = str(tmp_path / "cache")
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "cfg.yaml"), "--no-progress",
-                           "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env=env)
+    out = ["--output-dir", str(tmp_path / "run")] if command[0] == "train" else []
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", command[0], str(tmp_path / "cfg.yaml"), *command[1:],
+                           *out], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
 
 
 @pytest.mark.parametrize("allocator", [None, "glibc"])
@@ -95,6 +95,18 @@ def test_the_run_reports_the_allocator_it_ran_on(tmp_path, tiny_bert, allocator)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     expect = "glibc" if allocator == "glibc" else ha.wanted("auto")[0]
     assert summary["host_allocator"] == expect
+
+
+@pytest.mark.parametrize("allocator", [None, "glibc"])
+def test_plan_measures_its_steps_on_the_allocator_train_would_run_on(tmp_path, tiny_bert, allocator):
+    """A step's peak depends on the malloc (glibc's fragmented heap: a DPO LoRA step 4.9 GB against
+    tcmalloc's 3.1): `tunelab plan` re-executes as `train` does, and says which one it measured on."""
+    proc = _train_in_a_process(tmp_path, tiny_bert, allocator, ("plan", "--json", "--measure-steps", "1",
+                                                                 "--no-suggestions"))
+    assert proc.returncode == 0, proc.stderr
+    memory = json.loads(proc.stdout)["memory_mb"]
+    expect = "glibc" if allocator == "glibc" else ha.wanted("auto")[0]
+    assert memory["host_allocator"] == expect and memory["peak_basis"].endswith(f"on {expect}")
 
 
 def test_a_missing_allocator_named_in_the_config_is_one_located_line(tmp_path, tiny_bert):
