@@ -13,7 +13,9 @@ the 805 instructions give no usable pair (an empty or identical answer), so at m
 0.1) on the same pairs, rendered with its chat template, lr 5e-6 (lora: 5e-5) constant, `--batch`
 pairs a step, bf16 autocast on the CPU (fp32 master weights; `--precision fp32` on a CPU with no native bf16), one epoch (or `--max-steps`), in its
 own spawned process (peak memory = that process's max RSS; tunelab's includes its evaluations and
-report, written after the training clock stops).
+report, written after the training clock stops, and `train_peak_memory_mb` is its training phase's
+alone). tunelab's sides start on the malloc `tunelab train` would start them on
+(`--host-allocator`, default auto: train.host_allocator), TRL's on glibc.
 
 Measured per side: tokens trained per second of training (tunelab: summary.json, evaluation time
 excluded; TRL: its `num_tokens` over a callback's clock from the first step's start to the last
@@ -44,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import alpaca_smollm2_missing, in_child, step_clock, write_result  # noqa: E402
+from benchutil import alpaca_smollm2_missing, in_child, in_child_on, step_clock, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -109,7 +111,8 @@ def run_tunelab(method: str, train: str, evalf: str, a: dict, out: str) -> dict:
     rows = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
     return {"name": f"tunelab {method}", "steps": s["steps"], "tokens": s["tokens"], "seconds": s["train_seconds"],
             "tokens_per_second": s["tokens_per_second"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_memory_mb": s["peak_memory_mb"], "final_train_loss": rows[-1]["loss"] if rows else None,
+            "peak_memory_mb": s["peak_memory_mb"], "train_peak_memory_mb": s.get("train_peak_memory_mb"),
+            "host_allocator": s.get("host_allocator"), "final_train_loss": rows[-1]["loss"] if rows else None,
             "held_out_before": held_out(s.get("before")), "held_out_after": held_out(s.get("final")),
             "reference": s["data"]["reference"], "encode_stats": s["data"]["encode_stats"],
             "health": s.get("health")}
@@ -188,6 +191,9 @@ def main() -> int:
     ap.add_argument("--trl-eval", action="store_true", help="also evaluate TRL's sides on the held-out pairs")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dpo.json")
     ap.add_argument("--note", default=None, help="why this run differs from the defaults (kept in the JSON)")
+    ap.add_argument("--host-allocator", choices=("auto", "glibc", "jemalloc", "tcmalloc"), default="auto",
+                    help="the malloc tunelab's sides start on, as `tunelab train` would (train.host_allocator; "
+                    "TRL's sides stay on glibc)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a tunelab config override for the tunelab sides, as `tunelab train --set` (repeatable)")
     args = ap.parse_args()
@@ -227,7 +233,8 @@ def main() -> int:
             tool, method = side.split("-")
             t0 = time.monotonic()
             if tool == "tunelab":
-                r = in_child(run_tunelab, method, str(tmp / "train.jsonl"), str(tmp / "held_out.jsonl"), a, str(tmp / side))
+                r = in_child_on(args.host_allocator, run_tunelab, method, str(tmp / "train.jsonl"),
+                                str(tmp / "held_out.jsonl"), a, str(tmp / side))
             else:
                 r = in_child(run_trl, method, model_dir, str(tmp / "train.jsonl"), str(tmp / "held_out.jsonl"), a,
                              str(tmp / side))
@@ -241,7 +248,7 @@ def main() -> int:
                                             "dropped_long_prompts": dropped}, "max_length": args.max_length,
               "batch_pairs": args.batch, "max_steps": args.max_steps, "beta": BETA, "lr": LR, "threads": args.threads,
               "precision": {"bf16": "bf16 autocast, fp32 master weights", "fp32": "fp32"}[args.precision],
-              "sides": results, "tunelab_overrides": args.overrides,
+              "sides": results, "tunelab_overrides": args.overrides, "tunelab_host_allocator": args.host_allocator,
               "versions": library_versions() | ({"trl": __import__("trl").__version__} if importlib.util.find_spec("trl") else {}),
               "machine": {"cpus": os.cpu_count(), "load_average_1min_end": round(os.getloadavg()[0], 2)}}
     for method in ("lora", "full"):
