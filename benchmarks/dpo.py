@@ -131,7 +131,7 @@ def run_trl(method: str, model_dir: str, train: str, evalf: str, a: dict, out: s
     cfg = DPOConfig(output_dir=out, num_train_epochs=1, max_steps=a["max_steps"] or -1,
                     per_device_train_batch_size=a["batch"], per_device_eval_batch_size=a["batch"],
                     learning_rate=LR[method], weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
-                    beta=BETA, max_length=a["max_length"], bf16=a["precision"] == "bf16", use_cpu=True, logging_steps=1,
+                    beta=BETA, max_length=a["max_length"], bf16=a["precision"] == "bf16", use_cpu=not torch.cuda.is_available(), logging_steps=1,
                     save_strategy="no", report_to="none", dataloader_num_workers=0, seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
