@@ -16,7 +16,8 @@ The peer is `transformers.Trainer` on the same rows, epochs, batch size, tokeniz
 lr 2e-5 and otherwise the Trainer's own defaults (linear schedule, no warmup, no weight decay),
 dynamic padding with DataCollatorWithPadding, evaluated on the same dev rows after each epoch.
 
-Each side runs in its own spawned process, so peak memory (max RSS) is that side's alone.
+Each side runs in its own spawned process, so peak memory (max RSS) is that side's alone; tunelab's
+starts on the malloc `tunelab train` would start it on (`--host-allocator`, default auto), the Trainer on glibc.
 Throughput is given two ways: as each tool reports it (tunelab: summary samples_per_second, which
 leaves out evaluation and checkpoint time; Trainer: train_samples_per_second, which includes its
 per-epoch evaluations) and training only (tunelab: from metrics.jsonl log intervals that contain no
@@ -39,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import in_child, sst2_minilm_missing, write_result
+from benchutil import in_child, in_child_on, sst2_minilm_missing, write_result
 from tunelab.config import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tunelab config override (repeatable); the default recipe when absent")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the transformers Trainer (default: on)")
+    p.add_argument("--host-allocator", choices=("auto", "glibc", "jemalloc", "tcmalloc"), default="auto",
+                   help="the malloc tunelab's side starts on, as `tunelab train` would start it (train.host_allocator; "
+                   "results before 2026-12-04 ran it on glibc); the Trainer stays on glibc")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
 
@@ -242,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         t0, load_start = time.monotonic(), os.getloadavg()
         print(f"tunelab: minilm, {a.rows} rows x {epochs} epochs, batch {batch_size}"
               f"{', overrides ' + ' '.join(a.overrides) if a.overrides else ' (default recipe)'} ...", flush=True)
-        ours = in_child(run_tunelab, str(train), str(dev_used), a.rows, a.overrides, str(tmp / "tunelab-run"))
+        ours = in_child_on(a.host_allocator, run_tunelab, str(train), str(dev_used), a.rows, a.overrides,
+                           str(tmp / "tunelab-run"))
         print(f"  dev accuracy {ours['dev_accuracy']:.4f}, {ours['samples_per_second']:.1f} samples/s, "
               f"{ours['wall_seconds']:.0f} s", flush=True)
         peer = None
@@ -271,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": epochs,
         "batch_size": batch_size,
         "default_recipe": not a.overrides,
+        "tunelab_host_allocator": a.host_allocator,
         "target_dev_accuracy": TARGET_ACCURACY,
         "meets_target": bool(ours["dev_accuracy"] is not None and ours["dev_accuracy"] >= TARGET_ACCURACY),
         "tunelab": ours,
