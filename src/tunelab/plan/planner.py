@@ -303,12 +303,14 @@ def calibrated_peak(est: dict, measured: dict, grad_accum: int) -> dict:
     extra = max(0.0, max(per_batch) - seen) * scale
     # the measured steps ran one process holding every state: add DDP's buckets, or take off what sharding frees
     peak = measured["peak_memory_mb"] + (extra + mem.get("ddp_buckets", 0) + mem.get("sharding_change", 0)) / MB
-    from tunelab.host_allocator import in_use
+    out = {"peak_analytic": round(mem["peak"] / MB, 1), "peak_measured_steps": measured["peak_memory_mb"],
+           "peak": round(peak, 1), "peak_basis": "measured steps + largest micro-batch"}
+    if est.get("device") == "cpu":  # a host peak: `tunelab plan` measured it on the malloc `train` runs on (cli)
+        from tunelab.host_allocator import in_use
 
-    allocator = in_use()  # `tunelab plan` measures on the malloc `tunelab train` would run on (cli re-executes)
-    return {"peak_analytic": round(mem["peak"] / MB, 1), "peak_measured_steps": measured["peak_memory_mb"],
-            "peak": round(peak, 1), "peak_basis": f"measured steps + largest micro-batch, on {allocator}",
-            "host_allocator": allocator}
+        out["host_allocator"] = in_use()
+        out["peak_basis"] += f", on {out['host_allocator']}"
+    return out
 
 
 def recompute_bytes(cfg: Config, profile: dict, ckpt, rows: int, width: int, sup: int, amp) -> float:
