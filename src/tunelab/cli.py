@@ -348,9 +348,10 @@ def plan(
             raise InputError("give a CONFIG.yaml, or --model NAME|DIR|CONFIG_JSON", field="config")
         overrides = list(set_) + (hardware_plan.shape_overrides(flags) if config is not None else [])
         cfg = load_config(config, overrides) if config is not None else None
-        if cfg is not None and measure_steps and not hardware_plan.wants_hardware_plan(flags):
+        on_hardware = hardware_plan.wants_hardware_plan(flags)
+        if cfg is not None and measure_steps and not on_hardware:
             _start_on_allocator(cfg, config, overrides)  # the measured steps' peak is then the run's
-        if hardware_plan.wants_hardware_plan(flags):
+        if on_hardware:
             spec = hardware_plan.spec_from(flags, cfg, str(config) if config else None)
             if spec.tokens is None and cfg is not None:
                 spec.tokens = hardware_plan.tokens_from_config(cfg)

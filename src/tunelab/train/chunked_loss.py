@@ -61,12 +61,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = bias is not None and ctx.needs_input_grad[2]
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
+        w, b = _head_in(weight, bias, dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         d_hidden = torch.empty_like(hidden) if want_h else None
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        d_weight, d_bias = _head_grads(weight, bias, want_w, want_b)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk].to(dtype)
             t = targets[s : s + chunk]
@@ -104,6 +102,18 @@ class LinearCrossEntropy(torch.autograd.Function):
 _HANDED_OVER = object()
 
 
+def _head_in(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    """The head's weight and bias in the compute dtype (the chunks' projections read them)."""
+    return weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
+def _head_grads(weight: torch.Tensor, bias: torch.Tensor | None, want_w: bool, want_b: bool):
+    """The fp32 accumulators the chunks' weight and bias gradients are added into (None where not wanted)."""
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+    return d_weight, d_bias
+
+
 def _pass_back(grad: torch.Tensor, h: torch.Tensor, w: torch.Tensor, d_hidden: torch.Tensor | None,
                d_weight: torch.Tensor | None, d_bias: torch.Tensor | None) -> None:
     """One chunk's logits gradient `grad` (compute dtype) into the hidden states' gradient (the
@@ -133,8 +143,7 @@ class LinearTokenLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
         want_h = ctx.needs_input_grad[0]
         head_trains = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
+        w, b = _head_in(weight, bias, dtype)
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device) if head_trains else None
@@ -169,11 +178,9 @@ class LinearTokenLogProbs(torch.autograd.Function):
         chunk, dtype = ctx.chunk, ctx.dtype
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = bias is not None and ctx.needs_input_grad[2]
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
+        w, b = _head_in(weight, bias, dtype)
         g_h = torch.empty_like(hidden) if want_h else None
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        d_weight, d_bias = _head_grads(weight, bias, want_w, want_b)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk].to(dtype)
             t = targets[s : s + chunk]
@@ -190,8 +197,7 @@ class LinearTokenLogProbs(torch.autograd.Function):
 
 @torch.no_grad()
 def _token_logps_no_grad(hidden, weight, bias, targets, chunk: int, dtype: torch.dtype) -> torch.Tensor:
-    w = weight.to(dtype)
-    b = bias.to(dtype) if bias is not None else None
+    w, b = _head_in(weight, bias, dtype)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for s in range(0, hidden.shape[0], chunk):
         logits = torch.nn.functional.linear(hidden[s : s + chunk].to(dtype), w, b).float()
