@@ -182,8 +182,10 @@ def saved_for_backward(raw: dict) -> dict:
         if not list(m.children()) or type(m).__name__.endswith(("Attention", "MLP")):
             hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
 
-    def pack(t):
-        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):  # a saved view of a parameter (linear keeps weight.t()) is no activation
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
             key = t.untyped_storage().data_ptr()
             seen.setdefault(key, (where[-1], t.untyped_storage().nbytes()))
         return t

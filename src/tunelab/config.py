@@ -300,6 +300,12 @@ class LoraConfig(Section):
         "noise and the dropped copy (models/lora_dropout.py): the same masks and numbers as peft's layer, "
         "SmolLM2-135M LoRA at 4 x 512 tokens saves ~1.1 GB of activations. Vanilla LoRA/QLoRA (not DoRA); "
         "false = peft's own dropout.")
+    base_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="The frozen base's Linear weights (models/frozen_weights.py). bf16: stored in bf16, what "
+        "bf16 autocast casts them to on every call anyway: no per-step copies, half the bytes (SmolLM2-135M LoRA at "
+        "4 x 512 tokens: ~420 MB less), bit-identical losses and gradients; a forward outside autocast (forgetting "
+        "probe, generation measures) sees the bf16-rounded weights, before and after alike. Needs bf16 precision, "
+        "strategy ddp, no DoRA. auto: bf16 wherever that holds, else fp32.")
     target_modules: list[str] | Literal["auto", "all-linear"] = "auto"
     rslora: bool = False
     dora: bool = False
@@ -541,6 +547,24 @@ class Config(Section):
                                 "copy of the pre-trained weights and its penalty assume fp32 weights): remove it, or "
                                 "set train.weights_dtype fp32")
 
+    def _check_bf16_base(self) -> None:
+        """lora.base_dtype bf16: a frozen base computed under bf16 autocast (models/frozen_weights.py)."""
+        why = "lora.base_dtype bf16 "
+        if self.train.precision == "fp16" or (self.train.precision == "fp32" and self._given("train", "precision")):
+            raise RuleError("lora.base_dtype", f"{why}stores the frozen weights as bf16 autocast computes them; "
+                            f"train.precision {self.train.precision} does not use bf16: set train.precision bf16 "
+                            "(or auto), or lora.base_dtype auto")
+        if self.lora.dora:
+            raise RuleError("lora.base_dtype", f"{why}does not combine with lora.dora (DoRA's weight norm reads the "
+                            "base weight in its own dtype): remove one")
+        if self.distributed.strategy != "ddp":
+            raise RuleError("lora.base_dtype", f"{why}is not supported with distributed.strategy "
+                            f"'{self.distributed.strategy}' (the sharded engines keep one dtype for the weights they "
+                            "shard): use strategy ddp, or lora.base_dtype auto")
+        if self.unfreeze.every:
+            raise RuleError("lora.base_dtype", f"{why}stores frozen weights; unfreeze.every trains them later: "
+                            "remove one")
+
     def _given(self, section: str, key: str | None = None) -> bool:
         """Whether the user set a section (or one of its keys) to something that matters: a value
         other than the default, or any value in a hand-written config (a run dir's config.yaml, which
@@ -592,6 +616,8 @@ class Config(Section):
         r = self.regularization
         if self.train.weights_dtype == "bf16":
             self._check_bf16_weights()
+        if self.lora.base_dtype == "bf16":
+            self._check_bf16_base()
         if r.mixout and m in ("lora", "qlora"):  # LoRA keeps the base frozen; Mixout swaps the base's weights
             raise RuleError("regularization.mixout", f"Mixout acts on full weights; it does not combine with method "
                             f"'{m}' (use method: full, or remove regularization.mixout)")

@@ -144,6 +144,19 @@ def _adapt(cfg: Config, task: TaskRun, device: torch.device) -> tuple[TaskRun, t
     return task, model, mixout_layers
 
 
+def store_frozen_base(cfg: Config, model: torch.nn.Module, precision: str, quiet: bool = False) -> None:
+    """lora.base_dtype: the frozen base's Linear weights in bf16 when the run computes in bf16 autocast
+    (models/frozen_weights.py: the same numbers, no per-step weight copies). The planner's meta model too."""
+    from tunelab.models.frozen_weights import store_frozen_linears_bf16, stores
+
+    if stores(cfg.method, cfg.lora, precision=precision, weights_dtype=cfg.train.weights_dtype,
+              strategy=cfg.distributed.strategy, unfreezes=bool(cfg.unfreeze.every)):
+        layers, values = store_frozen_linears_bf16(model)
+        if not quiet:
+            log.info("frozen base: %d Linear weights (%.1fM values) stored in bf16 (lora.base_dtype %s)",
+                     layers, values / 1e6, cfg.lora.base_dtype)
+
+
 def _under(autocast, evaluate):
     def evaluate_at_precision(model):
         with autocast():
@@ -170,6 +183,9 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
     if task.evaluate is not None and task.metric not in task.info.get("metric_names", (task.metric,)):
         raise InputError(f"'{task.metric}' is not an eval metric of this task", field="checkpoint.metric")
     check_best_or_base(cfg.checkpoint.final, cfg.train.eval_before, task.evaluate is not None)
+    trainable, total = count_params(model)
+    precision = resolve_precision(cfg.train.precision, device, total, cfg.train.weights_dtype)
+    store_frozen_base(cfg, model, precision)  # before any measurement: before and after see the same weights
     probe_texts = probe_before = probe_generation = None
     if cfg.probe.data:
         probe_texts = read_probe_texts(cfg.probe.data, cfg.data.text_column, cfg.probe.max_rows)
@@ -177,8 +193,6 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
         probe_before = probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length, generation=probe_generation)
     if cfg.train.weights_dtype == "bf16":
         store_weights_bf16(model)
-    trainable, total = count_params(model)
-    precision = resolve_precision(cfg.train.precision, device, total, cfg.train.weights_dtype)
     autocast = autocast_factory(precision, device)
     if task.evaluate is not None:  # evaluation runs at the training precision too
         task = replace(task, evaluate=_under(autocast, task.evaluate))

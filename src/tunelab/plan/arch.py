@@ -265,6 +265,19 @@ def counts(model: nn.Module, task: str) -> dict:
             "matmul": total - emb + (head if _tied(model) else 0)}
 
 
+def plain_linear_params(model: nn.Module, task: str) -> int:
+    """Weights of the plain nn.Linear layers outside the task head that share no parameter (an lm_head tied
+    to the embeddings is out): what lora.base_dtype stores in bf16 (models/frozen_weights.py)."""
+    tied = _tied(model)
+    out_emb = model.get_output_embeddings() if tied else None
+    inside = set(linear_layers(model, task))
+    total = 0
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear and name in inside and m is not out_emb:
+            total += m.weight.numel()
+    return total
+
+
 def _tied(model: nn.Module) -> bool:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

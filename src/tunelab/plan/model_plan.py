@@ -36,6 +36,7 @@ class Spec:
     lora_targets: list[str] | str = "auto"
     lora_dropout: float = 0.05  # tunelab's lora.dropout default
     lora_lean_dropout: bool = True  # lora.lean_dropout's default (models/lora_dropout.py)
+    lora_base_dtype: str = "auto"  # lora.base_dtype (models/frozen_weights.py); fp32 under DoRA
     seq_len: int = 2048
     batch_size: int = 1  # micro-batch per device
     grad_accum: int = 1
@@ -89,6 +90,7 @@ class Model:
         self._lora: dict = {}
         self.unit_params = arch.gathered_unit_params(self.module)
         self.root_params = arch.root_unit_params(self.module)[0]  # FSDP2's root unit (plan.memory.fsdp_root_bytes)
+        self.frozen_linear = arch.plain_linear_params(self.module, self.task)  # what lora.base_dtype stores in bf16
 
     def lora(self, targets, r: int) -> dict:
         key = (tuple(targets) if not isinstance(targets, str) else targets, r)
@@ -106,6 +108,16 @@ def switches(model: Model, spec: Spec) -> dict:
     chunk = spec.loss_chunk_tokens if lm and spec.strategy not in ("fsdp", "zero3") else 0
     return {"loss_chunk_tokens": chunk, "recompute_norms": lm and spec.recompute_norms and not spec.gradient_checkpointing,
             "packed_attention": spec.packed_attention if lm and spec.packing else None}
+
+
+def stores_base_bf16(model: Model, spec: Spec) -> bool:
+    """Whether lora.base_dtype stores the frozen base's Linear weights in bf16 (run._store_frozen_base):
+    method lora (auto or bf16) under bf16 autocast with fp32 weights."""
+    if spec.method != "lora" or spec.lora_base_dtype == "fp32" or spec.weights_dtype == "bf16":
+        return False
+    if not computes_under_autocast(spec.strategy) or spec.precision != "bf16":
+        return False
+    return True
 
 
 def params_for(model: Model, spec: Spec) -> dict:
@@ -149,8 +161,12 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     if autocast and spec.strategy == "ddp":  # autocast's 16-bit copy of each matmul weight, kept for backward
         casts = model.counts["output_projection"] if spec.method == "qlora" else model.counts["matmul"]
         casts -= model.counts["output_projection"] if chunk else 0  # the chunked loss casts the head's for its forward only
-        states["weights"] += 2 * casts
-        states["model_states"] += 2 * casts
+        if stores_base_bf16(model, spec):  # lora.base_dtype: the frozen Linear weights in bf16, no copies of them
+            casts -= model.frozen_linear
+            states["weights"] -= 2 * model.frozen_linear
+            states["model_states"] -= 2 * model.frozen_linear
+        states["weights"] += 2 * max(0, casts)
+        states["model_states"] += 2 * max(0, casts)
     if model.task == "classification":
         logits = memory.loss_bytes(spec.batch_size, spec.num_labels, model.shape.hidden, act_bytes=act_bytes)["peak"]
     else:

@@ -179,7 +179,8 @@ def param_bytes(model, cfg: Config) -> dict:
                     and not any(part in QLORA_SKIP_MODULES for part in name.split(".")):
                 quantizable += m.weight.numel()
     wbytes = 2 if cfg.train.weights_dtype == "bf16" else 4  # gradients take the weights' dtype
-    weights = (total - quantizable) * wbytes + quantizable * NF4_BITS / 8
+    half = sum(p.numel() for p in model.parameters() if p.dtype == torch.bfloat16 and not p.requires_grad)
+    weights = (total - quantizable - half) * wbytes + 2 * half + quantizable * NF4_BITS / 8
     reg = cfg.regularization
     copies = (1 if (reg.l2sp or reg.ewc) else 0) + (1 if reg.ewc else 0) + (1 if reg.mixout else 0)
     return {"total_params": total, "trainable_params": trainable, "quantized_params": quantizable,
@@ -202,8 +203,11 @@ def estimate(cfg: Config, profile: dict, runtime: int) -> dict:
     """Memory and FLOPs of a config on a data profile (no real computation); `runtime`: the process baseline."""
     device = run_device()
     model = meta_model(cfg, profile["num_labels"])
+    precision, amp = autocast_dtype_for(cfg, device, sum(p.numel() for p in model.parameters()))
+    from tunelab.run import store_frozen_base
+
+    store_frozen_base(cfg, model, precision, quiet=True)  # as the run stores them (lora.base_dtype)
     pb = param_bytes(model, cfg)
-    precision, amp = autocast_dtype_for(cfg, device, pb["total_params"])
     shapes = profile["shapes"]
     speed = Speed.of(cfg)  # the causal-LM switches, as the run applies them
     coef = fit_costs(model, cfg.task, max(w for _, w, _ in shapes), profile["packed"], amp, speed)
