@@ -562,15 +562,18 @@ def test_recommendations_are_ranked_by_time_and_keep_each_choices_fastest_strate
     path = tmp_path / "config.json"
     LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192).to_json_file(path)
-    # peft's own dropout (lora.lean_dropout false): its activations leave LoRA only the checkpointed line
+    # peft's own dropout (lora.lean_dropout false) and act(gate) kept (train.recompute_mlp_activation false):
+    # their activations leave LoRA only the checkpointed line
     spec = Spec(model=str(path), gpu=lookup("A100-80GB"), gpus=8, seq_len=2048, batch_size=4, grad_accum=4,
-                lora_lean_dropout=False)
+                lora_lean_dropout=False, recompute_mlp_activation=False)
     model = Model(spec)
     recs = rec.recommend(model, spec)
-    # with the lean dropout (the default) LoRA fits without recomputation too, and that line ranks first
-    lean = rec.recommend(Model(replace_spec(spec, lora_lean_dropout=True)), replace_spec(spec, lora_lean_dropout=True))
+    # with both defaults LoRA fits without recomputation too, and a line without it ranks first
+    defaults = replace_spec(spec, lora_lean_dropout=True, recompute_mlp_activation=True)
+    lean = rec.recommend(Model(defaults), defaults)
     assert not any(r["method"] == "lora" and not r["gradient_checkpointing"] for r in recs)
-    assert (lean[0]["method"], lean[0]["gradient_checkpointing"]) == ("lora", False)
+    assert not lean[0]["gradient_checkpointing"]  # (QLoRA sharded, its masks bit-packed, fits so too)
+    assert any(r["method"] == "lora" and not r["gradient_checkpointing"] for r in lean)
     keys = [r["step"]["seconds"] / r["step"]["tokens"] for r in recs]
     assert keys == sorted(keys) and len(recs) >= 3
     first = recs[0]

@@ -16,7 +16,7 @@ def _step(model, ids, autocast: bool):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}
+    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 def _saved_bytes(model, ids) -> int:
@@ -52,3 +52,66 @@ def test_recomputed_norms_keep_less_for_backward():
     model = tiny_llama_build(400).train()
     recompute_norms(model)
     assert _saved_bytes(model, ids) < plain
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.models.lora_dropout import lean_lora_dropout
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # a nonzero B lets every gradient through the adapters
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(n)))
+    lean_lora_dropout(model)
+    return model
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("adapters", [False, True])
+def test_recomputed_gated_activation_bit_identical(autocast, adapters):
+    from tunelab.models.recompute import recompute_gated_activations
+
+    ids = torch.randint(3, 400, (2, 40), generator=torch.Generator().manual_seed(0))
+    build = (lambda: _lora(tiny_llama_build(400))) if adapters else (lambda: tiny_llama_build(400))
+    ref_model, model = build(), build()
+    torch.manual_seed(7)  # LoRA dropout draws its masks in the same order on both sides
+    ref_loss, ref = _step(ref_model, ids, autocast)
+    assert recompute_gated_activations(model) == 2  # one MLP per layer
+    assert recompute_gated_activations(model) == 0  # once only
+    torch.manual_seed(7)
+    loss, grads = _step(model, ids, autocast)
+    assert loss == ref_loss
+    assert grads.keys() == ref.keys() and (not adapters or all("lora_" in k for k in grads))
+    for k in ref:
+        assert torch.equal(grads[k], ref[k]), k
+    assert list(model.state_dict()) == list(build().state_dict())
+
+
+def test_recomputed_gated_activation_drops_exactly_act_gate():
+    from tunelab.models.recompute import recompute_gated_activations
+
+    ids = torch.randint(3, 400, (2, 64), generator=torch.Generator().manual_seed(1))
+    plain = _saved_bytes(tiny_llama_build(400).train(), ids)
+    model = tiny_llama_build(400).train()
+    recompute_gated_activations(model)
+    # SiLU's output, (2 x 64 tokens, intermediate 64) fp32, per layer, is what backward no longer keeps
+    assert plain - _saved_bytes(model, ids) == 2 * (2 * 64 * 64 * 4)
+
+
+def test_only_mlps_written_as_llamas_are_changed():
+    from torch import nn
+
+    from tunelab.models.recompute import is_gated_mlp, recompute_gated_activations
+
+    class OtherMLP(nn.Module):  # the same attributes, another expression: left alone
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+            self.act_fn = nn.GELU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+    assert not is_gated_mlp(OtherMLP()) and recompute_gated_activations(nn.Sequential(OtherMLP())) == 0
+    assert is_gated_mlp(tiny_llama_build(50).model.layers[0].mlp)

@@ -11,9 +11,22 @@ under the same autocast state, so values and gradients are bit-identical (tests/
 
 Applied per module instance (its `forward` attribute), so parameter names, state dicts and saved
 models are unchanged; full gradient checkpointing (train.gradient_checkpointing) makes it moot.
+
+The gated MLP's activation (`train.recompute_mlp_activation`, `recompute_gated_activations`):
+`down_proj(act_fn(gate_proj(x)) * up_proj(x))` keeps gate, up and act(gate) for backward, three
+(tokens, intermediate) tensors. Recomputing `act_fn(gate) * up` in backward from gate and up (which
+stay saved) drops act(gate): on SmolLM2-135M at 4 x 512 tokens, 2032 x 1536 bf16 values a layer,
+~187 MB over 30 layers, for one SiLU and one multiply over that tensor again (about 0.3% of a layer's
+FLOPs). It replays the same ops on the same inputs under the same autocast state (no RNG: the
+projections, with any LoRA dropout, run outside the recomputed part, in the original order), so
+values and gradients are bit-identical (tests/test_recompute.py). Only MLPs whose forward is exactly
+that expression (Llama and the families written from it: Mistral, Qwen2/3, Gemma, SmolLM) are changed.
 """
 
 from __future__ import annotations
+
+import inspect
+import re
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -44,4 +57,49 @@ def recompute_norms(model: torch.nn.Module) -> int:
     return n
 
 
-__all__ = ["is_rms_norm", "recompute_norms"]
+_GATED = re.compile(r"self\.down_proj\(self\.act_fn\(self\.gate_proj\((\w+)\)\)\*self\.up_proj\(\1\)\)")
+_gated_classes: dict[type, bool] = {}
+
+
+def is_gated_mlp(module: torch.nn.Module) -> bool:
+    """Whether the module's forward is Llama's gated MLP expression (checked once per class, in its source)."""
+    cls = type(module)
+    if cls not in _gated_classes:
+        try:
+            src = "".join(inspect.getsource(cls.forward).split())
+        except (OSError, TypeError):
+            src = ""
+        _gated_classes[cls] = all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")) \
+            and bool(_GATED.search(src))
+    return _gated_classes[cls]
+
+
+def _act_times_up(act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return act_fn(gate) * up
+
+
+def _gated_forward(mlp):
+    def forward(x):
+        gate = mlp.gate_proj(x)  # the projections in the original order (LoRA dropout draws the same masks)
+        up = mlp.up_proj(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            hidden = checkpoint(_act_times_up, mlp.act_fn, gate, up, use_reentrant=False, preserve_rng_state=False)
+        else:
+            hidden = _act_times_up(mlp.act_fn, gate, up)
+        return mlp.down_proj(hidden)
+
+    forward.tunelab_recomputed = True
+    return forward
+
+
+def recompute_gated_activations(model: torch.nn.Module) -> int:
+    """Make every gated MLP of `model` recompute act(gate) * up in backward; returns how many were changed."""
+    n = 0
+    for module in model.modules():
+        if not getattr(module.forward, "tunelab_recomputed", False) and is_gated_mlp(module):
+            module.forward = _gated_forward(module)
+            n += 1
+    return n
+
+
+__all__ = ["is_gated_mlp", "is_rms_norm", "recompute_gated_activations", "recompute_norms"]

@@ -4,7 +4,7 @@ its plan, the ranked configurations that fit, what is missing, the command, the 
 The `--json` schema (documented in the README): top level `mode` ("hardware"), `model`,
 `model_type`, `task`, `shape`, `gpu`, `total_params`, `trainable_params`, the planned
 configuration's fields (`method`, `strategy`, `offload`, `precision`, `micro_batch`, `grad_accum`,
-`effective_batch`, `devices`, the causal-LM switches as applied (`loss_chunk_tokens`, `recompute_norms`,
+`effective_batch`, `devices`, the causal-LM switches as applied (`loss_chunk_tokens`, `recompute_norms`, `recompute_mlp_activation`,
 `packed_attention`), `per_device` {weights_bytes, gradients_bytes, optimizer_bytes,
 master_weights_bytes, model_states_bytes, activations_bytes, logits_bytes, overhead_bytes,
 total_bytes}, `cpu_bytes`, `fits`, `flops`, `communication` (plan.comm: bytes_per_step,
@@ -97,9 +97,11 @@ def lm_switches(cfg) -> dict:
     a preference run only the chunked vocabulary projection (its answer log-probs, planned as the
     chunked loss: the same bytes to within a head's input)."""
     if cfg.task == "preference":
-        return {"loss_chunk_tokens": cfg.train.loss_chunk_tokens, "recompute_norms": False, "packing": False}
+        return {"loss_chunk_tokens": cfg.train.loss_chunk_tokens, "recompute_norms": False,
+                "recompute_mlp_activation": False, "packing": False}
     t = cfg.train
     return {"loss_chunk_tokens": t.loss_chunk_tokens, "recompute_norms": t.recompute_norms,
+            "recompute_mlp_activation": t.recompute_mlp_activation,
             "packing": bool(cfg.data.packing), "packed_attention": t.packed_attention}
 
 

@@ -203,7 +203,8 @@ def packed_terms(shape: Shape, s: int, b: int, *, packed: str | None, attention:
 
 def layer_activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes: int | None = None,
                       attention: str = "sdpa", autocast: bool = False, mask_bytes: int = 1,
-                      softmax_fp32: bool = True, recompute_norms: bool = False, packed: str | None = None) -> float:
+                      softmax_fp32: bool = True, recompute_norms: bool = False, packed: str | None = None,
+                      recompute_act: bool = False) -> float:
     """Bytes one transformer layer saves for backward at micro-batch b x sequence s (Korthikanti's terms).
 
     `norm_bytes`: the residual stream's element size (what a norm saves as its input); `autocast`:
@@ -214,7 +215,8 @@ def layer_activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_
     flash-attention-2 takes them grouped. `mask_bytes`: a dropout mask's element (CUDA keeps bool
     masks; the CPU kernel one of the input's dtype). `softmax_fp32`: transformers' eager attention
     takes the softmax in fp32 and saves that too (the paper's layer: False). `recompute_norms` and
-    `packed`: `norm_saved`, `packed_terms`.
+    `packed`: `norm_saved`, `packed_terms`; `recompute_act` (train.recompute_mlp_activation,
+    models/recompute.py): a gated MLP keeps no act(gate).
     """
     norm_bytes = act_bytes if norm_bytes is None else norm_bytes
     sb, h, i = s * b, shape.hidden, shape.intermediate
@@ -238,7 +240,7 @@ def layer_activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_
         attn += 4 * shape.heads * s * b
     mlp_inputs = 2 if autocast and shape.gated_mlp else 1
     mlp = mlp_inputs * act_bytes * sb * h  # input of the first projection(s)
-    mlp += act_bytes * sb * i * (4 if shape.gated_mlp else 2)  # gated: gate, up, act(gate), product
+    mlp += act_bytes * sb * i * (2 if not shape.gated_mlp else 3 if recompute_act else 4)  # gate, up, act(gate), product
     mlp += drop_h * sb * h
     norms = 2 * norm_saved(shape, norm_bytes, recompute=recompute_norms) * sb * h
     packing = packed_terms(shape, s, b, packed=packed, attention=attention, act_bytes=act_bytes)[0]
@@ -249,7 +251,7 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
                            act_bytes: int = 2, norm_bytes: int | None = None, attention: str = "sdpa",
                            autocast: bool = False, mask_bytes: int = 1, softmax_fp32: bool = True,
                            recompute_norms: bool = False, packed: str | None = None,
-                           lean_dropout: bool = False) -> float:
+                           lean_dropout: bool = False, recompute_act: bool = False) -> float:
     """One layer's saved bytes when only LoRA adapters train: what backward needs to pass gradients
     through the frozen layer and to the adapters, term by term as in `layer_activations`.
 
@@ -294,7 +296,7 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
             total += mask_bytes * scores + act_bytes * scores
     else:
         total += act_bytes * sb * q_dim + 4 * shape.heads * s * b  # output + log-sum-exp
-    total += act_bytes * sb * i * (3 if shape.gated_mlp else 1)  # act input (+ act output, up output)
+    total += act_bytes * sb * i * (1 if not shape.gated_mlp else 2 if recompute_act else 3)  # act input (+ act output, up output)
     drop_h = mask_bytes if shape.hidden_dropout > 0 else 0
     total += 2 * drop_h * sb * h
     total += 2 * norm_saved(shape, norm_bytes, recompute=recompute_norms, trained=False) * sb * h  # their input
@@ -304,16 +306,18 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
 def activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes: int | None = None,
                 attention: str = "sdpa", checkpointing: bool = False, autocast: bool = False,
                 mask_bytes: int = 1, softmax_fp32: bool = True, lora: dict | None = None,
-                recompute_norms: bool = False, packed: str | None = None, chunked_loss: bool = False) -> dict:
+                recompute_norms: bool = False, packed: str | None = None, chunked_loss: bool = False,
+                recompute_act: bool = False) -> dict:
     """All layers' saved activations, with full recomputation or without; the final norm and head input.
     `lora`: {"roles", "r", "dropout"[, "lean_dropout"]} when only adapters train (`lora_layer_activations`);
-    `recompute_norms` (moot under checkpointing, as in training), `packed`: the layer's terms;
+    `recompute_norms`, `recompute_act` (moot under checkpointing, as in training), `packed`: the layer's terms;
     `chunked_loss` (train.loss_chunk_tokens): the head keeps no input (the loss, `loss_bytes`, keeps
     the gradients it took in the forward instead)."""
     norm_bytes = act_bytes if norm_bytes is None else norm_bytes
     recompute_norms = recompute_norms and not checkpointing
     common = dict(act_bytes=act_bytes, norm_bytes=norm_bytes, attention=attention, autocast=autocast,
-                  mask_bytes=mask_bytes, softmax_fp32=softmax_fp32, recompute_norms=recompute_norms, packed=packed)
+                  mask_bytes=mask_bytes, softmax_fp32=softmax_fp32, recompute_norms=recompute_norms, packed=packed,
+                  recompute_act=recompute_act and not checkpointing)
     one = layer_activations(shape, s, b, **common) if lora is None else lora_layer_activations(
         shape, s, b, roles=set(lora["roles"]), r=lora["r"], dropout=lora["dropout"],
         lean_dropout=lora.get("lean_dropout", False), **common)

@@ -60,6 +60,7 @@ class Spec:
     # the causal-LM switches (train.*, tasks/lm_speed.py), their config defaults unless a CONFIG.yaml says
     loss_chunk_tokens: int = _TRAIN["loss_chunk_tokens"].default
     recompute_norms: bool = _TRAIN["recompute_norms"].default
+    recompute_mlp_activation: bool = _TRAIN["recompute_mlp_activation"].default
     packing: bool = False  # data.packing
     packed_attention: str = _TRAIN["packed_attention"].default
     config_path: str | None = None  # the CONFIG.yaml the printed command trains, when there is one
@@ -102,11 +103,14 @@ class Model:
 def switches(model: Model, spec: Spec) -> dict:
     """The causal-LM switches as training applies them to this configuration (tasks/lm_speed.py): the
     loss in chunks unless FSDP2 or ZeRO-3 shard the head's weight (train.chunked_loss.takes_head: then
-    the plain loss); norms recomputed unless gradient checkpointing recomputes everything; the packed
+    the plain loss); norms and the gated MLP's activation recomputed unless gradient checkpointing
+    recomputes everything; the packed
     attention route where rows are packed. Classification runs none of them."""
     lm = model.task != "classification"
     chunk = spec.loss_chunk_tokens if lm and spec.strategy not in ("fsdp", "zero3") else 0
-    return {"loss_chunk_tokens": chunk, "recompute_norms": lm and spec.recompute_norms and not spec.gradient_checkpointing,
+    recompute = lm and not spec.gradient_checkpointing
+    return {"loss_chunk_tokens": chunk, "recompute_norms": recompute and spec.recompute_norms,
+            "recompute_mlp_activation": recompute and spec.recompute_mlp_activation,
             "packed_attention": spec.packed_attention if lm and spec.packing else None}
 
 
@@ -157,7 +161,7 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
                               norm_bytes=norm_bytes, attention=spec.attention,
                               checkpointing=spec.gradient_checkpointing, autocast=autocast, lora=lora,
                               recompute_norms=sw["recompute_norms"], packed=sw["packed_attention"],
-                              chunked_loss=bool(chunk))
+                              chunked_loss=bool(chunk), recompute_act=sw["recompute_mlp_activation"])
     if autocast and spec.strategy == "ddp":  # autocast's 16-bit copy of each matmul weight, kept for backward
         casts = model.counts["output_projection"] if spec.method == "qlora" else model.counts["matmul"]
         casts -= model.counts["output_projection"] if chunk else 0  # the chunked loss casts the head's for its forward only

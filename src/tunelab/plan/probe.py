@@ -89,10 +89,11 @@ def fake_copy(model: nn.Module, mode):
 class Speed:
     """The causal-LM switches (tasks/lm_speed.py) as the probe runs them: `loss_chunk` supervised tokens
     at a time through train/chunked_loss.py (0: all at once; task preference: its per-token log-probs),
-    RMSNorms recomputed in backward (chat and causal_lm only)."""
+    RMSNorms and gated MLP activations recomputed in backward (chat and causal_lm only)."""
 
     loss_chunk: int = 0
     recompute_norms: bool = False
+    recompute_act: bool = False  # train.recompute_mlp_activation
 
     @classmethod
     def of(cls, cfg) -> "Speed":
@@ -103,7 +104,8 @@ class Speed:
             return cls(t.loss_chunk_tokens, False)
         if cfg.task not in ("chat", "causal_lm"):
             return cls()
-        return cls(t.loss_chunk_tokens, t.recompute_norms and not t.gradient_checkpointing)
+        off = t.gradient_checkpointing
+        return cls(t.loss_chunk_tokens, t.recompute_norms and not off, t.recompute_mlp_activation and not off)
 
 
 def _loss(model, task: str, rows: int, width: int, supervised: int, packed: bool, speed: Speed) -> torch.Tensor:
@@ -124,6 +126,10 @@ def _loss(model, task: str, rows: int, width: int, supervised: int, packed: bool
         from tunelab.models.recompute import recompute_norms
 
         recompute_norms(model)
+    if speed.recompute_act:
+        from tunelab.models.recompute import recompute_gated_activations
+
+        recompute_gated_activations(model)
     inputs = {"input_ids": ids}
     if packed:
         inputs["attention_mask"] = torch.zeros(rows, 1, width, width)
@@ -152,7 +158,7 @@ def probe(model: nn.Module, task: str, *, rows: int, width: int, supervised: int
     from tunelab.train.chunked_loss import takes_head
 
     if speed.loss_chunk and not takes_head(model.get_output_embeddings()):  # the loop falls back to the plain loss
-        speed = Speed(0, speed.recompute_norms)
+        speed = Speed(0, speed.recompute_norms, speed.recompute_act)
     return probe_loss(model, lambda m: _loss(m, task, rows, width, supervised, packed, speed), autocast_dtype)
 
 

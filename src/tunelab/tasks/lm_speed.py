@@ -1,4 +1,5 @@
-"""The causal-LM task's speed and memory switches (train.packed_attention, loss_chunk_tokens, recompute_norms).
+"""The causal-LM task's speed and memory switches (train.packed_attention, loss_chunk_tokens, recompute_norms,
+recompute_mlp_activation).
 
 Each switch does the same math as the exact path in less memory (tests/test_packed_attention.py,
 tests/test_chunked_loss.py compare them), so it is chosen by measurement (benchmarks/perf_sft.py,
@@ -10,6 +11,7 @@ README "Performance"), not by a trade of accuracy:
 - loss_chunk_tokens N > 0: train/chunked_loss.py (the vocabulary projection and cross-entropy N
   supervised tokens at a time, gradients taken in the forward); 0 = evaluate.lm.supervised_loss.
 - recompute_norms: models/recompute.py (RMSNorms recomputed in backward, bit-identical).
+- recompute_mlp_activation: models/recompute.py (a gated MLP's act(gate) * up recomputed, bit-identical).
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ def lm_speed(train_cfg, model, collate, packing: bool):
     """(collate, loss_fn) of a causal-LM run under the switches above; the model is changed in place."""
     from tunelab.evaluate.lm import supervised_loss
 
-    if train_cfg.recompute_norms and not train_cfg.gradient_checkpointing:
-        from tunelab.models.recompute import recompute_norms
+    if not train_cfg.gradient_checkpointing:
+        from tunelab.models.recompute import recompute_gated_activations, recompute_norms
 
-        recompute_norms(model)
+        if train_cfg.recompute_norms:
+            recompute_norms(model)
+        if train_cfg.recompute_mlp_activation:
+            recompute_gated_activations(model)
 
     if packing and train_cfg.packed_attention == "split":
         from tunelab.models.packed_attention import use_packed_attention
