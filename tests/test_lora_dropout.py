@@ -1,11 +1,14 @@
-"""lora.lean_dropout (models/lora_dropout.py): peft's LoRA numbers with a 1-byte mask saved instead of
-the fp32 noise and the dropped copy. The reference is peft's own layer, same weights, same seed."""
+"""lora.lean_dropout (models/lora_dropout.py): peft's LoRA numbers with a bit-packed mask saved instead
+of the fp32 noise and the dropped copy. The reference is peft's own layer, same weights, same seed; the
+packing's is numpy.packbits."""
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -88,10 +91,80 @@ def test_it_saves_a_mask_not_the_noise_and_the_copy():
 
     ours, theirs = saved_bytes(lean), saved_bytes(peft_model)
     values = 4 * 32 * (24 + 24 + 40)  # the three adapted inputs
-    # peft: fp32 noise + the bf16 dropped copy (6 bytes a value); lean: a 1-byte mask, and the fp32 input
+    # peft: fp32 noise + the bf16 dropped copy (6 bytes a value); lean: a 1-bit mask, and the fp32 input
     # of q and up kept once (peft's base layers keep bf16 copies of it instead): at least the noise saved
     assert theirs - ours >= 0.9 * 4 * values, (theirs, ours)
 
+
+def _masks():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1,), (7,), (9,), (1000003,), (3, 5, 7), (2, 9, 13)]:
+        yield torch.rand(shape, generator=g) < 0.7
+    base = torch.rand(6, 10, 12, generator=g) < 0.5
+    yield base.transpose(0, 2)  # non-contiguous
+    yield base[:, 1::3, 2:]  # strided
+    yield base.reshape(-1)[3:700]  # contiguous from an odd offset
+    yield torch.zeros(0, 4, dtype=torch.bool)
+
+
+def test_pack_and_unpack_mask_match_numpy_packbits():
+    from tunelab.models.lora_dropout import pack_mask, unpack_mask
+
+    for mask in _masks():
+        ref = np.packbits(mask.numpy().reshape(-1), bitorder="little")
+        packed = pack_mask(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+        assert np.array_equal(packed.numpy(), ref), mask.shape
+        back = unpack_mask(packed, mask.shape)
+        assert back.dtype == torch.bool and back.shape == mask.shape and back.is_contiguous()
+        assert torch.equal(back, mask), mask.shape
+        assert np.array_equal(back.numpy().reshape(-1), np.unpackbits(ref, count=mask.numel(), bitorder="little"))
+
+
+def test_the_big_endian_constant_packs_as_the_little_endian_one():
+    """On a big-endian machine byte j of an int64 word is bits 8(7 - j): read the same bytes that way."""
+    from tunelab.models.lora_dropout import _PACK_MAGIC, _pack_words
+
+    assert sys.byteorder in _PACK_MAGIC
+    values = (np.random.default_rng(0).random(8 * 4099) < 0.4).astype(np.uint8)
+    ref = np.packbits(values, bitorder="little")
+    for order, dtype in (("little", "<i8"), ("big", ">i8")):
+        words = torch.from_numpy(values.view(dtype).astype(np.int64))
+        assert np.array_equal(_pack_words(words, _PACK_MAGIC[order]).numpy(), ref), order
+
+
+@pytest.mark.parametrize("shape", [(4, 33, 24), (5, 24)])
+def test_backward_keeps_an_eighth_of_a_byte_per_mask_value(shape):
+    from tunelab.models.lora_dropout import _DroppedLinear
+
+    x = torch.randn(shape, requires_grad=True)
+    w = nn.Parameter(torch.randn(6, 24))
+    saved = []
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter) and t is not x:
+            saved.append((t.dtype, t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _DroppedLinear.apply(x, w, 0.3)
+    assert saved == [(torch.uint8, -(-x.numel() // 8))]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_mask_rebuilt_in_backward_is_the_drawn_one(autocast):
+    """With an identity weight and a ones gradient, the input gradient is the noise itself: the bits
+    unpacked in backward must be torch's draw for the seed, on a non-contiguous odd-sized input too."""
+    from tunelab.models.lora_dropout import _DroppedLinear
+
+    x = torch.randn(3, 11, 7).transpose(0, 1).requires_grad_(True)
+    torch.manual_seed(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = _DroppedLinear.apply(x, nn.Parameter(torch.eye(7)), 0.4)
+    out.float().sum().backward()
+    torch.manual_seed(2)
+    noise = torch.empty_like(x).bernoulli_(0.6).div_(0.6)
+    assert torch.equal(x.grad, noise) and (noise == 0).any() and (noise != 0).any()
 
 def test_dora_and_no_dropout_keep_peft_layers():
     from tunelab.models.lora_dropout import DroppedInputLinear

@@ -261,8 +261,9 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
     Attention keeps Q, K, V (and its output under fused kernels), activation functions and the gated
     product their inputs, frozen norms their input. `roles`: the adapted projections of a layer
     (q, k, v, qkv for a fused c_attn, o, gate, up, down). `lean_dropout` (lora.lean_dropout,
-    models/lora_dropout.py): each adapted projection keeps a 1-byte mask, and its group's input is
-    kept once as it came (the norm's output, `norm_bytes`; the attention output is already kept).
+    models/lora_dropout.py): each adapted projection keeps its dropout mask bit-packed (1/8 byte a
+    value), and its group's input is kept once as it came (the norm's output, `norm_bytes`; the
+    attention output is already kept).
     """
     norm_bytes = act_bytes if norm_bytes is None else norm_bytes
     sb, h, i = s * b, shape.hidden, shape.intermediate
@@ -279,7 +280,7 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
                 continue
             total += act_bytes * sb * r  # lora_A's output, for lora_B
             if dropout > 0 and lean_dropout:
-                total += sb * fan_in[role]  # the bool mask
+                total += sb * fan_in[role] / 8  # the mask, bit-packed: 1 bit a value
                 if not saved:
                     total += (norm_bytes if group[0] in ("q", "gate") else act_bytes) * sb * fan_in[role]
                     saved = True
