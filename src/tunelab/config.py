@@ -300,7 +300,7 @@ class LoraConfig(Section):
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     lean_dropout: bool = Field(
-        True, description="Fold the dropout into lora_A so backward keeps a 1-byte mask instead of peft's fp32 "
+        True, description="Fold the dropout into lora_A so backward keeps a bit-packed mask instead of peft's fp32 "
         "noise and the dropped copy (models/lora_dropout.py): the same masks and numbers as peft's layer, "
         "SmolLM2-135M LoRA at 4 x 512 tokens saves ~1.1 GB of activations. Vanilla LoRA/QLoRA (not DoRA); "
         "false = peft's own dropout.")
