@@ -162,6 +162,16 @@ def test_lora_and_qlora_param_bytes(toy_classification):
                 real += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
     assert q["weights"] == pytest.approx(real, rel=0.01)
     assert q["weights"] < 0.8 * lora["weights"]
+    # the estimate stores the meta model's frozen Linear weights as the run does (lora.base_dtype, bf16
+    # autocast): the ones QLoRA holds in 4 bits are counted once, at 4 bits, either way
+    from tunelab.run import store_frozen_base
+
+    stored = meta_model(q_cfg, 2)
+    store_frozen_base(q_cfg, stored, "bf16", quiet=True)
+    # only the head's frozen original (peft's modules_to_save), never 4-bit, drops from 4 to 2 bytes a value
+    head_copy = sum(p.numel() for n, p in stored.named_parameters() if p.dtype == torch.bfloat16 and "classifier" in n)
+    assert head_copy == 64
+    assert planner.param_bytes(stored, q_cfg)["weights"] == q["weights"] - 2 * head_copy
 
 
 @pytest.mark.parametrize("packing", [True, False])

@@ -308,7 +308,9 @@ class LoraConfig(Section):
         "auto", description="The frozen base's Linear weights (models/frozen_weights.py). bf16: stored in bf16, what "
         "bf16 autocast casts them to on every call anyway: no per-step copies, half the bytes (SmolLM2-135M LoRA at "
         "4 x 512 tokens: ~420 MB less), bit-identical losses and gradients; a forward outside autocast (forgetting "
-        "probe, generation measures) sees the bf16-rounded weights, before and after alike. Needs bf16 precision, "
+        "probe, generation measures) sees the bf16-rounded weights, before and after alike. Under qlora the 4-bit "
+        "layers also keep autocast's bf16 output instead of bitsandbytes' upcast to fp32 (models/autocast_4bit.py; "
+        "the numbers of LoRA on the dequantised base, ~540 MB fewer saved activations). Needs bf16 precision, "
         "strategy ddp, no DoRA. auto: bf16 wherever that holds, else fp32.")
     target_modules: list[str] | Literal["auto", "all-linear"] = "auto"
     rslora: bool = False

@@ -146,7 +146,9 @@ def _adapt(cfg: Config, task: TaskRun, device: torch.device) -> tuple[TaskRun, t
 
 def store_frozen_base(cfg: Config, model: torch.nn.Module, precision: str, quiet: bool = False) -> None:
     """lora.base_dtype: the frozen base's Linear weights in bf16 when the run computes in bf16 autocast
-    (models/frozen_weights.py: the same numbers, no per-step weight copies). The planner's meta model too."""
+    (models/frozen_weights.py: the same numbers, no per-step weight copies), and under QLoRA its 4-bit
+    layers' outputs kept in bf16 as autocast's Linear keeps them (models/autocast_4bit.py). The planner's
+    meta model too."""
     from tunelab.models.frozen_weights import store_frozen_linears_bf16, stores
 
     if stores(cfg.method, cfg.lora, precision=precision, weights_dtype=cfg.train.weights_dtype,
@@ -155,6 +157,13 @@ def store_frozen_base(cfg: Config, model: torch.nn.Module, precision: str, quiet
         if not quiet:
             log.info("frozen base: %d Linear weights (%.1fM values) stored in bf16 (lora.base_dtype %s)",
                      layers, values / 1e6, cfg.lora.base_dtype)
+        if cfg.method == "qlora" and any(hasattr(p, "quant_state") for p in model.parameters()):  # not the planner's meta model
+            from tunelab.models.autocast_4bit import keep_autocast_dtype
+
+            n = keep_autocast_dtype(model)
+            if not quiet:
+                log.info("frozen base: %d 4-bit layers keep bf16 autocast's output dtype (lora.base_dtype %s)",
+                         n, cfg.lora.base_dtype)
 
 
 def _under(autocast, evaluate):

@@ -172,14 +172,16 @@ def param_bytes(model, cfg: Config) -> dict:
 
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    quantizable = 0  # what bitsandbytes would store in 4 bits: frozen Linear weights outside the heads
+    four_bit = {}  # what bitsandbytes would store in 4 bits: frozen Linear weights outside the heads
     if cfg.method == "qlora":
         for name, m in model.named_modules():
             if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad \
                     and not any(part in QLORA_SKIP_MODULES for part in name.split(".")):
-                quantizable += m.weight.numel()
+                four_bit[id(m.weight)] = m.weight.numel()
+    quantizable = sum(four_bit.values())
     wbytes = 2 if cfg.train.weights_dtype == "bf16" else 4  # gradients take the weights' dtype
-    half = sum(p.numel() for p in model.parameters() if p.dtype == torch.bfloat16 and not p.requires_grad)
+    half = sum(p.numel() for p in model.parameters()  # frozen bf16 weights (lora.base_dtype), not the 4-bit ones
+               if p.dtype == torch.bfloat16 and not p.requires_grad and id(p) not in four_bit)
     weights = (total - quantizable - half) * wbytes + 2 * half + quantizable * NF4_BITS / 8
     reg = cfg.regularization
     copies = (1 if (reg.l2sp or reg.ewc) else 0) + (1 if reg.ewc else 0) + (1 if reg.mixout else 0)
