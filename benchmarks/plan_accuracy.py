@@ -86,6 +86,11 @@ CASES = {
     "minilm-sst2-b32x128": (_sst2, {}, "sst2"),
     "minilm-sst2-b32x128-checkpointing": (_sst2, {"train__gradient_checkpointing": True}, "sst2"),
     "smollm2-chat": (_chat, {}, "alpaca_eval_gpt4"),
+    # perf_sft's other configurations (issue 14: the plan within 15% of each)
+    "smollm2-chat-lora": (_chat, {"method": "lora", "optim__lr": 2e-4}, "alpaca_eval_gpt4"),
+    "smollm2-chat-qlora": (_chat, {"method": "qlora", "optim__lr": 2e-4}, "alpaca_eval_gpt4"),
+    "smollm2-chat-bf16w-8bit": (_chat, {"train__weights_dtype": "bf16", "optim__name": "adamw_8bit"},
+                                "alpaca_eval_gpt4"),
     "minilm-sentiment-ddp2": (_sentiment, {"_nproc": 2}, "embedded minilm"),
     **{f"minilm-sentiment-{s}{'' if s == 'fsdp' else '-'}2": (_sentiment, {"_nproc": 2, "distributed": {"strategy": s}, "train__max_steps": 6},
                                   "embedded minilm") for s in ("fsdp", "zero2", "zero3")},
