@@ -7,7 +7,10 @@
         --out benchmarks/results/plan_accuracy_sharded.json
 
 For each case the plan (with `--measure-steps 3`) and the real run each happen in their own
-spawned process, so the run's peak (max RSS on CPU) is its own. The run trains `max_steps`
+spawned process, so the run's peak (max RSS on CPU) is its own, started on the malloc the
+`tunelab plan` and `tunelab train` commands re-execute themselves on (train.host_allocator, auto:
+tcmalloc where the machine has it); before 2026-12-06 both ran on glibc, whose fragmented heap
+the commands never see. The run trains `max_steps`
 steps (the plan is made for the same config). Reported per case: planned vs measured peak
 memory (the plan's peak: measured steps + the largest micro-batch's extra activations; and the
 plain component sum), their ratios, planned vs measured training seconds per optimizer step, and the plan's
@@ -30,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import in_child, write_result
+from benchutil import in_child_on, write_result
 from tunelab.config import library_versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         nproc = over.pop("_nproc", 1)
         with tempfile.TemporaryDirectory(prefix="tunelab-plan-") as tmp:
             raw = build(Path(tmp), **over)
-            plan = in_child(_plan, raw, nproc)
-            run = in_child(_run, raw, str(Path(tmp) / "run"), nproc)
+            # both on the malloc the `tunelab plan` / `tunelab train` commands re-execute on (cli)
+            allocator = raw.get("train", {}).get("host_allocator", "auto")
+            plan = in_child_on(allocator, _plan, raw, nproc)
+            run = in_child_on(allocator, _run, raw, str(Path(tmp) / "run"), nproc)
         planned_step = plan["time"]["train_seconds"] / plan["steps"]["total"]
         measured_step = run["train_seconds"] / run["steps"]
         row = {"case": name, "processes": nproc, "precision": run["precision"], "steps": run["steps"],
+               "host_allocator": plan["memory_mb"].get("host_allocator"),
                "planned_peak_mb": plan["memory_mb"]["peak"], "measured_peak_mb": run["peak_memory_mb"],
                "peak_ratio": round(plan["memory_mb"]["peak"] / run["peak_memory_mb"], 3),
                "planned_peak_analytic_mb": plan["memory_mb"]["peak_analytic"],

@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent('''
     from tunelab.config import Config
     from tunelab.distributed import ALONE, init_from_env
     from tunelab.distributed.sharded import full_weights
-    from tunelab.run import setup
+    from tunelab.run import prepare_task, setup
     from tunelab.train.early_stop import BestTracker
     from tunelab.train.loop import LoopState, train_loop
 
@@ -47,6 +47,9 @@ SCRIPT = textwrap.dedent('''
     def train(raw, group, out=None):
         cfg = Config.model_validate(raw)
         r = setup(cfg, group.world_size, group)
+        if out is not None:  # preference, full: the reference log-probs, computed through the shards
+            out.mkdir(parents=True, exist_ok=True)
+            prepare_task(r, out, group)
         for m in r.model.modules():  # no dropout: the same function on one process and on two
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
@@ -86,10 +89,11 @@ SCRIPT = textwrap.dedent('''
 
 
 def case_configs(tmp_path: Path, bert: Path, llama: Path) -> dict[str, dict]:
-    from tiny_models import conversations
+    from tiny_models import conversations, preference_pairs
 
     write_jsonl(tmp_path / "cls.jsonl", sentiment_rows(24, seed=1))
     write_jsonl(tmp_path / "chat.jsonl", conversations(24))
+    write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(16))
     common = {"schedule": {"name": "constant", "warmup_steps": 0}, "early_stopping": {"enabled": False},
               "train": {"batch_size": 2, "grad_accum": 2, "max_steps": 3, "log_every": 1, "seed": 3,
                         "eval_before": False}}
@@ -102,13 +106,19 @@ def case_configs(tmp_path: Path, bert: Path, llama: Path) -> dict[str, dict]:
     lora = {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
     qlora = {**lora, "method": "qlora"}
     chat_gc = {**chat, **lora, "train": {**chat["train"], "gradient_checkpointing": True}}
+    # DPO: full (the reference log-probs computed once through the shards) and LoRA (the adapter switched off)
+    pref = {**common, "task": "preference", "model": {"name": str(llama), "max_length": 64},
+            "data": {"train": str(tmp_path / "pairs.jsonl"), "eval_split": 0.0}, "optim": {"lr": 3e-3},
+            "preference": {"loss": "dpo", "beta": 0.5}, "train": {**common["train"], "max_steps": 2}}
     cases = {}
     for strategy in STRATEGIES:
         for task, raw in (("cls", cls), ("chat", chat)):
             cases[f"{task}-{strategy}"] = {**raw, "distributed": {"strategy": strategy}}
     # LoRA under fsdp and zero3; gradient checkpointing + PEFT + ZeRO-3 (a known crash of the peers)
     for name, raw, strategy in (("cls+lora", {**cls, **lora}, "fsdp"), ("cls+lora", {**cls, **lora}, "zero3"),
-                                ("chat+lora+gc", chat_gc, "zero3"), ("chat+qlora", {**chat, **qlora}, "fsdp")):
+                                ("chat+lora+gc", chat_gc, "zero3"), ("chat+qlora", {**chat, **qlora}, "fsdp"),
+                                *((name, raw, s) for name, raw in (("pref", pref), ("pref+lora", {**pref, **lora}))
+                                  for s in ("fsdp", "zero3"))):
         cases[f"{name}-{strategy}"] = {**raw, "distributed": {"strategy": strategy}}
     return cases
 
@@ -161,7 +171,8 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("task,strategy", [(t, s) for t in ("cls", "chat") for s in STRATEGIES]
-                         + [("cls+lora", "fsdp"), ("cls+lora", "zero3"), ("chat+lora+gc", "zero3"), ("chat+qlora", "fsdp")])
+                         + [("cls+lora", "fsdp"), ("cls+lora", "zero3"), ("chat+lora+gc", "zero3"), ("chat+qlora", "fsdp")]
+                         + [(t, s) for t in ("pref", "pref+lora") for s in ("fsdp", "zero3")])
 @pytest.mark.parity
 def test_two_sharded_processes_train_like_one_process(sharded, strategy, task):
     """Same global batch, fp32, AdamW: the loss curve, the gradient norms and the final weights of 2
@@ -174,13 +185,34 @@ def test_two_sharded_processes_train_like_one_process(sharded, strategy, task):
     got, ref = sharded["results"][f"{task}-{strategy}"], sharded["refs"][task]
     assert got["samples"] == ref["samples"] > 0  # every example once: no overlap, none lost
     assert len(got["losses"]) == len(ref["losses"]) >= 2
+    # DPO's later losses read the moved weights through a sum of log-ratios over every answer token, scaled
+    # by beta: the last-bit weight differences above reach them as ~1e-6 relative (zero3, measured 1.0e-6)
+    loss_tol = 1e-5 if task.startswith("pref") else 1e-6
     for a, b in zip(got["losses"], ref["losses"]):
-        assert abs(a - b) <= 1e-6 * abs(b), (got["losses"], ref["losses"])
+        assert abs(a - b) <= loss_tol * abs(b), (got["losses"], ref["losses"])
     for a, b in zip(got["norms"], ref["norms"]):
         assert abs(a - b) <= 1e-5 * abs(b), (got["norms"], ref["norms"])
     diff = max_diff(got["weights"], ref["weights"])
     assert diff <= 1e-5, diff
     assert max_diff(ref["weights"], ref["start"]) > 5e-3  # the steps moved the weights far beyond the bound
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parity
+def test_sharded_dpo_computes_the_reference_once_through_the_shards(sharded, strategy):
+    """Full DPO: the reference log-probs of every pair, computed by the 2 processes whose weights are in
+    pieces (each forward gathers what its process lacks), equal the single process's, written once by
+    rank 0 (the run dir's reference_logps.safetensors); the LoRA runs need none (adapter off)."""
+    from safetensors.torch import load_file
+
+    tmp = sharded["tmp"]
+    got, ref = (load_file(str(tmp / d / "reference_logps.safetensors")) for d in (f"pref-{strategy}", "ref-pref"))
+    assert got.keys() == ref.keys() == {"train", "eval"} and got["train"].shape == (16, 2)
+    assert (got["train"] < 0).all()  # summed log-probs of real answers, not a zero placeholder
+    assert (got["train"] - ref["train"]).abs().max().item() <= 1e-5
+    assert not (tmp / f"pref+lora-{strategy}" / "reference_logps.safetensors").exists()
+    losses = sharded["results"][f"pref-{strategy}"]["losses"]
+    assert abs(losses[0] - 0.6931472) <= 1e-5 and abs(losses[1] - losses[0]) > 1e-4  # policy = reference, then moved
 
 
 @pytest.mark.parametrize("task,strategy", [("cls+lora", "fsdp"), ("cls+lora", "zero3"), ("chat+lora+gc", "zero3"),

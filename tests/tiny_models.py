@@ -96,6 +96,14 @@ def conversations(n: int) -> list[dict]:
     return rows
 
 
+def preference_pairs(n: int) -> list[dict]:
+    """n {prompt, chosen, rejected} string pairs over the tiny tokenizer's sentences: the chosen answer
+    a sentence, the rejected one another (never the same), of varied lengths."""
+    k = len(SENTENCES)
+    return [{"prompt": SENTENCES[i % k], "chosen": SENTENCES[(i + 1) % k],
+             "rejected": " ".join(SENTENCES[(i + 2 + j) % k] for j in range(1 + i % 2))} for i in range(n)]
+
+
 # --- chat SFT fixtures: a ChatML tokenizer trained here and a tiny Llama -----------------------
 
 CHATML_TEMPLATE_NO_MARKERS = (

@@ -267,6 +267,15 @@ def with_found_lr(r: Recipe, out: Path, group: Group) -> Recipe:
                    lr_find=lr_find.found_summary(found))
 
 
+def prepare_task(r: Recipe, out: Path, group: Group = ALONE) -> None:
+    """The task's once-per-run work kept in the run dir (preference, full fine-tuning: the reference
+    log-probs), every process taking part; under a sharded strategy through its replicas, where the
+    weights are gathered."""
+    if r.task.prepare is not None:
+        on_main = r.sharding.replicas.on_main if r.sharding is not None else None
+        r.task.prepare(r.model, out, group, r.autocast, on_main)
+
+
 def open_run(r: Recipe, out: Path, resume_at: ckpt.ResumePoint | None, show_progress: bool, should_stop,
              group: Group = ALONE, callbacks=None) -> tuple[RunDir | None, LoopState, dict | None]:
     """Create or reopen the run dir; restore a checkpoint, or evaluate the untouched model.
@@ -294,8 +303,7 @@ def open_run(r: Recipe, out: Path, resume_at: ckpt.ResumePoint | None, show_prog
             # monitor.loggers_required and one could not start: an input error
             loggers = open_loggers(r.cfg.monitor, out, json.loads(r.cfg.model_dump_json()),
                                    resumed if resume_at is not None else None)
-        if r.task.prepare is not None:  # once-per-run work kept in the run dir (preference: reference log-probs)
-            r.task.prepare(r.model, out, group, r.autocast)  # before a resume's weights: the untouched model's
+        prepare_task(r, out, group)  # before a resume's weights: the untouched model's
         if resume_at is not None:
             restore_checkpoint(r, resume_at, group)
     except InputError:

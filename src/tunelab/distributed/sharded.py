@@ -59,9 +59,6 @@ def check_strategy(world_size: int, *, strategy: str, task: str, method: str, pr
             raise InputError(f"regularization.{key} reads every weight of the model in one place, which "
                              f"distributed.strategy {strategy} splits across processes; remove it or use "
                              "distributed.strategy ddp", field=f"regularization.{key}")
-    if task == "preference":
-        raise InputError(f"task preference is not supported with distributed.strategy {strategy} yet (its reference "
-                         "model is not sharded); use distributed.strategy ddp", field="distributed.strategy")
     if final == "best_or_base":
         raise InputError(f"checkpoint.final best_or_base keeps the untouched model in one file, which distributed.strategy "
                          f"{strategy} does not write yet; use checkpoint.final best", field="checkpoint.final")

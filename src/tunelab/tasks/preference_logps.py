@@ -120,23 +120,35 @@ class ReferenceCache:
             model.train(was_training)
         return out
 
-    def prepare(self, model, run_dir: Path, group, autocast=nullcontext) -> None:
-        """Read the run dir's cache when it holds these pairs' values; else rank 0 computes and writes it."""
+    def prepare(self, model, run_dir: Path, group, autocast=nullcontext, on_main=None) -> None:
+        """Read the run dir's cache when it holds these pairs' values, else compute and write it; every
+        process then holds rank 0's values (broadcast: no process but rank 0 reads the run dir, which
+        need not be on a filesystem the other nodes share).
+
+        `on_main(fn)`: how the weights are reached under a sharded strategy (the replicas' on_main:
+        under fsdp and zero3 every process runs the forwards, each gathering the blocks it lacks, and
+        rank 0's result is kept); None: rank 0 computes alone with the whole model it holds."""
         from safetensors.torch import load_file, save_file
 
         path = Path(run_dir) / CACHE_FILE
         key = self.key()
-        if group.is_main and not self._matches(path, key):
-            log.info("computing the reference log-probs of %d pairs once (kept in %s)",
-                     sum(len(v) for v in self.splits.values()), path)
-            values = self.compute(model, autocast)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({k: v.contiguous() for k, v in values.items()}, str(tmp), metadata={"fingerprint": key})
-            tmp.replace(path)
-            self.computed = True
-        group.barrier()  # the file is complete before any other process reads it
-        values = load_file(str(path))
-        self.values = {k: values[k] for k in self.splits}
+        fresh = group.broadcast(not self._matches(path, key) if group.is_main else None)
+        values = None
+        if fresh:
+            if group.is_main:
+                log.info("computing the reference log-probs of %d pairs once (kept in %s)",
+                         sum(len(v) for v in self.splits.values()), path)
+            compute = lambda: self.compute(model, autocast)  # noqa: E731
+            values = on_main(compute) if on_main is not None else (compute() if group.is_main else None)
+            if group.is_main:
+                tmp = path.with_name(f".{path.name}.tmp")
+                save_file({k: v.contiguous() for k, v in values.items()}, str(tmp), metadata={"fingerprint": key})
+                tmp.replace(path)
+                self.computed = True
+        elif group.is_main:
+            values = load_file(str(path))
+        values = group.broadcast({k: values[k] for k in self.splits} if group.is_main else None)
+        self.values = values
 
     @staticmethod
     def _matches(path: Path, key: str) -> bool:

@@ -69,9 +69,10 @@ class TaskRun:
     # the task's own training measures (preference: rewards, margins): `names`, `take()` -> {name: sum} over the
     # loss_fn calls since the last take, `row(sums)` -> the train row's keys; the loop sums them like the loss
     train_stats: Any = None
-    # (model, run_dir, group, autocast): once-per-run work kept in the run dir, run before training and before a
-    # resume loads a checkpoint (preference, full fine-tuning: the reference model's log-probs)
-    prepare: Callable[[torch.nn.Module, Path, Any, Any], None] | None = None
+    # (model, run_dir, group, autocast, on_main): once-per-run work kept in the run dir, run by every process
+    # before training and before a resume loads a checkpoint (preference, full fine-tuning: the reference model's
+    # log-probs); on_main(fn) runs fn where the weights are whole (a sharded strategy's replicas), None alone/ddp
+    prepare: Callable[[torch.nn.Module, Path, Any, Any, Any], None] | None = None
 
 
 @runtime_checkable
