@@ -467,3 +467,32 @@ def test_dpo_with_bf16_weights(model_dir, tmp_path, method):
     else:
         weights = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+
+
+def test_cached_eval_reference_is_computed_in_evaluations_own_batches(model_dir, tmp_path, monkeypatch):
+    """Full DPO: the eval pairs' reference log-probs are computed in exactly the batches evaluation
+    runs (sorted by length, eval_batch_size at a time). Under bf16 autocast another padding width
+    rounds the log-probs differently (SmolLM2, bf16: the untouched model's held-out margin came out
+    -0.002 and its 'accuracy' 0.30 when the reference went in index order), so the same batches are
+    what makes policy = reference read margin 0 and accuracy 0 before any step."""
+    import tunelab.tasks.preference as pref
+    from tiny_models import preference_pairs
+
+    train = write_jsonl(tmp_path / "p.jsonl", preference_pairs(24))
+    raw = raw_config(model_dir, train, **{"train": {"max_steps": 1, "batch_size": 2, "eval_batch_size": 3},
+                                          "data": {"train": str(train), "eval_split": 0.5}})
+    task = setup_task(Config.model_validate(raw))
+    evals = task.prepare.__self__.splits["eval"]
+    seen: list[tuple] = []
+    real = pref.pair_batch
+    monkeypatch.setattr(pref, "pair_batch", lambda pairs, idx, pad: (seen.append((pairs is evals, tuple(idx))),
+                                                                      real(pairs, idx, pad))[1])
+    task.prepare(task.model, tmp_path, ALONE)
+    reference_batches = [idx for is_eval, idx in seen if is_eval]
+    seen.clear()
+    metrics = task.evaluate(task.model)
+    eval_batches = [idx for is_eval, idx in seen if is_eval]
+    assert len(evals) == 12 and eval_batches == reference_batches
+    assert eval_batches != [tuple(range(s, s + 3)) for s in range(0, 12, 3)]  # not index order: the test can fail
+    assert metrics["reward_margin"] == 0.0 and metrics["pref_accuracy"] == 0.0 and metrics["kl_ref"] == 0.0

@@ -223,12 +223,15 @@ def setup_preference(*, model_cfg, data_cfg, train_cfg, preference_cfg, method: 
         return f"eval/{name}" if name else "eval"
 
     bs = eval_batch_size(train_cfg)
+    orders = {n: np.argsort(t.lengths, kind="stable").tolist() for n, t in evals.items()}  # by tokens, stable
+    eval_batches = {n: [sorted(order[s : s + bs]) for s in range(0, len(order), bs)] for n, order in orders.items()}
     cached = loss.needs_reference and method not in ("lora", "qlora")
     reference = None
     if cached:  # (no eval pairs: an empty "eval" split, so such a run keeps its fingerprint)
         splits = {"train": train_pairs, **({split_of(n): t for n, t in evals.items()} or {"eval": []})}
         reference = ReferenceCache(splits, lambda pairs, idx: pair_batch(pairs, idx, pad_id), bs,
-                                   context=f"{model_cfg.name}|{train_cfg.precision}|{model_cfg.max_length}", chunk=chunk)
+                                   context=f"{model_cfg.name}|{train_cfg.precision}|{model_cfg.max_length}", chunk=chunk,
+                                   batches={split_of(n): b for n, b in eval_batches.items()})
 
     def batch_of(split: str, pairs, idx: list[int]) -> dict:
         batch = pair_batch(pairs, idx, pad_id)
@@ -239,13 +242,10 @@ def setup_preference(*, model_cfg, data_cfg, train_cfg, preference_cfg, method: 
     train_stats = PreferenceStats()
     evaluate = None
     if evals:
-        orders = {n: np.argsort(t.lengths, kind="stable").tolist() for n, t in evals.items()}  # by tokens, stable
-
         def evaluate(model) -> dict:
             parts = {}
             for name, pairs in evals.items():
-                order = orders[name]
-                batches = (batch_of(split_of(name), pairs, sorted(order[s : s + bs])) for s in range(0, len(order), bs))
+                batches = (batch_of(split_of(name), pairs, idx) for idx in eval_batches[name])
                 parts[name] = preference_sums(model, batches, loss, chunk)
             out = metrics_of({k: sum(p[k] for p in parts.values()) for k in STAT_NAMES})
             if len(parts) > 1:

@@ -87,8 +87,13 @@ class ReferenceCache:
     `values[split]` is a (pairs, 2) tensor: chosen, rejected. Filled by `prepare` (the TaskRun hook
     run.py calls before training and before a resume loads its checkpoint)."""
 
-    def __init__(self, splits: dict, collate, batch_size: int, context: str = "", chunk: int = 0):
+    def __init__(self, splits: dict, collate, batch_size: int, context: str = "", chunk: int = 0,
+                 batches: dict | None = None):
+        """`batches`: name -> the index lists a split is evaluated in (the eval splits: evaluation's own
+        batches, so the untouched model's eval margin is exactly 0 under bf16 too, where another padding
+        width rounds the log-probs differently); other splits go in index order, `batch_size` at a time."""
         self.splits = splits  # name -> encoded pairs
+        self.batches = batches or {}
         self.chunk = chunk  # answer_logps' vocabulary chunk
         self.collate = collate  # (pairs, indices) -> batch without reference values
         self.batch_size = batch_size
@@ -107,15 +112,16 @@ class ReferenceCache:
         out = {}
         try:
             for name, pairs in self.splits.items():
-                rows = []
-                for start in range(0, len(pairs), self.batch_size):
-                    idx = list(range(start, min(start + self.batch_size, len(pairs))))
+                values = torch.zeros(len(pairs), 2)
+                order = self.batches.get(name) or [list(range(s, min(s + self.batch_size, len(pairs))))
+                                                   for s in range(0, len(pairs), self.batch_size)]
+                for idx in order:
                     batch = to_device(self.collate(pairs, idx), device)
                     with autocast():
                         logps, _ = answer_logps(model, batch, self.chunk)
                     n = len(idx)
-                    rows.append(torch.stack([logps[:n], logps[n:]], 1).float().cpu())
-                out[name] = torch.cat(rows) if rows else torch.zeros(0, 2)
+                    values[idx] = torch.stack([logps[:n], logps[n:]], 1).float().cpu()
+                out[name] = values
         finally:
             model.train(was_training)
         return out
