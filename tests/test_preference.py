@@ -469,7 +469,6 @@ def test_dpo_with_bf16_weights(model_dir, tmp_path, method):
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
 
 
-
 def test_cached_eval_reference_is_computed_in_evaluations_own_batches(model_dir, tmp_path, monkeypatch):
     """Full DPO: the eval pairs' reference log-probs are computed in exactly the batches evaluation
     runs (sorted by length, eval_batch_size at a time). Under bf16 autocast another padding width

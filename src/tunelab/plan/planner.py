@@ -337,7 +337,7 @@ def recompute_bytes(cfg: Config, profile: dict, ckpt, rows: int, width: int, sup
 
 def measure(cfg: Config, steps: int) -> dict:
     """Time `steps` real optimizer steps after one warm-up step, through the real setup and loop."""
-    from tunelab.run import setup
+    from tunelab.run import prepare_task, setup
     from tunelab.train.early_stop import BestTracker
     from tunelab.train.loop import LoopState, train_loop
 
@@ -346,11 +346,9 @@ def measure(cfg: Config, steps: int) -> dict:
     if r.task.prepare is not None:  # once-per-run work (preference, full: the reference log-probs), as open_run
         import tempfile
 
-        from tunelab.distributed import ALONE
-
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="tunelab-plan-") as tmp:
-            r.task.prepare(r.model, Path(tmp), ALONE, r.autocast)
+            prepare_task(r, Path(tmp))
         prepare_seconds = time.monotonic() - t0
     r.task = dataclasses.replace(r.task, evaluate=None)  # task values are frozen
     r.settings.total_steps, r.settings.log_every = steps + 1, 1

@@ -153,8 +153,7 @@ class ReferenceCache:
                 self.computed = True
         elif group.is_main:
             values = load_file(str(path))
-        values = group.broadcast({k: values[k] for k in self.splits} if group.is_main else None)
-        self.values = values
+        self.values = group.broadcast({k: values[k] for k in self.splits} if group.is_main else None)
 
     @staticmethod
     def _matches(path: Path, key: str) -> bool:
