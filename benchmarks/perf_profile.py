@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import in_child, write_result  # noqa: E402
+from benchutil import in_child, in_child_on, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,7 +228,7 @@ def main() -> int:
         chat, _ = write_pairs(Path(tmp), a.pairs)
         raw = tunelab_config(str(chat), a.steps, a.method, overrides=a.overrides, precision="bf16" if bf16_native() else "fp32")
         if a.part in ("both", "phases"):
-            result["phases"] = in_child(phases, raw, str(Path(tmp) / "run"))
+            result["phases"] = in_child_on(raw["train"].get("host_allocator", "auto"), phases, raw, str(Path(tmp) / "run"))
             print(json.dumps(result["phases"], indent=1), flush=True)
         if a.part in ("both", "saved"):
             result["saved"] = in_child(saved_for_backward, raw)

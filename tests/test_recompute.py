@@ -115,3 +115,81 @@ def test_only_mlps_written_as_llamas_are_changed():
 
     assert not is_gated_mlp(OtherMLP()) and recompute_gated_activations(nn.Sequential(OtherMLP())) == 0
     assert is_gated_mlp(tiny_llama_build(50).model.layers[0].mlp)
+
+
+def _lora_without_recompute_inputs(model):
+    model = _lora(model)
+    for m in model.modules():
+        if hasattr(m, "recompute_inputs"):
+            m.recompute_inputs = False
+    return model
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recomputed_lora_inputs_bit_identical_and_not_kept(autocast):
+    """lora.recompute_inputs: lora_A makes its input (a recomputed norm's output, the gated product)
+    again in backward. The same loss and gradients as keeping it, and exactly those tensors fewer kept:
+    per layer two norm outputs (tokens x hidden, fp32: the residual stream's dtype; not the first
+    layer's first) and the product (tokens x intermediate, in the compute dtype)."""
+    from tunelab.models.recompute import recompute_gated_activations
+
+    ids = torch.randint(3, 400, (2, 40), generator=torch.Generator().manual_seed(0))
+
+    def build(again: bool):
+        model = (_lora if again else _lora_without_recompute_inputs)(tiny_llama_build(400))
+        recompute_norms(model)
+        recompute_gated_activations(model)
+        return model
+
+    kept, again = build(False), build(True)
+    torch.manual_seed(7)
+    ref_loss, ref = _step(kept, ids, autocast)
+    torch.manual_seed(7)
+    loss, grads = _step(again, ids, autocast)
+    assert loss == ref_loss and grads.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(grads[k], ref[k]), k
+
+    def saved(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            torch.manual_seed(7)
+            return _saved_bytes(model, ids)
+
+    # layer 0's first norm reads the frozen embedding and has a frozen weight: nothing of it needs
+    # backward, so it is not checkpointed and its output (kept by q/k/v's lora_A) is not recomputed
+    tokens, compute = 2 * 40, 2 if autocast else 4
+    assert saved(kept) - saved(again) == tokens * (3 * 32 * 4 + 2 * 64 * compute)
+
+
+def test_a_recomputed_input_is_made_once_for_its_readers_and_then_let_go():
+    from tunelab.models.recompute import Recomputable
+
+    calls = []
+
+    def make(x):
+        calls.append(1)
+        return x * 2
+
+    x = torch.ones(3)
+    again = Recomputable(make, (x,), {}, "cpu")
+    again.claim(), again.claim(), again.claim()  # q, k and v read one norm output
+    assert [torch.equal(again.get(), x * 2) for _ in range(3)] == [True] * 3
+    assert len(calls) == 1 and again.args is None  # made once; its inputs go with the last reader
+    with pytest.raises(RuntimeError, match="recompute_inputs"):
+        again.get()
+
+
+def test_hub_kernels_do_not_undo_recomputation_on_train(tmp_path):
+    """transformers 5.25 turns hub kernels on by default; `model.train()` then re-kernelizes and resets
+    the RMSNorms' forward. tunelab's loader switches them off (models/load.py NO_HUB_KERNELS)."""
+    from tiny_models import tiny_llama_folder
+
+    from tunelab.models.load import load_causal_lm
+    from tunelab.models.registry import resolve_model
+
+    model = load_causal_lm(resolve_model(str(tiny_llama_folder(tmp_path / "m"))))
+    n = recompute_norms(model)
+    model.train()
+    model.eval()
+    model.train()
+    assert n == 5 and recompute_norms(model) == 0  # every norm still recomputes: none to do again

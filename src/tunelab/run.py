@@ -24,6 +24,7 @@ from tunelab.compose import check_distributed, lr_fingerprint, prepare_data, set
 from tunelab.device import run_device, to_device
 from tunelab.host_allocator import in_use as allocator_in_use, note as note_allocator, release_free_memory
 from tunelab.host_malloc import set_mmap_threshold
+from tunelab.models.owned_memory import own_tensors
 from tunelab.config import Config, dump_config
 from tunelab.data.sources import with_seen
 from tunelab.defaults import apply_defaults, eval_trust, resolved_defaults
@@ -202,6 +203,7 @@ def setup(cfg: Config, world_size: int = 1, group: Group | None = None) -> Recip
         probe_before = probe_measures(model, task.tokenizer, probe_texts, cfg.model.max_length, generation=probe_generation)
     if cfg.train.weights_dtype == "bf16":
         store_weights_bf16(model)
+    own_tensors(model)  # the loaded file's mapping closes: its pages leave the resident set
     autocast = autocast_factory(precision, device)
     if task.evaluate is not None:  # evaluation runs at the training precision too
         task = replace(task, evaluate=_under(autocast, task.evaluate))

@@ -129,7 +129,7 @@ def apply_lora(model: nn.Module, lora, *, method: str = "lora", task: str = "cau
     if lora.lean_dropout and not lora.dora:
         from tunelab.models.lora_dropout import lean_lora_dropout
 
-        lean_lora_dropout(model)
+        lean_lora_dropout(model, recompute_inputs=lora.recompute_inputs)
     return model
 
 

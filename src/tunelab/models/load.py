@@ -3,6 +3,15 @@
 Safety rules: safetensors only (a `.bin`/`.pt` checkpoint is refused unless the config sets
 model.allow_pickle, and then loaded by transformers with `weights_only`); `trust_remote_code` only when
 the config says so; hub access only for hub ids.
+
+Hub kernels off (`NO_HUB_KERNELS`): transformers 5.25 turns `use_kernels` on by default, so every
+`model.train()` / `eval()` that changes the mode re-kernelizes the model: it fetches kernel code
+from the Hub at run time (an offline machine logs a failure; an online one runs code nobody pinned,
+with its own numbers), and it resets the `forward` of every module decorated for hub kernels (the
+RMSNorms among them) to the class's, which silently undid train.recompute_norms
+(models/recompute.py) at the loop's first `model.train()`. Found on SmolLM2-135M with transformers
+5.25: after `model.train()` no norm was recomputed (tests/test_recompute.py now checks it through
+the loader and `train()`).
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from tunelab.models import checks
 from tunelab.models.registry import ModelSource
 
 log = logging.getLogger("tunelab")
+
+NO_HUB_KERNELS = {"use_kernels": False}  # from_pretrained's switch (the module docstring says why)
 
 
 def quiet_transformers() -> None:
@@ -124,6 +135,7 @@ def load_classifier(
             dtype="float32",
             quantization_config=quantization,
             output_loading_info=True,
+            **NO_HUB_KERNELS,
         )
     except InputError:
         raise
@@ -175,7 +187,8 @@ def load_causal_lm(source: ModelSource, *, trust_remote_code: bool = False, revi
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code,
                                                            revision=revision, dtype="float32",
-                                                           quantization_config=quantization, output_loading_info=True)
+                                                           quantization_config=quantization, output_loading_info=True,
+                                                           **NO_HUB_KERNELS)
     except InputError:
         raise
     except Exception as e:

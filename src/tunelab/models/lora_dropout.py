@@ -83,7 +83,7 @@ class _DroppedLinear(torch.autograd.Function):
     mask's bits instead of the noise and the dropped copy."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, again=None):
         wdt, cdt = weight.dtype, _compute_dtype(x, weight)
         xw = x.to(wdt)  # peft's _cast_input_dtype (switched off on folded layers: done here, not kept)
         noise = torch.empty_like(xw).bernoulli_(1 - p)  # as torch's CPU dropout draws it
@@ -91,46 +91,55 @@ class _DroppedLinear(torch.autograd.Function):
         noise.div_(1 - p)
         with torch.autocast(x.device.type, enabled=False):
             out = F.linear((xw * noise).to(cdt), weight.to(cdt))
-        ctx.save_for_backward(x, packed, weight)
-        ctx.p, ctx.cdt, ctx.shape = p, cdt, noise.shape
+        # `again` (models.recompute.Recomputable): x is made again in backward instead of kept
+        ctx.again = again.claim() if again is not None else None
+        ctx.save_for_backward(*(() if again is not None else (x,)), packed, weight)
+        ctx.p, ctx.cdt, ctx.shape, ctx.xdt = p, cdt, noise.shape, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, packed, weight = ctx.saved_tensors
+        *kept, packed, weight = ctx.saved_tensors
+        again, ctx.again = ctx.again, None  # its inputs go with the last consumer's backward
         wdt, cdt = weight.dtype, ctx.cdt
         noise = unpack_mask(packed, ctx.shape).to(wdt).div_(1 - ctx.p)
         grad_out = grad_out.to(cdt)
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
+            x = kept[0] if kept else again.get()
             dropped = (x.to(wdt) * noise).to(cdt)
             grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])).to(wdt)
         if ctx.needs_input_grad[0]:
-            grad_x = ((grad_out @ weight.to(cdt)).to(wdt) * noise).to(x.dtype)
-        return grad_x, grad_w, None
+            grad_x = ((grad_out @ weight.to(cdt)).to(wdt) * noise).to(ctx.xdt)
+        return grad_x, grad_w, None, None
 
 
 class DroppedInputLinear(nn.Linear):
     """peft's lora_A with the adapter's dropout folded in (training mode only; eval is the plain linear)."""
 
-    def __init__(self, linear: nn.Linear, p: float):
+    def __init__(self, linear: nn.Linear, p: float, recompute_inputs: bool = True):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter: state-dict keys and the optimizer see no change
         self.register_parameter("bias", None)
         self.p = float(p)
+        self.recompute_inputs = bool(recompute_inputs)  # lora.recompute_inputs (models/recompute.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:  # peft's dropout is off exactly then too
             return super().forward(x.to(self.weight.dtype))
-        return _DroppedLinear.apply(x, self.weight, self.p)
+        again = getattr(x, "tunelab_recompute", None) if self.recompute_inputs else None
+        return _DroppedLinear.apply(x, self.weight, self.p, again)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", dropout={self.p} (lean)"
 
 
-def lean_lora_dropout(model: nn.Module) -> int:
-    """Fold each vanilla LoRA adapter's dropout into its lora_A (in place); how many were folded."""
+def lean_lora_dropout(model: nn.Module, recompute_inputs: bool = True) -> int:
+    """Fold each vanilla LoRA adapter's dropout into its lora_A (in place); how many were folded.
+    `recompute_inputs` (lora.recompute_inputs): an input that says how to make it again
+    (models.recompute.Recomputable: a recomputed norm's output, the gated product) is made again in
+    backward instead of kept."""
     from peft.tuners.lora import LoraLayer
 
     folded = 0
@@ -143,7 +152,7 @@ def lean_lora_dropout(model: nn.Module) -> int:
             a = module.lora_A[name] if name in module.lora_A else None
             if type(a) is not nn.Linear or a.bias is not None:
                 continue
-            module.lora_A[name] = DroppedInputLinear(a, dropout.p)
+            module.lora_A[name] = DroppedInputLinear(a, dropout.p, recompute_inputs)
             module.lora_dropout[name] = nn.Identity()
             folded += 1
         if module.lora_A and all(isinstance(a, DroppedInputLinear) for a in module.lora_A.values()):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tunelab.errors import InputError
 from tunelab.models.adapters import load_for_inference
-from tunelab.models.load import _check_safetensors, _check_tokenizer_files, _first_line, quiet_transformers
+from tunelab.models.load import NO_HUB_KERNELS, _check_safetensors, _check_tokenizer_files, _first_line, quiet_transformers
 
 
 def load_saved(path: str | Path, kind: str = "classifier"):
@@ -35,7 +35,7 @@ def load_saved(path: str | Path, kind: str = "classifier"):
     _check_tokenizer_files(path)
     auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(path, dtype="float32")
+        model = auto.from_pretrained(path, dtype="float32", **NO_HUB_KERNELS)
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(f"cannot load the model: {_first_line(e)}", file=path) from None
