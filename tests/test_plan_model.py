@@ -589,3 +589,22 @@ def test_recommendations_are_ranked_by_time_and_keep_each_choices_fastest_strate
             if p is not None:
                 alternatives.append(p["step"]["seconds"] / p["step"]["tokens"])
         assert r["step"]["seconds"] / r["step"]["tokens"] == pytest.approx(min(alternatives))
+
+
+@pytest.mark.unit
+def test_recomputed_lora_inputs_are_not_counted_as_kept():
+    """lora.recompute_inputs: with lean dropout, the recomputed norms' outputs (q/k/v's and gate/up's
+    input, fp32 under autocast) and the gated product (down's) leave a LoRA layer's saved bytes."""
+    shape = arch.Shape(model_type="llama", layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64,
+                       intermediate=1536, vocab=49152, gated_mlp=True, causal=True, attention_dropout=0.0,
+                       hidden_dropout=0.0, norm="rmsnorm", fused_qkv=False)
+    s, b = 512, 4
+    common = dict(roles={"q", "k", "v", "o", "gate", "up", "down"}, r=8, dropout=0.05, act_bytes=2, norm_bytes=4,
+                  autocast=True, recompute_norms=True, lean_dropout=True, recompute_act=True)
+    kept = memory.lora_layer_activations(shape, s, b, **common)
+    again = memory.lora_layer_activations(shape, s, b, recompute_inputs=True, **common)
+    assert kept - again == s * b * (2 * 4 * 576 + 2 * 1536)
+    # a norm kept whole (recompute_norms off) is no recomputed output: its output stays counted
+    no_norms = dict(common, recompute_norms=False)
+    assert (memory.lora_layer_activations(shape, s, b, **no_norms)
+            - memory.lora_layer_activations(shape, s, b, recompute_inputs=True, **no_norms)) == s * b * 2 * 1536

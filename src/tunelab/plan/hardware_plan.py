@@ -71,6 +71,7 @@ def spec_from(flags: dict, cfg=None, config_path: str | None = None) -> Spec:
         targets = cfg.lora.target_modules
         spec = Spec(model=flags.get("model") or cfg.model.name, method=cfg.method, lora_r=cfg.lora.r,
                     lora_dropout=cfg.lora.dropout, lora_lean_dropout=cfg.lora.lean_dropout and not cfg.lora.dora,
+                    lora_recompute_inputs=cfg.lora.recompute_inputs,
                     lora_base_dtype="fp32" if cfg.lora.dora else cfg.lora.base_dtype,
                     lora_targets=targets if isinstance(targets, str) else list(targets),
                     seq_len=cfg.model.max_length, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,

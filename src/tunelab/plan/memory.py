@@ -251,7 +251,8 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
                            act_bytes: int = 2, norm_bytes: int | None = None, attention: str = "sdpa",
                            autocast: bool = False, mask_bytes: int = 1, softmax_fp32: bool = True,
                            recompute_norms: bool = False, packed: str | None = None,
-                           lean_dropout: bool = False, recompute_act: bool = False) -> float:
+                           lean_dropout: bool = False, recompute_act: bool = False,
+                           recompute_inputs: bool = False) -> float:
     """One layer's saved bytes when only LoRA adapters train: what backward needs to pass gradients
     through the frozen layer and to the adapters, term by term as in `layer_activations`.
 
@@ -263,7 +264,9 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
     (q, k, v, qkv for a fused c_attn, o, gate, up, down). `lean_dropout` (lora.lean_dropout,
     models/lora_dropout.py): each adapted projection keeps its dropout mask bit-packed (1/8 byte a
     value), and its group's input is kept once as it came (the norm's output, `norm_bytes`; the
-    attention output is already kept).
+    attention output is already kept). `recompute_inputs` (lora.recompute_inputs, models/recompute.py):
+    with lean dropout, a recomputed norm's output (q/k/v's and gate/up's input) and, with recompute_act,
+    the gated product (down's input) are made again in backward, not kept.
     """
     norm_bytes = act_bytes if norm_bytes is None else norm_bytes
     sb, h, i = s * b, shape.hidden, shape.intermediate
@@ -281,7 +284,9 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
             total += act_bytes * sb * r  # lora_A's output, for lora_B
             if dropout > 0 and lean_dropout:
                 total += sb * fan_in[role] / 8  # the mask, bit-packed: 1 bit a value
-                if not saved:
+                again = recompute_inputs and (recompute_norms if group[0] in ("q", "gate")
+                                              else recompute_act and shape.gated_mlp and group[0] == "down")
+                if not saved and not again:
                     total += (norm_bytes if group[0] in ("q", "gate") else act_bytes) * sb * fan_in[role]
                     saved = True
             elif dropout > 0:
@@ -321,7 +326,7 @@ def activations(shape: Shape, s: int, b: int, *, act_bytes: int = 2, norm_bytes:
                   recompute_act=recompute_act and not checkpointing)
     one = layer_activations(shape, s, b, **common) if lora is None else lora_layer_activations(
         shape, s, b, roles=set(lora["roles"]), r=lora["r"], dropout=lora["dropout"],
-        lean_dropout=lora.get("lean_dropout", False), **common)
+        lean_dropout=lora.get("lean_dropout", False), recompute_inputs=lora.get("recompute_inputs", False), **common)
     embed_drop = mask_bytes if shape.hidden_dropout > 0 else 0
     # the final norm, the head's input (a frozen head under LoRA, or the chunked loss, keeps none),
     # the embedding dropout mask, the packed rows' mask

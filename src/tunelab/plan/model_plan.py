@@ -36,6 +36,7 @@ class Spec:
     lora_targets: list[str] | str = "auto"
     lora_dropout: float = 0.05  # tunelab's lora.dropout default
     lora_lean_dropout: bool = True  # lora.lean_dropout's default (models/lora_dropout.py)
+    lora_recompute_inputs: bool = True  # lora.recompute_inputs' default (models/recompute.py)
     lora_base_dtype: str = "auto"  # lora.base_dtype (models/frozen_weights.py); fp32 under DoRA
     seq_len: int = 2048
     batch_size: int = 1  # micro-batch per device
@@ -154,7 +155,8 @@ def per_device(model: Model, spec: Spec, params: dict | None = None) -> dict:
     lora = None
     if spec.method != "full":
         lora = {"roles": model.lora(spec.lora_targets, spec.lora_r)["roles"], "r": spec.lora_r,
-                "dropout": spec.lora_dropout, "lean_dropout": spec.lora_lean_dropout}
+                "dropout": spec.lora_dropout, "lean_dropout": spec.lora_lean_dropout,
+                "recompute_inputs": spec.lora_recompute_inputs}
     sw = switches(model, spec)
     chunk = sw["loss_chunk_tokens"]
     acts = memory.activations(model.shape, spec.seq_len, spec.batch_size, act_bytes=act_bytes,
