@@ -54,7 +54,7 @@ def test_recomputed_norms_keep_less_for_backward():
     assert _saved_bytes(model, ids) < plain
 
 
-def _lora(model):
+def _lora(model, recompute_inputs: bool = True):
     from peft import LoraConfig, get_peft_model
 
     from tunelab.models.lora_dropout import lean_lora_dropout
@@ -63,7 +63,7 @@ def _lora(model):
     for n, p in model.named_parameters():
         if "lora_B" in n:  # a nonzero B lets every gradient through the adapters
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(n)))
-    lean_lora_dropout(model)
+    lean_lora_dropout(model, recompute_inputs=recompute_inputs)
     return model
 
 
@@ -117,14 +117,6 @@ def test_only_mlps_written_as_llamas_are_changed():
     assert is_gated_mlp(tiny_llama_build(50).model.layers[0].mlp)
 
 
-def _lora_without_recompute_inputs(model):
-    model = _lora(model)
-    for m in model.modules():
-        if hasattr(m, "recompute_inputs"):
-            m.recompute_inputs = False
-    return model
-
-
 @pytest.mark.parametrize("autocast", [False, True])
 def test_recomputed_lora_inputs_bit_identical_and_not_kept(autocast):
     """lora.recompute_inputs: lora_A makes its input (a recomputed norm's output, the gated product)
@@ -136,7 +128,7 @@ def test_recomputed_lora_inputs_bit_identical_and_not_kept(autocast):
     ids = torch.randint(3, 400, (2, 40), generator=torch.Generator().manual_seed(0))
 
     def build(again: bool):
-        model = (_lora if again else _lora_without_recompute_inputs)(tiny_llama_build(400))
+        model = _lora(tiny_llama_build(400), recompute_inputs=again)
         recompute_norms(model)
         recompute_gated_activations(model)
         return model

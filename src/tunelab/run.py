@@ -24,7 +24,6 @@ from tunelab.compose import check_distributed, lr_fingerprint, prepare_data, set
 from tunelab.device import run_device, to_device
 from tunelab.host_allocator import in_use as allocator_in_use, note as note_allocator, release_free_memory
 from tunelab.host_malloc import set_mmap_threshold
-from tunelab.models.owned_memory import own_tensors
 from tunelab.config import Config, dump_config
 from tunelab.data.sources import with_seen
 from tunelab.defaults import apply_defaults, eval_trust, resolved_defaults
@@ -40,6 +39,7 @@ from tunelab.final_weights import BASE, check_best_or_base, choose_final, save_b
 from tunelab.models.adapt import apply_method
 from tunelab.models.checks import check_tokenizer_fits
 from tunelab.models.load import count_params
+from tunelab.models.owned_memory import own_tensors
 from tunelab.monitor.health import HealthMonitor, summarize
 from tunelab.monitor.loggers import check_loggers, open_loggers
 from tunelab.monitor.metrics_log import read_metrics

@@ -278,16 +278,17 @@ def lora_layer_activations(shape: Shape, s: int, b: int, *, roles: set[str], r: 
     total = 0.0
     for group in groups:
         saved = shared.get(group[0], False)
+        norm_input = group[0] in ("q", "gate")  # the group reads a norm's output (else o's or down's input)
+        again = recompute_inputs and (recompute_norms if norm_input
+                                      else recompute_act and shape.gated_mlp and group[0] == "down")
         for role in group:
             if role not in roles:
                 continue
             total += act_bytes * sb * r  # lora_A's output, for lora_B
             if dropout > 0 and lean_dropout:
                 total += sb * fan_in[role] / 8  # the mask, bit-packed: 1 bit a value
-                again = recompute_inputs and (recompute_norms if group[0] in ("q", "gate")
-                                              else recompute_act and shape.gated_mlp and group[0] == "down")
                 if not saved and not again:
-                    total += (norm_bytes if group[0] in ("q", "gate") else act_bytes) * sb * fan_in[role]
+                    total += (norm_bytes if norm_input else act_bytes) * sb * fan_in[role]
                     saved = True
             elif dropout > 0:
                 total += (act_bytes + mask_bytes) * sb * fan_in[role]
