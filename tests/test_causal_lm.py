@@ -64,6 +64,32 @@ def test_cheap_loss_equals_transformers_loss(tiny_llama, packing):
     assert torch.allclose(loss_sum, ref, atol=1e-5, rtol=1e-6), (loss_sum.item(), ref.item())
 
 
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parity
+def test_eval_metrics_in_chunks_equal_transformers_whole_batch(tiny_llama, packing):
+    """lm_metrics projects a few supervised positions at a time: its loss equals transformers' own
+    masked mean over the whole batch, and its token accuracy the argmax of the full logits."""
+    from tunelab.data.chat_template import IGNORE_INDEX
+    from tunelab.evaluate.lm import lm_metrics
+    from tunelab.tasks.causal_lm import batcher
+
+    tok, examples = encoded(tiny_llama)
+    model = load_model(tiny_llama).eval()
+    units, collate = batcher(examples, tok.pad_token_id, packing, max_length=64)
+    batch = collate(list(range(min(3, len(units)))))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    out = model(**inputs, labels=batch["labels"])
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    n = int(keep.sum())
+    ref_acc = int((out.logits[:, :-1].argmax(-1)[keep] == targets[keep]).sum()) / n
+    for chunk in (3, 7, 1 << 20):  # chunks not dividing the supervised positions, and all at once
+        m = lm_metrics(model, [batch], chunk=chunk)
+        assert m["supervised_tokens"] == n > 3 * 7
+        assert m["loss"] == pytest.approx(out.loss.item(), rel=1e-6, abs=1e-6), chunk
+        assert m["token_accuracy"] == pytest.approx(ref_acc, abs=1e-12), chunk
+
+
 @pytest.mark.parity
 def test_packed_rows_match_unpacked(tiny_llama):
     """The block-diagonal mask keeps packed examples apart: same summed loss as one at a time."""

@@ -83,6 +83,43 @@ def test_the_chunked_cpu_step_equals_the_whole_tensor_step_bit_for_bit():
         bad.step()
 
 
+@pytest.mark.unit
+def test_the_cpu_step_equals_bitsandbytes_own_op_bit_for_bit(monkeypatch):
+    """train/optim.py's adam_8bit_cpu_step (the native kernels on the state in place) against
+    bitsandbytes' own CPU op called on copies of the same state: weights, codes and block scales equal
+    bit for bit over several steps, with weight decay, a tail block and a slice boundary inside the tensor."""
+    import bitsandbytes.functional as F
+
+    import tunelab.train.optim as optim
+
+    calls = []
+    real = optim.adam_8bit_cpu_step
+    monkeypatch.setattr(optim, "adam_8bit_cpu_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(40, 125))  # 5000 values: 19 blocks of 256 and a tail of 136
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.999, 1e-8, 0.1
+    opt = optim.AdamW8bit([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, min_8bit_size=256, chunk=1024)
+    w_ref, state_ref = None, None
+    for step in range(1, 5):
+        g = torch.randn_like(p) * (1 + step)
+        p.grad = g.clone()
+        if state_ref is None:
+            opt.step()  # the first step creates the state; the reference starts from a copy of it
+            state_ref = {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+            w_ref = p.detach().clone().view(-1)
+            continue
+        opt.step()
+        F.optimizer_update_8bit_blockwise(
+            "adam", g.view(-1), w_ref, state_ref["state1"].view(-1), state_ref["state2"].view(-1), b1, b2, 0.0, 0.0,
+            eps, step, lr, state_ref["qmap1"], state_ref["qmap2"], state_ref["absmax1"], state_ref["absmax2"], wd,
+            gnorm_scale=1.0)
+        assert torch.equal(p.detach().view(-1), w_ref), step
+        for key in ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2"):
+            assert torch.equal(opt.state[p][key], state_ref[key]), (step, key)
+    assert len(calls) == 4 * 5  # 5 slices a step (4 of 1024 values and the tail), every step ours
+    assert (p.detach() != 0).all() and not torch.equal(state_ref["state1"], torch.zeros_like(state_ref["state1"]))
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     from tiny_models import tiny_llama_folder

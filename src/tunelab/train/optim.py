@@ -19,6 +19,7 @@ matrices) keep fp32 moments, as in bitsandbytes.
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import torch
@@ -143,7 +144,7 @@ def chunked_8bit_class():
             state = self.state[p]
             if p.dtype == torch.bfloat16 and self.bf16_seed is not None:
                 return self._update_bf16(group, p, gindex, pindex)
-            if state["state1"].dtype != torch.uint8 or p.device.type != "cpu" or p.numel() <= self.chunk:
+            if state["state1"].dtype != torch.uint8 or p.device.type != "cpu":
                 return super().update_step(group, p, gindex, pindex)
             p.data = p.data.contiguous()
             p.grad = p.grad.contiguous()
@@ -160,6 +161,11 @@ def chunked_8bit_class():
             if a % 256 or self.chunk % 256:
                 raise ValueError(f"chunk {self.chunk} is not a multiple of the 8-bit kernel's block (256)")
             blocks = slice(a // 256, -(-b // 256))
+            if w.device.type == "cpu" and self.optimizer_name == "adam" and native_cpu_kernels():
+                return adam_8bit_cpu_step(
+                    g, w, s1, s2, state["absmax1"][blocks], state["absmax2"][blocks], state["qmap1"], state["qmap2"],
+                    betas=config["betas"], eps=config["eps"], step=state["step"], lr=config["lr"],
+                    weight_decay=config["weight_decay"])
             F.optimizer_update_8bit_blockwise(
                 self.optimizer_name, g, w, s1, s2, config["betas"][0], config["betas"][1], 0.0, 0.0, config["eps"],
                 state["step"], config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks],
@@ -196,6 +202,53 @@ def chunked_8bit_class():
                 w16.copy_(stochastic_round_bf16(w, gen))
 
     return ChunkedAdamW8bit
+
+
+@functools.cache
+def native_cpu_kernels():
+    """bitsandbytes' native CPU library, when it loaded (None otherwise: its Python fallbacks are used)."""
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+
+    return None if isinstance(lib, ErrorHandlerMockBNBNativeLibrary) else lib
+
+
+@torch.no_grad()
+def adam_8bit_cpu_step(g, w, s1, s2, absmax1, absmax2, qmap1, qmap2, *, betas, eps: float, step: int, lr: float,
+                       weight_decay: float) -> None:
+    """One AdamW step on a CPU slice with 8-bit moments, bit for bit bitsandbytes' own CPU op
+    (backends/cpu `_optimizer_update_8bit_blockwise_cpu`, tested) with fewer passes over memory.
+
+    Why our own: that op is Python over torch calls, and on each slice it copies the fp32 gradient
+    (`g.float() * gnorm_scale`), allocates the dequantised moments, the square root and the denominator,
+    writes the weight back onto itself, and quantises into fresh tensors it then copies into the state.
+    Here the same native kernels (`cdequantize_blockwise_cpu_fp32`, `cquantize_blockwise_cpu_fp32`) read
+    and write the state slices in place, the arithmetic is the op's own sequence of torch calls (so the
+    rounding is the same), and the only scratch is the fp32 moments and denominator of one slice.
+    `g` and `w` are fp32 and contiguous; `w` is updated in place; the moments' codes and block scales
+    (`s1`, `s2`, `absmax1`, `absmax2`, slices starting on a 256-value block) are rewritten in place.
+    """
+    import ctypes
+
+    from bitsandbytes.functional import get_ptr
+
+    lib = native_cpu_kernels()
+    b1, b2 = betas
+    n, block = ctypes.c_longlong(g.numel()), ctypes.c_longlong(256)
+    m, v = torch.empty_like(g), torch.empty_like(g)
+    lib.cdequantize_blockwise_cpu_fp32(get_ptr(qmap1), get_ptr(s1), get_ptr(absmax1), get_ptr(m), block, n)
+    lib.cdequantize_blockwise_cpu_fp32(get_ptr(qmap2), get_ptr(s2), get_ptr(absmax2), get_ptr(v), block, n)
+    m.mul_(b1).add_(g, alpha=1.0 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+    correction1 = 1.0 - b1**step
+    correction2 = math.sqrt(1.0 - b2**step)
+    denom = torch.sqrt(v).div_(correction2).add_(eps)
+    if weight_decay > 0.0:
+        w.mul_(1.0 - lr * weight_decay)
+    w.addcdiv_(m, denom, value=-lr / correction1)
+    del denom
+    # the kernel sets the map's first code to -1.0 (its bisection needs the range closed), as the op's does
+    lib.cquantize_blockwise_cpu_fp32(get_ptr(qmap1), get_ptr(m), get_ptr(absmax1), get_ptr(s1), block, n)
+    lib.cquantize_blockwise_cpu_fp32(get_ptr(qmap2), get_ptr(v), get_ptr(absmax2), get_ptr(s2), block, n)
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
