@@ -91,6 +91,32 @@ def test_eval_metrics_in_chunks_equal_transformers_whole_batch(tiny_llama, packi
 
 
 @pytest.mark.parity
+def test_probe_lm_loss_equals_transformers_loss(tiny_llama):
+    """The forgetting probe's LM loss (the head on the backbone's states, in chunks) equals transformers'
+    own masked loss over the same padded batches, token-weighted."""
+    from transformers import AutoTokenizer
+
+    from tunelab.data.chat_template import IGNORE_INDEX
+    from tunelab.evaluate.probe import probe_measures
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = load_model(tiny_llama).eval()
+    texts = [s * (1 + i % 3) for i, s in enumerate(SENTENCES[:7])]  # different lengths: padding inside batches
+    got = probe_measures(model, tok, texts, max_length=48, batch_size=3)["lm_loss"]
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(texts), 3):
+            enc = tok(texts[start : start + 3], truncation=True, max_length=48, padding=True, return_tensors="pt")
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE_INDEX)
+            k = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total += model(**enc, labels=labels).loss.item() * k
+            n += k
+    assert n > 20 and got == pytest.approx(total / n, rel=1e-6)
+
+
+@pytest.mark.parity
 def test_packed_rows_match_unpacked(tiny_llama):
     """The block-diagonal mask keeps packed examples apart: same summed loss as one at a time."""
     from tunelab.evaluate.lm import supervised_loss

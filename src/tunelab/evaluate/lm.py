@@ -49,6 +49,21 @@ EVAL_CHUNK = 256  # supervised positions projected at a time in lm_metrics
 
 
 @torch.no_grad()
+def head_loss_in_chunks(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = EVAL_CHUNK) -> tuple[float, int]:
+    """(summed cross-entropy, correct argmax count) of `head(hidden)` against `targets` (positions x
+    hidden, no IGNORE_INDEX inside), `chunk` positions at a time: never the whole (positions, vocab)
+    logits at once, in bf16 and again in fp32."""
+    loss_sum, correct = 0.0, 0
+    for start in range(0, int(targets.numel()), chunk):
+        logits = head(hidden[start : start + chunk]).float()
+        part = targets[start : start + chunk]
+        loss_sum += torch.nn.functional.cross_entropy(logits, part, reduction="sum").item()
+        correct += int((logits.argmax(-1) == part).sum())
+        del logits
+    return loss_sum, correct
+
+
+@torch.no_grad()
 def lm_metrics(model, batches, chunk: int = EVAL_CHUNK) -> dict:
     """Eval loss (mean per supervised token), perplexity and next-token accuracy on supervised tokens
     (at the caller's precision: the run wraps its whole evaluation in the training autocast).
@@ -67,12 +82,9 @@ def lm_metrics(model, batches, chunk: int = EVAL_CHUNK) -> dict:
         for batch in batches:
             batch = to_device(batch, device)
             hidden, targets = supervised_hidden(model, batch)
-            for start in range(0, int(targets.numel()), chunk):
-                logits = head(hidden[start : start + chunk]).float()
-                part = targets[start : start + chunk]
-                loss_sum += torch.nn.functional.cross_entropy(logits, part, reduction="sum").item()
-                correct += int((logits.argmax(-1) == part).sum())
-                del logits
+            batch_loss, batch_correct = head_loss_in_chunks(head, hidden, targets, chunk)
+            loss_sum += batch_loss
+            correct += batch_correct
             n += int(targets.numel())
     finally:
         model.train(was_training)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from tunelab.data.chat_template import IGNORE_INDEX
 from tunelab.data.readers import read_records
 from tunelab.errors import InputError
 from tunelab.evaluate.generation import compare_generations
+from tunelab.evaluate.lm import head_loss_in_chunks
 
 
 def read_probe_texts(path: str | Path, text_column: str, max_rows: int) -> list[str]:
@@ -79,16 +79,17 @@ def probe_measures(model, tokenizer, texts: list[str], max_length: int = 128, ba
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
                             padding=True, return_tensors="pt").to(device)
-            hidden = _backbone(model)(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.float()
+            last = _backbone(model)(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            hidden = last.float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
             emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             embeddings.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
-            if _is_causal_lm(model):
-                labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE_INDEX)
-                n = int((labels[:, 1:] != IGNORE_INDEX).sum())
-                out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
-                loss_sum += out.loss.item() * n
-                loss_tokens += n
+            if _is_causal_lm(model):  # the head on the backbone's states, a few positions at a time (lm.py)
+                targets = enc["input_ids"][:, 1:]
+                keep = enc["attention_mask"][:, 1:] != 0
+                batch_loss, _ = head_loss_in_chunks(model.get_output_embeddings(), last[:, :-1][keep], targets[keep])
+                loss_sum += batch_loss
+                loss_tokens += int(keep.sum())
     finally:
         model.train(was_training)
     out = {"embeddings": torch.cat(embeddings), "lm_loss": loss_sum / loss_tokens if loss_tokens else None}
